@@ -1,0 +1,134 @@
+//! The mesh view an agent works from: where peer workloads are, which agent
+//! fronts them and what identity that agent must prove. A static agent config
+//! spells it out today; the zone controller will push the same types.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{IdentityError, SpiffeId};
+
+/// The application protocol spoken on a workload port; HTTP ports are the
+/// ones that later get L7 policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// One port a workload serves. Only these ports can be reached through the
+/// workload's agent: the agent is never an open relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPort {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A remote workload address and the agent (HBONE listener) that fronts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// The workload's IP, the destination that applications dial.
+    pub address: IpAddr,
+    /// The HBONE address (`ip:15008`) of the agent in front of it.
+    pub agent: SocketAddr,
+    /// The identity the agent must present for this workload.
+    pub identity: SpiffeId,
+}
+
+/// Why a peer matcher is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerMatchError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("prefix {0:?} must start with spiffe://<trust-domain>/ and end with '*'")]
+    Prefix(String),
+}
+
+/// Matches a caller's SPIFFE ID exactly, or by prefix when written with a
+/// trailing `*` (e.g. `spiffe://prod.example/ns/payments/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMatch {
+    Exact(SpiffeId),
+    Prefix(String),
+}
+
+impl PeerMatch {
+    /// Whether the caller's identity is matched.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            PeerMatch::Exact(want) => want == id,
+            PeerMatch::Prefix(prefix) => id.as_str().starts_with(prefix.as_str()),
+        }
+    }
+}
+
+impl FromStr for PeerMatch {
+    type Err = PeerMatchError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_suffix('*') {
+            None => Ok(PeerMatch::Exact(s.parse()?)),
+            Some(prefix) => {
+                let td = prefix
+                    .strip_prefix("spiffe://")
+                    .and_then(|rest| rest.split_once('/'))
+                    .map(|(td, _)| td);
+                match td {
+                    Some(td) if !td.is_empty() && !prefix.contains('*') => Ok(PeerMatch::Prefix(prefix.to_owned())),
+                    _ => Err(PeerMatchError::Prefix(s.to_owned())),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for PeerMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerMatch::Exact(id) => write!(f, "{id}"),
+            PeerMatch::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+impl Serialize for PeerMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_and_prefix() {
+        let id: SpiffeId = "spiffe://td/ns/pay/sa/api".parse().unwrap();
+        assert!("spiffe://td/ns/pay/sa/api".parse::<PeerMatch>().unwrap().matches(&id));
+        assert!("spiffe://td/ns/pay/*".parse::<PeerMatch>().unwrap().matches(&id));
+        assert!(!"spiffe://td/ns/other/*".parse::<PeerMatch>().unwrap().matches(&id));
+        assert!(!"spiffe://td/ns/pay/sa/web".parse::<PeerMatch>().unwrap().matches(&id));
+        assert!("*".parse::<PeerMatch>().is_err());
+        assert!("spiffe://*".parse::<PeerMatch>().is_err());
+    }
+
+    #[test]
+    fn endpoint_refuses_unknown_fields() {
+        let bad = r#"{"address":"10.0.0.1","agent":"10.0.0.1:15008","identity":"spiffe://td/ns/a/sa/b","x":1}"#;
+        assert!(serde_json::from_str::<Endpoint>(bad).is_err());
+    }
+}
