@@ -87,6 +87,10 @@ pub struct AgentConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub redirect: RedirectConfig,
+    /// Threads carrying traffic; two keep a sidecar small and still use a
+    /// second core under load.
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: usize,
     /// How long in-flight streams may run on after SIGTERM.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -247,6 +251,9 @@ mod defaults {
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn worker_threads() -> usize {
+        2
+    }
     pub fn hbone_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 15008))
     }
@@ -364,6 +371,12 @@ impl AgentConfig {
                 return Err(invalid(format!("workload.ports[{i}].port"), "0 is not a port"));
             }
         }
+        if !self.admin.listen.ip().is_loopback() {
+            return Err(invalid(
+                "admin.listen",
+                "must be a loopback address: the admin endpoint changes the agent and shows its config",
+            ));
+        }
         if !self.outbound.capture_listen.ip().is_loopback() {
             return Err(invalid(
                 "outbound.capture_listen",
@@ -380,6 +393,7 @@ impl AgentConfig {
         }
         let t = &self.tunnel;
         for (field, value) in [
+            ("worker_threads", self.worker_threads),
             ("tunnel.max_connections_per_peer", t.max_connections_per_peer),
             ("tunnel.max_streams_per_connection", t.max_streams_per_connection as usize),
             ("tunnel.max_inbound_connections", t.max_inbound_connections),
@@ -413,7 +427,7 @@ impl AgentConfig {
     }
 }
 
-/// Parses `addr/len`, refusing host bits past the prefix length.
+/// Parses `addr/len`; host bits past the prefix are ignored, as nft does.
 pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let (addr, len) = s
         .split_once('/')

@@ -1,4 +1,17 @@
 //! `weft-agent`: the data plane. Workload traffic travels in mutually
 //! authenticated HBONE tunnels (TLS 1.3, HTTP/2 CONNECT) between agents.
 
+pub mod admin;
+pub mod agent;
 pub mod config;
+pub mod drain;
+pub mod inbound;
+pub mod listen;
+pub mod logging;
+pub mod metrics;
+pub mod outbound;
+pub mod plaintext;
+pub mod pool;
+pub mod redirect;
+pub mod splice;
+pub mod tls;

@@ -1,1 +1,102 @@
-fn main() {}
+//! The `weft-agent` command: run the agent, check a config, or manage the
+//! nftables rules of transparent capture.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use weft_agent::config::AgentConfig;
+use weft_agent::{agent, logging, redirect};
+
+#[derive(Parser)]
+#[command(name = "weft-agent", version, about = "Weft's data plane agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(short, long, default_value = "/etc/weft/agent.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and `WEFT_*` overrides) and exit.
+    Check {
+        #[arg(short, long, default_value = "/etc/weft/agent.yaml")]
+        config: PathBuf,
+    },
+    /// Manage the nftables rules that send traffic to the agent.
+    Redirect {
+        #[command(subcommand)]
+        action: RedirectAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RedirectAction {
+    /// Install (or replace) the capture rules for this config.
+    Install {
+        #[arg(short, long, default_value = "/etc/weft/agent.yaml")]
+        config: PathBuf,
+    },
+    /// Remove the capture rules, leaving the rest of the ruleset untouched.
+    Remove,
+    /// Show whether capture rules are installed, and which.
+    Status,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let log = logging::init(&cfg.log);
+            runtime.block_on(agent::run(cfg, log))
+        }
+        Command::Check { config } => {
+            AgentConfig::load(&config)?;
+            println!("{}: valid", config.display());
+            Ok(())
+        }
+        Command::Redirect { action } => match action {
+            RedirectAction::Install { config } => {
+                let cfg = AgentConfig::load(&config)?;
+                redirect::install(&cfg)?;
+                println!("capture rules installed (nftables table inet weft)");
+                Ok(())
+            }
+            RedirectAction::Remove => {
+                if redirect::remove()? {
+                    println!("capture rules removed");
+                } else {
+                    println!("no capture rules were installed");
+                }
+                Ok(())
+            }
+            RedirectAction::Status => {
+                match redirect::status()? {
+                    Some(rules) => println!("installed:\n{rules}"),
+                    None => println!("not installed"),
+                }
+                Ok(())
+            }
+        },
+    }
+}

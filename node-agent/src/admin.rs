@@ -1,0 +1,147 @@
+//! The admin endpoint (loopback only: readiness, liveness, the config in
+//! force, log level) and the Prometheus endpoint, both small HTTP/1.1
+//! servers that stay up while the agent drains so the drain can be watched.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::config::AgentConfig;
+use crate::drain::Drain;
+use crate::logging::LogHandle;
+use crate::metrics::Metrics;
+use crate::tls::Identity;
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    pub config: Arc<AgentConfig>,
+    pub identity: Arc<Identity>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    pub log: LogHandle,
+    /// Set once every listener is bound and serving.
+    pub ready: AtomicBool,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+impl AdminState {
+    fn admin(&self, req: &Request<Incoming>) -> Reply {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/ready") => {
+                if self.drain.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                }
+            }
+            (&Method::GET, "/config_dump") => self.config_dump(),
+            (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", self.log.current())),
+            (&Method::POST, "/logging") => self.set_log_level(req),
+            (_, "/healthz" | "/ready" | "/config_dump" | "/logging") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "endpoints: GET /ready /healthz /config_dump /logging, POST /logging?level=<filter>\n",
+            ),
+        }
+    }
+
+    fn config_dump(&self) -> Reply {
+        let dump = serde_json::json!({
+            "identity": {
+                "spiffe_id": self.identity.id.as_str(),
+                "not_after_unix": self.identity.not_after,
+            },
+            "draining": self.drain.is_draining(),
+            "in_flight": self.drain.active(),
+            "config": &*self.config,
+        });
+        let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default());
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        r
+    }
+
+    fn set_log_level(&self, req: &Request<Incoming>) -> Reply {
+        let level = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+        let Some(level) = level else {
+            return text(StatusCode::BAD_REQUEST, "missing ?level=<filter>, e.g. ?level=debug\n");
+        };
+        let level = level.replace("%2C", ",").replace("%3D", "=");
+        match self.log.set(&level) {
+            Ok(()) => text(StatusCode::OK, format!("log level set to {level}\n")),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level {level:?}: {e}\n")),
+        }
+    }
+
+    fn metrics(&self, req: &Request<Incoming>) -> Reply {
+        if req.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "see /metrics\n");
+        }
+        let mut r = text(StatusCode::OK, self.metrics.encode());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        r
+    }
+}
+
+/// Which of the two servers a listener runs.
+#[derive(Clone, Copy)]
+pub enum Endpoint {
+    Admin,
+    Metrics,
+}
+
+/// Serves one endpoint until the process exits.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoint: Endpoint) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let reply = match endpoint {
+                    Endpoint::Admin => state.admin(&req),
+                    Endpoint::Metrics => state.metrics(&req),
+                };
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                debug!(%remote, error = %e, "admin connection failed");
+            }
+        });
+    }
+}

@@ -1,0 +1,91 @@
+//! Wires the agent together: loads the identity, binds every listener, runs
+//! until SIGTERM or SIGINT, then drains.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::AgentConfig;
+use crate::drain::Drain;
+use crate::inbound::Inbound;
+use crate::listen::bind;
+use crate::logging::LogHandle;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Target};
+use crate::plaintext::Plaintext;
+use crate::pool::Pool;
+use crate::tls::Identity;
+
+/// Runs the agent until it is told to stop and has drained.
+pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let ids = &config.identity;
+    let identity = Arc::new(Identity::load(&ids.cert, &ids.key, &ids.trust_bundle)?);
+    let metrics = Arc::new(Metrics::new());
+    let drain = Drain::new();
+
+    // Bind everything first: a port in use fails the start, naming its field.
+    let hbone = bind("inbound.listen", config.inbound.listen)?;
+    let plaintext = bind("inbound.plaintext_listen", config.inbound.plaintext_listen)?;
+    let capture = bind("outbound.capture_listen", config.outbound.capture_listen)?;
+    let mut explicit = Vec::new();
+    for l in &config.outbound.listeners {
+        explicit.push((bind("outbound.listeners[].listen", l.listen)?, l.target));
+    }
+    let admin_listener = bind("admin.listen", config.admin.listen)?;
+    let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
+
+    let inbound = Arc::new(
+        Inbound::new(config.clone(), identity.clone(), metrics.clone(), drain.clone())
+            .context("building the inbound TLS configuration")?,
+    );
+    let pool = Pool::new(identity.clone(), config.tunnel.clone(), metrics.clone());
+    let source = identity.id.as_str();
+    let outbound = Arc::new(Outbound::new(config.clone(), &metrics, drain.clone(), pool, source));
+    let plain = Arc::new(Plaintext::new(config.clone(), metrics.clone(), drain.clone(), source));
+    let state = Arc::new(AdminState {
+        config: config.clone(),
+        identity: identity.clone(),
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+        log,
+        ready: Default::default(),
+    });
+
+    tokio::spawn(inbound.serve(hbone));
+    tokio::spawn(plain.serve(plaintext));
+    tokio::spawn(outbound.clone().serve(capture, Target::Captured));
+    for (listener, target) in explicit {
+        tokio::spawn(outbound.clone().serve(listener, Target::Fixed(target)));
+    }
+    tokio::spawn(admin::serve(admin_listener, state.clone(), admin::Endpoint::Admin));
+    tokio::spawn(admin::serve(metrics_listener, state.clone(), admin::Endpoint::Metrics));
+    state.ready.store(true, Ordering::Release);
+    info!(
+        identity = %identity.id,
+        mode = ?config.mode,
+        mtls = ?config.inbound.mtls,
+        hbone = %config.inbound.listen,
+        endpoints = config.outbound.endpoints.len(),
+        "agent ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
+    let left = drain.drain(config.drain_timeout).await;
+    if left > 0 {
+        warn!(in_flight = left, "drain deadline reached, closing what is left");
+    } else {
+        info!("drained, exiting");
+    }
+    Ok(())
+}

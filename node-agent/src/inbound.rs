@@ -1,0 +1,234 @@
+//! HBONE inbound: mTLS connections from peer agents, each carrying HTTP/2
+//! CONNECT streams that are spliced to the local workload. The caller is
+//! authorized once per connection; every stream is checked against the
+//! workload's own address and ports so the agent is never an open relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use weft_api::SpiffeId;
+
+use crate::config::AgentConfig;
+use crate::drain::Drain;
+use crate::listen::accept_next;
+use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
+use crate::splice::{splice, SpliceCounters};
+use crate::tls::{self, HandshakeFailure, Identity};
+
+/// What every inbound connection shares.
+pub struct Inbound {
+    pub config: Arc<AgentConfig>,
+    pub identity: Arc<Identity>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    acceptor: TlsAcceptor,
+}
+
+/// One authenticated peer connection, shared by its streams.
+struct Peer {
+    id: SpiffeId,
+    allowed: bool,
+    counters: PeerCounters,
+}
+
+impl Inbound {
+    /// Builds the TLS acceptor from the workload identity.
+    pub fn new(
+        config: Arc<AgentConfig>,
+        identity: Arc<Identity>,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+    ) -> Result<Self, rustls::Error> {
+        let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
+        Ok(Inbound {
+            config,
+            identity,
+            metrics,
+            drain,
+            acceptor,
+        })
+    }
+
+    /// Accepts connections until draining begins.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limit = Arc::new(Semaphore::new(self.config.tunnel.max_inbound_connections));
+        while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                warn!(%remote, "inbound connection limit reached, refusing");
+                continue;
+            };
+            let this = self.clone();
+            let tracked = self.drain.track();
+            tokio::spawn(async move {
+                this.connection(tcp, remote, permit).await;
+                drop(tracked);
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
+        let _ = tcp.set_nodelay(true);
+        let timeout = self.config.tunnel.connect_timeout;
+        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = HandshakeFailure::classify(&e);
+                self.metrics.handshake_failed(Direction::Inbound, reason);
+                info!(%remote, reason = reason.as_str(), error = %e, "inbound handshake refused");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
+                info!(%remote, "inbound handshake timed out");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+            self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::Protocol);
+            info!(%remote, "inbound peer did not negotiate ALPN h2");
+            return;
+        }
+        // The verifier already required exactly one valid SPIFFE ID.
+        let Some(id) = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| tls::spiffe_id_of(c).ok())
+        else {
+            self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::BadIdentity);
+            return;
+        };
+        self.metrics.handshake_ok(Direction::Inbound);
+        let allowed = self.config.inbound.allow.iter().any(|m| m.matches(&id));
+        let counters = self
+            .metrics
+            .peer(Direction::Inbound, id.as_str(), self.identity.id.as_str(), Transport::Mtls);
+        debug!(%remote, peer = %id, allowed, "inbound tunnel established");
+        let peer = Arc::new(Peer { id, allowed, counters });
+        self.serve_streams(tls, remote, peer).await;
+    }
+
+    async fn serve_streams(
+        self: &Arc<Self>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        remote: SocketAddr,
+        peer: Arc<Peer>,
+    ) {
+        let t = &self.config.tunnel;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(t.stream_window)
+            .initial_connection_window_size(t.connection_window)
+            .max_concurrent_streams(t.max_streams_per_connection)
+            .max_header_list_size(16 * 1024)
+            .handshake::<_, Bytes>(tls);
+        let mut conn = match tokio::time::timeout(t.connect_timeout, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return debug!(%remote, error = %e, "inbound HTTP/2 handshake failed"),
+            Err(_) => return debug!(%remote, "inbound HTTP/2 handshake timed out"),
+        };
+        let gauge = self.metrics.tunnel_gauge(Direction::Inbound);
+        gauge.inc();
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                _ = self.drain.signaled(), if !draining => {
+                    // GOAWAY: the peer opens no new streams here; the ones
+                    // in flight run to completion.
+                    conn.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok((request, respond))) => {
+                    let this = self.clone();
+                    let peer = peer.clone();
+                    let tracked = self.drain.track();
+                    tokio::spawn(async move {
+                        this.stream(request, respond, &peer).await;
+                        drop(tracked);
+                    });
+                }
+                Some(Err(e)) => {
+                    debug!(%remote, error = %e, "inbound tunnel ended with an error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        gauge.dec();
+    }
+
+    /// Decides whether a CONNECT may proceed: the status to refuse it with,
+    /// the metric reason, and the target otherwise.
+    fn admit(&self, request: &Request<h2::RecvStream>, peer: &Peer) -> Result<SocketAddr, (StatusCode, &'static str)> {
+        if request.method() != Method::CONNECT {
+            return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect"));
+        }
+        let target: SocketAddr = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or((StatusCode::BAD_REQUEST, "bad_authority"))?;
+        if !peer.allowed {
+            return Err((StatusCode::FORBIDDEN, "not_allowed"));
+        }
+        if target.ip() != self.config.workload.address {
+            return Err((StatusCode::FORBIDDEN, "address_not_local"));
+        }
+        if !self.config.serves_port(target.port()) {
+            return Err((StatusCode::FORBIDDEN, "port_not_served"));
+        }
+        Ok(target)
+    }
+
+    async fn stream(&self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, peer: &Peer) {
+        let target = match self.admit(&request, peer) {
+            Ok(target) => target,
+            Err((status, reason)) => {
+                self.metrics.stream_denied(peer.id.as_str(), reason);
+                info!(peer = %peer.id, authority = ?request.uri().authority(), reason, "inbound stream refused");
+                return reply(&mut respond, status);
+            }
+        };
+        let connect = tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(target));
+        let app = match connect.await {
+            Ok(Ok(app)) => app,
+            Ok(Err(e)) => {
+                info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
+                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(_) => {
+                info!(peer = %peer.id, %target, "connecting to the workload timed out");
+                return reply(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let tx = match respond.send_response(Response::new(()), false) {
+            Ok(tx) => tx,
+            Err(e) => return debug!(peer = %peer.id, error = %e, "stream reset before it was answered"),
+        };
+        let _open = ConnectionGuard::open(&peer.counters);
+        let counters = SpliceCounters {
+            up: &peer.counters.sent,
+            down: &peer.counters.received,
+        };
+        if let Err(e) = splice(&app, request.into_body(), tx, counters).await {
+            debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");
+        }
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}

@@ -1,0 +1,249 @@
+//! Prometheus metrics of the data path. Counters for a peer are looked up
+//! once per tunnel connection and then bumped with plain atomics, so the
+//! per-byte path never touches the label maps.
+
+use std::fmt::{self, Write};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::tls::HandshakeFailure;
+
+/// Which side of the agent a connection came in on.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        })
+    }
+}
+
+/// How a connection reached the workload.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Transport {
+    /// In an mTLS tunnel.
+    Mtls,
+    /// In the clear: permissive inbound or outbound passthrough.
+    Plaintext,
+}
+
+impl EncodeLabelValue for Transport {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(match self {
+            Transport::Mtls => "mtls",
+            Transport::Plaintext => "plaintext",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    direction: Direction,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    source_identity: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    direction: Direction,
+    source_identity: String,
+    destination_identity: String,
+    tls: Transport,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric the agent exports, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<DirectionLabels, Counter>,
+    handshake_failures: Family<FailureLabels, Counter>,
+    denied_streams: Family<DeniedLabels, Counter>,
+    connections_opened: Family<PeerLabels, Counter>,
+    connections_closed: Family<PeerLabels, Counter>,
+    bytes_sent: Family<PeerLabels, Counter>,
+    bytes_received: Family<PeerLabels, Counter>,
+    open_streams: Family<DirectionLabels, Gauge>,
+    tunnel_connections: Family<DirectionLabels, Gauge>,
+    plaintext_connections: Family<ResultLabels, Counter>,
+}
+
+/// The counters of one (direction, source, destination, transport), cloned
+/// out of the families so that a connection updates them without lookups.
+#[derive(Clone, Debug)]
+pub struct PeerCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// Bytes from the source towards the destination.
+    pub sent: Counter,
+    /// Bytes from the destination back to the source.
+    pub received: Counter,
+    pub open_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers all metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Metrics {
+            handshakes: Family::default(),
+            handshake_failures: Family::default(),
+            denied_streams: Family::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            open_streams: Family::default(),
+            tunnel_connections: Family::default(),
+            plaintext_connections: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("handshakes", "Completed TLS handshakes", m.handshakes.clone());
+        registry.register(
+            "handshake_failures",
+            "Failed TLS handshakes, by reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "denied_streams",
+            "Tunnel streams refused by authorization or destination checks",
+            m.denied_streams.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Proxied connections opened",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Proxied connections closed",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes proxied from source to destination",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "bytes_received",
+            "Bytes proxied from destination back to source",
+            m.bytes_received.clone(),
+        );
+        registry.register("open_streams", "Proxied connections open now", m.open_streams.clone());
+        registry.register(
+            "tunnel_connections",
+            "HBONE (TLS + HTTP/2) connections open now",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
+            "plaintext_connections",
+            "Plaintext inbound connections, accepted (permissive) or refused (strict)",
+            m.plaintext_connections.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn handshake_ok(&self, direction: Direction) {
+        self.handshakes.get_or_create(&DirectionLabels { direction }).inc();
+    }
+
+    pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&FailureLabels {
+                direction,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn stream_denied(&self, source: &str, reason: &'static str) {
+        self.denied_streams
+            .get_or_create(&DeniedLabels {
+                source_identity: source.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn plaintext(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "refused" };
+        self.plaintext_connections.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The gauge of open HBONE connections in one direction.
+    pub fn tunnel_gauge(&self, direction: Direction) -> Gauge {
+        self.tunnel_connections.get_or_create_owned(&DirectionLabels { direction })
+    }
+
+    /// The counters for traffic between two identities.
+    pub fn peer(&self, direction: Direction, source: &str, destination: &str, tls: Transport) -> PeerCounters {
+        let labels = PeerLabels {
+            direction,
+            source_identity: source.to_owned(),
+            destination_identity: destination.to_owned(),
+            tls,
+        };
+        PeerCounters {
+            opened: self.connections_opened.get_or_create_owned(&labels),
+            closed: self.connections_closed.get_or_create_owned(&labels),
+            sent: self.bytes_sent.get_or_create_owned(&labels),
+            received: self.bytes_received.get_or_create_owned(&labels),
+            open_streams: self.open_streams.get_or_create_owned(&DirectionLabels { direction }),
+        }
+    }
+}
+
+/// Counts one proxied connection from open to close, even on early return.
+pub struct ConnectionGuard<'a>(&'a PeerCounters);
+
+impl<'a> ConnectionGuard<'a> {
+    pub fn open(counters: &'a PeerCounters) -> Self {
+        counters.opened.inc();
+        counters.open_streams.inc();
+        ConnectionGuard(counters)
+    }
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.closed.inc();
+        self.0.open_streams.dec();
+    }
+}

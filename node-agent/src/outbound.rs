@@ -1,0 +1,166 @@
+//! Outbound: application connections, taken from explicit listeners or from
+//! transparent capture, sent through an HBONE tunnel to the agent in front
+//! of the destination, or passed through when it is outside the mesh.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode, Uri};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+use weft_api::Endpoint;
+
+use crate::config::{AgentConfig, UnknownDestination};
+use crate::drain::Drain;
+use crate::listen::accept_next;
+use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
+use crate::pool::Pool;
+use crate::splice::{copy_plain, splice, SpliceCounters};
+
+/// Where an accepted connection goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// An explicit listener's fixed destination.
+    Fixed(SocketAddr),
+    /// The destination the application dialled, recovered from nftables.
+    Captured,
+}
+
+/// What every outbound connection shares.
+pub struct Outbound {
+    config: Arc<AgentConfig>,
+    drain: Drain,
+    pool: Arc<Pool>,
+    endpoints: HashMap<IpAddr, Endpoint>,
+    passthrough: PeerCounters,
+    limit: Arc<Semaphore>,
+}
+
+impl Outbound {
+    pub fn new(config: Arc<AgentConfig>, metrics: &Metrics, drain: Drain, pool: Arc<Pool>, source: &str) -> Self {
+        let endpoints = config
+            .outbound
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.clone()))
+            .collect();
+        let passthrough = metrics.peer(Direction::Outbound, source, "unknown", Transport::Plaintext);
+        let limit = Arc::new(Semaphore::new(config.tunnel.max_outbound_connections));
+        Outbound {
+            config,
+            drain,
+            pool,
+            endpoints,
+            passthrough,
+            limit,
+        }
+    }
+
+    /// Accepts connections until draining begins.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, target: Target) {
+        while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                warn!(%remote, "outbound connection limit reached, refusing");
+                reset(&tcp);
+                continue;
+            };
+            let this = self.clone();
+            let tracked = self.drain.track();
+            tokio::spawn(async move {
+                this.connection(tcp, target, permit).await;
+                drop(tracked);
+            });
+        }
+    }
+
+    async fn connection(&self, mut tcp: TcpStream, target: Target, _permit: OwnedSemaphorePermit) {
+        let _ = tcp.set_nodelay(true);
+        let dst = match target {
+            Target::Fixed(dst) => dst,
+            Target::Captured => match original_dst(&tcp) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    info!(error = %e, "captured connection without an original destination, refusing");
+                    return reset(&tcp);
+                }
+            },
+        };
+        match self.endpoints.get(&dst.ip()) {
+            Some(endpoint) => {
+                if let Err(e) = self.tunnel(&tcp, dst, endpoint).await {
+                    info!(%dst, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
+                    reset(&tcp);
+                }
+            }
+            None => self.outside_mesh(&mut tcp, dst).await,
+        }
+    }
+
+    async fn tunnel(&self, tcp: &TcpStream, dst: SocketAddr, endpoint: &Endpoint) -> anyhow::Result<()> {
+        let checkout = self.pool.checkout(endpoint).await?;
+        let mut sender = checkout.sender().ready().await?;
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = Uri::try_from(dst.to_string())?;
+        let (response, tx) = sender.send_request(request, false)?;
+        let response = tokio::time::timeout(self.config.tunnel.connect_timeout, response)
+            .await
+            .map_err(|_| anyhow::anyhow!("peer agent did not answer CONNECT in time"))??;
+        if response.status() != StatusCode::OK {
+            anyhow::bail!("peer agent refused the stream with {}", response.status());
+        }
+        let counters = checkout.counters();
+        let _open = ConnectionGuard::open(counters);
+        let io = SpliceCounters {
+            up: &counters.sent,
+            down: &counters.received,
+        };
+        if let Err(e) = splice(tcp, response.into_body(), tx, io).await {
+            debug!(%dst, error = %e, "outbound stream ended abnormally");
+        }
+        Ok(())
+    }
+
+    async fn outside_mesh(&self, tcp: &mut TcpStream, dst: SocketAddr) {
+        if self.config.outbound.unknown_destination == UnknownDestination::Deny || self.is_self(dst) {
+            info!(%dst, "destination is not in the mesh, refusing");
+            return reset(tcp);
+        }
+        let connect = tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(dst));
+        let mut upstream = match connect.await {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(e)) => return debug!(%dst, error = %e, "passthrough connect failed"),
+            Err(_) => return debug!(%dst, "passthrough connect timed out"),
+        };
+        let _ = upstream.set_nodelay(true);
+        let _open = ConnectionGuard::open(&self.passthrough);
+        if let Err(e) = copy_plain(tcp, &mut upstream, &self.passthrough.sent, &self.passthrough.received).await {
+            debug!(%dst, error = %e, "passthrough ended abnormally");
+        }
+    }
+
+    /// A connection straight to the capture port would loop back into it.
+    fn is_self(&self, dst: SocketAddr) -> bool {
+        dst == self.config.outbound.capture_listen
+            || (dst.ip().is_loopback() && dst.port() == self.config.outbound.capture_listen.port())
+    }
+}
+
+/// The destination an nftables `redirect` rewrote.
+pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match tcp.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// Closes with RST so the application sees a refusal, not a clean end.
+pub fn reset(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}

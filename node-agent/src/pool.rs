@@ -1,0 +1,322 @@
+//! The HBONE connection pool: TLS + HTTP/2 connections to peer agents, one
+//! set per (source identity, destination agent), each carrying many streams.
+//! A new connection is opened only when every pooled one is at its stream
+//! limit, up to a per-peer cap; past it, HTTP/2 itself queues the stream.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+use weft_api::{Endpoint, SpiffeId};
+
+use crate::config::TunnelConfig;
+use crate::metrics::{Direction, Metrics, PeerCounters, Transport};
+use crate::tls::{self, HandshakeFailure, Identity};
+
+/// Why a tunnel to a peer agent could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to agent {agent}: {source}")]
+    Tcp {
+        agent: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with agent {agent} failed ({reason}): {source}")]
+    Tls {
+        agent: SocketAddr,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent {agent} did not negotiate ALPN h2")]
+    Alpn { agent: SocketAddr },
+    #[error("HTTP/2 handshake with agent {agent}: {source}")]
+    H2 {
+        agent: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("agent {agent} timed out during {stage}")]
+    Timeout { agent: SocketAddr, stage: &'static str },
+    #[error("TLS configuration for {peer}: {source}")]
+    Config {
+        peer: SpiffeId,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// The pool, shared by all outbound connections.
+pub struct Pool {
+    identity: Arc<Identity>,
+    tunnel: TunnelConfig,
+    metrics: Arc<Metrics>,
+    peers: Mutex<HashMap<SocketAddr, PeerConns>>,
+    changed: Notify,
+    epoch: Instant,
+}
+
+struct PeerConns {
+    expected: SpiffeId,
+    connector: TlsConnector,
+    conns: Vec<Arc<Conn>>,
+    connecting: usize,
+}
+
+/// One pooled HTTP/2 connection.
+pub struct Conn {
+    send: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: AtomicBool,
+    /// Milliseconds since the pool epoch when the last stream ended.
+    idle_since: AtomicU64,
+    /// Counters for traffic through this connection.
+    pub counters: PeerCounters,
+}
+
+/// A stream slot on a pooled connection, released on drop.
+pub struct Checkout {
+    conn: Arc<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl Checkout {
+    /// A handle to open the stream with.
+    pub fn sender(&self) -> SendRequest<Bytes> {
+        self.conn.send.clone()
+    }
+
+    /// The connection's traffic counters.
+    pub fn counters(&self) -> &PeerCounters {
+        &self.conn.counters
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.idle_since.store(self.pool.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+enum Next {
+    Connect(TlsConnector, SpiffeId),
+    Wait,
+}
+
+impl Pool {
+    pub fn new(identity: Arc<Identity>, tunnel: TunnelConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Pool {
+            identity,
+            tunnel,
+            metrics,
+            peers: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, PeerConns>> {
+        // A panic elsewhere cannot leave the map inconsistent (every update
+        // is a single push, remove or counter change), so keep going.
+        self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A stream slot towards the agent fronting `endpoint`.
+    pub async fn checkout(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Checkout, ConnectError> {
+        loop {
+            let changed = self.changed.notified();
+            match self.pick(endpoint)? {
+                Ok(conn) => return Ok(Checkout { conn, pool: self.clone() }),
+                Err(Next::Wait) => changed.await,
+                Err(Next::Connect(connector, expected)) => {
+                    let result = self.connect(endpoint.agent, connector, expected).await;
+                    let mut peers = self.lock();
+                    let entry = peers.get_mut(&endpoint.agent);
+                    if let Some(p) = entry {
+                        p.connecting = p.connecting.saturating_sub(1);
+                        if let Ok(conn) = &result {
+                            conn.streams.fetch_add(1, Ordering::AcqRel);
+                            p.conns.push(conn.clone());
+                        }
+                    }
+                    drop(peers);
+                    self.changed.notify_waiters();
+                    return result.map(|conn| Checkout { conn, pool: self.clone() });
+                }
+            }
+        }
+    }
+
+    /// Under the lock: a connection with a free stream slot, or what to do.
+    fn pick(&self, endpoint: &Endpoint) -> Result<Result<Arc<Conn>, Next>, ConnectError> {
+        let mut peers = self.lock();
+        let fresh = || -> Result<PeerConns, ConnectError> {
+            let cfg = self
+                .identity
+                .client_config(endpoint.identity.clone())
+                .map_err(|source| ConnectError::Config {
+                    peer: endpoint.identity.clone(),
+                    source,
+                })?;
+            Ok(PeerConns {
+                expected: endpoint.identity.clone(),
+                connector: TlsConnector::from(Arc::new(cfg)),
+                conns: Vec::new(),
+                connecting: 0,
+            })
+        };
+        let peer = match peers.entry(endpoint.agent) {
+            Entry::Occupied(o) if o.get().expected == endpoint.identity => o.into_mut(),
+            // The agent now fronts another identity: start over.
+            Entry::Occupied(mut o) => {
+                o.insert(fresh()?);
+                o.into_mut()
+            }
+            Entry::Vacant(v) => v.insert(fresh()?),
+        };
+        peer.conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        let max_streams = self.tunnel.max_streams_per_connection as usize;
+        let least = peer.conns.iter().min_by_key(|c| c.streams.load(Ordering::Acquire));
+        if let Some(c) = least.filter(|c| c.streams.load(Ordering::Acquire) < max_streams) {
+            c.streams.fetch_add(1, Ordering::AcqRel);
+            return Ok(Ok(c.clone()));
+        }
+        if peer.conns.len() + peer.connecting < self.tunnel.max_connections_per_peer {
+            peer.connecting += 1;
+            return Ok(Err(Next::Connect(peer.connector.clone(), peer.expected.clone())));
+        }
+        match least {
+            // At the cap: HTTP/2 queues the stream until a slot frees.
+            Some(c) => {
+                c.streams.fetch_add(1, Ordering::AcqRel);
+                Ok(Ok(c.clone()))
+            }
+            None => Ok(Err(Next::Wait)),
+        }
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        agent: SocketAddr,
+        connector: TlsConnector,
+        expected: SpiffeId,
+    ) -> Result<Arc<Conn>, ConnectError> {
+        let timeout = self.tunnel.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(agent))
+            .await
+            .map_err(|_| ConnectError::Timeout { agent, stage: "TCP connect" })?
+            .map_err(|source| ConnectError::Tcp { agent, source })?;
+        let _ = tcp.set_nodelay(true);
+        let handshake = connector.connect(ServerName::IpAddress(agent.ip().into()), tcp);
+        let tls = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(source)) => {
+                let reason = HandshakeFailure::classify(&source);
+                self.metrics.handshake_failed(Direction::Outbound, reason);
+                return Err(ConnectError::Tls {
+                    agent,
+                    reason: reason.as_str(),
+                    source,
+                });
+            }
+            Err(_) => {
+                self.metrics.handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                return Err(ConnectError::Timeout { agent, stage: "TLS handshake" });
+            }
+        };
+        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            self.metrics.handshake_failed(Direction::Outbound, HandshakeFailure::Protocol);
+            return Err(ConnectError::Alpn { agent });
+        }
+        self.metrics.handshake_ok(Direction::Outbound);
+        let t = &self.tunnel;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(t.stream_window)
+            .initial_connection_window_size(t.connection_window)
+            .max_concurrent_streams(0)
+            .enable_push(false)
+            .max_header_list_size(16 * 1024)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| ConnectError::H2 { agent, source })?;
+        let counters = self.metrics.peer(
+            Direction::Outbound,
+            self.identity.id.as_str(),
+            expected.as_str(),
+            Transport::Mtls,
+        );
+        let conn = Arc::new(Conn {
+            send,
+            streams: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since: AtomicU64::new(self.now_ms()),
+            counters,
+        });
+        info!(%agent, peer = %expected, "tunnel connection opened");
+        tokio::spawn(self.clone().drive(agent, conn.clone(), connection));
+        Ok(conn)
+    }
+
+    /// Runs one connection's I/O until it fails, the peer goes away, or it
+    /// has carried no stream for the idle timeout.
+    async fn drive(
+        self: Arc<Self>,
+        agent: SocketAddr,
+        conn: Arc<Conn>,
+        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    ) {
+        let gauge = self.metrics.tunnel_gauge(Direction::Outbound);
+        gauge.inc();
+        let idle = self.tunnel.idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        debug!(%agent, error = %e, "tunnel connection failed");
+                    }
+                    break;
+                }
+                _ = tick.tick() => {
+                    if self.close_if_idle(&conn, idle) {
+                        debug!(%agent, "closing idle tunnel connection");
+                        break;
+                    }
+                }
+            }
+        }
+        conn.closed.store(true, Ordering::Release);
+        gauge.dec();
+        self.changed.notify_waiters();
+    }
+
+    /// Marks `conn` closed if it carried nothing for `idle`; under the lock,
+    /// so that no checkout can race with the decision.
+    fn close_if_idle(&self, conn: &Conn, idle: Duration) -> bool {
+        let _peers = self.lock();
+        let since = conn.idle_since.load(Ordering::Acquire);
+        let idle_ms = idle.as_millis() as u64;
+        if conn.streams.load(Ordering::Acquire) == 0 && self.now_ms().saturating_sub(since) >= idle_ms {
+            conn.closed.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+}
