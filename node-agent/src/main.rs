@@ -62,11 +62,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.worker_threads)
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
+            // One thread needs no work stealing and no cross-thread wake-ups,
+            // which is what a sidecar wants; more threads suit a node agent.
+            let mut builder = match cfg.worker_threads {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+            };
+            let runtime = builder.enable_all().build().context("starting the runtime")?;
             let log = logging::init(&cfg.log);
             runtime.block_on(agent::run(cfg, log))
         }
