@@ -30,7 +30,11 @@ pub struct SpiffeId {
 
 impl SpiffeId {
     /// Builds an identity from its parts, validating each.
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -58,8 +62,9 @@ impl SpiffeId {
 fn valid_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(s: &str) -> bool {
@@ -135,7 +140,10 @@ mod tests {
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "payments");
         assert_eq!(id.service_account(), "api");
-        assert_eq!(id, SpiffeId::new("cluster.local", "payments", "api").unwrap());
+        assert_eq!(
+            id,
+            SpiffeId::new("cluster.local", "payments", "api").unwrap()
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ impl FromStr for PeerMatch {
                     .and_then(|rest| rest.split_once('/'))
                     .map(|(td, _)| td);
                 match td {
-                    Some(td) if !td.is_empty() && !prefix.contains('*') => Ok(PeerMatch::Prefix(prefix.to_owned())),
+                    Some(td) if !td.is_empty() && !prefix.contains('*') => {
+                        Ok(PeerMatch::Prefix(prefix.to_owned()))
+                    }
                     _ => Err(PeerMatchError::Prefix(s.to_owned())),
                 }
             }
@@ -118,10 +120,22 @@ mod tests {
     #[test]
     fn exact_and_prefix() {
         let id: SpiffeId = "spiffe://td/ns/pay/sa/api".parse().unwrap();
-        assert!("spiffe://td/ns/pay/sa/api".parse::<PeerMatch>().unwrap().matches(&id));
-        assert!("spiffe://td/ns/pay/*".parse::<PeerMatch>().unwrap().matches(&id));
-        assert!(!"spiffe://td/ns/other/*".parse::<PeerMatch>().unwrap().matches(&id));
-        assert!(!"spiffe://td/ns/pay/sa/web".parse::<PeerMatch>().unwrap().matches(&id));
+        assert!("spiffe://td/ns/pay/sa/api"
+            .parse::<PeerMatch>()
+            .unwrap()
+            .matches(&id));
+        assert!("spiffe://td/ns/pay/*"
+            .parse::<PeerMatch>()
+            .unwrap()
+            .matches(&id));
+        assert!(!"spiffe://td/ns/other/*"
+            .parse::<PeerMatch>()
+            .unwrap()
+            .matches(&id));
+        assert!(!"spiffe://td/ns/pay/sa/web"
+            .parse::<PeerMatch>()
+            .unwrap()
+            .matches(&id));
         assert!("*".parse::<PeerMatch>().is_err());
         assert!("spiffe://*".parse::<PeerMatch>().is_err());
     }

@@ -75,9 +75,14 @@ impl AdminState {
             "in_flight": self.drain.active(),
             "config": &*self.config,
         });
-        let mut r = text(StatusCode::OK, serde_json::to_vec_pretty(&dump).unwrap_or_default());
-        r.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        let mut r = text(
+            StatusCode::OK,
+            serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+        );
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         r
     }
 
@@ -87,12 +92,18 @@ impl AdminState {
             .query()
             .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
         let Some(level) = level else {
-            return text(StatusCode::BAD_REQUEST, "missing ?level=<filter>, e.g. ?level=debug\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "missing ?level=<filter>, e.g. ?level=debug\n",
+            );
         };
         let level = level.replace("%2C", ",").replace("%3D", "=");
         match self.log.set(&level) {
             Ok(()) => text(StatusCode::OK, format!("log level set to {level}\n")),
-            Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid level {level:?}: {e}\n")),
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid level {level:?}: {e}\n"),
+            ),
         }
     }
 
@@ -103,7 +114,9 @@ impl AdminState {
         let mut r = text(StatusCode::OK, self.metrics.encode());
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
         );
         r
     }

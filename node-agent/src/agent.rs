@@ -40,13 +40,29 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
 
     let inbound = Arc::new(
-        Inbound::new(config.clone(), identity.clone(), metrics.clone(), drain.clone())
-            .context("building the inbound TLS configuration")?,
+        Inbound::new(
+            config.clone(),
+            identity.clone(),
+            metrics.clone(),
+            drain.clone(),
+        )
+        .context("building the inbound TLS configuration")?,
     );
     let pool = Pool::new(identity.clone(), config.tunnel.clone(), metrics.clone());
     let source = identity.id.as_str();
-    let outbound = Arc::new(Outbound::new(config.clone(), &metrics, drain.clone(), pool, source));
-    let plain = Arc::new(Plaintext::new(config.clone(), metrics.clone(), drain.clone(), source));
+    let outbound = Arc::new(Outbound::new(
+        config.clone(),
+        &metrics,
+        drain.clone(),
+        pool,
+        source,
+    ));
+    let plain = Arc::new(Plaintext::new(
+        config.clone(),
+        metrics.clone(),
+        drain.clone(),
+        source,
+    ));
     let state = Arc::new(AdminState {
         config: config.clone(),
         identity: identity.clone(),
@@ -62,8 +78,16 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     for (listener, target) in explicit {
         tokio::spawn(outbound.clone().serve(listener, Target::Fixed(target)));
     }
-    tokio::spawn(admin::serve(admin_listener, state.clone(), admin::Endpoint::Admin));
-    tokio::spawn(admin::serve(metrics_listener, state.clone(), admin::Endpoint::Metrics));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        admin::Endpoint::Admin,
+    ));
+    tokio::spawn(admin::serve(
+        metrics_listener,
+        state.clone(),
+        admin::Endpoint::Metrics,
+    ));
     state.ready.store(true, Ordering::Release);
     info!(
         identity = %identity.id,
@@ -83,7 +107,10 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
     let left = drain.drain(config.drain_timeout).await;
     if left > 0 {
-        warn!(in_flight = left, "drain deadline reached, closing what is left");
+        warn!(
+            in_flight = left,
+            "drain deadline reached, closing what is left"
+        );
     } else {
         info!("drained, exiting");
     }

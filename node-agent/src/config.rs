@@ -12,11 +12,12 @@ use weft_api::{Endpoint, PeerMatch, WorkloadPort};
 /// A configuration that cannot be used, naming the field and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    // The cause is part of the message (not a `#[source]`) because the
+    // config crate's error already names the key and file.
+    #[error("config {path}: {cause}")]
     Load {
         path: PathBuf,
-        #[source]
-        source: config::ConfigError,
+        cause: config::ConfigError,
     },
     #[error("config field `{field}`: {reason}")]
     Invalid { field: String, reason: String },
@@ -327,9 +328,9 @@ default_from_serde!(
 impl AgentConfig {
     /// Reads the file, applies `WEFT_*` overrides and validates the result.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let load_err = |source| ConfigError::Load {
+        let load_err = |cause| ConfigError::Load {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let cfg: AgentConfig = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml))
@@ -351,7 +352,10 @@ impl AgentConfig {
         match self.mode {
             Mode::Sidecar => {}
             Mode::Node | Mode::Gateway => {
-                return Err(invalid("mode", "only `sidecar` is available in this release"));
+                return Err(invalid(
+                    "mode",
+                    "only `sidecar` is available in this release",
+                ));
             }
         }
         for (field, path) in [
@@ -360,7 +364,10 @@ impl AgentConfig {
             ("identity.trust_bundle", &self.identity.trust_bundle),
         ] {
             if !path.is_file() {
-                return Err(invalid(field, format!("{} is not a readable file", path.display())));
+                return Err(invalid(
+                    field,
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
         }
         if self.workload.ports.is_empty() {
@@ -368,7 +375,10 @@ impl AgentConfig {
         }
         for (i, p) in self.workload.ports.iter().enumerate() {
             if p.port == 0 {
-                return Err(invalid(format!("workload.ports[{i}].port"), "0 is not a port"));
+                return Err(invalid(
+                    format!("workload.ports[{i}].port"),
+                    "0 is not a port",
+                ));
             }
         }
         if !self.admin.listen.ip().is_loopback() {
@@ -384,20 +394,37 @@ impl AgentConfig {
             ));
         }
         for (i, l) in self.outbound.listeners.iter().enumerate() {
-            if !self.outbound.endpoints.iter().any(|e| e.address == l.target.ip()) {
+            if !self
+                .outbound
+                .endpoints
+                .iter()
+                .any(|e| e.address == l.target.ip())
+            {
                 return Err(invalid(
                     format!("outbound.listeners[{i}].target"),
-                    format!("{} is not the address of any outbound.endpoints entry", l.target.ip()),
+                    format!(
+                        "{} is not the address of any outbound.endpoints entry",
+                        l.target.ip()
+                    ),
                 ));
             }
         }
         let t = &self.tunnel;
         for (field, value) in [
             ("worker_threads", self.worker_threads),
-            ("tunnel.max_connections_per_peer", t.max_connections_per_peer),
-            ("tunnel.max_streams_per_connection", t.max_streams_per_connection as usize),
+            (
+                "tunnel.max_connections_per_peer",
+                t.max_connections_per_peer,
+            ),
+            (
+                "tunnel.max_streams_per_connection",
+                t.max_streams_per_connection as usize,
+            ),
             ("tunnel.max_inbound_connections", t.max_inbound_connections),
-            ("tunnel.max_outbound_connections", t.max_outbound_connections),
+            (
+                "tunnel.max_outbound_connections",
+                t.max_outbound_connections,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
@@ -414,7 +441,8 @@ impl AgentConfig {
             }
         }
         for (i, cidr) in self.redirect.exclude_cidrs.iter().enumerate() {
-            parse_cidr(cidr).map_err(|reason| invalid(format!("redirect.exclude_cidrs[{i}]"), reason))?;
+            parse_cidr(cidr)
+                .map_err(|reason| invalid(format!("redirect.exclude_cidrs[{i}]"), reason))?;
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
@@ -432,7 +460,9 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let (addr, len) = s
         .split_once('/')
         .ok_or_else(|| format!("{s:?} is not addr/len"))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len: u8 = len
         .parse()

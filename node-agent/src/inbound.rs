@@ -73,7 +73,12 @@ impl Inbound {
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let _ = tcp.set_nodelay(true);
         let timeout = self.config.tunnel.connect_timeout;
         let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
@@ -85,14 +90,16 @@ impl Inbound {
                 return;
             }
             Err(_) => {
-                self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
+                self.metrics
+                    .handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
                 info!(%remote, "inbound handshake timed out");
                 return;
             }
         };
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(tls::ALPN_H2) {
-            self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::Protocol);
+            self.metrics
+                .handshake_failed(Direction::Inbound, HandshakeFailure::Protocol);
             info!(%remote, "inbound peer did not negotiate ALPN h2");
             return;
         }
@@ -102,16 +109,24 @@ impl Inbound {
             .and_then(|c| c.first())
             .and_then(|c| tls::spiffe_id_of(c).ok())
         else {
-            self.metrics.handshake_failed(Direction::Inbound, HandshakeFailure::BadIdentity);
+            self.metrics
+                .handshake_failed(Direction::Inbound, HandshakeFailure::BadIdentity);
             return;
         };
         self.metrics.handshake_ok(Direction::Inbound);
         let allowed = self.config.inbound.allow.iter().any(|m| m.matches(&id));
-        let counters = self
-            .metrics
-            .peer(Direction::Inbound, id.as_str(), self.identity.id.as_str(), Transport::Mtls);
+        let counters = self.metrics.peer(
+            Direction::Inbound,
+            id.as_str(),
+            self.identity.id.as_str(),
+            Transport::Mtls,
+        );
         debug!(%remote, peer = %id, allowed, "inbound tunnel established");
-        let peer = Arc::new(Peer { id, allowed, counters });
+        let peer = Arc::new(Peer {
+            id,
+            allowed,
+            counters,
+        });
         self.serve_streams(tls, remote, peer).await;
     }
 
@@ -169,7 +184,11 @@ impl Inbound {
 
     /// Decides whether a CONNECT may proceed: the status to refuse it with,
     /// the metric reason, and the target otherwise.
-    fn admit(&self, request: &Request<h2::RecvStream>, peer: &Peer) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    fn admit(
+        &self,
+        request: &Request<h2::RecvStream>,
+        peer: &Peer,
+    ) -> Result<SocketAddr, (StatusCode, &'static str)> {
         if request.method() != Method::CONNECT {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect"));
         }
@@ -190,7 +209,12 @@ impl Inbound {
         Ok(target)
     }
 
-    async fn stream(&self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, peer: &Peer) {
+    async fn stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: &Peer,
+    ) {
         let target = match self.admit(&request, peer) {
             Ok(target) => target,
             Err((status, reason)) => {
@@ -199,7 +223,10 @@ impl Inbound {
                 return reply(&mut respond, status);
             }
         };
-        let connect = tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(target));
+        let connect = tokio::time::timeout(
+            self.config.tunnel.connect_timeout,
+            TcpStream::connect(target),
+        );
         let app = match connect.await {
             Ok(Ok(app)) => app,
             Ok(Err(e)) => {
@@ -214,7 +241,9 @@ impl Inbound {
         let _ = app.set_nodelay(true);
         let tx = match respond.send_response(Response::new(()), false) {
             Ok(tx) => tx,
-            Err(e) => return debug!(peer = %peer.id, error = %e, "stream reset before it was answered"),
+            Err(e) => {
+                return debug!(peer = %peer.id, error = %e, "stream reset before it was answered")
+            }
         };
         let _open = ConnectionGuard::open(&peer.counters);
         let counters = SpliceCounters {

@@ -22,8 +22,17 @@ pub struct BindError {
 
 /// Binds `addr` with address reuse and a deep accept backlog.
 pub fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
-    let err = |source| BindError { field, addr, source };
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    let err = |source| BindError {
+        field,
+        addr,
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(1024).map_err(err)

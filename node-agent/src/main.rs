@@ -62,6 +62,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
+            // Every proxied connection takes two descriptors; the soft limit
+            // (often 1024) would cap the agent long before its own limits.
+            let nofile =
+                rlimit::increase_nofile_limit(u64::MAX).context("raising the open files limit")?;
             // One thread needs no work stealing and no cross-thread wake-ups,
             // which is what a sidecar wants; more threads suit a node agent.
             let mut builder = match cfg.worker_threads {
@@ -72,8 +76,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     b
                 }
             };
-            let runtime = builder.enable_all().build().context("starting the runtime")?;
+            let runtime = builder
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
             let log = logging::init(&cfg.log);
+            tracing::debug!(nofile, "open files limit");
             runtime.block_on(agent::run(cfg, log))
         }
         Command::Check { config } => {

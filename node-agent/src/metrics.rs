@@ -127,7 +127,11 @@ impl Metrics {
             plaintext_connections: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("handshakes", "Completed TLS handshakes", m.handshakes.clone());
+        registry.register(
+            "handshakes",
+            "Completed TLS handshakes",
+            m.handshakes.clone(),
+        );
         registry.register(
             "handshake_failures",
             "Failed TLS handshakes, by reason",
@@ -158,7 +162,11 @@ impl Metrics {
             "Bytes proxied from destination back to source",
             m.bytes_received.clone(),
         );
-        registry.register("open_streams", "Proxied connections open now", m.open_streams.clone());
+        registry.register(
+            "open_streams",
+            "Proxied connections open now",
+            m.open_streams.clone(),
+        );
         registry.register(
             "tunnel_connections",
             "HBONE (TLS + HTTP/2) connections open now",
@@ -181,7 +189,9 @@ impl Metrics {
     }
 
     pub fn handshake_ok(&self, direction: Direction) {
-        self.handshakes.get_or_create(&DirectionLabels { direction }).inc();
+        self.handshakes
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
@@ -204,16 +214,25 @@ impl Metrics {
 
     pub fn plaintext(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "refused" };
-        self.plaintext_connections.get_or_create(&ResultLabels { result }).inc();
+        self.plaintext_connections
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// The gauge of open HBONE connections in one direction.
     pub fn tunnel_gauge(&self, direction: Direction) -> Gauge {
-        self.tunnel_connections.get_or_create_owned(&DirectionLabels { direction })
+        self.tunnel_connections
+            .get_or_create_owned(&DirectionLabels { direction })
     }
 
     /// The counters for traffic between two identities.
-    pub fn peer(&self, direction: Direction, source: &str, destination: &str, tls: Transport) -> PeerCounters {
+    pub fn peer(
+        &self,
+        direction: Direction,
+        source: &str,
+        destination: &str,
+        tls: Transport,
+    ) -> PeerCounters {
         let labels = PeerLabels {
             direction,
             source_identity: source.to_owned(),
@@ -225,7 +244,9 @@ impl Metrics {
             closed: self.connections_closed.get_or_create_owned(&labels),
             sent: self.bytes_sent.get_or_create_owned(&labels),
             received: self.bytes_received.get_or_create_owned(&labels),
-            open_streams: self.open_streams.get_or_create_owned(&DirectionLabels { direction }),
+            open_streams: self
+                .open_streams
+                .get_or_create_owned(&DirectionLabels { direction }),
         }
     }
 }

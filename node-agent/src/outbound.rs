@@ -40,14 +40,21 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(config: Arc<AgentConfig>, metrics: &Metrics, drain: Drain, pool: Arc<Pool>, source: &str) -> Self {
+    pub fn new(
+        config: Arc<AgentConfig>,
+        metrics: &Metrics,
+        drain: Drain,
+        pool: Arc<Pool>,
+        source: &str,
+    ) -> Self {
         let endpoints = config
             .outbound
             .endpoints
             .iter()
             .map(|e| (e.address, e.clone()))
             .collect();
-        let passthrough = metrics.peer(Direction::Outbound, source, "unknown", Transport::Plaintext);
+        let passthrough =
+            metrics.peer(Direction::Outbound, source, "unknown", Transport::Plaintext);
         let limit = Arc::new(Semaphore::new(config.tunnel.max_outbound_connections));
         Outbound {
             config,
@@ -99,7 +106,12 @@ impl Outbound {
         }
     }
 
-    async fn tunnel(&self, tcp: &TcpStream, dst: SocketAddr, endpoint: &Endpoint) -> anyhow::Result<()> {
+    async fn tunnel(
+        &self,
+        tcp: &TcpStream,
+        dst: SocketAddr,
+        endpoint: &Endpoint,
+    ) -> anyhow::Result<()> {
         let checkout = self.pool.checkout(endpoint).await?;
         let mut sender = checkout.sender().ready().await?;
         let mut request = Request::new(());
@@ -125,11 +137,13 @@ impl Outbound {
     }
 
     async fn outside_mesh(&self, tcp: &mut TcpStream, dst: SocketAddr) {
-        if self.config.outbound.unknown_destination == UnknownDestination::Deny || self.is_self(dst) {
+        if self.config.outbound.unknown_destination == UnknownDestination::Deny || self.is_self(dst)
+        {
             info!(%dst, "destination is not in the mesh, refusing");
             return reset(tcp);
         }
-        let connect = tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(dst));
+        let connect =
+            tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(dst));
         let mut upstream = match connect.await {
             Ok(Ok(upstream)) => upstream,
             Ok(Err(e)) => return debug!(%dst, error = %e, "passthrough connect failed"),
@@ -137,7 +151,14 @@ impl Outbound {
         };
         let _ = upstream.set_nodelay(true);
         let _open = ConnectionGuard::open(&self.passthrough);
-        if let Err(e) = copy_plain(tcp, &mut upstream, &self.passthrough.sent, &self.passthrough.received).await {
+        if let Err(e) = copy_plain(
+            tcp,
+            &mut upstream,
+            &self.passthrough.sent,
+            &self.passthrough.received,
+        )
+        .await
+        {
             debug!(%dst, error = %e, "passthrough ended abnormally");
         }
     }

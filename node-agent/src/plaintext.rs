@@ -25,8 +25,18 @@ pub struct Plaintext {
 }
 
 impl Plaintext {
-    pub fn new(config: Arc<AgentConfig>, metrics: Arc<Metrics>, drain: Drain, destination: &str) -> Self {
-        let counters = metrics.peer(Direction::Inbound, "unknown", destination, Transport::Plaintext);
+    pub fn new(
+        config: Arc<AgentConfig>,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+        destination: &str,
+    ) -> Self {
+        let counters = metrics.peer(
+            Direction::Inbound,
+            "unknown",
+            destination,
+            Transport::Plaintext,
+        );
         Plaintext {
             config,
             metrics,
@@ -65,7 +75,10 @@ impl Plaintext {
         self.metrics.plaintext(true);
         // The workload's own address, whichever local address was dialled.
         let target = SocketAddr::new(self.config.workload.address, dst.port());
-        let connect = tokio::time::timeout(self.config.tunnel.connect_timeout, TcpStream::connect(target));
+        let connect = tokio::time::timeout(
+            self.config.tunnel.connect_timeout,
+            TcpStream::connect(target),
+        );
         let mut app = match connect.await {
             Ok(Ok(app)) => app,
             _ => {
@@ -74,7 +87,14 @@ impl Plaintext {
             }
         };
         let _open = ConnectionGuard::open(&self.counters);
-        if let Err(e) = copy_plain(&mut tcp, &mut app, &self.counters.sent, &self.counters.received).await {
+        if let Err(e) = copy_plain(
+            &mut tcp,
+            &mut app,
+            &self.counters.sent,
+            &self.counters.received,
+        )
+        .await
+        {
             debug!(%remote, error = %e, "plaintext inbound ended abnormally");
         }
     }

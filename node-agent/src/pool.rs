@@ -48,12 +48,15 @@ pub enum ConnectError {
         source: h2::Error,
     },
     #[error("agent {agent} timed out during {stage}")]
-    Timeout { agent: SocketAddr, stage: &'static str },
+    Timeout {
+        agent: SocketAddr,
+        stage: &'static str,
+    },
     #[error("TLS configuration for {peer}: {source}")]
     Config {
         peer: SpiffeId,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 
@@ -106,7 +109,9 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn.idle_since.store(self.pool.now_ms(), Ordering::Release);
+            self.conn
+                .idle_since
+                .store(self.pool.now_ms(), Ordering::Release);
         }
     }
 }
@@ -135,7 +140,9 @@ impl Pool {
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, PeerConns>> {
         // A panic elsewhere cannot leave the map inconsistent (every update
         // is a single push, remove or counter change), so keep going.
-        self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A stream slot towards the agent fronting `endpoint`.
@@ -143,7 +150,12 @@ impl Pool {
         loop {
             let changed = self.changed.notified();
             match self.pick(endpoint)? {
-                Ok(conn) => return Ok(Checkout { conn, pool: self.clone() }),
+                Ok(conn) => {
+                    return Ok(Checkout {
+                        conn,
+                        pool: self.clone(),
+                    })
+                }
                 Err(Next::Wait) => changed.await,
                 Err(Next::Connect(connector, expected)) => {
                     let result = self.connect(endpoint.agent, connector, expected).await;
@@ -158,7 +170,10 @@ impl Pool {
                     }
                     drop(peers);
                     self.changed.notify_waiters();
-                    return result.map(|conn| Checkout { conn, pool: self.clone() });
+                    return result.map(|conn| Checkout {
+                        conn,
+                        pool: self.clone(),
+                    });
                 }
             }
         }
@@ -173,7 +188,7 @@ impl Pool {
                 .client_config(endpoint.identity.clone())
                 .map_err(|source| ConnectError::Config {
                     peer: endpoint.identity.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok(PeerConns {
                 expected: endpoint.identity.clone(),
@@ -193,14 +208,20 @@ impl Pool {
         };
         peer.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         let max_streams = self.tunnel.max_streams_per_connection as usize;
-        let least = peer.conns.iter().min_by_key(|c| c.streams.load(Ordering::Acquire));
+        let least = peer
+            .conns
+            .iter()
+            .min_by_key(|c| c.streams.load(Ordering::Acquire));
         if let Some(c) = least.filter(|c| c.streams.load(Ordering::Acquire) < max_streams) {
             c.streams.fetch_add(1, Ordering::AcqRel);
             return Ok(Ok(c.clone()));
         }
         if peer.conns.len() + peer.connecting < self.tunnel.max_connections_per_peer {
             peer.connecting += 1;
-            return Ok(Err(Next::Connect(peer.connector.clone(), peer.expected.clone())));
+            return Ok(Err(Next::Connect(
+                peer.connector.clone(),
+                peer.expected.clone(),
+            )));
         }
         match least {
             // At the cap: HTTP/2 queues the stream until a slot frees.
@@ -221,7 +242,10 @@ impl Pool {
         let timeout = self.tunnel.connect_timeout;
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(agent))
             .await
-            .map_err(|_| ConnectError::Timeout { agent, stage: "TCP connect" })?
+            .map_err(|_| ConnectError::Timeout {
+                agent,
+                stage: "TCP connect",
+            })?
             .map_err(|source| ConnectError::Tcp { agent, source })?;
         let _ = tcp.set_nodelay(true);
         let handshake = connector.connect(ServerName::IpAddress(agent.ip().into()), tcp);
@@ -237,12 +261,17 @@ impl Pool {
                 });
             }
             Err(_) => {
-                self.metrics.handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
-                return Err(ConnectError::Timeout { agent, stage: "TLS handshake" });
+                self.metrics
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                return Err(ConnectError::Timeout {
+                    agent,
+                    stage: "TLS handshake",
+                });
             }
         };
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
-            self.metrics.handshake_failed(Direction::Outbound, HandshakeFailure::Protocol);
+            self.metrics
+                .handshake_failed(Direction::Outbound, HandshakeFailure::Protocol);
             return Err(ConnectError::Alpn { agent });
         }
         self.metrics.handshake_ok(Direction::Outbound);
@@ -313,7 +342,9 @@ impl Pool {
         let _peers = self.lock();
         let since = conn.idle_since.load(Ordering::Acquire);
         let idle_ms = idle.as_millis() as u64;
-        if conn.streams.load(Ordering::Acquire) == 0 && self.now_ms().saturating_sub(since) >= idle_ms {
+        if conn.streams.load(Ordering::Acquire) == 0
+            && self.now_ms().saturating_sub(since) >= idle_ms
+        {
             conn.closed.store(true, Ordering::Release);
             return true;
         }

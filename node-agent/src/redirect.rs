@@ -546,10 +546,8 @@ mod tests {
     }
 
     /// Asks the real nft (check mode, nothing applied) whether it accepts the
-    /// rendered script. Needs nft and CAP_NET_ADMIN, so it is opt-in:
-    /// `cargo test -p weft-agent redirect -- --ignored`.
+    /// rendered script. Needs nft and CAP_NET_ADMIN, as the test suite has.
     #[test]
-    #[ignore]
     fn rendered_script_passes_nft_check() {
         let mut c = cfg(json!({
             "agent_uid": 1337,

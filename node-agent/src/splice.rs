@@ -42,14 +42,21 @@ pub async fn splice(
     tx: SendStream<Bytes>,
     counters: SpliceCounters<'_>,
 ) -> Result<(), SpliceError> {
-    let result = tokio::try_join!(socket_to_stream(tcp, tx, counters.up), stream_to_socket(rx, tcp, counters.down));
+    let result = tokio::try_join!(
+        socket_to_stream(tcp, tx, counters.up),
+        stream_to_socket(rx, tcp, counters.down)
+    );
     if result.is_err() {
         let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
     }
     result.map(|_| ())
 }
 
-async fn socket_to_stream(tcp: &TcpStream, mut tx: SendStream<Bytes>, counter: &Counter) -> Result<(), SpliceError> {
+async fn socket_to_stream(
+    tcp: &TcpStream,
+    mut tx: SendStream<Bytes>,
+    counter: &Counter,
+) -> Result<(), SpliceError> {
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(CHUNK);
@@ -72,7 +79,9 @@ async fn socket_to_stream(tcp: &TcpStream, mut tx: SendStream<Bytes>, counter: &
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             tx.reserve_capacity(data.len());
-            let granted = poll_fn(|cx| tx.poll_capacity(cx)).await.ok_or(SpliceError::StreamClosed)??;
+            let granted = poll_fn(|cx| tx.poll_capacity(cx))
+                .await
+                .ok_or(SpliceError::StreamClosed)??;
             if granted > 0 {
                 tx.send_data(data.split_to(granted.min(data.len())), false)?;
             }
@@ -80,7 +89,11 @@ async fn socket_to_stream(tcp: &TcpStream, mut tx: SendStream<Bytes>, counter: &
     }
 }
 
-async fn stream_to_socket(mut rx: RecvStream, tcp: &TcpStream, counter: &Counter) -> Result<(), SpliceError> {
+async fn stream_to_socket(
+    mut rx: RecvStream,
+    tcp: &TcpStream,
+    counter: &Counter,
+) -> Result<(), SpliceError> {
     while let Some(chunk) = rx.data().await {
         let chunk = chunk?;
         write_all(tcp, &chunk).await?;
@@ -108,7 +121,12 @@ async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 
 /// Copies between two plain sockets (permissive inbound, passthrough), with
 /// half-close carried across; used where no tunnel is involved.
-pub async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream, up: &Counter, down: &Counter) -> io::Result<()> {
+pub async fn copy_plain(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    up: &Counter,
+    down: &Counter,
+) -> io::Result<()> {
     let (to_b, to_a) = tokio::io::copy_bidirectional(a, b).await?;
     up.inc_by(to_b);
     down.inc_by(to_a);

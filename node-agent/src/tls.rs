@@ -12,7 +12,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use weft_api::SpiffeId;
@@ -81,7 +83,9 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -137,7 +141,12 @@ impl Identity {
             UnixTime::now(),
             provider.signature_verification_algorithms.all,
         )
-        .map_err(|e| IdentityError::Certificate(format!("{} is not usable with the trust bundle: {e}", cert.display())))?;
+        .map_err(|e| {
+            IdentityError::Certificate(format!(
+                "{} is not usable with the trust bundle: {e}",
+                cert.display()
+            ))
+        })?;
         let signing_key = provider
             .key_provider
             .load_private_key(key.clone_key())
@@ -158,9 +167,10 @@ impl Identity {
     /// The HBONE server side: TLS 1.3 only, a client certificate chained to
     /// the bundle and carrying a SPIFFE ID is required.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, rustls::Error> {
-        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { inner }))
@@ -190,7 +200,9 @@ impl Identity {
 }
 
 fn identity_failure(reason: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(BadIdentity(reason)))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        BadIdentity(reason),
+    ))))
 }
 
 /// A certificate whose chain is fine but whose SPIFFE ID is missing, malformed
@@ -225,7 +237,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         spiffe_id_of(end_entity).map_err(identity_failure)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -271,10 +284,19 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let got = spiffe_id_of(end_entity).map_err(identity_failure)?;
         if got != self.expected {
-            return Err(identity_failure(format!("peer is {got}, expected {}", self.expected)));
+            return Err(identity_failure(format!(
+                "peer is {got}, expected {}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -286,7 +308,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // Only TLS 1.3 is offered.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -319,14 +343,21 @@ pub enum HandshakeFailure {
 impl HandshakeFailure {
     /// Classifies an error returned by a tokio-rustls handshake.
     pub fn classify(err: &io::Error) -> Self {
-        let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        let Some(tls) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
             return HandshakeFailure::Io;
         };
         match tls {
             rustls::Error::InvalidCertificate(c) => match c {
                 CertificateError::UnknownIssuer => HandshakeFailure::UnknownCa,
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => HandshakeFailure::Expired,
-                CertificateError::Other(o) if o.0.downcast_ref::<BadIdentity>().is_some() => HandshakeFailure::BadIdentity,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    HandshakeFailure::Expired
+                }
+                CertificateError::Other(o) if o.0.downcast_ref::<BadIdentity>().is_some() => {
+                    HandshakeFailure::BadIdentity
+                }
                 _ => HandshakeFailure::BadCertificate,
             },
             rustls::Error::NoCertificatesPresented => HandshakeFailure::NoCertificate,
@@ -353,6 +384,186 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Io => "io",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    use std::path::PathBuf;
+
+    struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+    impl Ca {
+        fn new(name: &str) -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
+        }
+
+        /// Writes a leaf for `uri` (or none) into `dir`, with its CA as bundle.
+        fn leaf(
+            &self,
+            dir: &Path,
+            uri: Option<&str>,
+            expired: bool,
+        ) -> (PathBuf, PathBuf, PathBuf) {
+            self.leaf_trusting(dir, uri, expired, self)
+        }
+
+        fn leaf_trusting(
+            &self,
+            dir: &Path,
+            uri: Option<&str>,
+            expired: bool,
+            trust: &Ca,
+        ) -> (PathBuf, PathBuf, PathBuf) {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            if let Some(uri) = uri {
+                params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            }
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+            }
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.0).unwrap();
+            let paths = (
+                dir.join("cert.pem"),
+                dir.join("key.pem"),
+                dir.join("ca.pem"),
+            );
+            std::fs::write(&paths.0, cert.pem()).unwrap();
+            std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+            std::fs::write(&paths.2, trust.0.pem()).unwrap();
+            paths
+        }
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weft-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn ca_roots(ca: &Ca) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.0.der().clone()).unwrap();
+        Arc::new(roots)
+    }
+
+    fn load(p: &(PathBuf, PathBuf, PathBuf)) -> Result<Identity, IdentityError> {
+        Identity::load(&p.0, &p.1, &p.2)
+    }
+
+    const CLIENT: &str = "spiffe://weft.test/ns/default/sa/client";
+    const SERVER: &str = "spiffe://weft.test/ns/default/sa/server";
+
+    #[test]
+    fn loads_a_valid_identity_and_refuses_bad_ones() {
+        let ca = Ca::new("mesh");
+        let dir = tempdir("load");
+        let id = load(&ca.leaf(&dir, Some(CLIENT), false)).unwrap();
+        assert_eq!(id.id.as_str(), CLIENT);
+
+        let err = load(&ca.leaf(&dir, Some(CLIENT), true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.cert") && err.to_lowercase().contains("expired"),
+            "{err}"
+        );
+
+        let err = load(&ca.leaf(&dir, None, false)).unwrap_err().to_string();
+        assert!(err.contains("subjectAltName"), "{err}");
+
+        let err = load(&ca.leaf(&dir, Some("spiffe://weft.test/nope"), false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/ns/<namespace>/sa/<service-account>"),
+            "{err}"
+        );
+
+        // A bundle from another CA: the chain does not lead to it.
+        let paths = ca.leaf(&dir, Some(CLIENT), false);
+        std::fs::write(&paths.2, Ca::new("other").0.pem()).unwrap();
+        let err = load(&paths).unwrap_err().to_string();
+        assert!(err.contains("trust bundle"), "{err}");
+
+        // A key that is not the certificate's.
+        let paths = ca.leaf(&dir, Some(CLIENT), false);
+        std::fs::write(&paths.1, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let err = load(&paths).unwrap_err().to_string();
+        assert!(err.contains("identity.key"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Runs a handshake over an in-memory pipe; returns each side's failure.
+    async fn handshake(
+        client: &Identity,
+        expect: &str,
+        server: &Identity,
+    ) -> (Option<HandshakeFailure>, Option<HandshakeFailure>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(
+            client.client_config(expect.parse().unwrap()).unwrap(),
+        ));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.server_config().unwrap()));
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let (c, s) = tokio::join!(
+            async {
+                use tokio::io::AsyncReadExt;
+                // TLS 1.3 reports the server's refusal of the client's
+                // certificate on the client's first read.
+                let mut tls = connector.connect(name, a).await?;
+                let mut byte = [0u8; 1];
+                tls.read(&mut byte).await.map(|_| ())
+            },
+            async {
+                use tokio::io::AsyncWriteExt;
+                let mut tls = acceptor.accept(b).await?;
+                tls.write_all(b"!").await?;
+                tls.flush().await
+            }
+        );
+        (
+            c.err().map(|e| HandshakeFailure::classify(&e)),
+            s.err().map(|e| HandshakeFailure::classify(&e)),
+        )
+    }
+
+    #[tokio::test]
+    async fn handshakes_check_chain_and_identity() {
+        let ca = Ca::new("mesh");
+        let (cd, sd) = (tempdir("hs-client"), tempdir("hs-server"));
+        let client = load(&ca.leaf(&cd, Some(CLIENT), false)).unwrap();
+        let server = load(&ca.leaf(&sd, Some(SERVER), false)).unwrap();
+        assert_eq!(handshake(&client, SERVER, &server).await, (None, None));
+
+        // The server is not who the client expects.
+        let (c, _) = handshake(&client, CLIENT, &server).await;
+        assert_eq!(c, Some(HandshakeFailure::BadIdentity));
+
+        // A client from another CA is refused by the server.
+        let od = tempdir("hs-other");
+        let other = load(&Ca::new("other").leaf_trusting(&od, Some(CLIENT), false, &ca));
+        // It cannot even load as an identity: its chain does not lead to
+        // its bundle. Build it by hand from the other CA's leaf.
+        assert!(other.is_err());
+        let rogue = Ca::new("rogue");
+        let rogue_paths = rogue.leaf(&od, Some(CLIENT), false);
+        let mut other = load(&rogue_paths).unwrap();
+        other.roots = ca_roots(&ca);
+        let (_, s) = handshake(&other, SERVER, &server).await;
+        assert_eq!(s, Some(HandshakeFailure::UnknownCa));
+        for d in [cd, sd, od] {
+            std::fs::remove_dir_all(d).unwrap();
         }
     }
 }
