@@ -7,6 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::client::ResponseFuture;
+use h2::SendStream;
 use http::{Method, Request, StatusCode, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,8 +20,23 @@ use crate::config::{AgentConfig, UnknownDestination};
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
-use crate::pool::Pool;
+use crate::pool::{Checkout, ConnectError, Pool};
 use crate::splice::{copy_plain, splice, SpliceCounters};
+
+/// Why an outbound connection could not be tunnelled.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("tunnel stream: {0}")]
+    Stream(#[from] h2::Error),
+    #[error("{0} cannot be sent as a CONNECT authority")]
+    Authority(SocketAddr),
+    #[error("the peer agent did not answer CONNECT in time")]
+    AnswerTimeout,
+    #[error("the peer agent refused the stream with {0}")]
+    Refused(StatusCode),
+}
 
 /// Where an accepted connection goes.
 #[derive(Debug, Clone, Copy)]
@@ -111,18 +129,13 @@ impl Outbound {
         tcp: &TcpStream,
         dst: SocketAddr,
         endpoint: &Endpoint,
-    ) -> anyhow::Result<()> {
-        let checkout = self.pool.checkout(endpoint).await?;
-        let mut sender = checkout.sender().ready().await?;
-        let mut request = Request::new(());
-        *request.method_mut() = Method::CONNECT;
-        *request.uri_mut() = Uri::try_from(dst.to_string())?;
-        let (response, tx) = sender.send_request(request, false)?;
+    ) -> Result<(), TunnelError> {
+        let (checkout, response, tx) = self.open_stream(dst, endpoint).await?;
         let response = tokio::time::timeout(self.config.tunnel.connect_timeout, response)
             .await
-            .map_err(|_| anyhow::anyhow!("peer agent did not answer CONNECT in time"))??;
+            .map_err(|_| TunnelError::AnswerTimeout)??;
         if response.status() != StatusCode::OK {
-            anyhow::bail!("peer agent refused the stream with {}", response.status());
+            return Err(TunnelError::Refused(response.status()));
         }
         let counters = checkout.counters();
         let _open = ConnectionGuard::open(counters);
@@ -134,6 +147,37 @@ impl Outbound {
             debug!(%dst, error = %e, "outbound stream ended abnormally");
         }
         Ok(())
+    }
+
+    /// Sends the CONNECT on a pooled connection. A pooled connection can die
+    /// or get GOAWAY between checkout and use; nothing has been read from the
+    /// application yet, so one retry on a fresh connection is safe.
+    async fn open_stream(
+        &self,
+        dst: SocketAddr,
+        endpoint: &Endpoint,
+    ) -> Result<(Checkout, ResponseFuture, SendStream<Bytes>), TunnelError> {
+        let mut retried = false;
+        loop {
+            let checkout = self.pool.checkout(endpoint).await?;
+            let attempt = async {
+                let mut sender = checkout.sender().ready().await?;
+                let mut request = Request::new(());
+                *request.method_mut() = Method::CONNECT;
+                *request.uri_mut() =
+                    Uri::try_from(dst.to_string()).map_err(|_| TunnelError::Authority(dst))?;
+                Ok::<_, TunnelError>(sender.send_request(request, false)?)
+            };
+            match attempt.await {
+                Ok((response, tx)) => return Ok((checkout, response, tx)),
+                Err(TunnelError::Stream(e)) if !retried => {
+                    debug!(%dst, error = %e, "pooled tunnel connection unusable, retrying on a new one");
+                    checkout.discard();
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn outside_mesh(&self, tcp: &mut TcpStream, dst: SocketAddr) {

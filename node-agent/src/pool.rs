@@ -100,6 +100,11 @@ impl Checkout {
         self.conn.send.clone()
     }
 
+    /// Takes the connection out of the pool after it failed under us.
+    pub fn discard(&self) {
+        self.conn.closed.store(true, Ordering::Release);
+    }
+
     /// The connection's traffic counters.
     pub fn counters(&self) -> &PeerCounters {
         &self.conn.counters
