@@ -4,7 +4,9 @@
 //! workload's own address and ports so the agent is never an open relay.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -36,6 +38,8 @@ struct Peer {
     id: SpiffeId,
     allowed: bool,
     counters: PeerCounters,
+    /// Streams in flight on this connection, for the idle timeout.
+    active: AtomicUsize,
 }
 
 impl Inbound {
@@ -126,6 +130,7 @@ impl Inbound {
             id,
             allowed,
             counters,
+            active: AtomicUsize::new(0),
         });
         self.serve_streams(tls, remote, peer).await;
     }
@@ -151,6 +156,13 @@ impl Inbound {
         let gauge = self.metrics.tunnel_gauge(Direction::Inbound);
         gauge.inc();
         let mut draining = false;
+        // The connection is idle once it has carried no stream for
+        // IDLE_TICKS ticks in a row; the peer's pool would close it too, but
+        // an abandoned connection must not hold a slot forever.
+        const IDLE_TICKS: u32 = 4;
+        let mut tick =
+            tokio::time::interval((t.idle_timeout / IDLE_TICKS).max(Duration::from_millis(100)));
+        let mut idle_ticks = 0;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
@@ -161,14 +173,26 @@ impl Inbound {
                     draining = true;
                     continue;
                 }
+                _ = tick.tick(), if !draining => {
+                    idle_ticks = if peer.active.load(Ordering::Acquire) == 0 { idle_ticks + 1 } else { 0 };
+                    if idle_ticks > IDLE_TICKS {
+                        debug!(%remote, "closing idle inbound tunnel connection");
+                        conn.graceful_shutdown();
+                        draining = true;
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok((request, respond))) => {
+                    idle_ticks = 0;
                     let this = self.clone();
                     let peer = peer.clone();
                     let tracked = self.drain.track();
+                    peer.active.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
                         this.stream(request, respond, &peer).await;
+                        peer.active.fetch_sub(1, Ordering::AcqRel);
                         drop(tracked);
                     });
                 }
