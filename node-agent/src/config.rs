@@ -338,7 +338,8 @@ impl AgentConfig {
                 config::Environment::with_prefix("WEFT")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(env_overrides(std::env::vars()))),
             )
             .build()
             .and_then(|c| c.try_deserialize())
@@ -455,6 +456,34 @@ impl AgentConfig {
     }
 }
 
+/// The top-level fields of [`AgentConfig`], which `WEFT_*` variables may set.
+const SECTIONS: &[&str] = &[
+    "mode",
+    "identity",
+    "workload",
+    "inbound",
+    "outbound",
+    "tunnel",
+    "admin",
+    "metrics",
+    "log",
+    "redirect",
+    "worker_threads",
+    "drain_timeout",
+];
+
+/// The `WEFT_*` variables that address the agent's config. Other tools
+/// share the prefix (`WEFT_AGENT_BIN`, `WEFT_ZONE_...`), so a variable whose
+/// first segment is not a config section is not an override and is ignored.
+fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> config::Map<String, String> {
+    vars.filter(|(key, _)| {
+        key.strip_prefix("WEFT_")
+            .map(|rest| rest.split("__").next().unwrap_or(rest).to_ascii_lowercase())
+            .is_some_and(|section| SECTIONS.contains(&section.as_str()))
+    })
+    .collect()
+}
+
 /// Parses `addr/len`; host bits past the prefix are ignored, as nft does.
 pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let (addr, len) = s
@@ -470,4 +499,40 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
         .filter(|l| *l <= max)
         .ok_or_else(|| format!("{len:?} is not a prefix length (0-{max})"))?;
     Ok((addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_the_config_fields() {
+        let sample = serde_json::json!({
+            "identity": {"cert": "c", "key": "k", "trust_bundle": "b"},
+            "workload": {"address": "10.0.0.1", "ports": [{"port": 80}]},
+        });
+        let cfg: AgentConfig = serde_json::from_value(sample).unwrap();
+        let value = serde_json::to_value(cfg).unwrap();
+        let mut fields: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut sections = SECTIONS.to_vec();
+        fields.sort_unstable();
+        sections.sort_unstable();
+        assert_eq!(fields, sections);
+    }
+
+    #[test]
+    fn only_config_sections_are_overrides() {
+        let vars = [
+            ("WEFT_INBOUND__MTLS", "permissive"),
+            ("WEFT_WORKER_THREADS", "2"),
+            ("WEFT_AGENT_BIN", "/usr/bin/weft-agent"),
+            ("WEFT_E2E_KEEP", "1"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let kept = env_overrides(vars.into_iter());
+        let mut keys: Vec<&String> = kept.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["WEFT_INBOUND__MTLS", "WEFT_WORKER_THREADS"]);
+    }
 }

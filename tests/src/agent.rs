@@ -1,0 +1,314 @@
+//! The real `weft-agent` binary: finding it, writing its config, starting it
+//! in a host and waiting until it serves, reading its metrics, and running
+//! its other subcommands (`check`, `redirect`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::metrics::{self, Metrics};
+use crate::netns::Netns;
+use crate::pki::IdentityFiles;
+use crate::process::Proc;
+use crate::tempdir::TempDir;
+use crate::wait;
+
+/// The uid the agent runs as when traffic capture is on, so that the
+/// redirect rules leave its own connections alone.
+pub const AGENT_UID: u32 = 1337;
+
+/// Finds the agent binary: `$WEFT_AGENT_BIN`, else `weft-agent` in the
+/// target directory this test binary was built into, else
+/// `<workspace>/target/debug/weft-agent`.
+pub fn agent_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEFT_AGENT_BIN") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("WEFT_AGENT_BIN={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    let mut candidates = Vec::new();
+    // Test binaries live in <target>/<profile>/deps/; binaries in <target>/<profile>/.
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            candidates.push(dir.join("weft-agent"));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weft-agent"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "weft-agent not found (looked at {}): build it first: cargo build --workspace --bins",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// An agent configuration, edited as a JSON tree and written as YAML.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// The whole tree; `set` is the usual way to change it.
+    pub value: Value,
+}
+
+impl AgentSpec {
+    /// A sidecar for the workload at `address` serving `ports` (port,
+    /// protocol), with the documented default listeners, nobody allowed in,
+    /// no outbound listeners or endpoints, and human logs at debug level
+    /// for the agent itself.
+    pub fn new(identity: &IdentityFiles, address: IpAddr, ports: &[(u16, &str)]) -> AgentSpec {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(port, proto)| json!({"port": port, "protocol": proto}))
+            .collect();
+        AgentSpec {
+            value: json!({
+                "identity": {
+                    "cert": identity.cert, "key": identity.key, "trust_bundle": identity.trust_bundle,
+                },
+                "workload": { "address": address.to_string(), "ports": ports },
+                "inbound": {
+                    "listen": "0.0.0.0:15008", "mtls": "strict",
+                    "plaintext_listen": "0.0.0.0:15006", "allow": [],
+                },
+                "outbound": {
+                    "capture_listen": "127.0.0.1:15001", "unknown_destination": "passthrough",
+                    "listeners": [], "endpoints": [],
+                },
+                "admin": { "listen": "127.0.0.1:15000" },
+                "metrics": { "listen": "0.0.0.0:15020" },
+                "log": { "level": "info,weft_agent=debug", "format": "human" },
+                "redirect": { "agent_uid": AGENT_UID, "exclude_ports": [22], "exclude_cidrs": [], "inbound": true },
+                "drain_timeout": "10s",
+            }),
+        }
+    }
+
+    /// Sets the field at a dotted path (e.g. `inbound.mtls`), creating
+    /// objects on the way.
+    pub fn set(&mut self, path: &str, value: impl Into<Value>) -> &mut Self {
+        let mut node = &mut self.value;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if !node.is_object() {
+                *node = json!({});
+            }
+            let map = node.as_object_mut().expect("made an object above");
+            if parts.peek().is_none() {
+                map.insert(part.to_owned(), value.into());
+                return self;
+            }
+            node = map.entry(part.to_owned()).or_insert_with(|| json!({}));
+        }
+        self
+    }
+
+    /// Appends to the array at a dotted path (created if missing).
+    pub fn push(&mut self, path: &str, item: Value) -> &mut Self {
+        let current = self.get(path).cloned().unwrap_or_else(|| json!([]));
+        let mut items = current.as_array().cloned().unwrap_or_default();
+        items.push(item);
+        self.set(path, Value::Array(items))
+    }
+
+    /// The field at a dotted path.
+    pub fn get(&self, path: &str) -> Option<&Value> {
+        path.split('.')
+            .try_fold(&self.value, |node, part| node.get(part))
+    }
+
+    /// Adds an outbound endpoint: workload `address`, fronted by the agent
+    /// at `address:15008` that must prove `identity`.
+    pub fn endpoint(&mut self, address: IpAddr, identity: &str) -> &mut Self {
+        let agent = SocketAddr::new(address, 15008).to_string();
+        self.push(
+            "outbound.endpoints",
+            json!({"address": address.to_string(), "agent": agent, "identity": identity}),
+        )
+    }
+
+    /// Adds an explicit outbound listener `listen -> target`.
+    pub fn listener(&mut self, listen: SocketAddr, target: SocketAddr) -> &mut Self {
+        self.push(
+            "outbound.listeners",
+            json!({"listen": listen.to_string(), "target": target.to_string()}),
+        )
+    }
+
+    /// Allows a caller (exact SPIFFE ID, or a prefix ending in `*`).
+    pub fn allow(&mut self, peer: &str) -> &mut Self {
+        self.push("inbound.allow", json!(peer))
+    }
+
+    /// The YAML text.
+    pub fn to_yaml(&self) -> String {
+        crate::yaml::to_yaml(&self.value)
+    }
+
+    /// Writes the YAML to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_yaml()).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn addr(&self, path: &str, default: &str) -> Result<SocketAddr> {
+        let text = self.get(path).and_then(Value::as_str).unwrap_or(default);
+        text.parse()
+            .with_context(|| format!("{path} = {text:?} is not ip:port"))
+    }
+
+    /// Where to reach a listener configured at `path` from the same host
+    /// (`0.0.0.0` becomes `127.0.0.1`).
+    fn reachable(&self, path: &str, default: &str) -> Result<SocketAddr> {
+        let mut addr = self.addr(path, default)?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        Ok(addr)
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process, for signals, exit status and logs.
+    pub proc: Proc,
+    ns: Netns,
+    admin: SocketAddr,
+    metrics: SocketAddr,
+    config: PathBuf,
+}
+
+impl Agent {
+    /// Writes `spec` to `<dir>/<name>.yaml`, starts `weft-agent run -c` in
+    /// `ns` (as `uid` when given, after giving `dir` to that uid) and waits
+    /// until `/ready` answers 200.
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        spec: &AgentSpec,
+        dir: &TempDir,
+        uid: Option<u32>,
+    ) -> Result<Agent> {
+        let config = dir.join(&format!("{name}.yaml"));
+        spec.write(&config)?;
+        if let Some(uid) = uid {
+            dir.chown_all(uid)?;
+        }
+        let mut cmd = ns.command_as(agent_bin()?, uid);
+        cmd.arg("run").arg("-c").arg(&config);
+        without_weft_env(&mut cmd);
+        let proc = Proc::spawn(name, cmd, dir.path())?;
+        let mut agent = Agent {
+            proc,
+            ns: ns.clone(),
+            admin: spec.reachable("admin.listen", "127.0.0.1:15000")?,
+            metrics: spec.reachable("metrics.listen", "0.0.0.0:15020")?,
+            config,
+        };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Waits until `GET /ready` answers 200; fails early (with the logs)
+    /// if the agent exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let (ns, admin) = (self.ns.clone(), self.admin);
+        let proc = &mut self.proc;
+        let ready = ns.enter(|| {
+            wait::until(&format!("{} to be ready", proc.name()), timeout, || {
+                if let Some(status) = proc.try_exit()? {
+                    return Err(wait::fatal(format!(
+                        "exited ({status}) before becoming ready"
+                    )));
+                }
+                let resp = crate::http::get(admin, "/ready", Duration::from_secs(2))?;
+                Ok((resp.status == 200).then_some(()))
+            })
+        });
+        ready.map_err(|e| anyhow!("{e:#}\n{}", self.proc.logs()))
+    }
+
+    /// The config file the agent was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The admin address, as reachable from the agent's host.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Scrapes the agent's metrics.
+    pub fn metrics(&self) -> Result<Metrics> {
+        metrics::scrape(&self.ns, self.metrics)
+    }
+
+    /// Waits until the sum of `name{labels}` is at least `at_least`, and
+    /// returns it; the error shows the agent's `weft_` metrics and logs.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> Result<f64> {
+        let mut last = Metrics::default();
+        let got = wait::until(
+            &format!("{name}{labels:?} >= {at_least}"),
+            Duration::from_secs(10),
+            || {
+                last = self.metrics()?;
+                Ok(last.get(name, labels).filter(|v| *v >= at_least))
+            },
+        );
+        got.map_err(|e| {
+            anyhow!(
+                "{e:#}\nmetrics of {}:\n{}\n{}",
+                self.proc.name(),
+                last.dump("weft_"),
+                self.proc.logs()
+            )
+        })
+    }
+}
+
+/// Removes `WEFT_*` variables (like `WEFT_AGENT_BIN`) from a command's
+/// environment: the agent reads them as config overrides.
+pub fn without_weft_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("WEFT_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Runs `weft-agent ARGS` in `ns` as root and returns its output.
+pub fn cli(ns: &Netns, args: &[&str]) -> Result<Output> {
+    let bin = agent_bin()?;
+    without_weft_env(&mut ns.command(&bin))
+        .args(args)
+        .output()
+        .with_context(|| format!("running weft-agent {}", args.join(" ")))
+}
+
+/// Runs `weft-agent ARGS` in the current namespace and returns its output.
+pub fn cli_here(args: &[&str]) -> Result<Output> {
+    let bin = agent_bin()?;
+    without_weft_env(&mut Command::new(&bin))
+        .args(args)
+        .output()
+        .with_context(|| format!("running weft-agent {}", args.join(" ")))
+}
+
+/// stdout and stderr of an output, labelled, for messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

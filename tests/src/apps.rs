@@ -1,0 +1,46 @@
+//! Starting the application servers (the `weft-echo` binary of this
+//! package) inside a host, and waiting until they accept connections.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::netns::Netns;
+use crate::process::Proc;
+use crate::wait;
+
+/// Where an application server listens.
+#[derive(Debug, Clone, Copy)]
+pub struct AppAddrs {
+    /// TCP echo.
+    pub echo: SocketAddr,
+    /// HTTP/1.1.
+    pub http: SocketAddr,
+}
+
+/// Runs `weft-echo serve` in `ns` (as root) with both servers, and returns
+/// once both accept connections.
+pub fn start_app(
+    ns: &Netns,
+    echo_bin: &Path,
+    log_dir: &Path,
+    name: &str,
+    addrs: AppAddrs,
+    marker: &str,
+) -> Result<Proc> {
+    let mut cmd = ns.command(echo_bin);
+    cmd.arg("serve")
+        .args(["--echo", &addrs.echo.to_string()])
+        .args(["--http", &addrs.http.to_string()])
+        .args(["--name", name, "--marker", marker]);
+    let mut proc = Proc::spawn(name, cmd, log_dir)?;
+    for addr in [addrs.echo, addrs.http] {
+        if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
+            proc.kill();
+            anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
+        }
+    }
+    Ok(proc)
+}

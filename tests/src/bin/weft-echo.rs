@@ -1,0 +1,99 @@
+//! `weft-echo`: the small real programs the e2e scenarios run inside their
+//! namespaces.
+//!
+//! ```text
+//! weft-echo serve [--echo ADDR] [--http ADDR] [--name NAME] [--marker STR]
+//! weft-echo client ADDR [--bytes N] [--marker STR]     # echo round trip, exit 0 if intact
+//! weft-echo http-get ADDR [PATH]                        # prints status and body, exit 0 on 2xx
+//! ```
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use weft_e2e::{client, http, servers};
+
+fn main() -> ExitCode {
+    match run(std::env::args().skip(1).collect()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft-echo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes the value following `--name` out of `args`.
+fn option(args: &mut Vec<String>, name: &str) -> Result<Option<String>> {
+    let Some(at) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    if at + 1 >= args.len() {
+        bail!("{name} needs a value");
+    }
+    let value = args.remove(at + 1);
+    args.remove(at);
+    Ok(Some(value))
+}
+
+fn addr(text: &str) -> Result<SocketAddr> {
+    text.parse()
+        .with_context(|| format!("{text:?} is not ip:port"))
+}
+
+fn run(mut args: Vec<String>) -> Result<ExitCode> {
+    if args.is_empty() {
+        bail!("usage: weft-echo serve|client|http-get ...");
+    }
+    let cmd = args.remove(0);
+    match cmd.as_str() {
+        "serve" => {
+            let echo = option(&mut args, "--echo")?;
+            let http_addr = option(&mut args, "--http")?;
+            let name = option(&mut args, "--name")?.unwrap_or_else(|| "weft-echo".into());
+            let marker = option(&mut args, "--marker")?.unwrap_or_default();
+            if echo.is_none() && http_addr.is_none() {
+                bail!("serve needs --echo ADDR and/or --http ADDR");
+            }
+            let mut threads = Vec::new();
+            if let Some(a) = echo {
+                let listener = servers::bind(addr(&a)?)?;
+                threads.push(std::thread::spawn(move || servers::serve_echo(listener)));
+            }
+            if let Some(a) = http_addr {
+                let listener = servers::bind(addr(&a)?)?;
+                let who = servers::HttpIdentity { name, marker };
+                threads.push(std::thread::spawn(move || {
+                    servers::serve_http(listener, who)
+                }));
+            }
+            println!("ready");
+            for t in threads {
+                let _ = t.join();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        "client" => {
+            let bytes: usize = option(&mut args, "--bytes")?.map_or(Ok(1024), |b| b.parse())?;
+            let marker = option(&mut args, "--marker")?.unwrap_or_else(|| "weft-echo".into());
+            let target = addr(args.first().context("client needs ADDR")?)?;
+            let data = client::payload(&marker, bytes);
+            client::echo_roundtrip(target, &data, Duration::from_secs(30))?;
+            println!("ok: {bytes} bytes echoed intact by {target}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "http-get" => {
+            let target = addr(args.first().context("http-get needs ADDR")?)?;
+            let path = args.get(1).map_or("/", String::as_str);
+            let resp = http::get(target, path, Duration::from_secs(10))?;
+            println!("{}\n{}", resp.status, resp.text());
+            Ok(if (200..300).contains(&resp.status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        other => bail!("unknown command {other:?}: use serve, client or http-get"),
+    }
+}

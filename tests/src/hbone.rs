@@ -1,0 +1,204 @@
+//! A raw HBONE client (TLS 1.3 + HTTP/2 CONNECT) that presents whatever
+//! certificate a scenario hands it, including ones no agent would use: a
+//! foreign CA's, an expired one. It reports how far it got.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error as TlsError, SignatureScheme};
+
+use crate::pki::IdentityFiles;
+
+/// How far one CONNECT attempt got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// The TLS handshake or the HTTP/2 connection failed: the agent did
+    /// not accept us as a peer.
+    Refused(String),
+    /// The CONNECT stream was reset before an answer.
+    Reset(String),
+    /// The CONNECT was answered with this non-200 status.
+    Status(u16),
+    /// 200: the payload went through, and this came back before EOF.
+    Connected(Vec<u8>),
+}
+
+/// Accepts a server chain that leads to the trust bundle, whatever names
+/// it carries (agents prove SPIFFE IDs, not DNS names).
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            // The chain is checked before the name, so this means the chain is good.
+            Err(TlsError::InvalidCertificate(CertificateError::NotValidForName))
+            | Err(TlsError::InvalidCertificate(CertificateError::NotValidForNameContext {
+                ..
+            })) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A TLS 1.3 client config presenting `identity` and trusting its bundle, ALPN h2.
+pub fn client_config(identity: &IdentityFiles) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(&identity.cert)
+        .with_context(|| format!("reading {}", identity.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&identity.key)
+        .with_context(|| format!("reading {}", identity.key.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&identity.trust_bundle)? {
+        roots.add(ca?).context("adding a trust anchor")?;
+    }
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
+        .with_client_auth_cert(chain, key)
+        .context("client certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Opens an HBONE tunnel to the agent at `agent` presenting `identity`,
+/// sends `CONNECT authority`, and on 200 sends `payload`, half-closes and
+/// collects the answer until EOF. Runs in the calling thread (and so in
+/// its network namespace); `timeout` bounds the whole attempt.
+pub fn attempt(
+    identity: &IdentityFiles,
+    agent: SocketAddr,
+    authority: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Attempt> {
+    let config = client_config(identity)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::time::timeout(timeout, run(config, agent, authority, payload))
+            .await
+            .map_err(|_| {
+                anyhow!("HBONE attempt to {agent} ({authority}) took longer than {timeout:?}")
+            })?
+    })
+}
+
+async fn run(
+    config: Arc<rustls::ClientConfig>,
+    agent: SocketAddr,
+    authority: &str,
+    payload: &[u8],
+) -> Result<Attempt> {
+    let tcp = tokio::net::TcpStream::connect(agent)
+        .await
+        .with_context(|| format!("TCP connect to {agent}"))?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::IpAddress(agent.ip().into());
+    let tls = match tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    {
+        Ok(tls) => tls,
+        Err(e) => return Ok(Attempt::Refused(format!("TLS handshake: {e}"))),
+    };
+    let (mut send, conn) = match h2::client::handshake(tls).await {
+        Ok(pair) => pair,
+        Err(e) => return Ok(Attempt::Refused(format!("HTTP/2 handshake: {e}"))),
+    };
+    let driver = tokio::spawn(conn);
+    let outcome = connect(&mut send, authority, payload).await;
+    driver.abort();
+    Ok(outcome)
+}
+
+fn classify(what: &str, e: h2::Error) -> Attempt {
+    if e.is_reset() && !e.is_go_away() {
+        Attempt::Reset(format!("{what}: {e}"))
+    } else {
+        Attempt::Refused(format!("{what}: {e}"))
+    }
+}
+
+async fn connect(
+    send: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+    payload: &[u8],
+) -> Attempt {
+    let send = match send.clone().ready().await {
+        Ok(s) => s,
+        Err(e) => return classify("waiting to send CONNECT", e),
+    };
+    let mut send = send;
+    let request = match http::Request::connect(authority).body(()) {
+        Ok(r) => r,
+        Err(e) => return Attempt::Refused(format!("bad authority {authority:?}: {e}")),
+    };
+    let (response, mut body_tx) = match send.send_request(request, false) {
+        Ok(pair) => pair,
+        Err(e) => return classify("sending CONNECT", e),
+    };
+    let response = match response.await {
+        Ok(r) => r,
+        Err(e) => return classify("CONNECT answer", e),
+    };
+    if response.status() != http::StatusCode::OK {
+        return Attempt::Status(response.status().as_u16());
+    }
+    if let Err(e) = body_tx.send_data(Bytes::copy_from_slice(payload), true) {
+        return classify("sending data", e);
+    }
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(bytes) => {
+                let _ = body.flow_control().release_capacity(bytes.len());
+                got.extend_from_slice(&bytes);
+            }
+            Err(e) => return classify(&format!("reading data after {} bytes", got.len()), e),
+        }
+    }
+    Attempt::Connected(got)
+}

@@ -1,0 +1,145 @@
+//! `weft-agent redirect install|remove|status` in a fresh namespace that
+//! already has an unrelated nftables table: install adds `inet weft`,
+//! installing twice changes nothing, status tells, and remove restores the
+//! ruleset exactly as it was.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{ensure, Result};
+use weft_e2e::agent::{self, AgentSpec};
+use weft_e2e::netns::Host;
+use weft_e2e::pki::{spiffe_id, Ca};
+use weft_e2e::tempdir::TempDir;
+
+fn nft_ruleset(host: &Host) -> Result<String> {
+    host.run("nft", &["list", "ruleset"])
+}
+
+fn redirect(host: &Host, action: &str, config: &str) -> Result<std::process::Output> {
+    agent::cli(host, &["redirect", action, "-c", config])
+}
+
+/// `redirect status` and `remove` work on the namespace's ruleset alone,
+/// without a config.
+fn status(host: &Host) -> Result<std::process::Output> {
+    agent::cli(host, &["redirect", "status"])
+}
+
+fn remove(host: &Host) -> Result<std::process::Output> {
+    agent::cli(host, &["redirect", "remove"])
+}
+
+#[test]
+fn install_twice_then_remove_restores_the_ruleset() -> Result<()> {
+    let host = Host::new()?;
+    let dir = TempDir::new("weft-e2e-redirect")?;
+    let ca = Ca::new("redirect CA")?;
+    let ids = ca
+        .leaf(&spiffe_id("app"))?
+        .write(dir.path(), "app", &[&ca])?;
+    let spec = AgentSpec::new(
+        &ids,
+        IpAddr::V4(Ipv4Addr::new(10, 210, 0, 2)),
+        &[(8080, "tcp"), (8443, "http")],
+    );
+    let config = dir.join("agent.yaml");
+    spec.write(&config)?;
+    let config = config.to_string_lossy().into_owned();
+
+    // Someone else's table, which must survive untouched.
+    host.run("nft", &["add", "table", "ip", "bystander"])?;
+    host.run(
+        "nft",
+        &["add chain ip bystander input { type filter hook input priority 0; policy accept; }"],
+    )?;
+    host.run(
+        "nft",
+        &["add rule ip bystander input tcp dport 4242 counter accept"],
+    )?;
+    let before = nft_ruleset(&host)?;
+    ensure!(before.contains("bystander"), "setup failed: {before}");
+
+    let status_before = status(&host)?;
+
+    let out = redirect(&host, "install", &config)?;
+    ensure!(
+        out.status.success(),
+        "install failed: {}",
+        agent::describe(&out)
+    );
+    let installed = nft_ruleset(&host)?;
+    assert!(
+        installed.contains("table inet weft"),
+        "no `table inet weft` after install:\n{installed}"
+    );
+    assert!(
+        installed.contains("15001"),
+        "nothing sends traffic to :15001:\n{installed}"
+    );
+    assert!(
+        installed.contains("1337"),
+        "the agent's uid is not excluded:\n{installed}"
+    );
+    assert!(
+        installed.contains("table ip bystander"),
+        "install disturbed another table:\n{installed}"
+    );
+
+    let out = redirect(&host, "install", &config)?;
+    ensure!(
+        out.status.success(),
+        "second install failed: {}",
+        agent::describe(&out)
+    );
+    assert_eq!(
+        nft_ruleset(&host)?,
+        installed,
+        "installing twice is not idempotent"
+    );
+
+    let status_installed = status(&host)?;
+    ensure!(
+        status_installed.status.success(),
+        "status failed: {}",
+        agent::describe(&status_installed)
+    );
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert_ne!(
+        (status_before.status.code(), said(&status_before)),
+        (status_installed.status.code(), said(&status_installed)),
+        "status reports the same before and after install"
+    );
+
+    let out = remove(&host)?;
+    ensure!(
+        out.status.success(),
+        "remove failed: {}",
+        agent::describe(&out)
+    );
+    assert_eq!(
+        nft_ruleset(&host)?,
+        before,
+        "remove did not restore the ruleset"
+    );
+    let out = remove(&host)?;
+    ensure!(
+        out.status.success(),
+        "removing when nothing is installed failed: {}",
+        agent::describe(&out)
+    );
+    assert_eq!(nft_ruleset(&host)?, before);
+
+    let status_after = status(&host)?;
+    assert_eq!(
+        (status_after.status.code(), said(&status_after)),
+        (status_before.status.code(), said(&status_before)),
+        "status after remove differs from before install"
+    );
+    Ok(())
+}
