@@ -513,7 +513,12 @@ mod tests {
         });
         let cfg: AgentConfig = serde_json::from_value(sample).unwrap();
         let value = serde_json::to_value(cfg).unwrap();
-        let mut fields: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         let mut sections = SECTIONS.to_vec();
         fields.sort_unstable();
         sections.sort_unstable();
