@@ -251,7 +251,7 @@ impl Inbound {
             self.config.tunnel.connect_timeout,
             TcpStream::connect(target),
         );
-        let app = match connect.await {
+        let mut app = match connect.await {
             Ok(Ok(app)) => app,
             Ok(Err(e)) => {
                 info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
@@ -274,7 +274,7 @@ impl Inbound {
             up: &peer.counters.sent,
             down: &peer.counters.received,
         };
-        if let Err(e) = splice(&app, request.into_body(), tx, counters).await {
+        if let Err(e) = splice(&mut app, request.into_body(), tx, counters).await {
             debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");
         }
     }

@@ -115,7 +115,7 @@ impl Outbound {
         };
         match self.endpoints.get(&dst.ip()) {
             Some(endpoint) => {
-                if let Err(e) = self.tunnel(&tcp, dst, endpoint).await {
+                if let Err(e) = self.tunnel(&mut tcp, dst, endpoint).await {
                     info!(%dst, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
                     reset(&tcp);
                 }
@@ -126,7 +126,7 @@ impl Outbound {
 
     async fn tunnel(
         &self,
-        tcp: &TcpStream,
+        tcp: &mut TcpStream,
         dst: SocketAddr,
         endpoint: &Endpoint,
     ) -> Result<(), TunnelError> {

@@ -5,12 +5,14 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::net::Shutdown;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Bytes read from a socket at most per HTTP/2 send.
@@ -37,40 +39,39 @@ pub struct SpliceCounters<'a> {
 /// application sees the failure, not a clean end) and dropping the stream
 /// handles resets the HTTP/2 stream.
 pub async fn splice(
-    tcp: &TcpStream,
+    tcp: &mut TcpStream,
     rx: RecvStream,
     tx: SendStream<Bytes>,
     counters: SpliceCounters<'_>,
 ) -> Result<(), SpliceError> {
+    let (rd, wr) = tcp.split();
     let result = tokio::try_join!(
-        socket_to_stream(tcp, tx, counters.up),
-        stream_to_socket(rx, tcp, counters.down)
+        socket_to_stream(rd, tx, counters.up),
+        stream_to_socket(rx, wr, counters.down)
     );
     if result.is_err() {
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(Duration::ZERO));
     }
     result.map(|_| ())
 }
 
 async fn socket_to_stream(
-    tcp: &TcpStream,
+    mut rd: ReadHalf<'_>,
     mut tx: SendStream<Bytes>,
     counter: &Counter,
 ) -> Result<(), SpliceError> {
     let mut buf = BytesMut::new();
     loop {
+        if rd.readable().now_or_never().is_none() {
+            // Idle connections hold no buffer: its memory returns once
+            // HTTP/2 has written the last chunk out.
+            buf = BytesMut::new();
+            rd.readable().await?;
+        }
         buf.reserve(CHUNK);
-        let n = match tcp.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Idle connections hold no buffer: its memory returns once
-                // HTTP/2 has written the last chunk out.
-                buf = BytesMut::new();
-                tcp.readable().await?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        // `read_buf` (not `try_read_buf`): a short read clears readiness, so
+        // the next wait costs no extra EAGAIN syscall.
+        let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             tx.send_data(Bytes::new(), true)?;
             return Ok(());
@@ -91,32 +92,20 @@ async fn socket_to_stream(
 
 async fn stream_to_socket(
     mut rx: RecvStream,
-    tcp: &TcpStream,
+    mut wr: WriteHalf<'_>,
     counter: &Counter,
 ) -> Result<(), SpliceError> {
     while let Some(chunk) = rx.data().await {
         let chunk = chunk?;
-        write_all(tcp, &chunk).await?;
+        wr.write_all(&chunk).await?;
         counter.inc_by(chunk.len() as u64);
         rx.flow_control().release_capacity(chunk.len())?;
     }
     // The peer half-closed: pass the FIN on, keep reading the other way.
-    match socket2::SockRef::from(tcp).shutdown(Shutdown::Write) {
+    match wr.shutdown().await {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Copies between two plain sockets (permissive inbound, passthrough), with
