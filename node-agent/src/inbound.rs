@@ -85,7 +85,8 @@ impl Inbound {
     ) {
         let _ = tcp.set_nodelay(true);
         let timeout = self.config.tunnel.connect_timeout;
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tls::tls_io(tcp))).await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = HandshakeFailure::classify(&e);
@@ -137,7 +138,7 @@ impl Inbound {
 
     async fn serve_streams(
         self: &Arc<Self>,
-        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        tls: tokio_rustls::server::TlsStream<tls::TlsIo>,
         remote: SocketAddr,
         peer: Arc<Peer>,
     ) {
@@ -147,6 +148,7 @@ impl Inbound {
             .initial_connection_window_size(t.connection_window)
             .max_concurrent_streams(t.max_streams_per_connection)
             .max_header_list_size(16 * 1024)
+            .max_frame_size(crate::tls::MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(tls);
         let mut conn = match tokio::time::timeout(t.connect_timeout, handshake).await {
             Ok(Ok(conn)) => conn,

@@ -68,6 +68,9 @@ fn keep_heap_top() {
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_TOP_PAD, 256 << 10);
+        // Fixing the trim threshold also fixes glibc's mmap threshold at its
+        // 128 KiB default; keep proxy buffers on the heap, not in mmaps.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 

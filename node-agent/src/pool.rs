@@ -253,7 +253,8 @@ impl Pool {
             })?
             .map_err(|source| ConnectError::Tcp { agent, source })?;
         let _ = tcp.set_nodelay(true);
-        let handshake = connector.connect(ServerName::IpAddress(agent.ip().into()), tcp);
+        let handshake =
+            connector.connect(ServerName::IpAddress(agent.ip().into()), tls::tls_io(tcp));
         let tls = match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(source)) => {
@@ -287,6 +288,7 @@ impl Pool {
             .max_concurrent_streams(0)
             .enable_push(false)
             .max_header_list_size(16 * 1024)
+            .max_frame_size(crate::tls::MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| ConnectError::H2 { agent, source })?;
@@ -314,7 +316,7 @@ impl Pool {
         self: Arc<Self>,
         agent: SocketAddr,
         conn: Arc<Conn>,
-        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+        mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<tls::TlsIo>, Bytes>,
     ) {
         let gauge = self.metrics.tunnel_gauge(Direction::Outbound);
         gauge.inc();

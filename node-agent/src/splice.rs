@@ -16,7 +16,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Bytes read from a socket at most per HTTP/2 send.
-const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// Why a spliced connection ended early.
 #[derive(Debug, thiserror::Error)]

@@ -22,6 +22,22 @@ use weft_api::SpiffeId;
 /// ALPN of HBONE tunnels.
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// The largest HTTP/2 DATA frame a tunnel accepts. Larger than the 16 KiB
+/// default so that one socket read on one side is one socket write on the
+/// other, instead of being cut into 16 KiB writes.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
+/// The transport under a tunnel's TLS: TCP read through a buffer, because
+/// rustls asks for 4 KiB per read and a 16 KiB record would otherwise cost
+/// four syscalls.
+pub type TlsIo = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps a tunnel's TCP connection for TLS. The buffer's pages are only
+/// touched (and resident) as far as reads fill them.
+pub fn tls_io(tcp: tokio::net::TcpStream) -> TlsIo {
+    tokio::io::BufReader::with_capacity(64 * 1024, tcp)
+}
+
 /// Why the workload identity could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
