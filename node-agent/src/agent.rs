@@ -33,8 +33,11 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let plaintext = bind("inbound.plaintext_listen", config.inbound.plaintext_listen)?;
     let capture = bind("outbound.capture_listen", config.outbound.capture_listen)?;
     let mut explicit = Vec::new();
-    for l in &config.outbound.listeners {
-        explicit.push((bind("outbound.listeners[].listen", l.listen)?, l.target));
+    for (i, l) in config.outbound.listeners.iter().enumerate() {
+        explicit.push((
+            bind(format!("outbound.listeners[{i}].listen"), l.listen)?,
+            l.target,
+        ));
     }
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;

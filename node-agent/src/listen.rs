@@ -14,16 +14,17 @@ use crate::drain::Drain;
 #[derive(Debug, thiserror::Error)]
 #[error("config field `{field}`: cannot listen on {addr}: {source}")]
 pub struct BindError {
-    pub field: &'static str,
+    pub field: String,
     pub addr: SocketAddr,
     #[source]
     pub source: io::Error,
 }
 
 /// Binds `addr` with address reuse and a deep accept backlog.
-pub fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+pub fn bind(field: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let field = field.into();
     let err = |source| BindError {
-        field,
+        field: field.clone(),
         addr,
         source,
     };
