@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use weft_api::SpiffeId;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, MtlsMode};
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
@@ -119,7 +119,7 @@ impl Inbound {
             return;
         };
         self.metrics.handshake_ok(Direction::Inbound);
-        let allowed = self.config.inbound.allow.iter().any(|m| m.matches(&id));
+        let allowed = self.admits(&id);
         let counters = self.metrics.peer(
             Direction::Inbound,
             id.as_str(),
@@ -206,6 +206,17 @@ impl Inbound {
             }
         }
         gauge.dec();
+    }
+
+    /// Whether a caller may reach the workload: strict mode denies by
+    /// default; permissive mode, which already lets plaintext in, admits any
+    /// authenticated peer unless an allow-list is given.
+    fn admits(&self, id: &SpiffeId) -> bool {
+        let inbound = &self.config.inbound;
+        if inbound.allow.is_empty() {
+            return inbound.mtls == MtlsMode::Permissive;
+        }
+        inbound.allow.iter().any(|m| m.matches(id))
     }
 
     /// Decides whether a CONNECT may proceed: the status to refuse it with,
