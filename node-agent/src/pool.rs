@@ -52,6 +52,8 @@ pub enum ConnectError {
         agent: SocketAddr,
         stage: &'static str,
     },
+    #[error("agent {agent} is unreachable: {reason}")]
+    Unreachable { agent: SocketAddr, reason: String },
     #[error("TLS configuration for {peer}: {source}")]
     Config {
         peer: SpiffeId,
@@ -74,7 +76,13 @@ struct PeerConns {
     expected: SpiffeId,
     connector: TlsConnector,
     conns: Vec<Arc<Conn>>,
-    connecting: usize,
+    /// One connection is opened at a time per peer: a burst of streams waits
+    /// for it (and fills it) instead of opening one connection each.
+    connecting: bool,
+    /// Failed connection attempts so far, and the last reason: streams that
+    /// waited on a failed attempt fail with it rather than retry in turn.
+    failures: u64,
+    last_failure: String,
 }
 
 /// One pooled HTTP/2 connection.
@@ -123,7 +131,24 @@ impl Drop for Checkout {
 
 enum Next {
     Connect(TlsConnector, SpiffeId),
-    Wait,
+    /// Wait for the connection being opened; carries the failure count seen.
+    Wait(u64),
+}
+
+/// Marks a peer's connection attempt over, even if the stream that made it
+/// is dropped mid-way, and wakes the streams waiting for it.
+struct Connecting<'a> {
+    pool: &'a Pool,
+    agent: SocketAddr,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool.lock().get_mut(&self.agent) {
+            p.connecting = false;
+        }
+        self.pool.changed.notify_waiters();
+    }
 }
 
 impl Pool {
@@ -152,29 +177,41 @@ impl Pool {
 
     /// A stream slot towards the agent fronting `endpoint`.
     pub async fn checkout(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Checkout, ConnectError> {
+        let mut seen_failures = None;
         loop {
             let changed = self.changed.notified();
-            match self.pick(endpoint)? {
+            match self.pick(endpoint, seen_failures)? {
                 Ok(conn) => {
                     return Ok(Checkout {
                         conn,
                         pool: self.clone(),
                     })
                 }
-                Err(Next::Wait) => changed.await,
+                Err(Next::Wait(failures)) => {
+                    seen_failures = Some(failures);
+                    changed.await;
+                }
                 Err(Next::Connect(connector, expected)) => {
+                    let guard = Connecting {
+                        pool: self,
+                        agent: endpoint.agent,
+                    };
                     let result = self.connect(endpoint.agent, connector, expected).await;
                     let mut peers = self.lock();
-                    let entry = peers.get_mut(&endpoint.agent);
-                    if let Some(p) = entry {
-                        p.connecting = p.connecting.saturating_sub(1);
-                        if let Ok(conn) = &result {
-                            conn.streams.fetch_add(1, Ordering::AcqRel);
-                            p.conns.push(conn.clone());
+                    if let Some(p) = peers.get_mut(&endpoint.agent) {
+                        match &result {
+                            Ok(conn) => {
+                                conn.streams.fetch_add(1, Ordering::AcqRel);
+                                p.conns.push(conn.clone());
+                            }
+                            Err(e) => {
+                                p.failures += 1;
+                                p.last_failure = e.to_string();
+                            }
                         }
                     }
                     drop(peers);
-                    self.changed.notify_waiters();
+                    drop(guard);
                     return result.map(|conn| Checkout {
                         conn,
                         pool: self.clone(),
@@ -185,7 +222,11 @@ impl Pool {
     }
 
     /// Under the lock: a connection with a free stream slot, or what to do.
-    fn pick(&self, endpoint: &Endpoint) -> Result<Result<Arc<Conn>, Next>, ConnectError> {
+    fn pick(
+        &self,
+        endpoint: &Endpoint,
+        seen_failures: Option<u64>,
+    ) -> Result<Result<Arc<Conn>, Next>, ConnectError> {
         let mut peers = self.lock();
         let fresh = || -> Result<PeerConns, ConnectError> {
             let cfg = self
@@ -199,7 +240,9 @@ impl Pool {
                 expected: endpoint.identity.clone(),
                 connector: TlsConnector::from(Arc::new(cfg)),
                 conns: Vec::new(),
-                connecting: 0,
+                connecting: false,
+                failures: 0,
+                last_failure: String::new(),
             })
         };
         let peer = match peers.entry(endpoint.agent) {
@@ -211,6 +254,12 @@ impl Pool {
             }
             Entry::Vacant(v) => v.insert(fresh()?),
         };
+        if seen_failures.is_some_and(|seen| peer.failures > seen) {
+            return Err(ConnectError::Unreachable {
+                agent: endpoint.agent,
+                reason: peer.last_failure.clone(),
+            });
+        }
         peer.conns.retain(|c| !c.closed.load(Ordering::Acquire));
         let max_streams = self.tunnel.max_streams_per_connection as usize;
         let least = peer
@@ -221,20 +270,21 @@ impl Pool {
             c.streams.fetch_add(1, Ordering::AcqRel);
             return Ok(Ok(c.clone()));
         }
-        if peer.conns.len() + peer.connecting < self.tunnel.max_connections_per_peer {
-            peer.connecting += 1;
-            return Ok(Err(Next::Connect(
-                peer.connector.clone(),
-                peer.expected.clone(),
-            )));
-        }
+        let below_cap = peer.conns.len() < self.tunnel.max_connections_per_peer;
         match least {
+            _ if below_cap && !peer.connecting => {
+                peer.connecting = true;
+                Ok(Err(Next::Connect(
+                    peer.connector.clone(),
+                    peer.expected.clone(),
+                )))
+            }
             // At the cap: HTTP/2 queues the stream until a slot frees.
-            Some(c) => {
+            Some(c) if !below_cap => {
                 c.streams.fetch_add(1, Ordering::AcqRel);
                 Ok(Ok(c.clone()))
             }
-            None => Ok(Err(Next::Wait)),
+            _ => Ok(Err(Next::Wait(peer.failures))),
         }
     }
 
