@@ -246,6 +246,22 @@ impl Agent {
         self.admin
     }
 
+    /// Sends `METHOD path` to the admin endpoint from the agent's host.
+    pub fn admin(&self, method: &str, path: &str) -> Result<crate::http::Response> {
+        let admin = self.admin;
+        self.ns
+            .enter(|| crate::http::request(admin, method, path, Duration::from_secs(5)))
+    }
+
+    /// `GET /config_dump`, parsed.
+    pub fn config_dump(&self) -> Result<Value> {
+        let resp = self.admin("GET", "/config_dump")?;
+        if resp.status != 200 {
+            bail!("GET /config_dump answered {}: {}", resp.status, resp.text());
+        }
+        serde_json::from_slice(&resp.body).context("/config_dump is not JSON")
+    }
+
     /// Scrapes the agent's metrics.
     pub fn metrics(&self) -> Result<Metrics> {
         metrics::scrape(&self.ns, self.metrics)
@@ -263,6 +279,39 @@ impl Agent {
                 Ok(last.get(name, labels).filter(|v| *v >= at_least))
             },
         );
+        got.map_err(|e| {
+            anyhow!(
+                "{e:#}\nmetrics of {}:\n{}\n{}",
+                self.proc.name(),
+                last.dump("weft_"),
+                self.proc.logs()
+            )
+        })
+    }
+
+    /// The sum of `name{labels}` right now, 0 when no sample matches (a
+    /// labelled gauge or counter appears only once it was first touched).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(self.metrics()?.sum(name, labels))
+    }
+
+    /// Waits up to `timeout` until the sum of `name{labels}` (0 when no
+    /// sample matches) satisfies `ok`, described by `what` (e.g. `"== 0"`),
+    /// and returns it; the error shows the agent's `weft_` metrics and logs.
+    pub fn wait_metric_until(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        let mut last = Metrics::default();
+        let got = wait::until(&format!("{name}{labels:?} {what}"), timeout, || {
+            last = self.metrics()?;
+            let value = last.sum(name, labels);
+            Ok(ok(value).then_some(value))
+        });
         got.map_err(|e| {
             anyhow!(
                 "{e:#}\nmetrics of {}:\n{}\n{}",

@@ -44,3 +44,27 @@ pub fn start_app(
     }
     Ok(proc)
 }
+
+/// Runs `weft-echo serve --sink addr` in `ns` (as root), leaving each
+/// connection unread until `stall_until` exists when given (see
+/// [`crate::servers::serve_sink`]), and returns once it accepts connections.
+pub fn start_sink(
+    ns: &Netns,
+    echo_bin: &Path,
+    log_dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    stall_until: Option<&Path>,
+) -> Result<Proc> {
+    let mut cmd = ns.command(echo_bin);
+    cmd.arg("serve").args(["--sink", &addr.to_string()]);
+    if let Some(path) = stall_until {
+        cmd.arg("--stall-until-file").arg(path);
+    }
+    let mut proc = Proc::spawn(name, cmd, log_dir)?;
+    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
+        proc.kill();
+        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
+    }
+    Ok(proc)
+}

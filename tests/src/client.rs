@@ -146,3 +146,52 @@ pub fn probe(addr: SocketAddr, ping: &[u8], timeout: Duration) -> Result<Probe> 
         Err(_) => Ok(Probe::Answered(got)),
     }
 }
+
+/// Sends `data` on an open connection to an echo service and reads the
+/// same number of bytes back, without closing anything.
+pub fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<()> {
+    stream.write_all(data).context("sending")?;
+    let mut got = vec![0u8; data.len()];
+    stream
+        .read_exact(&mut got)
+        .context("reading the echo back")?;
+    check_same(data, &got)
+}
+
+/// Opens `n` connections to the echo service at `addr` at the same moment,
+/// does one round trip of a distinct line on each, and returns them all
+/// still open, so that the caller holds `n` live connections.
+pub fn open_echo_connections(
+    addr: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>> {
+    let start = std::sync::Barrier::new(n);
+    let start = &start;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || -> Result<TcpStream> {
+                    // Every thread gets here (nothing before can fail), so this is bounded.
+                    start.wait();
+                    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+                        .with_context(|| format!("connecting to {addr}"))?;
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    echo_on(&mut stream, format!("connection {i} of {n}\n").as_bytes())?;
+                    Ok(stream)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                w.join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                    .with_context(|| format!("connection {i} of {n} to {addr}"))
+            })
+            .collect()
+    })
+}

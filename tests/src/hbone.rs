@@ -3,11 +3,13 @@
 //! foreign CA's, an expired one. It reports how far it got.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
+use http::Method;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -79,26 +81,127 @@ impl ServerCertVerifier for ChainOnly {
 
 /// A TLS 1.3 client config presenting `identity` and trusting its bundle, ALPN h2.
 pub fn client_config(identity: &IdentityFiles) -> Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = CertificateDer::pem_file_iter(&identity.cert)
         .with_context(|| format!("reading {}", identity.cert.display()))?
         .collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(&identity.key)
         .with_context(|| format!("reading {}", identity.key.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&identity.trust_bundle)? {
-        roots.add(ca?).context("adding a trust anchor")?;
-    }
-    let verifier =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
+    let mut config = builder(&identity.trust_bundle)?
         .with_client_auth_cert(chain, key)
         .context("client certificate and key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Like [`client_config`], but presenting no client certificate at all.
+pub fn client_config_without_certificate(trust_bundle: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let mut config = builder(trust_bundle)?.with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn builder(
+    trust_bundle: &Path,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(trust_bundle)
+        .with_context(|| format!("reading {}", trust_bundle.display()))?
+    {
+        roots.add(ca?).context("adding a trust anchor")?;
+    }
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier))))
+}
+
+/// The first TLS records a client with `config` sends to `agent`: its
+/// ClientHello, for tests that send part of one.
+pub fn client_hello(config: Arc<rustls::ClientConfig>, agent: SocketAddr) -> Result<Vec<u8>> {
+    let mut conn = rustls::ClientConnection::new(config, ServerName::IpAddress(agent.ip().into()))?;
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// How a raw TLS session with an agent ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    /// The handshake failed, as the client saw it.
+    HandshakeFailed(String),
+    /// The handshake completed and the bytes went out; then the agent ended
+    /// the session. `answer` is what it sent first (decrypted), `end` how
+    /// the session ended: `eof`, or the read error.
+    Ended { answer: Vec<u8>, end: String },
+}
+
+/// Opens a TLS session to `agent` with `config`, sends `bytes` inside it
+/// (then half-closes unless `keep_open`), and reads until the agent ends
+/// the session. An error if the agent neither answers nor closes within
+/// `timeout`. Runs in the calling thread's network namespace.
+pub fn tls_session(
+    config: Arc<rustls::ClientConfig>,
+    agent: SocketAddr,
+    bytes: &[u8],
+    keep_open: bool,
+    timeout: Duration,
+) -> Result<Session> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let session = async {
+            let tcp = tokio::net::TcpStream::connect(agent)
+                .await
+                .with_context(|| format!("TCP connect to {agent}"))?;
+            let name = ServerName::IpAddress(agent.ip().into());
+            let mut tls = match tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+            {
+                Ok(tls) => tls,
+                Err(e) => return Ok(Session::HandshakeFailed(e.to_string())),
+            };
+            let mut answer = Vec::new();
+            if let Err(e) = tls.write_all(bytes).await {
+                return Ok(Session::Ended {
+                    answer,
+                    end: format!("write: {e}"),
+                });
+            }
+            if !keep_open {
+                let _ = tls.flush().await;
+                let _ = tls.get_mut().0.shutdown().await;
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) => {
+                        return Ok(Session::Ended {
+                            answer,
+                            end: "eof".into(),
+                        })
+                    }
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    Err(e) => {
+                        return Ok(Session::Ended {
+                            answer,
+                            end: e.to_string(),
+                        })
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, session)
+            .await
+            .map_err(|_| anyhow!("the TLS session with {agent} was still open after {timeout:?}"))?
+    })
 }
 
 /// Opens an HBONE tunnel to the agent at `agent` presenting `identity`,
@@ -112,15 +215,35 @@ pub fn attempt(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Attempt> {
+    request(
+        identity,
+        agent,
+        Method::CONNECT,
+        authority,
+        payload,
+        timeout,
+    )
+}
+
+/// Like [`attempt`] with another method: `target` is the CONNECT authority,
+/// or for other methods an absolute URI (`http://ip:port/path`).
+pub fn request(
+    identity: &IdentityFiles,
+    agent: SocketAddr,
+    method: Method,
+    target: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Attempt> {
     let config = client_config(identity)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        tokio::time::timeout(timeout, run(config, agent, authority, payload))
+        tokio::time::timeout(timeout, run(config, agent, method.clone(), target, payload))
             .await
             .map_err(|_| {
-                anyhow!("HBONE attempt to {agent} ({authority}) took longer than {timeout:?}")
+                anyhow!("HBONE {method} {target} to {agent} took longer than {timeout:?}")
             })?
     })
 }
@@ -128,7 +251,8 @@ pub fn attempt(
 async fn run(
     config: Arc<rustls::ClientConfig>,
     agent: SocketAddr,
-    authority: &str,
+    method: Method,
+    target: &str,
     payload: &[u8],
 ) -> Result<Attempt> {
     let tcp = tokio::net::TcpStream::connect(agent)
@@ -148,7 +272,7 @@ async fn run(
         Err(e) => return Ok(Attempt::Refused(format!("HTTP/2 handshake: {e}"))),
     };
     let driver = tokio::spawn(conn);
-    let outcome = connect(&mut send, authority, payload).await;
+    let outcome = send_request(&mut send, method, target, payload).await;
     driver.abort();
     Ok(outcome)
 }
@@ -161,9 +285,10 @@ fn classify(what: &str, e: h2::Error) -> Attempt {
     }
 }
 
-async fn connect(
+async fn send_request(
     send: &mut h2::client::SendRequest<Bytes>,
-    authority: &str,
+    method: Method,
+    target: &str,
     payload: &[u8],
 ) -> Attempt {
     let send = match send.clone().ready().await {
@@ -171,17 +296,21 @@ async fn connect(
         Err(e) => return classify("waiting to send CONNECT", e),
     };
     let mut send = send;
-    let request = match http::Request::connect(authority).body(()) {
+    let request = match http::Request::builder()
+        .method(method.clone())
+        .uri(target)
+        .body(())
+    {
         Ok(r) => r,
-        Err(e) => return Attempt::Refused(format!("bad authority {authority:?}: {e}")),
+        Err(e) => return Attempt::Refused(format!("bad target {target:?}: {e}")),
     };
     let (response, mut body_tx) = match send.send_request(request, false) {
         Ok(pair) => pair,
-        Err(e) => return classify("sending CONNECT", e),
+        Err(e) => return classify(&format!("sending {method}"), e),
     };
     let response = match response.await {
         Ok(r) => r,
-        Err(e) => return classify("CONNECT answer", e),
+        Err(e) => return classify(&format!("{method} answer"), e),
     };
     if response.status() != http::StatusCode::OK {
         return Attempt::Status(response.status().as_u16());

@@ -13,6 +13,7 @@ pub mod hbone;
 pub mod http;
 pub mod metrics;
 pub mod netns;
+pub mod pattern;
 pub mod pki;
 pub mod process;
 pub mod servers;

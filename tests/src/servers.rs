@@ -3,9 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -31,6 +32,56 @@ fn echo(mut conn: TcpStream) {
         }
     }
     let _ = conn.shutdown(Shutdown::Write);
+}
+
+/// The longest a sink waits for its stall file before reading anyway.
+pub const MAX_STALL: Duration = Duration::from_secs(300);
+
+/// Serves a checking sink on `listener` forever. Each connection is left
+/// unread until `stall_until` exists (when given; at most [`MAX_STALL`]),
+/// then read to EOF while comparing every byte with [`crate::pattern`]; the
+/// answer is one line, `received N bytes, first difference: none` (or `at
+/// K`), then the sink closes.
+pub fn serve_sink(listener: TcpListener, stall_until: Option<PathBuf>) {
+    for conn in listener.incoming().flatten() {
+        let stall_until = stall_until.clone();
+        std::thread::spawn(move || {
+            if let Some(path) = &stall_until {
+                wait_for_file(path);
+            }
+            let _ = sink(conn);
+        });
+    }
+}
+
+fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + MAX_STALL;
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sink(mut conn: TcpStream) -> Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    let mut first_diff = None;
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if first_diff.is_none() {
+            first_diff = crate::pattern::first_difference(received, &buf[..n])
+                .map(|at| received + at as u64);
+        }
+        received += n as u64;
+    }
+    let diff = first_diff.map_or("none".to_owned(), |at| format!("at {at}"));
+    conn.write_all(format!("received {received} bytes, first difference: {diff}\n").as_bytes())?;
+    let _ = conn.shutdown(Shutdown::Write);
+    Ok(())
 }
 
 /// What an HTTP server says about itself in every answer.

@@ -3,11 +3,13 @@
 //!
 //! ```text
 //! weft-echo serve [--echo ADDR] [--http ADDR] [--name NAME] [--marker STR]
+//!                 [--sink ADDR [--stall-until-file PATH]]  # see servers::serve_sink
 //! weft-echo client ADDR [--bytes N] [--marker STR]     # echo round trip, exit 0 if intact
 //! weft-echo http-get ADDR [PATH]                        # prints status and body, exit 0 on 2xx
 //! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,10 +55,21 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
             let http_addr = option(&mut args, "--http")?;
             let name = option(&mut args, "--name")?.unwrap_or_else(|| "weft-echo".into());
             let marker = option(&mut args, "--marker")?.unwrap_or_default();
-            if echo.is_none() && http_addr.is_none() {
-                bail!("serve needs --echo ADDR and/or --http ADDR");
+            let sink = option(&mut args, "--sink")?;
+            let stall = option(&mut args, "--stall-until-file")?.map(PathBuf::from);
+            if echo.is_none() && http_addr.is_none() && sink.is_none() {
+                bail!("serve needs --echo ADDR, --http ADDR and/or --sink ADDR");
+            }
+            if stall.is_some() && sink.is_none() {
+                bail!("--stall-until-file applies to --sink");
             }
             let mut threads = Vec::new();
+            if let Some(a) = sink {
+                let listener = servers::bind(addr(&a)?)?;
+                threads.push(std::thread::spawn(move || {
+                    servers::serve_sink(listener, stall)
+                }));
+            }
             if let Some(a) = echo {
                 let listener = servers::bind(addr(&a)?)?;
                 threads.push(std::thread::spawn(move || servers::serve_echo(listener)));
