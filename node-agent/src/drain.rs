@@ -38,6 +38,7 @@ impl Default for Drain {
 }
 
 impl Drain {
+    /// A drain that has not begun, with nothing in flight.
     pub fn new() -> Self {
         Drain {
             signal: watch::channel(false).0,

@@ -188,12 +188,14 @@ impl Metrics {
         out
     }
 
+    /// Counts a completed handshake.
     pub fn handshake_ok(&self, direction: Direction) {
         self.handshakes
             .get_or_create(&DirectionLabels { direction })
             .inc();
     }
 
+    /// Counts a failed handshake by reason, so refusals show up in dashboards.
     pub fn handshake_failed(&self, direction: Direction, reason: HandshakeFailure) {
         self.handshake_failures
             .get_or_create(&FailureLabels {
@@ -203,6 +205,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a refused tunnel stream by caller and reason.
     pub fn stream_denied(&self, source: &str, reason: &'static str) {
         self.denied_streams
             .get_or_create(&DeniedLabels {
@@ -212,6 +215,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a plaintext inbound connection, accepted or refused.
     pub fn plaintext(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "refused" };
         self.plaintext_connections
@@ -255,6 +259,7 @@ impl Metrics {
 pub struct ConnectionGuard<'a>(&'a PeerCounters);
 
 impl<'a> ConnectionGuard<'a> {
+    /// Counts the connection as opened; dropping the guard counts it closed.
     pub fn open(counters: &'a PeerCounters) -> Self {
         counters.opened.inc();
         counters.open_streams.inc();

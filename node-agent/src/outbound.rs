@@ -58,6 +58,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Indexes the mesh view by workload address for captured connections.
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: &Metrics,

@@ -25,6 +25,7 @@ pub struct Plaintext {
 }
 
 impl Plaintext {
+    /// Looks up the plaintext counters once, for every connection to share.
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,

@@ -152,6 +152,7 @@ impl Drop for Connecting<'_> {
 }
 
 impl Pool {
+    /// An empty pool; connections are opened on first use.
     pub fn new(identity: Arc<Identity>, tunnel: TunnelConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Pool {
             identity,
