@@ -1,6 +1,8 @@
-//! A raw HBONE client (TLS 1.3 + HTTP/2 CONNECT) that presents whatever
-//! certificate a scenario hands it, including ones no agent would use: a
-//! foreign CA's, an expired one. It reports how far it got.
+//! A raw HBONE client (TLS 1.3 + HTTP/2 CONNECT, or another method) that
+//! presents whatever certificate a scenario hands it, including ones no
+//! agent would use: a foreign CA's, an expired one, none at all. It reports
+//! how far it got. Also raw TLS sessions that send arbitrary bytes, and the
+//! bytes of a ClientHello, for scenarios that feed agents bad input.
 
 use std::net::SocketAddr;
 use std::path::Path;
