@@ -55,7 +55,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let source = identity.id.as_str();
     let outbound = Arc::new(Outbound::new(
         config.clone(),
-        &metrics,
+        metrics.clone(),
         drain.clone(),
         pool,
         source,

@@ -21,6 +21,7 @@ use crate::config::{AgentConfig, MtlsMode};
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
+use crate::outbound::reset;
 use crate::splice::{splice, SpliceCounters};
 use crate::tls::{self, HandshakeFailure, Identity};
 
@@ -66,6 +67,8 @@ impl Inbound {
         while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 warn!(%remote, "inbound connection limit reached, refusing");
+                self.metrics.connection_refused(Direction::Inbound, "limit");
+                reset(&tcp);
                 continue;
             };
             let this = self.clone();
@@ -152,8 +155,16 @@ impl Inbound {
             .handshake::<_, Bytes>(tls);
         let mut conn = match tokio::time::timeout(t.connect_timeout, handshake).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return debug!(%remote, error = %e, "inbound HTTP/2 handshake failed"),
-            Err(_) => return debug!(%remote, "inbound HTTP/2 handshake timed out"),
+            Ok(Err(e)) => {
+                self.metrics
+                    .connection_refused(Direction::Inbound, "not_http2");
+                return debug!(%remote, error = %e, "inbound HTTP/2 handshake failed");
+            }
+            Err(_) => {
+                self.metrics
+                    .connection_refused(Direction::Inbound, "not_http2");
+                return debug!(%remote, "inbound HTTP/2 handshake timed out");
+            }
         };
         let gauge = self.metrics.tunnel_gauge(Direction::Inbound);
         gauge.inc();

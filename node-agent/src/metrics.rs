@@ -58,6 +58,12 @@ struct FailureLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    direction: Direction,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeniedLabels {
     source_identity: String,
     reason: &'static str,
@@ -82,6 +88,7 @@ pub struct Metrics {
     handshakes: Family<DirectionLabels, Counter>,
     handshake_failures: Family<FailureLabels, Counter>,
     denied_streams: Family<DeniedLabels, Counter>,
+    connections_refused: Family<RefusedLabels, Counter>,
     connections_opened: Family<PeerLabels, Counter>,
     connections_closed: Family<PeerLabels, Counter>,
     bytes_sent: Family<PeerLabels, Counter>,
@@ -118,6 +125,7 @@ impl Metrics {
             handshakes: Family::default(),
             handshake_failures: Family::default(),
             denied_streams: Family::default(),
+            connections_refused: Family::default(),
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             bytes_sent: Family::default(),
@@ -141,6 +149,11 @@ impl Metrics {
             "denied_streams",
             "Tunnel streams refused by authorization or destination checks",
             m.denied_streams.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections turned away before any stream: at a connection limit, or not speaking HTTP/2 after TLS",
+            m.connections_refused.clone(),
         );
         registry.register(
             "connections_opened",
@@ -212,6 +225,13 @@ impl Metrics {
                 source_identity: source.to_owned(),
                 reason,
             })
+            .inc();
+    }
+
+    /// Counts a connection turned away before it carried anything.
+    pub fn connection_refused(&self, direction: Direction, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { direction, reason })
             .inc();
     }
 

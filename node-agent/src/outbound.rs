@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::ResponseFuture;
-use h2::SendStream;
-use http::{Method, Request, StatusCode, Uri};
+use h2::{Reason, RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -50,6 +49,7 @@ pub enum Target {
 /// What every outbound connection shares.
 pub struct Outbound {
     config: Arc<AgentConfig>,
+    metrics: Arc<Metrics>,
     drain: Drain,
     pool: Arc<Pool>,
     endpoints: HashMap<IpAddr, Endpoint>,
@@ -61,7 +61,7 @@ impl Outbound {
     /// Indexes the mesh view by workload address for captured connections.
     pub fn new(
         config: Arc<AgentConfig>,
-        metrics: &Metrics,
+        metrics: Arc<Metrics>,
         drain: Drain,
         pool: Arc<Pool>,
         source: &str,
@@ -77,6 +77,7 @@ impl Outbound {
         let limit = Arc::new(Semaphore::new(config.tunnel.max_outbound_connections));
         Outbound {
             config,
+            metrics,
             drain,
             pool,
             endpoints,
@@ -90,6 +91,8 @@ impl Outbound {
         while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 warn!(%remote, "outbound connection limit reached, refusing");
+                self.metrics
+                    .connection_refused(Direction::Outbound, "limit");
                 reset(&tcp);
                 continue;
             };
@@ -132,9 +135,6 @@ impl Outbound {
         endpoint: &Endpoint,
     ) -> Result<(), TunnelError> {
         let (checkout, response, tx) = self.open_stream(dst, endpoint).await?;
-        let response = tokio::time::timeout(self.config.tunnel.connect_timeout, response)
-            .await
-            .map_err(|_| TunnelError::AnswerTimeout)??;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused(response.status()));
         }
@@ -150,18 +150,21 @@ impl Outbound {
         Ok(())
     }
 
-    /// Sends the CONNECT on a pooled connection. A pooled connection can die
-    /// or get GOAWAY between checkout and use; nothing has been read from the
-    /// application yet, so one retry on a fresh connection is safe.
+    /// Sends the CONNECT and waits for its answer. Nothing has been read
+    /// from the application yet, so two failures are retried: a pooled
+    /// connection that died or got GOAWAY since checkout (retried on another
+    /// connection), and REFUSED_STREAM, which the peer sends only for
+    /// streams it did not process.
     async fn open_stream(
         &self,
         dst: SocketAddr,
         endpoint: &Endpoint,
-    ) -> Result<(Checkout, ResponseFuture, SendStream<Bytes>), TunnelError> {
-        let mut retried = false;
+    ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
         loop {
             let checkout = self.pool.checkout(endpoint).await?;
-            let attempt = async {
+            let sent = async {
                 let mut sender = checkout.sender().ready().await?;
                 let mut request = Request::new(());
                 *request.method_mut() = Method::CONNECT;
@@ -169,14 +172,26 @@ impl Outbound {
                     Uri::try_from(dst.to_string()).map_err(|_| TunnelError::Authority(dst))?;
                 Ok::<_, TunnelError>(sender.send_request(request, false)?)
             };
-            match attempt.await {
-                Ok((response, tx)) => return Ok((checkout, response, tx)),
-                Err(TunnelError::Stream(e)) if !retried => {
-                    debug!(%dst, error = %e, "pooled tunnel connection unusable, retrying on a new one");
+            let (response, tx) = match sent.await {
+                Ok(sent) => sent,
+                Err(TunnelError::Stream(e)) if attempt < ATTEMPTS => {
+                    debug!(%dst, error = %e, "pooled tunnel connection unusable, retrying");
                     checkout.discard();
-                    retried = true;
+                    attempt += 1;
+                    continue;
                 }
                 Err(e) => return Err(e),
+            };
+            let answer = tokio::time::timeout(self.config.tunnel.connect_timeout, response)
+                .await
+                .map_err(|_| TunnelError::AnswerTimeout)?;
+            match answer {
+                Ok(response) => return Ok((checkout, response, tx)),
+                Err(e) if e.reason() == Some(Reason::REFUSED_STREAM) && attempt < ATTEMPTS => {
+                    debug!(%dst, "peer refused the stream unprocessed, retrying");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

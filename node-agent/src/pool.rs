@@ -52,6 +52,12 @@ pub enum ConnectError {
         agent: SocketAddr,
         stage: &'static str,
     },
+    #[error("all {connections} tunnel connections to agent {agent} carry {streams} streams and none freed in time")]
+    Busy {
+        agent: SocketAddr,
+        connections: usize,
+        streams: u32,
+    },
     #[error("agent {agent} is unreachable: {reason}")]
     Unreachable { agent: SocketAddr, reason: String },
     #[error("TLS configuration for {peer}: {source}")]
@@ -121,10 +127,16 @@ impl Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
             self.conn
                 .idle_since
                 .store(self.pool.now_ms(), Ordering::Release);
+        }
+        // A full connection has a free slot: streams waiting at the
+        // connection cap can take it.
+        if before >= self.pool.tunnel.max_streams_per_connection as usize {
+            self.pool.changed.notify_waiters();
         }
     }
 }
@@ -271,22 +283,17 @@ impl Pool {
             c.streams.fetch_add(1, Ordering::AcqRel);
             return Ok(Ok(c.clone()));
         }
-        let below_cap = peer.conns.len() < self.tunnel.max_connections_per_peer;
-        match least {
-            _ if below_cap && !peer.connecting => {
-                peer.connecting = true;
-                Ok(Err(Next::Connect(
-                    peer.connector.clone(),
-                    peer.expected.clone(),
-                )))
-            }
-            // At the cap: HTTP/2 queues the stream until a slot frees.
-            Some(c) if !below_cap => {
-                c.streams.fetch_add(1, Ordering::AcqRel);
-                Ok(Ok(c.clone()))
-            }
-            _ => Ok(Err(Next::Wait(peer.failures))),
+        if peer.conns.len() < self.tunnel.max_connections_per_peer && !peer.connecting {
+            peer.connecting = true;
+            return Ok(Err(Next::Connect(
+                peer.connector.clone(),
+                peer.expected.clone(),
+            )));
         }
+        // A connection is on its way, or every one is full at the cap: wait
+        // for a slot rather than overshoot the peer's stream limit, which it
+        // would answer with REFUSED_STREAM.
+        Ok(Err(Next::Wait(peer.failures)))
     }
 
     async fn connect(
