@@ -91,7 +91,6 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
-    state.ready.store(true, Ordering::Release);
     info!(
         identity = %identity.id,
         mode = ?config.mode,
@@ -100,6 +99,8 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         endpoints = config.outbound.endpoints.len(),
         "agent ready"
     );
+    // Logged before /ready turns 200, so whoever waits on /ready finds it.
+    state.ready.store(true, Ordering::Release);
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -118,3 +118,43 @@ fn a_bad_value_is_named() -> Result<()> {
     spec.set("inbound.allow", json!(["not-a-spiffe-id"]));
     assert_refused_naming(&f, "allow.yaml", &spec.to_yaml(), "inbound.allow")
 }
+
+/// Runs `check` on the fixture with extra environment variables.
+fn check_with_env(f: &Fixture, env: &[(&str, &str)]) -> Result<(bool, String)> {
+    let path = f.dir.join("env.yaml");
+    std::fs::write(&path, f.spec.to_yaml())?;
+    let mut cmd = std::process::Command::new(agent::agent_bin()?);
+    agent::without_weft_env(&mut cmd);
+    cmd.arg("check")
+        .arg("-c")
+        .arg(&path)
+        .envs(env.iter().copied());
+    let out = cmd.output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn environment_overrides_are_validated_like_the_file() -> Result<()> {
+    let f = fixture()?;
+    let (ok, stderr) = check_with_env(&f, &[("WEFT_INBOUND__MTLS", "permissive")])?;
+    assert!(ok, "a valid override was refused:\n{stderr}");
+    let (ok, stderr) = check_with_env(&f, &[("WEFT_INBOUND__MTLS", "sometimes")])?;
+    assert!(!ok, "an invalid override was accepted");
+    assert!(stderr.contains("inbound.mtls"), "not named:\n{stderr}");
+    let (ok, stderr) = check_with_env(&f, &[("WEFT_TUNNEL__MAX_STREAMS_PER_CONNECTION", "0")])?;
+    assert!(!ok, "a zero stream limit was accepted");
+    assert!(
+        stderr.contains("tunnel.max_streams_per_connection"),
+        "not named:\n{stderr}"
+    );
+    // Other tools share the prefix; their variables are not overrides.
+    let (ok, stderr) = check_with_env(&f, &[("WEFT_AGENT_BIN", "/x"), ("WEFT_ZONE", "z")])?;
+    assert!(
+        ok,
+        "an unrelated WEFT_ variable broke the config:\n{stderr}"
+    );
+    Ok(())
+}
