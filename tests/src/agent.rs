@@ -335,6 +335,22 @@ pub fn without_weft_env(cmd: &mut Command) -> &mut Command {
 }
 
 /// Runs `weft-agent ARGS` in `ns` as root and returns its output.
+/// Writes `spec` to `config` and runs `weft-agent redirect install` with it
+/// in `ns`, failing with the command's output if it does not succeed.
+pub fn install_redirect(ns: &Netns, spec: &AgentSpec, config: &Path) -> Result<()> {
+    spec.write(config)?;
+    let out = cli(
+        ns,
+        &["redirect", "install", "-c", &config.to_string_lossy()],
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "redirect install failed: {}",
+        describe(&out)
+    );
+    Ok(())
+}
+
 pub fn cli(ns: &Netns, args: &[&str]) -> Result<Output> {
     let bin = agent_bin()?;
     without_weft_env(&mut ns.command(&bin))

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use weft_e2e::agent::{self, Agent, AGENT_UID};
 use weft_e2e::apps::{self, AppAddrs};
 use weft_e2e::client::{self, Probe};
@@ -43,17 +43,7 @@ fn capturing_client(pair: &Pair, unknown: &str) -> Result<Agent> {
     spec.set("outbound.unknown_destination", unknown)
         .set("redirect.inbound", false)
         .set("redirect.exclude_ports", serde_json::json!([22]));
-    let config = pair.dir.join("client-agent.yaml");
-    spec.write(&config)?;
-    let out = agent::cli(
-        &pair.client,
-        &["redirect", "install", "-c", &config.to_string_lossy()],
-    )?;
-    ensure!(
-        out.status.success(),
-        "redirect install failed: {}",
-        agent::describe(&out)
-    );
+    agent::install_redirect(&pair.client, &spec, &pair.dir.join("client-agent.yaml"))?;
     pair.start_client_agent(&spec, Some(AGENT_UID))
 }
 

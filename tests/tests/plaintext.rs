@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use weft_e2e::agent::{self, Agent, AGENT_UID};
 use weft_e2e::client::{self, payload, Probe};
 use weft_e2e::hbone::{self, Attempt};
@@ -21,17 +21,7 @@ fn server_with_redirect(pair: &Pair, mode: &str) -> Result<(Proc, Agent)> {
     let app = pair.start_server_app("plaintext")?;
     let mut spec = pair.server_spec(&pair.identity("server")?);
     spec.set("inbound.mtls", mode).set("redirect.inbound", true);
-    let config = pair.dir.join("server-agent.yaml");
-    spec.write(&config)?;
-    let out = agent::cli(
-        &pair.server,
-        &["redirect", "install", "-c", &config.to_string_lossy()],
-    )?;
-    ensure!(
-        out.status.success(),
-        "redirect install failed: {}",
-        agent::describe(&out)
-    );
+    agent::install_redirect(&pair.server, &spec, &pair.dir.join("server-agent.yaml"))?;
     let agent = pair.start_server_agent(&spec, Some(AGENT_UID))?;
     Ok((app, agent))
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use weft_e2e::agent::{self, AGENT_UID};
 use weft_e2e::client::{self, payload};
 use weft_e2e::pki::spiffe_id;
@@ -97,15 +97,7 @@ fn transparent_capture_carries_tcp_and_http() -> Result<()> {
     let mut spec = pair.client_spec(&pair.identity("client")?);
     spec.set("outbound.listeners", serde_json::json!([]))
         .set("redirect.inbound", false);
-    let config = pair.dir.join("client-agent.yaml");
-    spec.write(&config)?;
-    let config = config.to_string_lossy().into_owned();
-    let out = agent::cli(&pair.client, &["redirect", "install", "-c", &config])?;
-    ensure!(
-        out.status.success(),
-        "redirect install failed: {}",
-        agent::describe(&out)
-    );
+    agent::install_redirect(&pair.client, &spec, &pair.dir.join("client-agent.yaml"))?;
     let client = pair.start_client_agent(&spec, Some(AGENT_UID))?;
 
     // The application (root) dials the server's workload address directly.
