@@ -21,7 +21,7 @@ use crate::config::{AgentConfig, MtlsMode};
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
-use crate::outbound::reset;
+use crate::socket::reset;
 use crate::splice::{splice, SpliceCounters};
 use crate::tls::{self, HandshakeFailure, Identity};
 

@@ -13,5 +13,6 @@ pub mod outbound;
 pub mod plaintext;
 pub mod pool;
 pub mod redirect;
+pub mod socket;
 pub mod splice;
 pub mod tls;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
@@ -20,6 +19,7 @@ use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
 use crate::pool::{Checkout, ConnectError, Pool};
+use crate::socket::{original_dst, reset};
 use crate::splice::{copy_plain, splice, SpliceCounters};
 
 /// Why an outbound connection could not be tunnelled.
@@ -228,20 +228,4 @@ impl Outbound {
         dst == self.config.outbound.capture_listen
             || (dst.ip().is_loopback() && dst.port() == self.config.outbound.capture_listen.port())
     }
-}
-
-/// The destination an nftables `redirect` rewrote.
-pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
-    let sock = socket2::SockRef::from(tcp);
-    let addr = match tcp.local_addr()? {
-        SocketAddr::V4(_) => sock.original_dst_v4()?,
-        SocketAddr::V6(_) => sock.original_dst_v6()?,
-    };
-    addr.as_socket()
-        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
-}
-
-/// Closes with RST so the application sees a refusal, not a clean end.
-pub fn reset(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }

@@ -13,7 +13,7 @@ use crate::config::{AgentConfig, MtlsMode};
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
-use crate::outbound::{original_dst, reset};
+use crate::socket::{original_dst, reset};
 use crate::splice::copy_plain;
 
 /// What every plaintext inbound connection shares.

@@ -5,7 +5,6 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -50,7 +49,7 @@ pub async fn splice(
         stream_to_socket(rx, wr, counters.down)
     );
     if result.is_err() {
-        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(Duration::ZERO));
+        crate::socket::reset(tcp);
     }
     result.map(|_| ())
 }
