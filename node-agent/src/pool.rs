@@ -52,7 +52,7 @@ pub enum ConnectError {
         agent: SocketAddr,
         stage: &'static str,
     },
-    #[error("all {connections} tunnel connections to agent {agent} carry {streams} streams and none freed in time")]
+    #[error("no tunnel stream to agent {agent} came free within the connect timeout (up to {connections} connections of {streams} streams each)")]
     Busy {
         agent: SocketAddr,
         connections: usize,
@@ -188,9 +188,11 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A stream slot towards the agent fronting `endpoint`.
+    /// A stream slot towards the agent fronting `endpoint`. Waiting for a
+    /// slot is bounded by the connect timeout.
     pub async fn checkout(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Checkout, ConnectError> {
         let mut seen_failures = None;
+        let deadline = tokio::time::Instant::now() + self.tunnel.connect_timeout;
         loop {
             let changed = self.changed.notified();
             match self.pick(endpoint, seen_failures)? {
@@ -202,7 +204,13 @@ impl Pool {
                 }
                 Err(Next::Wait(failures)) => {
                     seen_failures = Some(failures);
-                    changed.await;
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        return Err(ConnectError::Busy {
+                            agent: endpoint.agent,
+                            connections: self.tunnel.max_connections_per_peer,
+                            streams: self.tunnel.max_streams_per_connection,
+                        });
+                    }
                 }
                 Err(Next::Connect(connector, expected)) => {
                     let guard = Connecting {

@@ -168,8 +168,8 @@ fn past_the_connection_cap_streams_queue_for_a_free_slot() -> Result<()> {
     wait_streams(&client, OUT, 10.0)?;
     assert_eq!(client.metric(TUNNELS, OUT)?, 1.0);
 
-    // Ten more: the pool is at its cap, so these wait inside the agent
-    // (HTTP/2 queues them) until streams end; none is refused.
+    // Ten more: the pool is at its cap, so these wait inside the agent's
+    // pool for a free slot until streams end; none is refused.
     let done = AtomicUsize::new(0);
     let marker = unique_marker("queued");
     pair.client.enter(|| {
@@ -215,6 +215,46 @@ fn past_the_connection_cap_streams_queue_for_a_free_slot() -> Result<()> {
         1.0,
         "the pool opened connections past max_connections_per_peer"
     );
+    Ok(())
+}
+
+#[test]
+fn a_stream_waiting_past_the_connect_timeout_is_reset() -> Result<()> {
+    let (pair, _app, _server, client) = start(|spec| {
+        spec.set("tunnel.max_streams_per_connection", 2)
+            .set("tunnel.max_connections_per_peer", 1)
+            .set("tunnel.connect_timeout", "1s");
+    })?;
+    let mut held = pair
+        .client
+        .enter(|| open_echo_connections(ECHO_LISTENER, 2, T))?;
+    wait_streams(&client, OUT, 2.0)?;
+    // Every slot is taken for longer than the connect timeout: the third
+    // connection waits that long in the pool, then is refused.
+    let started = Instant::now();
+    let data = client::payload(&unique_marker("late"), 1_000);
+    let late = pair
+        .client
+        .enter(|| client::echo_roundtrip(ECHO_LISTENER, &data, T));
+    ensure!(
+        late.is_err(),
+        "a stream past the cap got through while every slot was held"
+    );
+    let waited = started.elapsed();
+    ensure!(
+        waited >= Duration::from_millis(900),
+        "refused after {waited:?}, before the connect timeout"
+    );
+    // The agent refused it (well before the client's own deadline).
+    ensure!(
+        waited < Duration::from_secs(5) && waited < T,
+        "not refused by the agent: the client gave up after {waited:?}"
+    );
+    // A slot frees: the next connection goes through.
+    held.pop();
+    wait_streams(&client, OUT, 1.0)?;
+    pair.client
+        .enter(|| client::echo_roundtrip(ECHO_LISTENER, &data, T))?;
     Ok(())
 }
 
