@@ -158,7 +158,7 @@ fn past_the_connection_cap_streams_queue_for_a_free_slot() -> Result<()> {
     let (pair, _app, server, client) = start(|spec| {
         spec.set("tunnel.max_streams_per_connection", 10)
             .set("tunnel.max_connections_per_peer", 1)
-            // Queued streams wait for their CONNECT answer this long.
+            // Queued streams wait in the pool for a slot at most this long.
             .set("tunnel.connect_timeout", "30s");
     })?;
     // Exactly the capacity: one connection, every slot taken.
