@@ -15,15 +15,15 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::AgentConfig;
+use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
-use crate::tls::Identity;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
     pub config: Arc<AgentConfig>,
-    pub identity: Arc<Identity>,
+    pub credentials: Arc<Credentials>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub log: LogHandle,
@@ -66,10 +66,12 @@ impl AdminState {
     }
 
     fn config_dump(&self) -> Reply {
+        let current = self.credentials.current();
         let dump = serde_json::json!({
             "identity": {
-                "spiffe_id": self.identity.id.as_str(),
-                "not_after_unix": self.identity.not_after,
+                "spiffe_id": current.identity.id.as_str(),
+                "not_after_unix": current.identity.not_after,
+                "reloads": current.generation,
             },
             "draining": self.drain.is_draining(),
             "in_flight": self.drain.active(),

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::AgentConfig;
+use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::inbound::Inbound;
 use crate::listen::bind;
@@ -18,14 +19,14 @@ use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Target};
 use crate::plaintext::Plaintext;
 use crate::pool::Pool;
-use crate::tls::Identity;
 
 /// Runs the agent until it is told to stop and has drained.
 pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let ids = &config.identity;
-    let identity = Arc::new(Identity::load(&ids.cert, &ids.key, &ids.trust_bundle)?);
+    let credentials = Arc::new(Credentials::load(&config.identity)?);
+    let identity = credentials.id();
     let metrics = Arc::new(Metrics::new());
+    metrics.certificate_expires(credentials.current().identity.not_after);
     let drain = Drain::new();
 
     // Bind everything first: a port in use fails the start, naming its field.
@@ -42,17 +43,14 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
 
-    let inbound = Arc::new(
-        Inbound::new(
-            config.clone(),
-            identity.clone(),
-            metrics.clone(),
-            drain.clone(),
-        )
-        .context("building the inbound TLS configuration")?,
-    );
-    let pool = Pool::new(identity.clone(), config.tunnel.clone(), metrics.clone());
-    let source = identity.id.as_str();
+    let inbound = Arc::new(Inbound::new(
+        config.clone(),
+        credentials.clone(),
+        metrics.clone(),
+        drain.clone(),
+    ));
+    let pool = Pool::new(credentials.clone(), config.tunnel.clone(), metrics.clone());
+    let source = identity.as_str();
     let outbound = Arc::new(Outbound::new(
         config.clone(),
         metrics.clone(),
@@ -68,7 +66,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     ));
     let state = Arc::new(AdminState {
         config: config.clone(),
-        identity: identity.clone(),
+        credentials: credentials.clone(),
         metrics: metrics.clone(),
         drain: drain.clone(),
         log,
@@ -92,7 +90,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         admin::Endpoint::Metrics,
     ));
     info!(
-        identity = %identity.id,
+        identity = %identity,
         mode = ?config.mode,
         mtls = ?config.inbound.mtls,
         hbone = %config.inbound.listen,
@@ -104,9 +102,13 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => reload(&credentials, &metrics),
+        }
     };
     info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
     let left = drain.drain(config.drain_timeout).await;
@@ -119,4 +121,25 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("drained, exiting");
     }
     Ok(())
+}
+
+/// SIGHUP: reads the identity files again. New tunnels use the new
+/// certificate; established ones are not touched; a bad file keeps the last
+/// good identity in force.
+fn reload(credentials: &Credentials, metrics: &Metrics) {
+    match credentials.reload() {
+        Ok(current) => {
+            metrics.identity_reloaded(true, current.identity.not_after);
+            info!(
+                identity = %current.identity.id,
+                not_after_unix = current.identity.not_after,
+                generation = current.generation,
+                "identity reloaded"
+            );
+        }
+        Err(e) => {
+            metrics.identity_reloaded(false, credentials.current().identity.not_after);
+            error!(error = %e, "identity reload failed, keeping the identity in force");
+        }
+    }
 }

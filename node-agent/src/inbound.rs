@@ -13,25 +13,26 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use weft_api::SpiffeId;
 
 use crate::config::{AgentConfig, MtlsMode};
+use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
 use crate::socket::reset;
 use crate::splice::{splice, SpliceCounters};
-use crate::tls::{self, HandshakeFailure, Identity};
+use crate::tls::{self, HandshakeFailure};
 
 /// What every inbound connection shares.
 pub struct Inbound {
-    pub config: Arc<AgentConfig>,
-    pub identity: Arc<Identity>,
-    pub metrics: Arc<Metrics>,
-    pub drain: Drain,
-    acceptor: TlsAcceptor,
+    config: Arc<AgentConfig>,
+    credentials: Arc<Credentials>,
+    metrics: Arc<Metrics>,
+    drain: Drain,
+    /// The workload's own SPIFFE ID, for metrics labels.
+    local_id: SpiffeId,
 }
 
 /// One authenticated peer connection, shared by its streams.
@@ -44,21 +45,21 @@ struct Peer {
 }
 
 impl Inbound {
-    /// Builds the TLS acceptor from the workload identity.
+    /// Serves with whatever identity `credentials` holds at each accept.
     pub fn new(
         config: Arc<AgentConfig>,
-        identity: Arc<Identity>,
+        credentials: Arc<Credentials>,
         metrics: Arc<Metrics>,
         drain: Drain,
-    ) -> Result<Self, rustls::Error> {
-        let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
-        Ok(Inbound {
+    ) -> Self {
+        let local_id = credentials.id();
+        Inbound {
             config,
-            identity,
+            credentials,
             metrics,
             drain,
-            acceptor,
-        })
+            local_id,
+        }
     }
 
     /// Accepts connections until draining begins.
@@ -88,7 +89,11 @@ impl Inbound {
     ) {
         let _ = tcp.set_nodelay(true);
         let timeout = self.config.tunnel.connect_timeout;
-        let tls = match tokio::time::timeout(timeout, self.acceptor.accept(tls::tls_io(tcp))).await
+        let tls = match tokio::time::timeout(
+            timeout,
+            self.credentials.current().acceptor.accept(tls::tls_io(tcp)),
+        )
+        .await
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -126,7 +131,7 @@ impl Inbound {
         let counters = self.metrics.peer(
             Direction::Inbound,
             id.as_str(),
-            self.identity.id.as_str(),
+            self.local_id.as_str(),
             Transport::Mtls,
         );
         debug!(%remote, peer = %id, allowed, "inbound tunnel established");

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod credentials;
 pub mod drain;
 pub mod inbound;
 pub mod listen;

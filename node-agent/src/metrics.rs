@@ -96,6 +96,8 @@ pub struct Metrics {
     open_streams: Family<DirectionLabels, Gauge>,
     tunnel_connections: Family<DirectionLabels, Gauge>,
     plaintext_connections: Family<ResultLabels, Counter>,
+    identity_reloads: Family<ResultLabels, Counter>,
+    certificate_expiry: Gauge,
 }
 
 /// The counters of one (direction, source, destination, transport), cloned
@@ -133,6 +135,8 @@ impl Metrics {
             open_streams: Family::default(),
             tunnel_connections: Family::default(),
             plaintext_connections: Family::default(),
+            identity_reloads: Family::default(),
+            certificate_expiry: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,6 +194,16 @@ impl Metrics {
             "Plaintext inbound connections, accepted (permissive) or refused (strict)",
             m.plaintext_connections.clone(),
         );
+        registry.register(
+            "identity_reloads",
+            "Reloads of the identity files (SIGHUP), by result",
+            m.identity_reloads.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the workload certificate in force expires (Unix time)",
+            m.certificate_expiry.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -233,6 +247,20 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&RefusedLabels { direction, reason })
             .inc();
+    }
+
+    /// Records a reload of the identity files and the expiry now in force.
+    pub fn identity_reloaded(&self, ok: bool, not_after: i64) {
+        let result = if ok { "ok" } else { "failed" };
+        self.identity_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.certificate_expiry.set(not_after);
+    }
+
+    /// Records the expiry of the certificate in force.
+    pub fn certificate_expires(&self, not_after: i64) {
+        self.certificate_expiry.set(not_after);
     }
 
     /// Counts a plaintext inbound connection, accepted or refused.

@@ -20,8 +20,9 @@ use tracing::{debug, info};
 use weft_api::{Endpoint, SpiffeId};
 
 use crate::config::TunnelConfig;
+use crate::credentials::Credentials;
 use crate::metrics::{Direction, Metrics, PeerCounters, Transport};
-use crate::tls::{self, HandshakeFailure, Identity};
+use crate::tls::{self, HandshakeFailure};
 
 /// Why a tunnel to a peer agent could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +71,9 @@ pub enum ConnectError {
 
 /// The pool, shared by all outbound connections.
 pub struct Pool {
-    identity: Arc<Identity>,
+    credentials: Arc<Credentials>,
+    /// The workload's own SPIFFE ID, for metrics labels.
+    local_id: SpiffeId,
     tunnel: TunnelConfig,
     metrics: Arc<Metrics>,
     peers: Mutex<HashMap<SocketAddr, PeerConns>>,
@@ -81,6 +84,8 @@ pub struct Pool {
 struct PeerConns {
     expected: SpiffeId,
     connector: TlsConnector,
+    /// The credentials generation the connector was built from.
+    generation: u64,
     conns: Vec<Arc<Conn>>,
     /// One connection is opened at a time per peer: a burst of streams waits
     /// for it (and fills it) instead of opening one connection each.
@@ -165,9 +170,14 @@ impl Drop for Connecting<'_> {
 
 impl Pool {
     /// An empty pool; connections are opened on first use.
-    pub fn new(identity: Arc<Identity>, tunnel: TunnelConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        credentials: Arc<Credentials>,
+        tunnel: TunnelConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Pool {
-            identity,
+            local_id: credentials.id(),
+            credentials,
             tunnel,
             metrics,
             peers: Mutex::new(HashMap::new()),
@@ -248,33 +258,43 @@ impl Pool {
         endpoint: &Endpoint,
         seen_failures: Option<u64>,
     ) -> Result<Result<Arc<Conn>, Next>, ConnectError> {
-        let mut peers = self.lock();
-        let fresh = || -> Result<PeerConns, ConnectError> {
-            let cfg = self
+        let credentials = self.credentials.current();
+        let connector = || -> Result<TlsConnector, ConnectError> {
+            let cfg = credentials
                 .identity
                 .client_config(endpoint.identity.clone())
                 .map_err(|source| ConnectError::Config {
                     peer: endpoint.identity.clone(),
                     source: Box::new(source),
                 })?;
-            Ok(PeerConns {
+            Ok(TlsConnector::from(Arc::new(cfg)))
+        };
+        let mut peers = self.lock();
+        // The agent now fronts another identity: start over.
+        if peers
+            .get(&endpoint.agent)
+            .is_some_and(|p| p.expected != endpoint.identity)
+        {
+            peers.remove(&endpoint.agent);
+        }
+        let peer = match peers.entry(endpoint.agent) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(PeerConns {
                 expected: endpoint.identity.clone(),
-                connector: TlsConnector::from(Arc::new(cfg)),
+                connector: connector()?,
+                generation: credentials.generation,
                 conns: Vec::new(),
                 connecting: false,
                 failures: 0,
                 last_failure: String::new(),
-            })
+            }),
         };
-        let peer = match peers.entry(endpoint.agent) {
-            Entry::Occupied(o) if o.get().expected == endpoint.identity => o.into_mut(),
-            // The agent now fronts another identity: start over.
-            Entry::Occupied(mut o) => {
-                o.insert(fresh()?);
-                o.into_mut()
-            }
-            Entry::Vacant(v) => v.insert(fresh()?),
-        };
+        // Reloaded credentials: new connections present the new certificate;
+        // pooled ones carry on with the one they were opened with.
+        if peer.generation != credentials.generation {
+            peer.connector = connector()?;
+            peer.generation = credentials.generation;
+        }
         if seen_failures.is_some_and(|seen| peer.failures > seen) {
             return Err(ConnectError::Unreachable {
                 agent: endpoint.agent,
@@ -360,7 +380,7 @@ impl Pool {
             .map_err(|source| ConnectError::H2 { agent, source })?;
         let counters = self.metrics.peer(
             Direction::Outbound,
-            self.identity.id.as_str(),
+            self.local_id.as_str(),
             expected.as_str(),
             Transport::Mtls,
         );

@@ -333,3 +333,47 @@ async fn send_request(
     }
     Attempt::Connected(got)
 }
+
+/// The end-entity certificate (DER) that the agent at `agent` presents to a
+/// client holding `identity`. Runs in the calling thread's namespace.
+pub fn peer_certificate(
+    identity: &IdentityFiles,
+    agent: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let config = client_config(identity)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect(agent)
+                .await
+                .with_context(|| format!("TCP connect to {agent}"))?;
+            let name = ServerName::IpAddress(agent.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {agent}"))?;
+            let leaf = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .context("the agent presented no certificate")?;
+            Ok(leaf.as_ref().to_vec())
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| anyhow!("no TLS handshake with {agent} within {timeout:?}"))?
+    })
+}
+
+/// The first certificate (DER) of a PEM file, e.g. a leaf an agent loads.
+pub fn first_certificate(pem: &Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(pem).with_context(|| format!("reading {}", pem.display()))?;
+    let cert = CertificateDer::pem_slice_iter(&bytes)
+        .next()
+        .with_context(|| format!("{} holds no certificate", pem.display()))??;
+    Ok(cert.as_ref().to_vec())
+}
