@@ -1,0 +1,1 @@
+//! Mesh certificate authorities and workload certificates.
