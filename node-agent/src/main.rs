@@ -109,6 +109,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Redirect { action } => match action {
             RedirectAction::Install { config } => {
                 let cfg = AgentConfig::load(&config)?;
+                if cfg.redirect.agent_uid == Some(0) {
+                    eprintln!(
+                        "warning: redirect.agent_uid is 0: every process running as root bypasses capture; \
+                         run the agent as a dedicated user instead"
+                    );
+                }
                 redirect::install(&cfg)?;
                 println!("capture rules installed (nftables table inet weft)");
                 Ok(())
