@@ -59,7 +59,7 @@ impl SpiffeId {
     }
 }
 
-fn valid_trust_domain(s: &str) -> bool {
+pub(crate) fn valid_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
         && s.bytes().all(|b| {

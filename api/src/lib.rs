@@ -1,9 +1,31 @@
-//! The contract between Weft's parts: SPIFFE identities and the mesh view
+//! The contract between Weft's parts: SPIFFE identities, the mesh view
 //! (workloads, endpoints, peer matchers) that a controller pushes to agents
-//! and that a static agent config spells out by hand.
+//! and that a static agent config spells out by hand, and the resources
+//! (`weft.io/v1alpha1`) that users apply and controllers store, with their
+//! validation and reference documentation.
 
+pub mod docs;
+pub mod duration;
 pub mod identity;
+pub mod kinds;
 pub mod mesh;
+pub mod parse;
+pub mod resource;
+pub mod validation;
 
+pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
+pub use kinds::{
+    BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, MeshSpec, PemChoice, PemSource, ProvidedCa,
+    ServiceSpec, ServiceStatus, WorkloadSpec, ZoneBackend, ZoneSpec,
+};
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
+pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
+pub use resource::{
+    ExternalService, Kind, Mesh, NoStatus, Object, ObjectMeta, Resource, Scope, Service, Spec,
+    UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
+};
+pub use validation::{
+    check_references, DocumentErrors, ExistingResources, FieldError, FieldPath, InputErrors,
+    KnownNames, PathSegment, Position, Problems, ValidationErrors,
+};

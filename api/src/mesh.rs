@@ -6,26 +6,31 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{IdentityError, SpiffeId};
 
 /// The application protocol spoken on a workload port; HTTP ports are the
 /// ones that later get L7 policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Opaque TCP: L4 policy only.
     #[default]
     Tcp,
+    /// HTTP/1.1, HTTP/2 or gRPC: parsed by the agent for L7 policy.
     Http,
 }
 
 /// One port a workload serves. Only these ports can be reached through the
 /// workload's agent: the agent is never an open relay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadPort {
+    /// The port number (1-65535).
     pub port: u16,
+    /// The application protocol on this port: `tcp`, or `http` to get L7 policy.
     #[serde(default)]
     pub protocol: Protocol,
 }

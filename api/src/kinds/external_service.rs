@@ -1,0 +1,49 @@
+//! `ExternalService`: a destination outside the mesh that workloads may
+//! call through their agent (and that policies can name).
+
+use std::net::IpAddr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::Protocol;
+use crate::resource::{Kind, NoStatus, Object, ObjectMeta, Resource, Spec};
+use crate::validation::{dns1123_subdomain, unicast_address, FieldPath, Problems};
+
+/// A service outside the mesh, reached at a host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalServiceSpec {
+    /// Where the service is: a DNS name (lowercase, e.g. `api.example.com`)
+    /// or an IP address.
+    pub host: String,
+    /// The port it listens on (1-65535).
+    pub port: u16,
+    /// The protocol it speaks: `tcp`, or `http` to get L7 policy.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl Spec for ExternalServiceSpec {
+    const KIND: Kind = Kind::ExternalService;
+    type Status = NoStatus;
+
+    fn validate(&self, _: &ObjectMeta, path: &FieldPath, problems: &mut Problems) {
+        let host = match self.host.parse::<IpAddr>() {
+            Ok(address) => unicast_address(address),
+            Err(_) => dns1123_subdomain(&self.host)
+                .map_err(|reason| format!("must be an IP address or a DNS name: {reason}")),
+        };
+        problems.check(path.field("host"), host);
+        if self.port == 0 {
+            problems.add(
+                path.field("port"),
+                "must be between 1 and 65535 (0 is not a port)",
+            );
+        }
+    }
+
+    fn into_resource(object: Object<Self>) -> Resource {
+        Resource::ExternalService(object)
+    }
+}

@@ -1,0 +1,690 @@
+//! Tests of reading resources as users write them: good files of every
+//! kind, and each kind of bad input with the exact path (and, for decoding
+//! errors, position) it must be reported at.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::kinds::{CaChoice, PemChoice, ServiceStatus, ZoneBackend};
+use crate::mesh::Protocol;
+use crate::resource::DEFAULT_MESH;
+use crate::validation::{check_references, KnownNames};
+
+const MESH: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata:
+  name: prod
+spec:
+  trustDomain: prod.example
+  workloadCertificateLifetime: 12h
+";
+
+const MESH_PROVIDED_CA: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata:
+  name: partner
+spec:
+  trustDomain: partner.example
+  ca:
+    provided:
+      certificate:
+        file: /etc/weft/ca.crt
+      key:
+        inline: |
+          -----BEGIN EC PRIVATE KEY-----
+          MHcCAQEEIB
+          -----END EC PRIVATE KEY-----
+";
+
+const ZONE: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Zone
+metadata:
+  name: eu-west
+spec:
+  backend: universal
+";
+
+const WORKLOAD: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Workload
+metadata:
+  name: payments-vm-1
+  mesh: prod
+  namespace: payments
+  labels:
+    app: payments
+    weft.io/version: v1.2
+spec:
+  address: 10.0.1.5
+  service: payments
+  serviceAccount: payments-api
+  ports:
+  - port: 8080
+    protocol: http
+  - port: 9000
+";
+
+const SERVICE: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Service
+metadata:
+  name: payments
+  namespace: payments
+spec:
+  ports:
+  - port: 8080
+    protocol: http
+";
+
+const EXTERNAL_SERVICE: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: ExternalService
+metadata:
+  name: stripe
+  namespace: payments
+spec:
+  host: api.stripe.com
+  port: 443
+";
+
+fn one(input: &str) -> Resource {
+    match parse_yaml(input) {
+        Ok(mut resources) if resources.len() == 1 => resources.remove(0),
+        Ok(resources) => panic!("expected one resource, got {}", resources.len()),
+        Err(e) => panic!("expected a valid resource, got:\n{e}"),
+    }
+}
+
+/// The single problem of a single-document input.
+fn only_error(input: &str) -> FieldError {
+    let errors = all_errors(input);
+    assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");
+    errors.into_iter().next().unwrap()
+}
+
+fn all_errors(input: &str) -> Vec<FieldError> {
+    match parse_yaml(input) {
+        Ok(resources) => panic!("expected an error, parsed {resources:?}"),
+        Err(e) => {
+            assert_eq!(e.documents.len(), 1, "expected one bad document: {e}");
+            e.documents[0].errors.clone()
+        }
+    }
+}
+
+fn paths(errors: &[FieldError]) -> Vec<String> {
+    errors.iter().map(|e| e.path.to_string()).collect()
+}
+
+#[test]
+fn good_resources_of_every_kind() {
+    let Resource::Mesh(mesh) = one(MESH) else {
+        panic!("not a Mesh")
+    };
+    assert_eq!(mesh.metadata.name, "prod");
+    assert_eq!(mesh.mesh(), None);
+    assert_eq!(mesh.spec.trust_domain, "prod.example");
+    assert_eq!(mesh.spec.workload_certificate_lifetime.to_string(), "12h");
+    assert!(matches!(mesh.spec.ca.choice(), Some(CaChoice::Builtin(_))));
+
+    let Resource::Mesh(partner) = one(MESH_PROVIDED_CA) else {
+        panic!("not a Mesh")
+    };
+    let Some(CaChoice::Provided(ca)) = partner.spec.ca.choice() else {
+        panic!("not a provided CA")
+    };
+    assert_eq!(
+        ca.certificate.choice(),
+        Some(PemChoice::File("/etc/weft/ca.crt"))
+    );
+    assert!(
+        matches!(ca.key.choice(), Some(PemChoice::Inline(pem)) if pem.contains("EC PRIVATE KEY"))
+    );
+    assert_eq!(
+        partner.spec.workload_certificate_lifetime.to_string(),
+        "24h",
+        "default lifetime"
+    );
+
+    let Resource::Zone(zone) = one(ZONE) else {
+        panic!("not a Zone")
+    };
+    assert_eq!(zone.spec.backend, ZoneBackend::Universal);
+
+    let Resource::Workload(workload) = one(WORKLOAD) else {
+        panic!("not a Workload")
+    };
+    assert_eq!(workload.mesh(), Some("prod"));
+    assert_eq!(
+        workload.spec.address,
+        IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5))
+    );
+    assert_eq!(workload.spec.ports[0].protocol, Protocol::Http);
+    assert_eq!(
+        workload.spec.ports[1].protocol,
+        Protocol::Tcp,
+        "default protocol"
+    );
+    assert_eq!(workload.metadata.labels["weft.io/version"], "v1.2");
+    assert_eq!(
+        workload.identity(&mesh.spec).unwrap().as_str(),
+        "spiffe://prod.example/ns/payments/sa/payments-api"
+    );
+
+    let Resource::Service(service) = one(SERVICE) else {
+        panic!("not a Service")
+    };
+    assert_eq!(
+        service.metadata.mesh.as_deref(),
+        Some(DEFAULT_MESH),
+        "mesh defaulted and made explicit"
+    );
+    assert_eq!(service.status, None);
+
+    let Resource::ExternalService(external) = one(EXTERNAL_SERVICE) else {
+        panic!("not an ExternalService")
+    };
+    assert_eq!(external.spec.host, "api.stripe.com");
+    assert_eq!(external.spec.protocol, Protocol::Tcp);
+}
+
+#[test]
+fn workload_service_account_defaults() {
+    let input = WORKLOAD.replace("  serviceAccount: payments-api\n", "");
+    let Resource::Workload(workload) = one(&input) else {
+        panic!("not a Workload")
+    };
+    assert_eq!(workload.spec.service_account, "default");
+}
+
+#[test]
+fn multi_document_yaml() {
+    let input = format!(
+        "# everything for payments\n---\n{MESH}---\n---\n# an empty document above\n{ZONE}...\n---\n{WORKLOAD}---\n{SERVICE}---\n{EXTERNAL_SERVICE}"
+    );
+    let resources = parse_yaml(&input).unwrap();
+    let kinds: Vec<Kind> = resources.iter().map(Resource::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            Kind::Mesh,
+            Kind::Zone,
+            Kind::Workload,
+            Kind::Service,
+            Kind::ExternalService
+        ]
+    );
+    assert!(parse_yaml("").unwrap().is_empty());
+    assert!(parse_yaml("# nothing\n---\n").unwrap().is_empty());
+}
+
+#[test]
+fn bad_yaml_reports_its_position_in_the_whole_file() {
+    // The second document (starting at line 8) has a badly indented key.
+    let input = format!(
+        "{MESH}---\napiVersion: weft.io/v1alpha1\nkind: Zone\nmetadata:\n  name: eu-west\n   oops: 1\nspec:\n  backend: universal\n"
+    );
+    let err = parse_yaml(&input).unwrap_err();
+    assert_eq!(err.documents.len(), 1);
+    let document = &err.documents[0];
+    assert_eq!(document.document, 2);
+    assert_eq!(document.line, Some(8));
+    let [error] = document.errors.as_slice() else {
+        panic!("expected one error: {err}")
+    };
+    assert!(error.path.is_root());
+    assert_eq!(
+        error.position,
+        Some(Position {
+            line: 13,
+            column: 8
+        })
+    );
+    assert_eq!(
+        error.reason,
+        "mapping values are not allowed in this context"
+    );
+    assert_eq!(
+        err.to_string(),
+        "document 2 (from line 8): mapping values are not allowed in this context (at line 13 column 8)"
+    );
+}
+
+#[test]
+fn unclosed_flow_mapping() {
+    let error = only_error("apiVersion: weft.io/v1alpha1\nkind: Zone\nmetadata: {name: z\nspec:\n  backend: universal\n");
+    assert!(error.path.is_root());
+    assert_eq!(error.position.map(|p| p.line), Some(4));
+    assert!(error.reason.contains("flow mapping"), "{}", error.reason);
+}
+
+#[test]
+fn unknown_kind_lists_the_known_ones() {
+    let error = only_error(&ZONE.replace("kind: Zone", "kind: Gateway"));
+    assert_eq!(error.path.to_string(), "kind");
+    assert_eq!(
+        error.reason,
+        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService"
+    );
+}
+
+#[test]
+fn missing_or_wrong_api_version_and_kind_are_reported_together() {
+    let errors = all_errors("metadata:\n  name: x\nspec: {}\n");
+    assert_eq!(paths(&errors), ["apiVersion", "kind"]);
+    let error = only_error(&ZONE.replace("weft.io/v1alpha1", "v1"));
+    assert_eq!(error.path.to_string(), "apiVersion");
+    assert_eq!(
+        error.reason,
+        "unsupported apiVersion \"v1\"; expected weft.io/v1alpha1"
+    );
+    let error = only_error(&format!("kind: Mesh\n{MESH}"));
+    assert_eq!(error.path.to_string(), "kind");
+    assert_eq!(error.reason, "is given more than once");
+}
+
+#[test]
+fn unknown_field_lists_the_expected_ones() {
+    let error = only_error(&WORKLOAD.replace(
+        "  service: payments\n",
+        "  service: payments\n  replicas: 3\n",
+    ));
+    assert_eq!(error.path.to_string(), "spec.replicas");
+    assert_eq!(
+        error.reason,
+        "unknown field `replicas`, expected one of `address`, `service`, `serviceAccount`, `ports`"
+    );
+    assert_eq!(
+        error.position,
+        Some(Position {
+            line: 13,
+            column: 3
+        })
+    );
+
+    let error = only_error(&MESH.replace("  name: prod\n", "  name: prod\n  annotations: {}\n"));
+    assert_eq!(error.path.to_string(), "metadata.annotations");
+
+    // A kind without status refuses the field like any other unknown one.
+    let error = only_error(&format!("{ZONE}status: {{}}\n"));
+    assert_eq!(error.path.to_string(), "status");
+    assert!(error
+        .reason
+        .contains("expected one of `apiVersion`, `kind`, `metadata`, `spec`"));
+}
+
+#[test]
+fn wrong_type() {
+    let error = only_error(&WORKLOAD.replace("  - port: 9000", "  - port: nine-thousand"));
+    assert_eq!(error.path.to_string(), "spec.ports[1].port");
+    assert_eq!(
+        error.reason,
+        "invalid type: string \"nine-thousand\", expected an integer from 0 to 65535"
+    );
+    assert_eq!(
+        error.position,
+        Some(Position {
+            line: 17,
+            column: 11
+        })
+    );
+
+    let error = only_error(&WORKLOAD.replace("    app: payments", "    app: [payments]"));
+    assert_eq!(error.path.to_string(), r#"metadata.labels["app"]"#);
+
+    let error = only_error(&WORKLOAD.replace("protocol: http", "protocol: udp"));
+    assert_eq!(error.path.to_string(), "spec.ports[0].protocol");
+    assert_eq!(
+        error.reason,
+        "unknown variant `udp`, expected `tcp` or `http`"
+    );
+
+    let error = only_error("[1, 2]\n");
+    assert!(error.path.is_root());
+    assert!(
+        error.reason.contains("expected a resource"),
+        "{}",
+        error.reason
+    );
+}
+
+#[test]
+fn missing_field_points_at_the_field() {
+    let error = only_error(&MESH.replace("  trustDomain: prod.example\n", ""));
+    assert_eq!(error.path.to_string(), "spec.trustDomain");
+    assert_eq!(error.reason, "is required");
+    let error = only_error(&ZONE.replace("metadata:\n  name: eu-west\n", ""));
+    assert_eq!(error.path.to_string(), "metadata");
+}
+
+#[test]
+fn invalid_name() {
+    let error = only_error(&ZONE.replace("name: eu-west", "name: EU_West"));
+    assert_eq!(error.path.to_string(), "metadata.name");
+    assert!(error.reason.contains("DNS-1123 label"), "{}", error.reason);
+    assert_eq!(
+        error.position, None,
+        "checks of decoded values have no position"
+    );
+}
+
+#[test]
+fn invalid_labels() {
+    let input = WORKLOAD.replace(
+        "    app: payments\n",
+        "    bad key: x\n    tier: -gold\n    app: payments\n",
+    );
+    let errors = all_errors(&input);
+    assert_eq!(
+        paths(&errors),
+        [
+            r#"metadata.labels["bad key"]"#,
+            r#"metadata.labels["tier"]"#
+        ]
+    );
+    assert!(errors[0].reason.starts_with("label key \"bad key\""));
+    assert!(errors[1].reason.starts_with("label value \"-gold\""));
+}
+
+#[test]
+fn port_zero_and_duplicates() {
+    let error = only_error(&WORKLOAD.replace("  - port: 9000", "  - port: 0"));
+    assert_eq!(error.path.to_string(), "spec.ports[1].port");
+    assert_eq!(
+        error.reason,
+        "must be between 1 and 65535 (0 is not a port)"
+    );
+
+    let error = only_error(&WORKLOAD.replace("  - port: 9000", "  - port: 8080"));
+    assert_eq!(error.path.to_string(), "spec.ports[1].port");
+    assert_eq!(error.reason, "port 8080 is already listed at index 0");
+
+    let error = only_error(&EXTERNAL_SERVICE.replace("port: 443", "port: 0"));
+    assert_eq!(error.path.to_string(), "spec.port");
+
+    let error = only_error(&WORKLOAD.replace("  - port: 9000", "  - port: 70000"));
+    assert_eq!(error.path.to_string(), "spec.ports[1].port");
+}
+
+#[test]
+fn invalid_addresses() {
+    let error = only_error(&WORKLOAD.replace("10.0.1.5", "10.0.1.300"));
+    assert_eq!(error.path.to_string(), "spec.address");
+    assert_eq!(error.reason, "invalid IP address syntax");
+    assert_eq!(
+        error.position,
+        Some(Position {
+            line: 11,
+            column: 12
+        })
+    );
+
+    for unusable in ["0.0.0.0", "'::'", "224.0.0.1", "255.255.255.255"] {
+        let error = only_error(&WORKLOAD.replace("10.0.1.5", unusable));
+        assert_eq!(error.path.to_string(), "spec.address", "{unusable}");
+    }
+
+    for bad_host in ["Api.Stripe.com", "api_stripe.com", "0.0.0.0", "a..b"] {
+        let error = only_error(&EXTERNAL_SERVICE.replace("api.stripe.com", bad_host));
+        assert_eq!(error.path.to_string(), "spec.host", "{bad_host}");
+    }
+    let Resource::ExternalService(by_ip) =
+        one(&EXTERNAL_SERVICE.replace("api.stripe.com", "192.0.2.10"))
+    else {
+        panic!("not an ExternalService")
+    };
+    assert_eq!(by_ip.spec.host, "192.0.2.10");
+}
+
+#[test]
+fn lifetime_out_of_range() {
+    for (lifetime, reason) in [
+        ("5s", "5s is out of range; must be from 10s to 2160h"),
+        ("2161h", "2161h is out of range; must be from 10s to 2160h"),
+    ] {
+        let error = only_error(&MESH.replace("12h", lifetime));
+        assert_eq!(error.path.to_string(), "spec.workloadCertificateLifetime");
+        assert_eq!(error.reason, reason);
+    }
+    assert!(
+        parse_yaml(&MESH.replace("12h", "30s")).is_ok(),
+        "short enough to test rotation"
+    );
+
+    let error = only_error(&MESH.replace("12h", "1d"));
+    assert_eq!(error.path.to_string(), "spec.workloadCertificateLifetime");
+    assert!(
+        error.reason.starts_with("invalid duration \"1d\""),
+        "{}",
+        error.reason
+    );
+}
+
+#[test]
+fn ca_one_of() {
+    let error = only_error(&MESH.replace("  workloadCertificateLifetime: 12h\n", "  ca: {}\n"));
+    assert_eq!(error.path.to_string(), "spec.ca");
+    assert_eq!(error.reason, "set exactly one of builtin, provided");
+
+    let both = MESH_PROVIDED_CA.replace("  ca:\n", "  ca:\n    builtin: {}\n");
+    assert_eq!(only_error(&both).path.to_string(), "spec.ca");
+
+    let errors = all_errors(
+        &MESH_PROVIDED_CA
+            .replace("file: /etc/weft/ca.crt", "file: ca.crt")
+            .replace("EC PRIVATE KEY", "CERTIFICATE"),
+    );
+    assert_eq!(
+        paths(&errors),
+        [
+            "spec.ca.provided.certificate.file",
+            "spec.ca.provided.key.inline"
+        ]
+    );
+
+    let error = only_error(&MESH_PROVIDED_CA.replace(
+        "        file: /etc/weft/ca.crt\n",
+        "        file: /etc/weft/ca.crt\n        inline: x\n",
+    ));
+    assert_eq!(error.path.to_string(), "spec.ca.provided.certificate");
+}
+
+#[test]
+fn scope_of_metadata() {
+    let error = only_error(&WORKLOAD.replace("  namespace: payments\n", ""));
+    assert_eq!(error.path.to_string(), "metadata.namespace");
+    assert_eq!(error.reason, "is required: Workload is a namespaced kind");
+
+    let errors = all_errors(&ZONE.replace(
+        "  name: eu-west\n",
+        "  name: eu-west\n  mesh: prod\n  namespace: x\n",
+    ));
+    assert_eq!(paths(&errors), ["metadata.mesh", "metadata.namespace"]);
+    assert_eq!(
+        errors[0].reason,
+        "Zone is not inside a mesh; remove metadata.mesh"
+    );
+}
+
+#[test]
+fn every_problem_of_a_document_is_reported() {
+    let input = "\
+apiVersion: weft.io/v1alpha1
+kind: Workload
+metadata:
+  name: Web_1
+  namespace: payments
+  labels:
+    bad key: x
+spec:
+  address: 0.0.0.0
+  service: Payments
+  serviceAccount: -sa
+  ports:
+  - port: 0
+  - port: 80
+  - port: 80
+";
+    assert_eq!(
+        paths(&all_errors(input)),
+        [
+            "metadata.name",
+            r#"metadata.labels["bad key"]"#,
+            "spec.address",
+            "spec.service",
+            "spec.serviceAccount",
+            "spec.ports[0].port",
+            "spec.ports[2].port",
+        ]
+    );
+}
+
+#[test]
+fn every_bad_document_of_a_file_is_reported() {
+    let input = format!(
+        "{MESH}---\n{}---\n{ZONE}---\n{}",
+        WORKLOAD.replace("  - port: 9000", "  - port: 0"),
+        SERVICE.replace("kind: Service", "kind: Servce"),
+    );
+    let err = parse_yaml(&input).unwrap_err();
+    let summary: Vec<(usize, Option<Kind>, String)> = err
+        .documents
+        .iter()
+        .map(|d| (d.document, d.kind, paths(&d.errors).join(",")))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (2, Some(Kind::Workload), "spec.ports[1].port".to_owned()),
+            (4, None, "kind".to_owned()),
+        ]
+    );
+    // Its `---` marker is on line 33.
+    assert_eq!(err.documents[1].line, Some(33));
+}
+
+#[test]
+fn status_is_refused_on_apply() {
+    let input = format!("{SERVICE}status:\n  zone: eu-west\n  virtualIp: 240.0.0.1\n");
+    let error = only_error(&input);
+    assert_eq!(error.path.to_string(), "status");
+    assert_eq!(
+        error.reason,
+        "is set by the controller and cannot be applied; remove it"
+    );
+}
+
+#[test]
+fn dangling_mesh_reference() {
+    let resources = parse_yaml(WORKLOAD).unwrap();
+    let err = check_references(&resources, &KnownNames::new().with_mesh("default")).unwrap_err();
+    let [document] = err.documents.as_slice() else {
+        panic!("expected one document: {err}")
+    };
+    assert_eq!(document.document, 1);
+    assert_eq!(document.kind, Some(Kind::Workload));
+    assert_eq!(document.name.as_deref(), Some("payments-vm-1"));
+    assert_eq!(paths(&document.errors), ["metadata.mesh"]);
+    assert_eq!(
+        document.errors[0].reason,
+        "mesh \"prod\" does not exist; create the Mesh first"
+    );
+    assert_eq!(
+        err.to_string(),
+        "document 1 (Workload \"payments-vm-1\"): metadata.mesh: mesh \"prod\" does not exist; create the Mesh first"
+    );
+
+    // It exists in the store, or in the same file.
+    check_references(&resources, &KnownNames::new().with_mesh("prod")).unwrap();
+    let batch = parse_yaml(&format!("{MESH}---\n{WORKLOAD}")).unwrap();
+    check_references(&batch, &KnownNames::new()).unwrap();
+
+    // The defaulted mesh is checked too; kinds outside meshes never are.
+    let batch = parse_yaml(&format!("{ZONE}---\n{SERVICE}")).unwrap();
+    let err = check_references(&batch, &KnownNames::new()).unwrap_err();
+    assert_eq!(err.documents[0].document, 2);
+    assert_eq!(
+        err.documents[0].errors[0].reason,
+        "mesh \"default\" does not exist; create the Mesh first"
+    );
+}
+
+#[test]
+fn dangling_zone_in_a_controller_written_status() {
+    let Resource::Service(mut service) = one(SERVICE) else {
+        panic!("not a Service")
+    };
+    service.status = Some(ServiceStatus {
+        zone: "us-east".to_owned(),
+        virtual_ip: None,
+    });
+    let existing = KnownNames::new().with_mesh("default").with_zone("eu-west");
+    let err = service.check_references(&existing).unwrap_err();
+    assert_eq!(paths(err.errors()), ["status.zone"]);
+}
+
+#[test]
+fn round_trip() {
+    let input = format!(
+        "{MESH}---\n{MESH_PROVIDED_CA}---\n{ZONE}---\n{WORKLOAD}---\n{SERVICE}---\n{EXTERNAL_SERVICE}"
+    );
+    let parsed = parse_yaml(&input).unwrap();
+    let yaml = to_yaml(&parsed).unwrap();
+    assert_eq!(parse_yaml(&yaml).unwrap(), parsed, "YAML:\n{yaml}");
+    for resource in &parsed {
+        let json = serde_json::to_string(resource).unwrap();
+        assert_eq!(&parse_json(&json).unwrap(), resource, "JSON: {json}");
+    }
+}
+
+#[test]
+fn stored_resources_keep_their_status() {
+    // What a store keeps (status included) reads back through `Deserialize`.
+    let Resource::Service(mut service) = one(SERVICE) else {
+        panic!("not a Service")
+    };
+    service.status = Some(ServiceStatus {
+        zone: "eu-west".to_owned(),
+        virtual_ip: Some(IpAddr::V4(Ipv4Addr::new(240, 0, 0, 7))),
+    });
+    let stored = serde_json::to_string(&Resource::from(service.clone())).unwrap();
+    assert!(stored.contains(r#""status":{"zone":"eu-west","virtualIp":"240.0.0.7"}"#));
+    let back: Resource = serde_json::from_str(&stored).unwrap();
+    assert_eq!(back, Resource::Service(service));
+
+    let bad = stored.replace(r#""virtualIp":"240.0.0.7""#, r#""virtualIp":7"#);
+    let err = serde_json::from_str::<Resource>(&bad).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("status.virtualIp: invalid type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_errors_have_paths_and_positions() {
+    let input = "{\"apiVersion\": \"weft.io/v1alpha1\", \"kind\": \"Zone\",\n \"metadata\": {\"name\": \"z\"},\n \"spec\": {\"backend\": \"vm\"}}";
+    let err = parse_json(input).unwrap_err();
+    let error = &err.documents[0].errors[0];
+    assert_eq!(error.path.to_string(), "spec.backend");
+    assert_eq!(
+        error.reason,
+        "unknown variant `vm`, expected `universal` or `kubernetes`"
+    );
+    assert_eq!(
+        error.position,
+        Some(Position {
+            line: 3,
+            column: 25
+        })
+    );
+
+    let err = parse_json("{\"kind\": \"Zone\"} trailing").unwrap_err();
+    assert_eq!(err.documents[0].errors[0].reason, "trailing characters");
+
+    let err = parse_json(r#"{"apiVersion": "weft.io/v1alpha1", "kind": "Bogus"}"#).unwrap_err();
+    assert_eq!(paths(&err.documents[0].errors), ["kind"]);
+}
