@@ -10,6 +10,7 @@ pub mod identity;
 pub mod kinds;
 pub mod mesh;
 pub mod parse;
+pub mod proto;
 pub mod resource;
 pub mod validation;
 

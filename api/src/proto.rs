@@ -1,0 +1,51 @@
+//! The gRPC contracts, generated from `proto/` at build time: one source
+//! for the zone controller's server and the agent's client.
+
+/// Agent <-> zone controller (port 5678): enrolment, renewal, config stream.
+pub mod agent {
+    /// Version 1 of the agent protocol.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("weft.agent.v1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent::v1::{agent_message, AgentMessage, Hello, Nack};
+    use prost::Message;
+
+    #[test]
+    fn messages_round_trip_and_reject_truncation() {
+        let hello = AgentMessage {
+            message: Some(agent_message::Message::Hello(Hello {
+                agent_id: "vm-1".into(),
+                applied_version: "42".into(),
+                ..Default::default()
+            })),
+        };
+        let bytes = hello.encode_to_vec();
+        assert_eq!(AgentMessage::decode(bytes.as_slice()).unwrap(), hello);
+        // A frame cut short is an error, never a partial message.
+        assert!(AgentMessage::decode(&bytes[..bytes.len() - 1]).is_err());
+
+        let nack = AgentMessage {
+            message: Some(agent_message::Message::Nack(Nack {
+                version: "43".into(),
+                reason: "services[0].virtual_ip: not an IP".into(),
+            })),
+        };
+        assert_eq!(
+            AgentMessage::decode(nack.encode_to_vec().as_slice()).unwrap(),
+            nack
+        );
+    }
+
+    #[test]
+    fn both_sides_of_the_service_are_generated() {
+        // The zone implements the server trait; the agent uses the client.
+        fn _server<T: super::agent::v1::agent_service_server::AgentService>() {}
+        let _client =
+            std::any::type_name::<super::agent::v1::agent_service_client::AgentServiceClient<()>>();
+    }
+}
