@@ -1,0 +1,125 @@
+//! The change feed: every put and delete in commit order, and watch hints
+//! that say when to read it again.
+
+use sqlx::Row;
+use tokio::sync::broadcast;
+
+use crate::backend::{on_pool, Store};
+use crate::error::{to_u64, StoreError};
+use crate::resources::ResourceKey;
+
+/// What happened to a resource at one point of the feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeEvent {
+    /// Created or replaced; this is its new version.
+    Put {
+        /// The version written.
+        version: u64,
+    },
+    /// Deleted; this was its last version.
+    Deleted {
+        /// The version that was deleted.
+        version: u64,
+    },
+}
+
+/// One entry of the change feed, for controllers that keep derived state
+/// (agent views, service endpoints) up to date without re-reading
+/// everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its position in the feed: strictly increasing in commit order.
+    pub seq: u64,
+    /// The resource changed.
+    pub key: ResourceKey,
+    /// What happened to it.
+    pub event: ChangeEvent,
+}
+
+/// Notifications that something changed in the store, on this process
+/// (SQLite) or on any replica sharing the database (PostgreSQL).
+/// Notifications are hints and may be coalesced: after each, read
+/// [`Store::changes_since`] from the last sequence applied.
+pub struct Watch {
+    receiver: broadcast::Receiver<()>,
+}
+
+impl Watch {
+    /// Waits until something may have changed since the previous call (or
+    /// since the watch was made). Several changes may give one
+    /// notification. Fails only when the store is gone.
+    pub async fn changed(&mut self) -> Result<(), StoreError> {
+        match self.receiver.recv().await {
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return Err(StoreError::Closed),
+        }
+        // Coalesce what is already queued: one re-read covers it all.
+        while let Ok(()) | Err(broadcast::error::TryRecvError::Lagged(_)) = self.receiver.try_recv()
+        {
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Starts watching for changes. Make the watch *before* reading the
+    /// state it guards (`current_seq`, `list`), so no change falls between.
+    pub fn watch(&self) -> Watch {
+        Watch {
+            receiver: self.inner.changed.subscribe(),
+        }
+    }
+
+    /// The sequence of the last committed change (0 for a new store). A
+    /// reader takes it, lists what it needs, then follows
+    /// `changes_since(seq)`; changes that raced the listing appear again
+    /// there, so readers apply changes by version.
+    pub async fn current_seq(&self) -> Result<u64, StoreError> {
+        let seq: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT value FROM change_sequence WHERE id = 1")
+                .fetch_one(pool)
+                .await
+                .map_err(StoreError::db("read the change sequence"))?
+        });
+        to_u64(seq, "change_sequence.value")
+    }
+
+    /// Every change after `seq`, oldest first.
+    pub async fn changes_since(&self, seq: u64) -> Result<Vec<Change>, StoreError> {
+        let after = i64::try_from(seq).unwrap_or(i64::MAX);
+        let op = format!("read changes since {seq}");
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT seq, kind, mesh, namespace, name, version, deleted FROM changes \
+                 WHERE seq > $1 ORDER BY seq",
+            )
+            .bind(after)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(&op))?;
+            rows.iter()
+                .map(|row| {
+                    let column = |name: &str| StoreError::corrupt(format!("changes.{name}"));
+                    let seq: i64 = row.try_get("seq").map_err(column("seq"))?;
+                    let kind: String = row.try_get("kind").map_err(column("kind"))?;
+                    let mesh: String = row.try_get("mesh").map_err(column("mesh"))?;
+                    let namespace: String =
+                        row.try_get("namespace").map_err(column("namespace"))?;
+                    let name: String = row.try_get("name").map_err(column("name"))?;
+                    let version: i64 = row.try_get("version").map_err(column("version"))?;
+                    let deleted: bool = row.try_get("deleted").map_err(column("deleted"))?;
+                    let version = to_u64(version, "changes.version")?;
+                    Ok(Change {
+                        seq: to_u64(seq, "changes.seq")?,
+                        key: ResourceKey::from_columns(&kind, mesh, namespace, name)?,
+                        event: if deleted {
+                            ChangeEvent::Deleted { version }
+                        } else {
+                            ChangeEvent::Put { version }
+                        },
+                    })
+                })
+                .collect()
+        })
+    }
+}

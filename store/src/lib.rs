@@ -1,0 +1,32 @@
+//! The zone controller's single persistence layer: resources with versions
+//! and optimistic concurrency, a change feed with watch notifications,
+//! bootstrap tokens, leader election, per-mesh CA material and virtual IP
+//! allocation, on the same code path for an embedded SQLite file (the
+//! default: no set-up) and PostgreSQL (several controller replicas sharing
+//! one database).
+//!
+//! Open a store with [`Store::open`] and a URL: `sqlite:///path/file.db` or
+//! `postgres://user@host/db`. Connections to PostgreSQL are not encrypted
+//! (no TLS support is compiled in yet).
+//!
+//! Watching: [`Store::watch`] only says *that* something changed; readers
+//! then call [`Store::changes_since`] with the last sequence they applied,
+//! so a lost or coalesced notification never loses a change.
+
+mod backend;
+mod ca;
+mod changes;
+mod error;
+mod leader;
+mod resources;
+mod tokens;
+mod vips;
+
+pub use backend::Store;
+pub use ca::CaMaterial;
+pub use changes::{Change, ChangeEvent, Watch};
+pub use error::StoreError;
+pub use leader::LeaderGuard;
+pub use resources::{Expect, ResourceKey, StoredResource};
+pub use tokens::{TokenError, TokenGrant, TokenInfo, TokenSpec, WorkloadScope};
+pub use vips::VipRange;

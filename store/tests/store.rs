@@ -1,0 +1,678 @@
+//! Every store API against a real SQLite file and a real PostgreSQL server:
+//! each scenario is one async function run on both backends.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::TestDb;
+use weft_api::{parse_yaml, Kind, Resource};
+use weft_store::{
+    CaMaterial, ChangeEvent, Expect, ResourceKey, StoreError, TokenError, TokenSpec, VipRange,
+    WorkloadScope,
+};
+
+/// Runs a scenario on both backends as two tests.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::TestDb::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::TestDb::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    put_get_list_delete,
+    invalid_resources_are_refused,
+    concurrent_puts_with_expected_versions,
+    changes_since_is_ordered,
+    watch_crosses_store_handles,
+    token_lifecycle,
+    token_single_use_race,
+    leader_election,
+    ca_material,
+    virtual_ips,
+    data_survives_reopen,
+);
+
+fn workload(name: &str, namespace: &str, address: &str) -> Resource {
+    let yaml = format!(
+        "apiVersion: weft.io/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  address: {address}
+  service: payments
+  serviceAccount: payments-api
+  ports:
+  - port: 8080
+    protocol: http
+"
+    );
+    parse_yaml(&yaml).expect("valid workload").remove(0)
+}
+
+fn mesh(name: &str) -> Resource {
+    let yaml = format!(
+        "apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata:
+  name: {name}
+spec:
+  trustDomain: {name}.example
+"
+    );
+    parse_yaml(&yaml).expect("valid mesh").remove(0)
+}
+
+fn workload_key(name: &str, namespace: &str) -> ResourceKey {
+    ResourceKey::namespaced(Kind::Workload, "default", namespace, name)
+}
+
+async fn put_get_list_delete(db: TestDb) {
+    let store = db.open().await;
+    assert_eq!(
+        store.put(&mesh("default"), Expect::Absent).await.unwrap(),
+        1
+    );
+    let w = workload("web-1", "shop", "10.0.0.1");
+    assert_eq!(store.put(&w, Expect::Absent).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .put(&workload("web-2", "shop", "10.0.0.2"), Expect::Any)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .put(&workload("db-1", "data", "10.0.0.3"), Expect::Any)
+            .await
+            .unwrap(),
+        1
+    );
+
+    let got = store
+        .get(&workload_key("web-1", "shop"))
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(got.version, 1);
+    // The stored resource has its defaults applied (metadata.mesh).
+    let mut expected = w.clone();
+    expected.apply_defaults();
+    assert_eq!(got.resource, expected);
+    assert!(store
+        .get(&workload_key("nope", "shop"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Replace bumps the version; Absent refuses an existing resource.
+    assert_eq!(store.put(&w, Expect::Version(1)).await.unwrap(), 2);
+    match store.put(&w, Expect::Absent).await {
+        Err(StoreError::Conflict { found: Some(2), .. }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    let names = |v: Vec<weft_store::StoredResource>| -> Vec<String> {
+        v.into_iter()
+            .map(|s| s.resource.name().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(store.list(Kind::Workload, None, None).await.unwrap()),
+        ["db-1", "web-1", "web-2"]
+    );
+    assert_eq!(
+        names(
+            store
+                .list(Kind::Workload, Some("default"), Some("shop"))
+                .await
+                .unwrap()
+        ),
+        ["web-1", "web-2"]
+    );
+    assert!(store
+        .list(Kind::Workload, Some("other"), None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        names(store.list(Kind::Mesh, None, None).await.unwrap()),
+        ["default"]
+    );
+
+    // Delete with a stale version is refused and deletes nothing.
+    let key = workload_key("web-1", "shop");
+    assert!(matches!(
+        store.delete(&key, Expect::Version(1)).await,
+        Err(StoreError::Conflict { found: Some(2), .. })
+    ));
+    assert!(store.get(&key).await.unwrap().is_some());
+    assert!(store.delete(&key, Expect::Version(2)).await.unwrap());
+    assert!(!store.delete(&key, Expect::Any).await.unwrap());
+    assert!(store.get(&key).await.unwrap().is_none());
+    // Re-created after delete: a new resource.
+    assert_eq!(store.put(&w, Expect::Absent).await.unwrap(), 1);
+}
+
+async fn invalid_resources_are_refused(db: TestDb) {
+    let store = db.open().await;
+    let mut bad = workload("web-1", "shop", "10.0.0.1");
+    if let Resource::Workload(w) = &mut bad {
+        w.metadata.name = "Not_A_Label".to_owned();
+    }
+    match store.put(&bad, Expect::Any).await {
+        Err(StoreError::Invalid { errors, .. }) => {
+            assert!(errors.to_string().contains("metadata.name"), "{errors}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(store.current_seq().await.unwrap(), 0, "nothing written");
+    assert!(store.changes_since(0).await.unwrap().is_empty());
+}
+
+async fn concurrent_puts_with_expected_versions(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    let w = workload("web-1", "shop", "10.0.0.1");
+    assert_eq!(store.put(&w, Expect::Absent).await.unwrap(), 1);
+    for round in 1..=5u64 {
+        // Ten writers (on two handles) all read version `round`; one wins.
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                replica.clone()
+            };
+            let w = workload("web-1", "shop", &format!("10.0.{round}.{}", i + 1));
+            tasks.push(tokio::spawn(async move {
+                s.put(&w, Expect::Version(round)).await
+            }));
+        }
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(version) => {
+                    assert_eq!(version, round + 1);
+                    wins += 1;
+                }
+                Err(StoreError::Conflict {
+                    expected, found, ..
+                }) => {
+                    assert_eq!(expected, Expect::Version(round));
+                    assert_eq!(found, Some(round + 1));
+                }
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!(wins, 1, "round {round}");
+    }
+    let got = store
+        .get(&workload_key("web-1", "shop"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.version, 6);
+    assert_eq!(store.changes_since(0).await.unwrap().len(), 6);
+}
+
+async fn changes_since_is_ordered(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    assert_eq!(store.current_seq().await.unwrap(), 0);
+    store
+        .put(&workload("a", "ns", "10.0.0.1"), Expect::Any)
+        .await
+        .unwrap();
+    store
+        .put(&workload("b", "ns", "10.0.0.2"), Expect::Any)
+        .await
+        .unwrap();
+    replica
+        .put(&workload("a", "ns", "10.0.0.3"), Expect::Any)
+        .await
+        .unwrap();
+    replica
+        .delete(&workload_key("b", "ns"), Expect::Any)
+        .await
+        .unwrap();
+    // A delete of nothing is not a change.
+    replica
+        .delete(&workload_key("zz", "ns"), Expect::Any)
+        .await
+        .unwrap();
+
+    let all = store.changes_since(0).await.unwrap();
+    let seen: Vec<(u64, &str, ChangeEvent)> = all
+        .iter()
+        .map(|c| (c.seq, c.key.name.as_str(), c.event))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "a", ChangeEvent::Put { version: 1 }),
+            (2, "b", ChangeEvent::Put { version: 1 }),
+            (3, "a", ChangeEvent::Put { version: 2 }),
+            (4, "b", ChangeEvent::Deleted { version: 1 }),
+        ]
+    );
+    assert_eq!(store.current_seq().await.unwrap(), 4);
+    let tail = store.changes_since(2).await.unwrap();
+    assert_eq!(tail.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4]);
+    assert!(store.changes_since(4).await.unwrap().is_empty());
+
+    // Many concurrent writers: the feed has no gaps and no duplicates.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = if i % 2 == 0 {
+            store.clone()
+        } else {
+            replica.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            s.put(&workload(&format!("w{i}"), "ns", "10.0.1.1"), Expect::Any)
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let seqs: Vec<u64> = store
+        .changes_since(4)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(seqs, (5..=24).collect::<Vec<_>>());
+}
+
+async fn watch_crosses_store_handles(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    let mut watch = store.watch();
+    let mut replica_watch = replica.watch();
+    let seq = store.current_seq().await.unwrap();
+
+    // A local write wakes the local watcher.
+    store
+        .put(&workload("a", "ns", "10.0.0.1"), Expect::Any)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .expect("local notification")
+        .unwrap();
+
+    if db.is_postgres() {
+        // On PostgreSQL the other replica hears it too, through NOTIFY.
+        tokio::time::timeout(Duration::from_secs(5), replica_watch.changed())
+            .await
+            .expect("notification across replicas")
+            .unwrap();
+        let seen = replica.changes_since(seq).await.unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].key, workload_key("a", "ns"));
+
+        // And a write on the replica reaches the first store.
+        let seq = store.current_seq().await.unwrap();
+        replica
+            .delete(&workload_key("a", "ns"), Expect::Any)
+            .await
+            .unwrap();
+        loop {
+            tokio::time::timeout(Duration::from_secs(5), watch.changed())
+                .await
+                .expect("notification from the replica")
+                .unwrap();
+            let seen = store.changes_since(seq).await.unwrap();
+            if !seen.is_empty() {
+                assert_eq!(seen[0].event, ChangeEvent::Deleted { version: 1 });
+                break;
+            }
+        }
+    }
+}
+
+fn spec(zone: &str, max_uses: u32, expires_in: i64) -> TokenSpec {
+    let now = SystemTime::now();
+    TokenSpec {
+        mesh: "default".to_owned(),
+        zone: zone.to_owned(),
+        workloads: WorkloadScope::Prefix("web-".to_owned()),
+        expires_at: if expires_in >= 0 {
+            now + Duration::from_secs(expires_in.unsigned_abs())
+        } else {
+            now - Duration::from_secs(expires_in.unsigned_abs())
+        },
+        max_uses,
+    }
+}
+
+async fn token_lifecycle(db: TestDb) {
+    let store = db.open().await;
+    let (id, secret) = store.issue_token(&spec("zone-1", 2, 3600)).await.unwrap();
+    assert!(secret.contains(&id));
+
+    // Wrong zone does not use the token up.
+    match store.consume_token(&secret, "zone-2").await {
+        Err(TokenError::WrongZone {
+            token_zone,
+            presented,
+            ..
+        }) => {
+            assert_eq!(
+                (token_zone.as_str(), presented.as_str()),
+                ("zone-1", "zone-2")
+            );
+        }
+        other => panic!("expected WrongZone, got {other:?}"),
+    }
+    let grant = store.consume_token(&secret, "zone-1").await.unwrap();
+    assert_eq!(grant.id, id);
+    assert_eq!(grant.mesh, "default");
+    assert_eq!(grant.uses_left, 1);
+    assert!(grant.workloads.allows("web-7"));
+    assert_eq!(
+        store
+            .consume_token(&secret, "zone-1")
+            .await
+            .unwrap()
+            .uses_left,
+        0
+    );
+    assert!(matches!(
+        store.consume_token(&secret, "zone-1").await,
+        Err(TokenError::Exhausted { max_uses: 2, .. })
+    ));
+
+    // Unknown: malformed, never issued, or a wrong secret for a real id.
+    assert!(matches!(
+        store.consume_token("garbage", "zone-1").await,
+        Err(TokenError::Unknown)
+    ));
+    let forged = format!("weft-bt1.{id}.{}", "0".repeat(64));
+    assert!(matches!(
+        store.consume_token(&forged, "zone-1").await,
+        Err(TokenError::Unknown)
+    ));
+
+    let (expired_id, expired) = store.issue_token(&spec("zone-1", 5, -10)).await.unwrap();
+    match store.consume_token(&expired, "zone-1").await {
+        Err(TokenError::Expired { id }) => assert_eq!(id, expired_id),
+        other => panic!("expected Expired, got {other:?}"),
+    }
+
+    let (revoked_id, revoked) = store.issue_token(&spec("zone-1", 5, 3600)).await.unwrap();
+    assert!(store.revoke_token(&revoked_id).await.unwrap());
+    assert!(!store.revoke_token("no-such-token").await.unwrap());
+    assert!(matches!(
+        store.consume_token(&revoked, "zone-1").await,
+        Err(TokenError::Revoked { .. })
+    ));
+
+    let tokens = store.list_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 3);
+    let first = tokens.iter().find(|t| t.id == id).unwrap();
+    assert_eq!(
+        (first.uses, first.spec.max_uses, first.revoked),
+        (2, 2, false)
+    );
+    assert_eq!(
+        first.spec.workloads,
+        WorkloadScope::Prefix("web-".to_owned())
+    );
+    assert!(tokens.iter().any(|t| t.id == revoked_id && t.revoked));
+}
+
+async fn token_single_use_race(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    let (_, secret) = store.issue_token(&spec("zone-1", 1, 3600)).await.unwrap();
+    let secret = Arc::new(secret);
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 {
+            store.clone()
+        } else {
+            replica.clone()
+        };
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            s.consume_token(&secret, "zone-1").await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(TokenError::Exhausted { .. }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(store.list_tokens().await.unwrap()[0].uses, 1);
+}
+
+async fn leader_election(db: TestDb) {
+    let store = db.open().await;
+    let mut guard = store
+        .try_lead("ca-signing")
+        .await
+        .unwrap()
+        .expect("first leader");
+    guard.check().await.unwrap();
+    assert_eq!(guard.name(), "ca-signing");
+    // Another leadership name is independent.
+    let other = store.try_lead("vip-allocation").await.unwrap();
+    assert!(other.is_some());
+
+    if db.is_postgres() {
+        let replica = db.open().await;
+        assert!(replica.try_lead("ca-signing").await.unwrap().is_none());
+        drop(guard);
+        // Dropping releases in the background: the replica takes over soon.
+        let mut taken = None;
+        for _ in 0..100 {
+            if let Some(g) = replica.try_lead("ca-signing").await.unwrap() {
+                taken = Some(g);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let taken = taken.expect("the replica took over after the guard dropped");
+        assert!(store.try_lead("ca-signing").await.unwrap().is_none());
+        // release() is immediate.
+        taken.release().await;
+        assert!(store.try_lead("ca-signing").await.unwrap().is_some());
+    } else {
+        // One process: the same name is not granted twice at once.
+        assert!(store.try_lead("ca-signing").await.unwrap().is_none());
+        drop(guard);
+        assert!(store.try_lead("ca-signing").await.unwrap().is_some());
+    }
+}
+
+async fn ca_material(db: TestDb) {
+    let store = db.open().await;
+    assert!(store.get_ca("default").await.unwrap().is_none());
+    let ca = CaMaterial {
+        cert_pem: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".to_owned(),
+        key_pem: "-----BEGIN PRIVATE KEY-----\nBB==\n-----END PRIVATE KEY-----\n".to_owned(),
+    };
+    store.put_ca("default", &ca).await.unwrap();
+    assert_eq!(store.get_ca("default").await.unwrap(), Some(ca.clone()));
+    assert!(!format!("{ca:?}").contains("BB=="), "Debug hides the key");
+    let rotated = CaMaterial {
+        cert_pem: "new cert".to_owned(),
+        ..ca
+    };
+    db.open().await.put_ca("default", &rotated).await.unwrap();
+    assert_eq!(store.get_ca("default").await.unwrap(), Some(rotated));
+}
+
+async fn virtual_ips(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    let range: VipRange = "240.0.0.0/28".parse().unwrap();
+    assert_eq!(range.capacity(), 14);
+    let svc = |n: usize| ResourceKey::namespaced(Kind::Service, "default", "ns", &format!("s{n}"));
+
+    // Concurrent allocations from two replicas: all distinct, all in range.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 {
+            store.clone()
+        } else {
+            replica.clone()
+        };
+        let key = svc(i);
+        tasks.push(tokio::spawn(
+            async move { s.allocate_vip(&key, &range).await },
+        ));
+    }
+    let mut ips = HashSet::new();
+    for t in tasks {
+        let ip = t.await.unwrap().unwrap();
+        let IpAddr::V4(v4) = ip else {
+            panic!("IPv6 from an IPv4 range")
+        };
+        assert_eq!(v4.octets()[..3], [240, 0, 0]);
+        assert!((1..=14).contains(&v4.octets()[3]), "{ip}");
+        assert!(ips.insert(ip), "{ip} allocated twice");
+    }
+    // Stable: asking again gives the same address.
+    let s3 = store.allocate_vip(&svc(3), &range).await.unwrap();
+    assert_eq!(replica.allocate_vip(&svc(3), &range).await.unwrap(), s3);
+    // Exhaustion is a clear error.
+    for i in 10..14 {
+        store.allocate_vip(&svc(i), &range).await.unwrap();
+    }
+    assert!(matches!(
+        store.allocate_vip(&svc(14), &range).await,
+        Err(StoreError::VipsExhausted { .. })
+    ));
+    // Released on release_vip, and by deleting the Service: then reusable.
+    assert!(store.release_vip(&svc(3)).await.unwrap());
+    assert_eq!(store.allocate_vip(&svc(14), &range).await.unwrap(), s3);
+    assert!(store
+        .allocate_vip(&workload_key("w", "ns"), &range)
+        .await
+        .is_err());
+}
+
+async fn data_survives_reopen(db: TestDb) {
+    let store = db.open().await;
+    store
+        .put(&workload("a", "ns", "10.0.0.1"), Expect::Any)
+        .await
+        .unwrap();
+    store
+        .put(&workload("a", "ns", "10.0.0.2"), Expect::Any)
+        .await
+        .unwrap();
+    let (id, secret) = store.issue_token(&spec("zone-1", 3, 3600)).await.unwrap();
+    let range: VipRange = "240.0.0.0/24".parse().unwrap();
+    let svc = ResourceKey::namespaced(Kind::Service, "default", "ns", "payments");
+    let ip = store.allocate_vip(&svc, &range).await.unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = db.open().await;
+    let got = store.get(&workload_key("a", "ns")).await.unwrap().unwrap();
+    assert_eq!(got.version, 2);
+    assert_eq!(store.current_seq().await.unwrap(), 2);
+    assert_eq!(store.changes_since(0).await.unwrap().len(), 2);
+    assert_eq!(store.consume_token(&secret, "zone-1").await.unwrap().id, id);
+    assert_eq!(store.allocate_vip(&svc, &range).await.unwrap(), ip);
+    // Migrations are not applied twice, and the next write continues the feed.
+    assert_eq!(
+        store
+            .put(&workload("b", "ns", "10.0.0.3"), Expect::Any)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.current_seq().await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn open_errors_name_the_url_without_password() {
+    let err = weft_store::Store::open("sqlite:///no/such/dir/store.db")
+        .await
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("/no/such/dir") && msg.contains("does not exist"),
+        "{msg}"
+    );
+
+    let err = weft_store::Store::open("mysql://x/y").await.err().unwrap();
+    assert!(err.to_string().contains("unsupported scheme"), "{err}");
+
+    // Nothing listens on port 1: a refused connection, password hidden.
+    let err = weft_store::Store::open("postgres://weft:hunter2@127.0.0.1:1/weft")
+        .await
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("postgres://weft:***@127.0.0.1:1/weft"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+}
+
+#[tokio::test]
+async fn deleting_a_service_releases_its_vip() {
+    let db = TestDb::sqlite().await;
+    let store = db.open().await;
+    let yaml = "apiVersion: weft.io/v1alpha1
+kind: Service
+metadata:
+  name: payments
+  namespace: ns
+spec:
+  ports:
+  - port: 8080
+    protocol: http
+";
+    let service = parse_yaml(yaml).expect("valid service").remove(0);
+    store.put(&service, Expect::Any).await.unwrap();
+    let key = ResourceKey::of(&{
+        let mut s = service.clone();
+        s.apply_defaults();
+        s
+    });
+    let range: VipRange = "240.0.0.0/30".parse().unwrap();
+    let ip = store.allocate_vip(&key, &range).await.unwrap();
+    assert!(store.delete(&key, Expect::Any).await.unwrap());
+    assert!(
+        !store.release_vip(&key).await.unwrap(),
+        "already released by delete"
+    );
+    let other = ResourceKey::namespaced(Kind::Service, "default", "ns", "other");
+    assert_eq!(store.allocate_vip(&other, &range).await.unwrap(), ip);
+}
