@@ -257,9 +257,15 @@ async fn run(
     target: &str,
     payload: &[u8],
 ) -> Result<Attempt> {
-    let tcp = tokio::net::TcpStream::connect(agent)
-        .await
-        .with_context(|| format!("TCP connect to {agent}"))?;
+    let tcp = match tokio::net::TcpStream::connect(agent).await {
+        Ok(tcp) => tcp,
+        // An agent at its connection limit resets at once; the reset can
+        // reach us while connect() is still returning.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Ok(Attempt::Refused(format!("TCP connect: {e}")))
+        }
+        Err(e) => return Err(e).with_context(|| format!("TCP connect to {agent}")),
+    };
     tcp.set_nodelay(true)?;
     let name = ServerName::IpAddress(agent.ip().into());
     let tls = match tokio_rustls::TlsConnector::from(config)
