@@ -1,0 +1,131 @@
+//! Printing resources: an aligned table, YAML that `apply -f` reads back, or
+//! the API's JSON.
+
+use std::io::Write;
+
+use weft_api::Resource;
+
+use crate::{Error, Format, Item};
+
+/// Prints `items` (whose API answer was `body`) in `format`.
+pub(crate) fn print(
+    out: &mut dyn Write,
+    format: Format,
+    body: &[u8],
+    items: &[Item],
+) -> Result<(), Error> {
+    match format {
+        Format::Json => {
+            let value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| Error::Decode(e.to_string()))?;
+            let text =
+                serde_json::to_string_pretty(&value).map_err(|e| Error::Decode(e.to_string()))?;
+            writeln!(out, "{text}")?;
+        }
+        Format::Yaml => {
+            let resources: Vec<Resource> = items.iter().map(|i| i.resource.clone()).collect();
+            let text = weft_api::to_yaml(&resources).map_err(|e| Error::Decode(e.to_string()))?;
+            write!(out, "{text}")?;
+        }
+        Format::Table => table(out, items)?,
+    }
+    Ok(())
+}
+
+fn table(out: &mut dyn Write, items: &[Item]) -> Result<(), Error> {
+    let Some(first) = items.first() else {
+        writeln!(out, "No resources found.")?;
+        return Ok(());
+    };
+    let mut header = vec!["NAME", "MESH", "NAMESPACE", "VERSION"];
+    header.extend(extra_header(&first.resource));
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
+    for item in items {
+        let meta = item.resource.metadata();
+        let mut row = vec![
+            meta.name.clone(),
+            item.resource.mesh().unwrap_or("-").to_owned(),
+            meta.namespace.clone().unwrap_or_else(|| "-".to_owned()),
+            item.version.to_string(),
+        ];
+        row.extend(extra_columns(&item.resource));
+        rows.push(row);
+    }
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let width = widths.get(c).copied().unwrap_or(0);
+                line.push_str(&format!("{cell:<width$}   "));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn extra_header(resource: &Resource) -> Vec<&'static str> {
+    match resource {
+        Resource::Mesh(_) => vec!["TRUST DOMAIN", "CA"],
+        Resource::Zone(_) => vec!["BACKEND"],
+        Resource::Workload(_) => vec!["ADDRESS", "SERVICE"],
+        Resource::Service(_) => vec!["PORTS", "VIRTUAL IP"],
+        Resource::ExternalService(_) => vec!["HOST", "PORT"],
+    }
+}
+
+/// A serde enum's name (`universal`, `http`) without depending on Display.
+fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "?".to_owned(),
+    }
+}
+
+fn extra_columns(resource: &Resource) -> Vec<String> {
+    match resource {
+        Resource::Mesh(mesh) => vec![
+            mesh.spec.trust_domain.clone(),
+            if mesh.spec.ca.provided.is_some() {
+                "provided"
+            } else {
+                "builtin"
+            }
+            .to_owned(),
+        ],
+        Resource::Zone(zone) => vec![serde_name(&zone.spec.backend)],
+        Resource::Workload(workload) => vec![
+            workload.spec.address.to_string(),
+            workload.spec.service.clone(),
+        ],
+        Resource::Service(service) => vec![
+            service
+                .spec
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, serde_name(&p.protocol)))
+                .collect::<Vec<_>>()
+                .join(","),
+            service
+                .status
+                .as_ref()
+                .and_then(|s| s.virtual_ip)
+                .map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+        ],
+        Resource::ExternalService(external) => {
+            vec![external.spec.host.clone(), external.spec.port.to_string()]
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Applying a request body: read every document, validate each, check
+//! references against the store plus the batch itself, and only then write,
+//! all of it or (on a store failure part-way) none of it.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::Mutex;
+use weft_api::{
+    check_references, parse_json, parse_yaml, DocumentErrors, FieldError, FieldPath, InputErrors,
+    Kind, KnownNames, Resource,
+};
+use weft_store::{Expect, ResourceKey, Store, StoreError};
+
+/// Why an apply changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Some documents are bad (syntax, unknown kind or field, wrong type,
+    /// failed validation, dangling reference, duplicate): nothing written.
+    #[error("invalid input:\n{0}")]
+    Invalid(InputErrors),
+    /// Another writer changed a resource between the checks and the write;
+    /// what this apply had written was undone.
+    #[error("{0}")]
+    Conflict(StoreError),
+    /// The store failed; what this apply had written was undone (as far as
+    /// the store allowed).
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+/// What one document of an apply did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    /// The resource's kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its mesh, for kinds inside one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// Its namespace, for namespaced kinds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The version written.
+    pub version: u64,
+    /// `created` or `configured`.
+    pub outcome: &'static str,
+}
+
+/// Reads a request body: JSON (one object, or an array of objects) when
+/// `json` is set or the body starts with `{` or `[`, else a YAML stream.
+pub fn parse_body(body: &str, json: bool) -> Result<Vec<Resource>, InputErrors> {
+    let trimmed = body.trim_start();
+    if trimmed.starts_with('[') {
+        return parse_json_array(body);
+    }
+    if json || trimmed.starts_with('{') {
+        return parse_json(body).map(|r| vec![r]);
+    }
+    parse_yaml(body)
+}
+
+/// Each element of a JSON array is read as its own document. Positions
+/// would refer to the re-encoded element, so they are dropped.
+fn parse_json_array(body: &str) -> Result<Vec<Resource>, InputErrors> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(body).map_err(|e| InputErrors {
+        documents: vec![DocumentErrors {
+            document: 1,
+            line: Some(e.line()),
+            kind: None,
+            name: None,
+            errors: vec![FieldError::new(FieldPath::root(), e.to_string())],
+        }],
+    })?;
+    let mut resources = Vec::new();
+    let mut failed = Vec::new();
+    for (i, value) in values.into_iter().enumerate() {
+        match parse_json(&value.to_string()) {
+            Ok(resource) => resources.push(resource),
+            Err(errors) => failed.extend(errors.documents.into_iter().map(|mut d| {
+                d.document = i + 1;
+                for error in &mut d.errors {
+                    error.position = None;
+                }
+                d
+            })),
+        }
+    }
+    if failed.is_empty() {
+        Ok(resources)
+    } else {
+        Err(InputErrors { documents: failed })
+    }
+}
+
+/// Refuses a batch naming the same resource twice: which one should win is
+/// not for the controller to guess.
+fn check_duplicates(batch: &[Resource]) -> Result<(), InputErrors> {
+    let mut seen: BTreeMap<ResourceKey, usize> = BTreeMap::new();
+    let mut documents = Vec::new();
+    for (i, resource) in batch.iter().enumerate() {
+        let key = ResourceKey::of(resource);
+        if let Some(first) = seen.get(&key) {
+            documents.push(DocumentErrors {
+                document: i + 1,
+                line: None,
+                kind: Some(resource.kind()),
+                name: Some(resource.name().to_owned()),
+                errors: vec![FieldError::new(
+                    FieldPath::of(&["metadata", "name"]),
+                    format!("{key} is already defined by document {first}"),
+                )],
+            });
+        } else {
+            seen.insert(key, i + 1);
+        }
+    }
+    if documents.is_empty() {
+        Ok(())
+    } else {
+        Err(InputErrors { documents })
+    }
+}
+
+/// The Mesh and Zone names in the store, for reference checks (which are
+/// synchronous, so they are read up front).
+async fn known_names(store: &Store) -> Result<KnownNames, StoreError> {
+    let mut known = KnownNames::new();
+    for stored in store.list(Kind::Mesh, None, None).await? {
+        known.meshes.insert(stored.resource.name().to_owned());
+    }
+    for stored in store.list(Kind::Zone, None, None).await? {
+        known.zones.insert(stored.resource.name().to_owned());
+    }
+    Ok(known)
+}
+
+/// One write done by an apply, kept to undo it.
+struct Written {
+    key: ResourceKey,
+    previous: Option<Resource>,
+    version: u64,
+}
+
+/// Validates and writes a batch. `lock` serialises applies in this process
+/// so that the reference checks still hold when the writes happen.
+pub async fn apply(
+    store: &Store,
+    lock: &Mutex<()>,
+    batch: Vec<Resource>,
+) -> Result<Vec<Applied>, ApplyError> {
+    check_duplicates(&batch).map_err(ApplyError::Invalid)?;
+    let _guard = lock.lock().await;
+    let known = known_names(store).await.map_err(ApplyError::Store)?;
+    check_references(&batch, &known).map_err(ApplyError::Invalid)?;
+
+    let mut written: Vec<Written> = Vec::with_capacity(batch.len());
+    let mut applied = Vec::with_capacity(batch.len());
+    for resource in batch {
+        match write_one(store, resource).await {
+            Ok((entry, outcome)) => {
+                applied.push(outcome);
+                written.push(entry);
+            }
+            Err(error) => {
+                undo(store, written).await;
+                return Err(match error {
+                    StoreError::Conflict { .. } => ApplyError::Conflict(error),
+                    StoreError::Invalid { key, errors } => ApplyError::Invalid(InputErrors {
+                        documents: vec![DocumentErrors {
+                            document: applied.len() + 1,
+                            line: None,
+                            kind: Some(key.kind),
+                            name: Some(key.name),
+                            errors: errors.0,
+                        }],
+                    }),
+                    other => ApplyError::Store(other),
+                });
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// Writes one resource, expecting the state it reads first (so a concurrent
+/// writer on another replica is detected). `status` is never taken from
+/// input: the stored one, if any, is kept.
+async fn write_one(
+    store: &Store,
+    mut resource: Resource,
+) -> Result<(Written, Applied), StoreError> {
+    resource.apply_defaults();
+    let key = ResourceKey::of(&resource);
+    let previous = store.get(&key).await?;
+    if let Resource::Service(service) = &mut resource {
+        service.status = match previous.as_ref().map(|p| &p.resource) {
+            Some(Resource::Service(old)) => old.status.clone(),
+            _ => None,
+        };
+    }
+    let expect = previous
+        .as_ref()
+        .map_or(Expect::Absent, |p| Expect::Version(p.version));
+    let version = store.put(&resource, expect).await?;
+    let outcome = Applied {
+        kind: key.kind.as_str().to_owned(),
+        name: key.name.clone(),
+        mesh: key.mesh.clone(),
+        namespace: key.namespace.clone(),
+        version,
+        outcome: if previous.is_some() {
+            "configured"
+        } else {
+            "created"
+        },
+    };
+    Ok((
+        Written {
+            key,
+            previous: previous.map(|p| p.resource),
+            version,
+        },
+        outcome,
+    ))
+}
+
+/// Puts back what an apply had written, newest first. Versions still move
+/// on (a restored resource gets a new version); failures are logged, since
+/// the caller already reports the original error.
+async fn undo(store: &Store, written: Vec<Written>) {
+    for entry in written.into_iter().rev() {
+        let expect = Expect::Version(entry.version);
+        let outcome = match &entry.previous {
+            Some(previous) => store.put(previous, expect).await.map(|_| ()),
+            None => store.delete(&entry.key, expect).await.map(|_| ()),
+        };
+        if let Err(error) = outcome {
+            tracing::error!(key = %entry.key, %error, "cannot undo a partial apply");
+        }
+    }
+}
