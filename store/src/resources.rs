@@ -195,74 +195,102 @@ impl Store {
     /// References to other resources are not checked here: that is the
     /// caller's policy.
     pub async fn put(&self, resource: &Resource, expect: Expect) -> Result<u64, StoreError> {
-        let mut resource = resource.clone();
-        resource.apply_defaults();
-        let key = ResourceKey::of(&resource);
-        resource.validate().map_err(|errors| StoreError::Invalid {
-            key: key.clone(),
-            errors,
-        })?;
-        let body = serde_json::to_value(&resource).map_err(|e| StoreError::Corrupt {
-            what: format!("encoding {key}"),
-            reason: e.to_string(),
-        })?;
-        let (kind, mesh, namespace, name) = key.columns();
-        let op = format!("put {key}");
-        let version = on_pool!(self, pool => async {
+        let versions = self.put_many(&[(resource.clone(), expect)]).await?;
+        versions
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt {
+                what: format!("put {}", ResourceKey::of(resource)),
+                reason: "no version returned".to_owned(),
+            })
+    }
+
+    /// Writes several resources in one transaction: all of them, each with
+    /// its `expect` holding, or none (`apply -f` of a file is all or
+    /// nothing). Returns their new versions in order.
+    pub async fn put_many(&self, batch: &[(Resource, Expect)]) -> Result<Vec<u64>, StoreError> {
+        let mut prepared = Vec::with_capacity(batch.len());
+        for (resource, expect) in batch {
+            let mut resource = resource.clone();
+            resource.apply_defaults();
+            let key = ResourceKey::of(&resource);
+            resource.validate().map_err(|errors| StoreError::Invalid {
+                key: key.clone(),
+                errors,
+            })?;
+            let body = serde_json::to_value(&resource).map_err(|e| StoreError::Corrupt {
+                what: format!("encoding {key}"),
+                reason: e.to_string(),
+            })?;
+            prepared.push((key, body, *expect));
+        }
+        let op = match prepared.as_slice() {
+            [(key, _, _)] => format!("put {key}"),
+            _ => format!("put {} resources", prepared.len()),
+        };
+        let versions = on_pool!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
-            let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
-                .fetch_one(&mut *tx)
+            let mut versions = Vec::with_capacity(prepared.len());
+            for (key, body, expect) in &prepared {
+                let (kind, mesh, namespace, name) = key.columns();
+                let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::db(&op))?;
+                let found: Option<i64> = sqlx::query_scalar(
+                    "SELECT version FROM resources \
+                     WHERE kind = $1 AND mesh = $2 AND namespace = $3 AND name = $4",
+                )
+                .bind(kind)
+                .bind(mesh)
+                .bind(namespace)
+                .bind(name)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(StoreError::db(&op))?;
-            let found: Option<i64> = sqlx::query_scalar(
-                "SELECT version FROM resources \
-                 WHERE kind = $1 AND mesh = $2 AND namespace = $3 AND name = $4",
-            )
-            .bind(kind)
-            .bind(mesh)
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::db(&op))?;
-            let found = found.map(|v| to_u64(v, "resources.version")).transpose()?;
-            if !expect.allows(found) {
-                return Err(StoreError::Conflict { key: key.clone(), expected: expect, found });
-            }
-            let version = found.map_or(1, |v| v + 1);
-            let version = i64::try_from(version).map_err(StoreError::corrupt(format!("version of {key}")))?;
-            sqlx::query(
-                "INSERT INTO resources (kind, mesh, namespace, name, version, seq, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (kind, mesh, namespace, name) DO UPDATE \
-                 SET version = excluded.version, seq = excluded.seq, body = excluded.body",
-            )
-            .bind(kind)
-            .bind(mesh)
-            .bind(namespace)
-            .bind(name)
-            .bind(version)
-            .bind(seq)
-            .bind(Json(&body))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::db(&op))?;
-            sqlx::query(INSERT_CHANGE)
-                .bind(seq)
+                let found = found.map(|v| to_u64(v, "resources.version")).transpose()?;
+                if !expect.allows(found) {
+                    return Err(StoreError::Conflict { key: key.clone(), expected: *expect, found });
+                }
+                let version = found.map_or(1, |v| v + 1);
+                let version = i64::try_from(version).map_err(StoreError::corrupt(format!("version of {key}")))?;
+                sqlx::query(
+                    "INSERT INTO resources (kind, mesh, namespace, name, version, seq, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (kind, mesh, namespace, name) DO UPDATE \
+                     SET version = excluded.version, seq = excluded.seq, body = excluded.body",
+                )
                 .bind(kind)
                 .bind(mesh)
                 .bind(namespace)
                 .bind(name)
                 .bind(version)
-                .bind(false)
+                .bind(seq)
+                .bind(Json(body))
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(&op))?;
+                sqlx::query(INSERT_CHANGE)
+                    .bind(seq)
+                    .bind(kind)
+                    .bind(mesh)
+                    .bind(namespace)
+                    .bind(name)
+                    .bind(version)
+                    .bind(false)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::db(&op))?;
+                versions.push(version);
+            }
             tx.commit().await.map_err(StoreError::db(&op))?;
-            Ok::<_, StoreError>(version)
+            Ok::<_, StoreError>(versions)
         }.await)?;
         self.notify_local();
-        to_u64(version, "resources.version")
+        versions
+            .into_iter()
+            .map(|v| to_u64(v, "resources.version"))
+            .collect()
     }
 
     /// Reads one resource, or `None` if it does not exist.

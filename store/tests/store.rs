@@ -40,6 +40,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     put_get_list_delete,
     invalid_resources_are_refused,
+    put_many_is_all_or_nothing,
     concurrent_puts_with_expected_versions,
     changes_since_is_ordered,
     watch_crosses_store_handles,
@@ -189,6 +190,60 @@ async fn invalid_resources_are_refused(db: TestDb) {
     }
     assert_eq!(store.current_seq().await.unwrap(), 0, "nothing written");
     assert!(store.changes_since(0).await.unwrap().is_empty());
+}
+
+async fn put_many_is_all_or_nothing(db: TestDb) {
+    let store = db.open().await;
+    store.put(&mesh("default"), Expect::Any).await.unwrap();
+    store
+        .put(&workload("web-1", "shop", "10.0.0.1"), Expect::Any)
+        .await
+        .unwrap();
+    let seq = store.current_seq().await.unwrap();
+    // The second write's precondition fails: the first must not land either.
+    let batch = [
+        (workload("web-2", "shop", "10.0.0.2"), Expect::Absent),
+        (workload("web-1", "shop", "10.0.0.9"), Expect::Absent),
+    ];
+    match store.put_many(&batch).await {
+        Err(StoreError::Conflict { key, .. }) => assert_eq!(key, workload_key("web-1", "shop")),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert!(store
+        .get(&workload_key("web-2", "shop"))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store.current_seq().await.unwrap(),
+        seq,
+        "no change recorded"
+    );
+    // An invalid member refuses the whole batch before anything is written.
+    let mut bad = workload("web-3", "shop", "10.0.0.3");
+    if let Resource::Workload(w) = &mut bad {
+        w.metadata.name = "Not_A_Label".to_owned();
+    }
+    let batch = [
+        (workload("web-2", "shop", "10.0.0.2"), Expect::Absent),
+        (bad, Expect::Absent),
+    ];
+    assert!(matches!(
+        store.put_many(&batch).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert!(store
+        .get(&workload_key("web-2", "shop"))
+        .await
+        .unwrap()
+        .is_none());
+    // A good batch lands whole, with consecutive changes.
+    let batch = [
+        (workload("web-2", "shop", "10.0.0.2"), Expect::Absent),
+        (workload("web-1", "shop", "10.0.0.9"), Expect::Version(1)),
+    ];
+    assert_eq!(store.put_many(&batch).await.unwrap(), [1, 2]);
+    assert_eq!(store.changes_since(seq).await.unwrap().len(), 2);
 }
 
 async fn concurrent_puts_with_expected_versions(db: TestDb) {
