@@ -5,6 +5,7 @@
 
 mod client;
 mod output;
+mod tokens;
 
 use std::io::{Read, Write};
 
@@ -15,8 +16,10 @@ use serde::Deserialize;
 use weft_api::Resource;
 
 pub use client::{Answer, Client};
+pub use tokens::{IssuedToken, Token, TokenCommand, TokenFormat};
 
-/// Operate a Weft zone: apply, get and delete resources.
+/// Operate a Weft zone: apply, get and delete resources; issue bootstrap
+/// tokens.
 #[derive(Debug, Parser)]
 #[command(name = "weftctl", version, about)]
 pub struct Cli {
@@ -66,6 +69,13 @@ pub enum Command {
         /// Its namespace (needed only when the name is in several).
         #[arg(short, long)]
         namespace: Option<String>,
+    },
+    /// Issues, lists and revokes bootstrap tokens (what a new agent
+    /// enrols with).
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        action: TokenCommand,
     },
 }
 
@@ -151,6 +161,12 @@ pub enum Error {
         /// Every problem, in input order.
         problems: Vec<Problem>,
     },
+    /// The controller refused a token request; no token was issued.
+    #[error("no token was issued:\n{}", problems.iter().map(|p| if p.path.is_empty() { p.reason.clone() } else { format!("{}: {}", p.path, p.reason) }).collect::<Vec<_>>().join("\n"))]
+    TokenRefused {
+        /// Every problem, one per field at fault.
+        problems: Vec<Problem>,
+    },
     /// The controller answered with an error.
     #[error("{message} (HTTP {status})")]
     Api {
@@ -159,6 +175,9 @@ pub enum Error {
         /// The controller's message.
         message: String,
     },
+    /// The command line asks for something that cannot be done.
+    #[error("{0}")]
+    Usage(String),
     /// The controller's answer was not what this CLI understands.
     #[error("unexpected answer from the controller: {0}")]
     Decode(String),
@@ -268,6 +287,7 @@ pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<
             writeln!(out, "{} deleted", describe(&deleted.deleted.resource))?;
             Ok(())
         }
+        Command::Token { action } => tokens::run(&client, action, out).await,
     }
 }
 
@@ -334,7 +354,7 @@ fn describe(resource: &Resource) -> String {
 }
 
 /// The body of a 2xx answer, or the error the controller reported.
-fn expect_ok(answer: Answer) -> Result<Bytes, Error> {
+pub(crate) fn expect_ok(answer: Answer) -> Result<Bytes, Error> {
     if answer.status.is_success() {
         return Ok(answer.body);
     }
@@ -363,7 +383,7 @@ fn expect_ok(answer: Answer) -> Result<Bytes, Error> {
     })
 }
 
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|e| Error::Decode(e.to_string()))
 }
 
@@ -382,7 +402,7 @@ fn query(mesh: Option<&str>, namespace: Option<&str>) -> String {
 
 /// Percent-encodes everything but unreserved characters, for a path
 /// segment or query value.
-fn encode(text: &str) -> String {
+pub(crate) fn encode(text: &str) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

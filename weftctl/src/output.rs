@@ -51,6 +51,11 @@ fn table(out: &mut dyn Write, items: &[Item]) -> Result<(), Error> {
         row.extend(extra_columns(&item.resource));
         rows.push(row);
     }
+    write_rows(out, &rows)
+}
+
+/// Writes `rows` (the first is the header) as left-aligned columns.
+pub(crate) fn write_rows(out: &mut dyn Write, rows: &[Vec<String>]) -> Result<(), Error> {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {

@@ -1,4 +1,5 @@
-//! The HTTP API (default :5681): resources under `/v1/resources`, and
+//! The HTTP API (default :5681): resources under `/v1/resources`,
+//! bootstrap tokens under `/v1/tokens` (see [`crate::tokens`]), and
 //! `/healthz` and `/ready` for supervisors. JSON in and out (YAML accepted
 //! for apply); errors are `{"error": "..."}`, or for refused input
 //! `{"errors": [{"document", "path", "reason", "line", ...}]}` with 422.
@@ -6,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -23,6 +24,7 @@ use weft_api::{InputErrors, Kind, Resource};
 use weft_store::{Expect, ResourceKey, Store, StoreError, StoredResource};
 
 use crate::apply::{self, ApplyError};
+use crate::tokens::{self, IssueRefusal, Issued, TokenView};
 
 /// The largest request body accepted.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -269,7 +271,12 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
                 Err(error) => error.into(),
             }
         }
+        (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
+        (["v1", "tokens"], &Method::GET) => list_tokens(state).await,
+        (["v1", "tokens", id], &Method::DELETE) => revoke_token(state, id).await,
         (["healthz" | "ready"], _)
+        | (["v1", "tokens"], _)
+        | (["v1", "tokens", _], _)
         | (["v1", "resources"], _)
         | (["v1", "resources", _], _)
         | (["v1", "resources", _, _], _) => ApiError::new(
@@ -278,7 +285,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}]"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}] and /v1/tokens[/{{id}}]"
         ))
         .into(),
     }
@@ -353,19 +360,9 @@ async fn put_resources(state: &AppState, request: Request<Incoming>) -> Answer {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            return if error.is::<http_body_util::LengthLimitError>() {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the body is larger than {MAX_BODY} bytes"),
-                )
-                .into()
-            } else {
-                ApiError::bad_request(format!("cannot read the body: {error}")).into()
-            };
-        }
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(error) => return error.into(),
     };
     let Ok(text) = std::str::from_utf8(&body) else {
         return ApiError::bad_request("the body is not UTF-8 text").into();
@@ -404,6 +401,68 @@ async fn put_resources(state: &AppState, request: Request<Incoming>) -> Answer {
             )
             .into()
         }
+    }
+}
+
+/// The whole request body, up to [`MAX_BODY`].
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )),
+        Err(error) => Err(ApiError::bad_request(format!(
+            "cannot read the body: {error}"
+        ))),
+    }
+}
+
+/// `POST /v1/tokens`: issues a token for this zone; 201 with its secret.
+async fn issue_token(state: &AppState, request: Request<Incoming>) -> Answer {
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(error) => return error.into(),
+    };
+    let spec = match tokens::check_issue(&state.store, &state.zone, &body, SystemTime::now()).await
+    {
+        Ok(spec) => spec,
+        Err(IssueRefusal::Invalid(errors)) => return Answer::Invalid(errors),
+        Err(IssueRefusal::Store(error)) => return ApiError::from(error).into(),
+    };
+    match state.store.issue_token(&spec).await {
+        Ok((id, secret)) => {
+            // Never log the secret.
+            tracing::info!(%id, mesh = spec.mesh, max_uses = spec.max_uses, "token issued");
+            to_json(StatusCode::CREATED, &Issued::new(id, secret, spec))
+        }
+        Err(error) => ApiError::from(error).into(),
+    }
+}
+
+/// `GET /v1/tokens`: every token, without secrets.
+async fn list_tokens(state: &AppState) -> Answer {
+    match state.store.list_tokens().await {
+        Ok(tokens) => {
+            let items: Vec<TokenView> = tokens.into_iter().map(TokenView::from).collect();
+            to_json(StatusCode::OK, &serde_json::json!({ "items": items }))
+        }
+        Err(error) => ApiError::from(error).into(),
+    }
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes a token (404 if unknown).
+async fn revoke_token(state: &AppState, id: &str) -> Answer {
+    match state.store.revoke_token(id).await {
+        Ok(true) => {
+            tracing::info!(%id, "token revoked");
+            to_json(
+                StatusCode::OK,
+                &serde_json::json!({ "revoked": { "id": id } }),
+            )
+        }
+        Ok(false) => ApiError::not_found(format!("token {id:?} not found")).into(),
+        Err(error) => ApiError::from(error).into(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Applying a request body: read every document, validate each, check
-//! references against the store plus the batch itself, and only then write,
-//! all of it or (on a store failure part-way) none of it.
+//! references against the store plus the batch itself, and only then write
+//! it all in one store transaction.
 
 use std::collections::BTreeMap;
 
@@ -19,11 +19,10 @@ pub enum ApplyError {
     #[error("invalid input:\n{0}")]
     Invalid(InputErrors),
     /// Another writer changed a resource between the checks and the write;
-    /// what this apply had written was undone.
+    /// nothing was written.
     #[error("{0}")]
     Conflict(StoreError),
-    /// The store failed; what this apply had written was undone (as far as
-    /// the store allowed).
+    /// The store failed; the transaction wrote nothing.
     #[error("{0}")]
     Store(StoreError),
 }
@@ -135,15 +134,11 @@ async fn known_names(store: &Store) -> Result<KnownNames, StoreError> {
     Ok(known)
 }
 
-/// One write done by an apply, kept to undo it.
-struct Written {
-    key: ResourceKey,
-    previous: Option<Resource>,
-    version: u64,
-}
-
-/// Validates and writes a batch. `lock` serialises applies in this process
-/// so that the reference checks still hold when the writes happen.
+/// Validates and writes a batch in one store transaction: all of it or
+/// nothing. `lock` serialises applies in this process so that the
+/// reference checks still hold when the writes happen; each write also
+/// expects the version it read, so a concurrent writer on another replica
+/// turns the whole apply into a conflict.
 pub async fn apply(
     store: &Store,
     lock: &Mutex<()>,
@@ -154,42 +149,58 @@ pub async fn apply(
     let known = known_names(store).await.map_err(ApplyError::Store)?;
     check_references(&batch, &known).map_err(ApplyError::Invalid)?;
 
-    let mut written: Vec<Written> = Vec::with_capacity(batch.len());
-    let mut applied = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
+    let mut existed = Vec::with_capacity(batch.len());
     for resource in batch {
-        match write_one(store, resource).await {
-            Ok((entry, outcome)) => {
-                applied.push(outcome);
-                written.push(entry);
-            }
-            Err(error) => {
-                undo(store, written).await;
-                return Err(match error {
-                    StoreError::Conflict { .. } => ApplyError::Conflict(error),
-                    StoreError::Invalid { key, errors } => ApplyError::Invalid(InputErrors {
-                        documents: vec![DocumentErrors {
-                            document: applied.len() + 1,
-                            line: None,
-                            kind: Some(key.kind),
-                            name: Some(key.name),
-                            errors: errors.0,
-                        }],
-                    }),
-                    other => ApplyError::Store(other),
-                });
-            }
-        }
+        let (resource, expect, previous) =
+            prepare(store, resource).await.map_err(ApplyError::Store)?;
+        existed.push(previous);
+        writes.push((resource, expect));
     }
-    Ok(applied)
+    let versions = store.put_many(&writes).await.map_err(|error| match error {
+        StoreError::Conflict { .. } => ApplyError::Conflict(error),
+        StoreError::Invalid { key, errors } => {
+            let document = writes
+                .iter()
+                .position(|(r, _)| ResourceKey::of(r) == key)
+                .map_or(1, |i| i + 1);
+            ApplyError::Invalid(InputErrors {
+                documents: vec![DocumentErrors {
+                    document,
+                    line: None,
+                    kind: Some(key.kind),
+                    name: Some(key.name),
+                    errors: errors.0,
+                }],
+            })
+        }
+        other => ApplyError::Store(other),
+    })?;
+    Ok(writes
+        .iter()
+        .zip(existed)
+        .zip(versions)
+        .map(|(((resource, _), existed), version)| {
+            let key = ResourceKey::of(resource);
+            Applied {
+                kind: key.kind.as_str().to_owned(),
+                name: key.name,
+                mesh: key.mesh,
+                namespace: key.namespace,
+                version,
+                outcome: if existed { "configured" } else { "created" },
+            }
+        })
+        .collect())
 }
 
-/// Writes one resource, expecting the state it reads first (so a concurrent
-/// writer on another replica is detected). `status` is never taken from
-/// input: the stored one, if any, is kept.
-async fn write_one(
+/// Readies one resource for writing: defaults applied, the version it must
+/// still have, and whether it existed. `status` is never taken from input:
+/// the stored one, if any, is kept.
+async fn prepare(
     store: &Store,
     mut resource: Resource,
-) -> Result<(Written, Applied), StoreError> {
+) -> Result<(Resource, Expect, bool), StoreError> {
     resource.apply_defaults();
     let key = ResourceKey::of(&resource);
     let previous = store.get(&key).await?;
@@ -202,41 +213,5 @@ async fn write_one(
     let expect = previous
         .as_ref()
         .map_or(Expect::Absent, |p| Expect::Version(p.version));
-    let version = store.put(&resource, expect).await?;
-    let outcome = Applied {
-        kind: key.kind.as_str().to_owned(),
-        name: key.name.clone(),
-        mesh: key.mesh.clone(),
-        namespace: key.namespace.clone(),
-        version,
-        outcome: if previous.is_some() {
-            "configured"
-        } else {
-            "created"
-        },
-    };
-    Ok((
-        Written {
-            key,
-            previous: previous.map(|p| p.resource),
-            version,
-        },
-        outcome,
-    ))
-}
-
-/// Puts back what an apply had written, newest first. Versions still move
-/// on (a restored resource gets a new version); failures are logged, since
-/// the caller already reports the original error.
-async fn undo(store: &Store, written: Vec<Written>) {
-    for entry in written.into_iter().rev() {
-        let expect = Expect::Version(entry.version);
-        let outcome = match &entry.previous {
-            Some(previous) => store.put(previous, expect).await.map(|_| ()),
-            None => store.delete(&entry.key, expect).await.map(|_| ()),
-        };
-        if let Err(error) = outcome {
-            tracing::error!(key = %entry.key, %error, "cannot undo a partial apply");
-        }
-    }
+    Ok((resource, expect, previous.is_some()))
 }

@@ -3,6 +3,7 @@
 
 mod api_server;
 mod apply;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
