@@ -181,10 +181,14 @@ impl Inbound {
         let mut tick =
             tokio::time::interval((t.idle_timeout / IDLE_TICKS).max(Duration::from_millis(100)));
         let mut idle_ticks = 0;
+        // One drain subscription for the connection's life, not one per
+        // accepted stream.
+        let drained = self.drain.signaled();
+        tokio::pin!(drained);
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
-                _ = self.drain.signaled(), if !draining => {
+                _ = &mut drained, if !draining => {
                     // GOAWAY: the peer opens no new streams here; the ones
                     // in flight run to completion.
                     conn.graceful_shutdown();
