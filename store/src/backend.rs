@@ -230,11 +230,16 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
     migrator(sqlite_migrations())
         .run(&pool)
         .await
-        .map_err(|e| StoreError::Migrate {
-            url: shown.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(migrate_error(shown))?;
     Ok(pool)
+}
+
+/// Names the store (password hidden) in a failed migration.
+fn migrate_error(shown: &str) -> impl Fn(sqlx::migrate::MigrateError) -> StoreError + '_ {
+    move |e| StoreError::Migrate {
+        url: shown.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 async fn open_postgres(url: &str, shown: &str) -> Result<PgPool, StoreError> {
@@ -253,10 +258,7 @@ async fn open_postgres(url: &str, shown: &str) -> Result<PgPool, StoreError> {
     migrator(postgres_migrations())
         .run(&pool)
         .await
-        .map_err(|e| StoreError::Migrate {
-            url: shown.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(migrate_error(shown))?;
     Ok(pool)
 }
 
