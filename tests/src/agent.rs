@@ -21,35 +21,9 @@ use crate::wait;
 /// redirect rules leave its own connections alone.
 pub const AGENT_UID: u32 = 1337;
 
-/// Finds the agent binary: `$WEFT_AGENT_BIN`, else `weft-agent` in the
-/// target directory this test binary was built into, else
-/// `<workspace>/target/debug/weft-agent`.
+/// Finds the agent binary (see [`crate::binaries::find`]).
 pub fn agent_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WEFT_AGENT_BIN") {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            bail!("WEFT_AGENT_BIN={} is not a file", path.display());
-        }
-        return Ok(path);
-    }
-    let mut candidates = Vec::new();
-    // Test binaries live in <target>/<profile>/deps/; binaries in <target>/<profile>/.
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            candidates.push(dir.join("weft-agent"));
-        }
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weft-agent"));
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "weft-agent not found (looked at {}): build it first: cargo build --workspace --bins",
-                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            )
-        })
+    crate::binaries::find("weft-agent", "WEFT_AGENT_BIN")
 }
 
 /// An agent configuration, edited as a JSON tree and written as YAML.
@@ -65,15 +39,25 @@ impl AgentSpec {
     /// no outbound listeners or endpoints, and human logs at debug level
     /// for the agent itself.
     pub fn new(identity: &IdentityFiles, address: IpAddr, ports: &[(u16, &str)]) -> AgentSpec {
+        let mut spec = AgentSpec::controlled(address, ports);
+        spec.set(
+            "identity",
+            json!({
+                "cert": identity.cert, "key": identity.key, "trust_bundle": identity.trust_bundle,
+            }),
+        );
+        spec
+    }
+
+    /// Like [`AgentSpec::new`] without an identity: the caller adds either
+    /// `identity` or a `controller` section.
+    pub fn controlled(address: IpAddr, ports: &[(u16, &str)]) -> AgentSpec {
         let ports: Vec<Value> = ports
             .iter()
             .map(|(port, proto)| json!({"port": port, "protocol": proto}))
             .collect();
         AgentSpec {
             value: json!({
-                "identity": {
-                    "cert": identity.cert, "key": identity.key, "trust_bundle": identity.trust_bundle,
-                },
                 "workload": { "address": address.to_string(), "ports": ports },
                 "inbound": {
                     "listen": "0.0.0.0:15008", "mtls": "strict",

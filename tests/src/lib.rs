@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod apps;
+pub mod binaries;
 pub mod capture;
 pub mod client;
 pub mod hbone;
@@ -15,12 +16,15 @@ pub mod metrics;
 pub mod netns;
 pub mod pattern;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod servers;
 pub mod tempdir;
 pub mod topology;
+pub mod vmzone;
 pub mod wait;
 pub mod yaml;
+pub mod zone;
 
 /// The path of this package's `weft-echo` binary, for use in integration
 /// tests of this package (where cargo sets `CARGO_BIN_EXE_weft-echo`).

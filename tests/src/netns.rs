@@ -284,3 +284,50 @@ pub fn link(a: &Host, a_cidr: &str, b: &Host, b_cidr: &str) -> Result<(String, S
     }
     Ok((a_if, b_if))
 }
+
+/// A LAN: a bridge in a namespace of its own, to which hosts attach with a
+/// veth each, so that any number of hosts share one subnet (a zone's
+/// controller and its VMs). Dropping it deletes the bridge's namespace,
+/// which removes every veth attached to it.
+#[derive(Debug)]
+pub struct Lan {
+    switch: Host,
+}
+
+impl Lan {
+    /// Creates the switch namespace with bridge `br0` up.
+    pub fn new() -> Result<Lan> {
+        let switch = Host::new()?;
+        switch.run("ip", &["link", "add", "br0", "type", "bridge"])?;
+        switch.run("ip", &["link", "set", "br0", "up"])?;
+        Ok(Lan { switch })
+    }
+
+    /// Plugs `host` into the LAN with address `cidr` (e.g. `10.210.1.11/24`)
+    /// and returns the interface name on the host's side.
+    pub fn attach(&self, host: &Host, cidr: &str) -> Result<String> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let host_if = format!("w{}-{n}h", std::process::id());
+        let port_if = format!("w{}-{n}p", std::process::id());
+        if host_if.len() > 15 {
+            bail!("interface name {host_if} is longer than 15 characters");
+        }
+        let out = Command::new("ip")
+            .args(["link", "add", &host_if, "netns", host.name()])
+            .args(["type", "veth", "peer", "name", &port_if])
+            .args(["netns", self.switch.name()])
+            .output()
+            .context("running `ip link add ... type veth`")?;
+        if !out.status.success() {
+            bail!(
+                "creating veth {host_if}/{port_if}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.switch
+            .run("ip", &["link", "set", &port_if, "master", "br0", "up"])?;
+        host.run("ip", &["addr", "add", cidr, "dev", &host_if])?;
+        host.run("ip", &["link", "set", &host_if, "up"])?;
+        Ok(host_if)
+    }
+}
