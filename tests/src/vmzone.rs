@@ -330,45 +330,96 @@ pub struct Running {
     pub markers: Vec<String>,
     /// The (single-use, now spent) token each VM enrolled with.
     pub tokens: Vec<Token>,
+    /// Each agent's config.
+    pub specs: Vec<AgentSpec>,
 }
 
 /// Brings up `services` (one VM each) with certificates living `lifetime`.
 pub fn bring_up(echo_bin: PathBuf, services: &[&str], lifetime: &str) -> Result<Running> {
     let zone = VmZone::new(echo_bin, services)?;
-    let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
-    zone.apply_mesh(&controller, lifetime)?;
-    let (mut agents, mut apps, mut markers, mut tokens) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, service) in services.iter().enumerate() {
-        let marker = unique_marker(service);
-        apps.push(zone.start_app(i, &marker)?);
-        markers.push(marker);
-        let token = zone.token_for(&controller, i)?;
-        let spec = zone.agent_spec(i, &controller, &token)?;
-        agents.push(zone.start_agent(i, &spec)?);
-        tokens.push(token);
+    Running::start(zone, lifetime, services.len())
+}
+
+impl Running {
+    /// Starts a controller on a SQLite store, applies the Mesh with
+    /// certificates living `lifetime`, enrols the first `enrolled` VMs and
+    /// waits until the controller shows them converged.
+    pub fn start(zone: VmZone, lifetime: &str, enrolled: usize) -> Result<Running> {
+        let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
+        let mut running = Running::with_controller(zone, controller, lifetime)?;
+        for i in 0..enrolled {
+            running.enrol(i)?;
+        }
+        running.wait_converged(&running.controller)?;
+        Ok(running)
     }
-    let names: Vec<String> = zone.vms.iter().map(|v| v.workload.clone()).collect();
-    controller.wait_inspect("agents", "every agent online", T, |agents| {
-        names.iter().all(|n| {
-            agent_entry(agents, n)
-                .and_then(|a| a.get("online"))
-                .and_then(Value::as_bool)
-                == Some(true)
+
+    /// Applies the Mesh through `controller`; enrols nobody.
+    pub fn with_controller(
+        zone: VmZone,
+        controller: Controller,
+        lifetime: &str,
+    ) -> Result<Running> {
+        zone.apply_mesh(&controller, lifetime)?;
+        Ok(Running {
+            zone,
+            controller,
+            agents: Vec::new(),
+            apps: Vec::new(),
+            markers: Vec::new(),
+            tokens: Vec::new(),
+            specs: Vec::new(),
         })
-    })?;
-    let wanted: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
-    controller.wait_inspect("services", "every service with a virtual IP", T, |s| {
-        wanted.iter().all(|name| service_vip(s, name).is_some())
-    })?;
-    Ok(Running {
-        zone,
-        controller,
-        agents,
-        apps,
-        markers,
-        tokens,
-    })
+    }
+
+    /// Starts VM `i`'s application and enrols its agent with a fresh
+    /// single-use token. VMs are enrolled in order.
+    pub fn enrol(&mut self, i: usize) -> Result<()> {
+        self.enrol_with(i, None, |_| {})
+    }
+
+    /// Like [`Running::enrol`], with the token issued by `via` (by default
+    /// the running controller) and the config changed by `edit`.
+    pub fn enrol_with(
+        &mut self,
+        i: usize,
+        via: Option<&Controller>,
+        edit: impl FnOnce(&mut AgentSpec),
+    ) -> Result<()> {
+        let via = via.unwrap_or(&self.controller);
+        let marker = unique_marker(&self.zone.vms[i].service);
+        let app = self.zone.start_app(i, &marker)?;
+        let token = self.zone.token_for(via, i)?;
+        let mut spec = self.zone.agent_spec(i, via, &token)?;
+        edit(&mut spec);
+        let agent = self.zone.start_agent(i, &spec)?;
+        self.apps.push(app);
+        self.markers.push(marker);
+        self.agents.push(agent);
+        self.tokens.push(token);
+        self.specs.push(spec);
+        Ok(())
+    }
+
+    /// Waits until `controller` shows every enrolled agent online and
+    /// every enrolled service with a virtual IP.
+    pub fn wait_converged(&self, controller: &Controller) -> Result<()> {
+        let enrolled = &self.zone.vms[..self.agents.len()];
+        let names: Vec<&str> = enrolled.iter().map(|v| v.workload.as_str()).collect();
+        controller.wait_inspect("agents", "every agent online", T, |agents| {
+            names.iter().all(|n| {
+                agent_entry(agents, n)
+                    .and_then(|a| a.get("online"))
+                    .and_then(Value::as_bool)
+                    == Some(true)
+            })
+        })?;
+        let services: Vec<&str> = enrolled.iter().map(|v| v.service.as_str()).collect();
+        controller.wait_inspect("services", "every service with a virtual IP", T, |s| {
+            services.iter().all(|name| service_vip(s, name).is_some())
+        })?;
+        Ok(())
+    }
 }
 
 /// Waits until `curl url` from VM `from` answers with `marker` in the body.
