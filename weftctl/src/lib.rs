@@ -5,6 +5,7 @@
 
 mod client;
 mod output;
+mod quickstart;
 mod tokens;
 
 use std::io::{Read, Write};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use weft_api::Resource;
 
 pub use client::{Answer, Client};
+pub use quickstart::QuickstartArgs;
 pub use tokens::{IssuedToken, Token, TokenCommand, TokenFormat};
 
 /// Operate a Weft zone: apply, get and delete resources; issue bootstrap
@@ -77,6 +79,10 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenCommand,
     },
+    /// Brings up a whole zone on this machine (a controller on the embedded
+    /// store, two agents, a demo service) and shows live calls between them
+    /// over mTLS until Ctrl-C. Needs no root and no set-up.
+    Quickstart(QuickstartArgs),
 }
 
 /// How `get` prints resources.
@@ -181,6 +187,14 @@ pub enum Error {
     /// The controller's answer was not what this CLI understands.
     #[error("unexpected answer from the controller: {0}")]
     Decode(String),
+    /// A quickstart step failed; everything it started was stopped.
+    #[error("quickstart: {step}: {reason}")]
+    Quickstart {
+        /// What it was doing.
+        step: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
@@ -227,6 +241,7 @@ struct AppliedEntry {
 pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<(), Error> {
     let client = Client::new(&cli.server)?;
     match cli.command {
+        Command::Quickstart(args) => quickstart::run(args, out).await,
         Command::Apply { file } => apply(&client, &file, stdin, out).await,
         Command::Get {
             kind,
