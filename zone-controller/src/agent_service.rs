@@ -606,19 +606,18 @@ impl AgentApi {
         let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
         self.check_owners(agent, &workloads).await?;
         self.store_workloads(agent, workloads).await?;
+        // What the agent does not repeat in its Hello is kept.
+        let host = match hello.host.as_ref() {
+            Some(host) => host_json(Some(host)),
+            None => record.enrollment.host_facts.clone(),
+        };
         let hbone = if hello.hbone_address.is_empty() {
             record.enrollment.hbone_address.clone()
         } else {
             hello.hbone_address.clone()
         };
         self.store
-            .connect_agent(
-                &self.zone,
-                agent,
-                &self.replica,
-                &hbone,
-                &host_json(hello.host.as_ref()),
-            )
+            .connect_agent(&self.zone, agent, &self.replica, &hbone, &host)
             .await
             .map_err(store_status)?;
         tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
