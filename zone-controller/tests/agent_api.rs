@@ -206,7 +206,7 @@ async fn enroll_stream_nack_renew() {
     );
     assert_eq!(
         verify(&enrolled.agent_chain_pem, &enrolled.controller_ca_pem),
-        [enrolled.agent_id.clone()]
+        [enrolled.agent_id.as_str()]
     );
 
     // The stream: the derived service with its VIP and vm-1's endpoint.
