@@ -1,6 +1,8 @@
 //! Checking a workload's certificate signing request (PKCS#10) before the CA
 //! certifies its key: the request must be intact, signed by the key it
-//! carries, and ask for exactly the identity the controller decided.
+//! carries, and ask either for exactly the identity the controller decided
+//! or for no name at all (an agent enrolling does not know its mesh's trust
+//! domain yet; the CA decides what the certificate says either way).
 
 use rustls_pki_types::pem::SectionKind;
 use weft_api::SpiffeId;
@@ -94,11 +96,8 @@ pub(crate) fn check(
     }
 
     let uri = match uris.len() {
-        0 => {
-            return Err(IssueError::NoIdentity {
-                expected: expected.to_string(),
-            })
-        }
+        // No name asked for: the CA writes the one it decided.
+        0 => return Ok(public_key),
         1 => uris.remove(0),
         _ => {
             return Err(IssueError::SeveralIdentities {
@@ -317,9 +316,22 @@ mod tests {
         let err = ca.sign_csr(&csr, &expected, HOUR).unwrap_err();
         assert!(err.to_string().contains("IP:10.0.0.1"), "{err}");
 
+        // A CSR naming nothing gets the identity the controller decided.
         let csr = csr_with(vec![], p256);
-        let err = ca.sign_csr(&csr, &expected, HOUR).unwrap_err();
-        assert!(matches!(err, IssueError::NoIdentity { .. }), "{err}");
+        let issued = ca.sign_csr(&csr, &expected, HOUR).unwrap();
+        assert_eq!(issued.id, expected);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain_der[0]).unwrap();
+        let names: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect();
+        assert_eq!(names, [format!("URI({:?})", expected.as_str())]);
+        crate::verify::chain_to(&[ca.cert_der().clone()], &issued.chain_der).unwrap();
 
         let csr = csr_with(vec![uri(&format!("spiffe://{TD}/ns/default"))], p256);
         let err = ca.sign_csr(&csr, &expected, HOUR).unwrap_err();

@@ -55,7 +55,8 @@ pub enum IssueError {
     /// The CSR's key is of a kind workload certificates do not use.
     #[error("CSR key is {0}; workload keys must be ECDSA P-256, ECDSA P-384 or Ed25519")]
     UnsupportedKey(String),
-    /// The CSR asks for no URI SAN.
+    /// The CSR asks for no URI SAN. (No longer returned: such a CSR gets
+    /// the identity the controller decided; kept for API stability.)
     #[error("CSR asks for no SPIFFE ID; it must ask for {expected} as its only URI SAN")]
     NoIdentity {
         /// The identity the controller decided on.
@@ -141,7 +142,8 @@ impl MeshCa {
     /// [`DEFAULT_WORKLOAD_LIFETIME`]) but never past the CA's own expiry.
     ///
     /// The CSR's signature must verify, its key must be ECDSA P-256/P-384 or
-    /// Ed25519, and its only subjectAltName must be `expected` as a URI;
+    /// Ed25519, and it must ask for no subjectAltName at all or for
+    /// `expected` as its only one (a URI);
     /// anything else in it (subject, key usages) is ignored: the CA decides
     /// what a workload certificate says.
     pub fn sign_csr(

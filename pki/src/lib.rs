@@ -31,6 +31,7 @@ mod csr;
 mod issue;
 mod pem;
 mod renewal;
+mod server;
 mod verify;
 mod workload;
 
@@ -43,4 +44,5 @@ pub use bundle::{BundleError, TrustBundle};
 pub use ca::{CaError, CaPem, MeshCa, CLOCK_SKEW, DEFAULT_CA_LIFETIME};
 pub use issue::{IssueError, IssuedCert, DEFAULT_WORKLOAD_LIFETIME};
 pub use renewal::{renewal_at, RENEW_BY, RENEW_FROM};
+pub use server::ServerCert;
 pub use workload::{WorkloadKey, WorkloadKeyError};

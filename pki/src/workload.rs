@@ -61,6 +61,18 @@ impl WorkloadKey {
             .map_err(fail)
     }
 
+    /// A PEM PKCS#10 CSR that names nothing (empty subject, no
+    /// subjectAltName), signed with this key: what an agent sends before it
+    /// knows its mesh's trust domain. The CA writes the identity it decided.
+    pub fn bare_csr(&self) -> Result<String, WorkloadKeyError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .serialize_request(&self.key)
+            .and_then(|csr| csr.pem())
+            .map_err(WorkloadKeyError::Generate)
+    }
+
     /// The private key in PEM (PKCS#8), for the agent to keep on its host
     /// next to the certificate (what `Identity::load` reads).
     pub fn key_pem(&self) -> String {

@@ -94,19 +94,33 @@ fn migrator(migrations: Vec<Migration>) -> Migrator {
 }
 
 fn sqlite_migrations() -> Vec<Migration> {
-    vec![migration(
-        1,
-        "initial",
-        include_str!("../migrations/sqlite/0001_initial.sql"),
-    )]
+    vec![
+        migration(
+            1,
+            "initial",
+            include_str!("../migrations/sqlite/0001_initial.sql"),
+        ),
+        migration(
+            2,
+            "agents",
+            include_str!("../migrations/sqlite/0002_agents.sql"),
+        ),
+    ]
 }
 
 fn postgres_migrations() -> Vec<Migration> {
-    vec![migration(
-        1,
-        "initial",
-        include_str!("../migrations/postgres/0001_initial.sql"),
-    )]
+    vec![
+        migration(
+            1,
+            "initial",
+            include_str!("../migrations/postgres/0001_initial.sql"),
+        ),
+        migration(
+            2,
+            "agents",
+            include_str!("../migrations/postgres/0002_agents.sql"),
+        ),
+    ]
 }
 
 /// The URL with any password replaced by `***`, for error messages and logs.

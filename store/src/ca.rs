@@ -52,6 +52,39 @@ impl Store {
         Ok(())
     }
 
+    /// Stores `ca` under `name` unless a CA is already stored there, then
+    /// returns the one stored: when replicas race to create a CA on first
+    /// need, every one of them ends up using the same (the first written).
+    /// `name` is a mesh name, or any key that cannot be one (e.g.
+    /// `zone/<zone>` for a zone's control-plane CA).
+    pub async fn put_ca_if_absent(
+        &self,
+        name: &str,
+        ca: &CaMaterial,
+    ) -> Result<CaMaterial, StoreError> {
+        let op = format!("store the CA {name}");
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (mesh) DO NOTHING",
+            )
+            .bind(name)
+            .bind(&ca.cert_pem)
+            .bind(&ca.key_pem)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(StoreError::db(&op))?;
+        });
+        self.get_ca(name).await?.ok_or_else(|| StoreError::Corrupt {
+            what: format!("CA {name}"),
+            reason: "missing right after it was stored".to_owned(),
+        })
+    }
+
     /// The CA of a mesh, or `None` if none was stored yet.
     pub async fn get_ca(&self, mesh: &str) -> Result<Option<CaMaterial>, StoreError> {
         let op = format!("read the CA of mesh {mesh}");

@@ -4,6 +4,7 @@
 use sqlx::Row;
 use tokio::sync::broadcast;
 
+use crate::agents::AGENT_KIND;
 use crate::backend::{on_pool, Store};
 use crate::error::{to_u64, StoreError};
 use crate::resources::ResourceKey;
@@ -34,6 +35,36 @@ pub struct Change {
     pub key: ResourceKey,
     /// What happened to it.
     pub event: ChangeEvent,
+}
+
+/// One entry of the whole feed: a resource change, or an inventory
+/// transition of an agent (enrolled, connected, disconnected).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEntry {
+    /// A resource was put or deleted.
+    Resource(Change),
+    /// An agent's inventory entry changed in a way its mesh's views depend
+    /// on.
+    Agent {
+        /// Its position in the feed.
+        seq: u64,
+        /// The agent's zone.
+        zone: String,
+        /// The agent's mesh.
+        mesh: String,
+        /// The agent's name.
+        name: String,
+    },
+}
+
+impl FeedEntry {
+    /// The entry's position in the feed.
+    pub fn seq(&self) -> u64 {
+        match self {
+            FeedEntry::Resource(change) => change.seq,
+            FeedEntry::Agent { seq, .. } => *seq,
+        }
+    }
 }
 
 /// Notifications that something changed in the store, on this process
@@ -84,8 +115,23 @@ impl Store {
         to_u64(seq, "change_sequence.value")
     }
 
-    /// Every change after `seq`, oldest first.
+    /// Every resource change after `seq`, oldest first (inventory entries
+    /// are skipped: see [`Store::feed_since`]).
     pub async fn changes_since(&self, seq: u64) -> Result<Vec<Change>, StoreError> {
+        Ok(self
+            .feed_since(seq)
+            .await?
+            .into_iter()
+            .filter_map(|entry| match entry {
+                FeedEntry::Resource(change) => Some(change),
+                FeedEntry::Agent { .. } => None,
+            })
+            .collect())
+    }
+
+    /// Every entry of the feed after `seq`, resources and agents, oldest
+    /// first.
+    pub async fn feed_since(&self, seq: u64) -> Result<Vec<FeedEntry>, StoreError> {
         let after = i64::try_from(seq).unwrap_or(i64::MAX);
         let op = format!("read changes since {seq}");
         on_pool!(self, pool => {
@@ -109,15 +155,20 @@ impl Store {
                     let version: i64 = row.try_get("version").map_err(column("version"))?;
                     let deleted: bool = row.try_get("deleted").map_err(column("deleted"))?;
                     let version = to_u64(version, "changes.version")?;
-                    Ok(Change {
-                        seq: to_u64(seq, "changes.seq")?,
+                    let seq = to_u64(seq, "changes.seq")?;
+                    if kind == AGENT_KIND {
+                        // The zone is kept in the namespace column.
+                        return Ok(FeedEntry::Agent { seq, zone: namespace, mesh, name });
+                    }
+                    Ok(FeedEntry::Resource(Change {
+                        seq,
                         key: ResourceKey::from_columns(&kind, mesh, namespace, name)?,
                         event: if deleted {
                             ChangeEvent::Deleted { version }
                         } else {
                             ChangeEvent::Put { version }
                         },
-                    })
+                    }))
                 })
                 .collect()
         })

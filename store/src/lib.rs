@@ -13,6 +13,7 @@
 //! then call [`Store::changes_since`] with the last sequence they applied,
 //! so a lost or coalesced notification never loses a change.
 
+mod agents;
 mod backend;
 mod ca;
 mod changes;
@@ -22,9 +23,10 @@ mod resources;
 mod tokens;
 mod vips;
 
+pub use agents::{now_ms, AgentEnrollment, AgentNack, AgentRecord};
 pub use backend::Store;
 pub use ca::CaMaterial;
-pub use changes::{Change, ChangeEvent, Watch};
+pub use changes::{Change, ChangeEvent, FeedEntry, Watch};
 pub use error::StoreError;
 pub use leader::LeaderGuard;
 pub use resources::{Expect, ResourceKey, StoredResource};

@@ -237,14 +237,9 @@ impl Store {
         Ok((id, presented))
     }
 
-    /// Checks a presented secret for `zone` and, if the token is good,
-    /// counts one use, atomically: concurrent enrolments with a
-    /// single-use token let exactly one through.
-    pub async fn consume_token(
-        &self,
-        presented: &str,
-        zone: &str,
-    ) -> Result<TokenGrant, TokenError> {
+    /// Finds the token a presented secret names, for `zone`: unknown (no
+    /// such id, or the secret does not match) and wrong-zone refusals.
+    async fn presented_token(&self, presented: &str, zone: &str) -> Result<TokenInfo, TokenError> {
         let (id, secret) = parse_secret(presented).ok_or(TokenError::Unknown)?;
         let Some(token) = self.token_row(id).await? else {
             return Err(TokenError::Unknown);
@@ -261,6 +256,53 @@ impl Store {
                 presented: zone.to_owned(),
             });
         }
+        Ok(info)
+    }
+
+    /// Checks a presented secret for `zone` like [`Store::consume_token`]
+    /// but without counting a use, so that a request can be checked in full
+    /// before the token is spent (a refused enrolment must not burn a
+    /// single-use token). Only `consume_token` is authoritative.
+    pub async fn peek_token(&self, presented: &str, zone: &str) -> Result<TokenGrant, TokenError> {
+        let info = self.presented_token(presented, zone).await?;
+        let now = unix_seconds(SystemTime::now());
+        if info.revoked {
+            return Err(TokenError::Revoked { id: info.id });
+        }
+        if unix_seconds(info.spec.expires_at) <= now {
+            return Err(TokenError::Expired { id: info.id });
+        }
+        if info.uses >= info.spec.max_uses {
+            return Err(TokenError::Exhausted {
+                id: info.id,
+                max_uses: info.spec.max_uses,
+            });
+        }
+        Ok(TokenGrant {
+            uses_left: info.spec.max_uses - info.uses,
+            id: info.id,
+            mesh: info.spec.mesh,
+            zone: info.spec.zone,
+            workloads: info.spec.workloads,
+        })
+    }
+
+    /// A token by its id (without its secret), or `None` if unknown: what
+    /// an enrolled agent's workload scope and revocation are read from.
+    pub async fn token_info(&self, id: &str) -> Result<Option<TokenInfo>, StoreError> {
+        Ok(self.token_row(id).await?.map(|row| row.info))
+    }
+
+    /// Checks a presented secret for `zone` and, if the token is good,
+    /// counts one use, atomically: concurrent enrolments with a
+    /// single-use token let exactly one through.
+    pub async fn consume_token(
+        &self,
+        presented: &str,
+        zone: &str,
+    ) -> Result<TokenGrant, TokenError> {
+        let info = self.presented_token(presented, zone).await?;
+        let id = info.id.as_str();
         let now = unix_seconds(SystemTime::now());
         let op = format!("consume token {id}");
         let uses: Option<i64> = on_pool!(self, pool => {

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use common::TestDb;
 use weft_api::{parse_yaml, Kind, Resource};
 use weft_store::{
-    CaMaterial, ChangeEvent, Expect, ResourceKey, StoreError, TokenError, TokenSpec, VipRange,
-    WorkloadScope,
+    AgentEnrollment, CaMaterial, ChangeEvent, Expect, FeedEntry, ResourceKey, StoreError,
+    TokenError, TokenSpec, VipRange, WorkloadScope,
 };
 
 /// Runs a scenario on both backends as two tests.
@@ -50,6 +50,8 @@ on_both_backends!(
     ca_material,
     virtual_ips,
     data_survives_reopen,
+    ca_created_once,
+    agent_inventory,
 );
 
 fn workload(name: &str, namespace: &str, address: &str) -> Resource {
@@ -730,4 +732,90 @@ spec:
     );
     let other = ResourceKey::namespaced(Kind::Service, "default", "ns", "other");
     assert_eq!(store.allocate_vip(&other, &range).await.unwrap(), ip);
+}
+
+async fn ca_created_once(db: TestDb) {
+    // Two replicas creating the same CA at once end up with the same one.
+    let (a, b) = (db.open().await, db.open().await);
+    let material = |n: &str| CaMaterial {
+        cert_pem: format!("cert {n}"),
+        key_pem: format!("key {n}"),
+    };
+    let (ma, mb) = (material("a"), material("b"));
+    let (first, second) = tokio::join!(
+        a.put_ca_if_absent("zone/z1", &ma),
+        b.put_ca_if_absent("zone/z1", &mb)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first, second);
+    let again = a.put_ca_if_absent("zone/z1", &material("c")).await.unwrap();
+    assert_eq!(again, first);
+}
+
+async fn agent_inventory(db: TestDb) {
+    let store = db.open().await;
+    let other = db.open().await;
+    let start = store.current_seq().await.unwrap();
+    let enrollment = AgentEnrollment {
+        name: "vm-1".to_owned(),
+        zone: "z1".to_owned(),
+        mesh: "default".to_owned(),
+        hbone_address: "10.0.0.1:15008".to_owned(),
+        host_facts: serde_json::json!({"hostname": "vm-1"}),
+        token_id: "t1".to_owned(),
+    };
+    store.enroll_agent(&enrollment).await.unwrap();
+    assert!(store
+        .connect_agent("z1", "nobody", "r1", "", &serde_json::json!({}))
+        .await
+        .unwrap()
+        .is_none());
+    let connected = other
+        .connect_agent(
+            "z1",
+            "vm-1",
+            "r1",
+            "10.0.0.2:15008",
+            &serde_json::json!({"cpus": 2}),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connected.connected_replica.as_deref(), Some("r1"));
+    assert_eq!(connected.enrollment.hbone_address, "10.0.0.2:15008");
+    assert!(store.heartbeat_agent("z1", "vm-1", "r1").await.unwrap());
+    assert!(!store.heartbeat_agent("z1", "vm-1", "r2").await.unwrap());
+    store.record_ack("z1", "vm-1", "v1").await.unwrap();
+    store.record_nack("z1", "vm-1", "v2", "bad").await.unwrap();
+    let record = store.get_agent("z1", "vm-1").await.unwrap().unwrap();
+    assert_eq!(record.applied_version, "v1");
+    let nack = record.last_nack.unwrap();
+    assert_eq!((nack.version.as_str(), nack.reason.as_str()), ("v2", "bad"));
+    // Another replica's stale disconnect does not clobber the stream.
+    assert!(!store.disconnect_agent("z1", "vm-1", "r2").await.unwrap());
+    assert!(store.disconnect_agent("z1", "vm-1", "r1").await.unwrap());
+    assert_eq!(
+        store
+            .list_agents("z1", Some("default"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store
+        .list_agents("z1", Some("other"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.list_agents("z2", None).await.unwrap().is_empty());
+
+    // Enrol, connect and disconnect are in the feed; heartbeats and acks
+    // are not; resource readers never see them.
+    let feed = store.feed_since(start).await.unwrap();
+    assert_eq!(feed.len(), 3, "{feed:?}");
+    assert!(feed
+        .iter()
+        .all(|e| matches!(e, FeedEntry::Agent { zone, mesh, name, .. }
+        if zone == "z1" && mesh == "default" && name == "vm-1")));
+    assert!(store.changes_since(start).await.unwrap().is_empty());
 }

@@ -4,6 +4,7 @@
 //! and maps the outcome to an exit code, so tests drive the same code.
 
 mod client;
+mod inspect;
 mod output;
 mod quickstart;
 mod tokens;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use weft_api::Resource;
 
 pub use client::{Answer, Client};
+pub use inspect::Inspected;
 pub use quickstart::QuickstartArgs;
 pub use tokens::{IssuedToken, Token, TokenCommand, TokenFormat};
 
@@ -71,6 +73,16 @@ pub enum Command {
         /// Its namespace (needed only when the name is in several).
         #[arg(short, long)]
         namespace: Option<String>,
+    },
+    /// Shows the zone's inventory: agents (liveness, config version, last
+    /// refusal), services (virtual IPs, endpoints) or workloads.
+    Inspect {
+        /// What to show.
+        #[arg(value_enum)]
+        what: Inspected,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// Issues, lists and revokes bootstrap tokens (what a new agent
     /// enrols with).
@@ -302,6 +314,7 @@ pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<
             writeln!(out, "{} deleted", describe(&deleted.deleted.resource))?;
             Ok(())
         }
+        Command::Inspect { what, output } => inspect::run(&client, what, output, out).await,
         Command::Token { action } => tokens::run(&client, action, out).await,
     }
 }

@@ -112,6 +112,10 @@ pub struct IssuedToken {
     pub token: Token,
     /// Its secret, shown once.
     pub secret: String,
+    /// The zone CA's pin (`sha256:<hex>`), for the agent's first contact;
+    /// absent from older controllers.
+    #[serde(rename = "caPin", default)]
+    pub ca_pin: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +168,11 @@ pub(crate) async fn run(
                     writeln!(out)?;
                     writeln!(out, "Secret (shown only now; store it safely):")?;
                     writeln!(out, "{}", issued.secret)?;
+                    if let Some(pin) = &issued.ca_pin {
+                        writeln!(out)?;
+                        writeln!(out, "Zone CA pin (give it to the agent with the secret):")?;
+                        writeln!(out, "{pin}")?;
+                    }
                 }
             }
             Ok(())

@@ -1,11 +1,14 @@
 //! The HTTP API (default :5681): resources under `/v1/resources`,
-//! bootstrap tokens under `/v1/tokens` (see [`crate::tokens`]), and
+//! bootstrap tokens under `/v1/tokens` (see [`crate::tokens`]), the zone's
+//! identity and CA pin at `/v1/zone`, the inventory under
+//! `/v1/inspect/{agents,services,workloads}` (see [`crate::inspect`]), and
 //! `/healthz` and `/ready` for supervisors. JSON in and out (YAML accepted
 //! for apply); errors are `{"error": "..."}`, or for refused input
 //! `{"errors": [{"document", "path", "reason", "line", ...}]}` with 422.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -37,16 +40,31 @@ pub struct AppState {
     pub store: Store,
     /// The zone this controller runs.
     pub zone: String,
+    /// The zone CA certificate (PEM), which agents pin.
+    pub ca_pem: String,
+    /// Its pin: `sha256:<hex of the DER>`.
+    pub ca_pin: String,
+    /// Whether this replica leads now.
+    pub leading: Arc<AtomicBool>,
     /// Serialises applies (validate-then-write) in this process.
     apply_lock: Mutex<()>,
 }
 
 impl AppState {
     /// State over an opened store.
-    pub fn new(store: Store, zone: String) -> Self {
+    pub fn new(
+        store: Store,
+        zone: String,
+        ca_pem: String,
+        ca_pin: String,
+        leading: Arc<AtomicBool>,
+    ) -> Self {
         AppState {
             store,
             zone,
+            ca_pem,
+            ca_pin,
+            leading,
             apply_lock: Mutex::new(()),
         }
     }
@@ -271,10 +289,22 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
                 Err(error) => error.into(),
             }
         }
+        (["v1", "zone"], &Method::GET) => to_json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "zone": state.zone,
+                "caPin": state.ca_pin,
+                "caPem": state.ca_pem,
+                "leader": state.leading.load(Ordering::SeqCst),
+            }),
+        ),
+        (["v1", "inspect", what], &Method::GET) => inspect(state, what).await,
         (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
         (["v1", "tokens"], &Method::GET) => list_tokens(state).await,
         (["v1", "tokens", id], &Method::DELETE) => revoke_token(state, id).await,
         (["healthz" | "ready"], _)
+        | (["v1", "zone"], _)
+        | (["v1", "inspect", _], _)
         | (["v1", "tokens"], _)
         | (["v1", "tokens", _], _)
         | (["v1", "resources"], _)
@@ -285,7 +315,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}] and /v1/tokens[/{{id}}]"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone and /v1/inspect/{{agents,services,workloads}}"
         ))
         .into(),
     }
@@ -434,10 +464,35 @@ async fn issue_token(state: &AppState, request: Request<Incoming>) -> Answer {
         Ok((id, secret)) => {
             // Never log the secret.
             tracing::info!(%id, mesh = spec.mesh, max_uses = spec.max_uses, "token issued");
-            to_json(StatusCode::CREATED, &Issued::new(id, secret, spec))
+            to_json(
+                StatusCode::CREATED,
+                &Issued::new(id, secret, spec, state.ca_pin.clone()),
+            )
         }
         Err(error) => ApiError::from(error).into(),
     }
+}
+
+/// `GET /v1/inspect/{agents,services,workloads}`: JSON arrays.
+async fn inspect(state: &AppState, what: &str) -> Answer {
+    let answer = match what {
+        "agents" => crate::inspect::agents(&state.store, &state.zone)
+            .await
+            .map(|v| to_json(StatusCode::OK, &v)),
+        "services" => crate::inspect::services(&state.store, &state.zone)
+            .await
+            .map(|v| to_json(StatusCode::OK, &v)),
+        "workloads" => crate::inspect::workloads(&state.store, &state.zone)
+            .await
+            .map(|v| to_json(StatusCode::OK, &v)),
+        other => {
+            return ApiError::not_found(format!(
+                "nothing to inspect as {other:?}; use agents, services or workloads"
+            ))
+            .into()
+        }
+    };
+    answer.unwrap_or_else(|error| ApiError::from(error).into())
 }
 
 /// `GET /v1/tokens`: every token, without secrets.

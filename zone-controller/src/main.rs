@@ -1,18 +1,30 @@
-//! `weft-zone`: a zone's control plane. This first slice serves the
-//! resource API over HTTP on an embedded SQLite (or PostgreSQL) store.
+//! `weft-zone`: a zone's control plane: the resource, token and inspect
+//! API over HTTP, and the agent API over gRPC with mutual TLS (enrolment,
+//! certificates, config stream), on an embedded SQLite store or a
+//! PostgreSQL database shared by several replicas.
 
+mod agent_service;
 mod api_server;
 mod apply;
+mod grpc;
+mod hub;
+mod inspect;
+mod leader;
+mod mesh_ca;
 mod tokens;
+mod views;
+mod zone_ca;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use weft_store::Store;
+use weft_store::{Store, VipRange};
 
 /// Weft zone controller.
 #[derive(Debug, Parser)]
@@ -41,6 +53,31 @@ struct RunArgs {
     /// The name of this zone (a DNS-1123 label).
     #[arg(long, default_value = "default")]
     zone: String,
+    /// Address of the agent gRPC API (mutual TLS). Port 0 picks a free
+    /// port; the bound address is printed as `grpc listening on ADDR`.
+    #[arg(long, default_value = "0.0.0.0:5678")]
+    grpc_listen: SocketAddr,
+    /// An extra DNS name or IP address for the gRPC server certificate,
+    /// besides `weft-zone` (repeatable).
+    #[arg(long = "san", value_name = "NAME_OR_IP")]
+    sans: Vec<String>,
+    /// The IPv4 range services' virtual IPs are allocated from.
+    #[arg(long, default_value = "240.240.0.0/16")]
+    vip_range: VipRange,
+    /// This replica's id in the agent inventory (default: hostname and
+    /// process id).
+    #[arg(long)]
+    replica_id: Option<String>,
+}
+
+/// How long open streams and requests get to end at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "weft-zone".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,22 +102,89 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(reason) = weft_api::validation::dns1123_label(&args.zone) {
         bail!("invalid --zone {:?}: {reason}", args.zone);
     }
+    let replica = args.replica_id.clone().unwrap_or_else(default_replica_id);
     let store = Store::open(&args.store)
         .await
         .with_context(|| format!("cannot open the store {}", args.store))?;
+    let zone_ca = Arc::new(zone_ca::ZoneCa::load_or_create(&store, &args.zone).await?);
+    let tls = zone_ca.server_config(&args.sans)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let grpc_listener = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-listen {}", args.grpc_listen))?;
+    let grpc_bound = grpc_listener
+        .local_addr()
+        .context("cannot read the bound gRPC address")?;
     // On stdout for scripts and tests (e.g. with --listen 127.0.0.1:0).
     println!("listening on {bound}");
-    tracing::info!(zone = %args.zone, store = store.url(), %bound, "weft-zone serving the HTTP API");
+    println!("grpc listening on {grpc_bound}");
+    tracing::info!(zone = %args.zone, store = store.url(), %bound, grpc = %grpc_bound, %replica, ca_pin = %zone_ca.pin, "weft-zone serving");
 
     let shutdown = shutdown_signal().await?;
-    let state = Arc::new(api_server::AppState::new(store.clone(), args.zone));
-    api_server::serve(listener, state, shutdown).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let leading = Arc::new(AtomicBool::new(false));
+    let cas = Arc::new(mesh_ca::MeshCas::new(store.clone()));
+    let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
+    let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
+    let leader_task = tokio::spawn(
+        leader::Leader {
+            store: store.clone(),
+            zone: args.zone.clone(),
+            vips: args.vip_range,
+            leading: leading.clone(),
+        }
+        .run(stop.clone()),
+    );
+    let api = agent_service::AgentApi {
+        store: store.clone(),
+        zone: args.zone.clone(),
+        replica,
+        zone_ca: zone_ca.clone(),
+        cas,
+        hub: hub.clone(),
+        stop: stop.clone(),
+    };
+    let grpc_task = tokio::spawn(grpc::serve(
+        grpc_listener,
+        tls,
+        zone_ca.clone(),
+        api,
+        stop.clone(),
+    ));
+    let state = Arc::new(api_server::AppState::new(
+        store.clone(),
+        args.zone,
+        zone_ca.pem.clone(),
+        zone_ca.pin.clone(),
+        leading,
+    ));
+    let http_task = tokio::spawn(api_server::serve(
+        listener,
+        state,
+        grpc::stopped(stop.clone()),
+    ));
+    shutdown.await;
+    // Nobody may be left to hear it; that is fine.
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        match grpc_task.await {
+            Ok(Err(error)) => tracing::warn!(%error, "gRPC server stopped with an error"),
+            Err(error) => tracing::warn!(%error, "gRPC server task failed"),
+            Ok(Ok(())) => {}
+        }
+        let _ = http_task.await;
+        let _ = leader_task.await;
+        let _ = hub_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some connections did not close in time");
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

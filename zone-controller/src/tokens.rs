@@ -262,11 +262,15 @@ pub struct Issued {
     pub token: TokenView,
     /// What the agent presents; shown only here.
     pub secret: String,
+    /// The zone CA's pin (`sha256:<hex>`), for the agent to verify the
+    /// controller on first contact.
+    #[serde(rename = "caPin")]
+    pub ca_pin: String,
 }
 
 impl Issued {
     /// The answer for a token just issued with `spec`.
-    pub fn new(id: String, secret: String, spec: TokenSpec) -> Self {
+    pub fn new(id: String, secret: String, spec: TokenSpec, ca_pin: String) -> Self {
         Issued {
             token: TokenView::from(TokenInfo {
                 id,
@@ -275,12 +279,13 @@ impl Issued {
                 revoked: false,
             }),
             secret,
+            ca_pin,
         }
     }
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (times before 1970 print as the epoch).
-fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
     let rest = secs % 86_400;

@@ -1,9 +1,15 @@
 //! A harness shared by the API tests: the real `weft-zone` binary on a
-//! temporary SQLite file, driven through `weftctl`'s library.
+//! temporary SQLite file (or a PostgreSQL server of the test's own), driven
+//! through `weftctl`'s library over HTTP and through a tonic client over
+//! rustls that pins the zone CA, as agents do.
 
 #![allow(dead_code)]
 
+pub mod agent;
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -20,16 +26,34 @@ pub struct Zone {
     child: Child,
     /// `http://host:port` of its API.
     pub server: String,
+    /// Its gRPC address.
+    pub grpc: SocketAddr,
 }
 
 impl Zone {
-    /// Starts the binary on `db` with an ephemeral port and waits until
+    /// Starts the binary on `db` with ephemeral ports and waits until
     /// `/ready` answers 200.
     pub async fn start(db: &Path) -> Zone {
+        Zone::start_with(&format!("sqlite://{}", db.display()), &[]).await
+    }
+
+    /// Starts the binary on the store at `url` with extra arguments.
+    pub async fn start_with(url: &str, extra: &[&str]) -> Zone {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weft-zone"))
-            .args(["run", "--listen", "127.0.0.1:0", "--store"])
-            .arg(format!("sqlite://{}", db.display()))
-            .env("RUST_LOG", "warn")
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--store",
+                url,
+            ])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -48,6 +72,7 @@ impl Zone {
         let mut zone = Zone {
             child,
             server: String::new(),
+            grpc: "0.0.0.0:0".parse().expect("an address"),
         };
         let line = rx
             .recv_timeout(DEADLINE)
@@ -56,6 +81,14 @@ impl Zone {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         zone.server = format!("http://{address}");
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("weft-zone printed its gRPC address");
+        zone.grpc = line
+            .strip_prefix("grpc listening on ")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .parse()
+            .expect("a socket address");
         zone.wait_ready().await;
         zone
     }
@@ -72,6 +105,17 @@ impl Zone {
             assert!(Instant::now() < deadline, "weft-zone not ready in time");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `GET path` as JSON (panics on a non-2xx answer).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let client = Client::new(&self.server).expect("valid server URL");
+        let answer = client
+            .request(http::Method::GET, path, None)
+            .await
+            .expect("GET answered");
+        assert!(answer.status.is_success(), "GET {path}: {}", answer.status);
+        serde_json::from_slice(&answer.body).expect("JSON answer")
     }
 
     /// Stops the controller with SIGTERM and waits for a clean exit.
@@ -95,6 +139,12 @@ impl Zone {
         }
     }
 
+    /// Kills the controller with SIGKILL (a crash).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Runs `weftctl ARGS` against this controller; `stdin` feeds `-f -`.
     pub async fn ctl(&self, args: &[&str], stdin: &str) -> Result<String, Error> {
         let mut argv = vec!["weftctl", "--server", &self.server];
@@ -111,5 +161,22 @@ impl Drop for Zone {
         // Already gone after stop(); errors do not matter here.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after
+/// [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,0 +1,365 @@
+//! The agent inventory: who enrolled, with which token, where their HBONE
+//! listener is, which replica holds their config stream, when they were
+//! last seen and which config version they acked or refused.
+//!
+//! Transitions other replicas must react to (enrolment, connect,
+//! disconnect) are appended to the change feed as `Agent` entries (see
+//! [`crate::FeedEntry`]); heartbeats and acks are not, so that a quiet mesh
+//! does not churn the feed.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::Row;
+
+use crate::backend::{on_pool, Store};
+use crate::error::StoreError;
+use crate::resources::NEXT_SEQ;
+
+/// The kind written in the change feed for inventory transitions; not a
+/// resource kind, so resource readers skip it.
+pub(crate) const AGENT_KIND: &str = "Agent";
+
+/// What an enrolment records about an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEnrollment {
+    /// The agent's name, unique in its zone.
+    pub name: String,
+    /// The zone it enrolled in.
+    pub zone: String,
+    /// The mesh its token bound it to.
+    pub mesh: String,
+    /// Where peers reach its HBONE listener (`ip:port`).
+    pub hbone_address: String,
+    /// What it reported about its host (JSON object).
+    pub host_facts: serde_json::Value,
+    /// The token it enrolled with.
+    pub token_id: String,
+}
+
+/// The last config version an agent refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentNack {
+    /// The version refused.
+    pub version: String,
+    /// The agent's reason.
+    pub reason: String,
+}
+
+/// An agent as the inventory holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    /// What the latest enrolment (and Hello) recorded.
+    pub enrollment: AgentEnrollment,
+    /// The replica holding its stream, if any.
+    pub connected_replica: Option<String>,
+    /// When it was last seen, milliseconds since the epoch.
+    pub last_seen_ms: i64,
+    /// The last version it acknowledged ("" before the first).
+    pub applied_version: String,
+    /// The last version it refused, if any.
+    pub last_nack: Option<AgentNack>,
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+const SELECT_AGENT: &str = "SELECT zone, name, mesh, hbone_address, host_facts, token_id, \
+     connected_replica, last_seen, applied_version, nack_version, nack_reason FROM agents";
+
+fn decode_agent<R>(row: &R) -> Result<AgentRecord, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let column = |name: &str| StoreError::corrupt(format!("agents.{name}"));
+    let name: String = row.try_get("name").map_err(column("name"))?;
+    let facts: String = row.try_get("host_facts").map_err(column("host_facts"))?;
+    let host_facts = serde_json::from_str(&facts)
+        .map_err(StoreError::corrupt(format!("host facts of agent {name}")))?;
+    let nack_version: Option<String> = row
+        .try_get("nack_version")
+        .map_err(column("nack_version"))?;
+    let nack_reason: Option<String> = row.try_get("nack_reason").map_err(column("nack_reason"))?;
+    Ok(AgentRecord {
+        enrollment: AgentEnrollment {
+            zone: row.try_get("zone").map_err(column("zone"))?,
+            mesh: row.try_get("mesh").map_err(column("mesh"))?,
+            hbone_address: row
+                .try_get("hbone_address")
+                .map_err(column("hbone_address"))?,
+            host_facts,
+            token_id: row.try_get("token_id").map_err(column("token_id"))?,
+            name,
+        },
+        connected_replica: row
+            .try_get("connected_replica")
+            .map_err(column("connected_replica"))?,
+        last_seen_ms: row.try_get("last_seen").map_err(column("last_seen"))?,
+        applied_version: row
+            .try_get("applied_version")
+            .map_err(column("applied_version"))?,
+        last_nack: nack_version.map(|version| AgentNack {
+            version,
+            reason: nack_reason.unwrap_or_default(),
+        }),
+    })
+}
+
+/// Appends an `Agent` entry to the change feed inside `tx`.
+macro_rules! feed_agent {
+    ($tx:expr, $op:expr, $zone:expr, $mesh:expr, $name:expr) => {{
+        let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
+            .fetch_one(&mut *$tx)
+            .await
+            .map_err(StoreError::db($op))?;
+        sqlx::query(
+            "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6)",
+        )
+        .bind(seq)
+        .bind(AGENT_KIND)
+        .bind($mesh)
+        .bind($zone)
+        .bind($name)
+        .bind(false)
+        .execute(&mut *$tx)
+        .await
+        .map_err(StoreError::db($op))?;
+    }};
+}
+
+impl Store {
+    /// Records an enrolment (a new agent, or one enrolling again): its mesh,
+    /// HBONE address, host facts and token. Its connection state and
+    /// acknowledged version are kept.
+    pub async fn enroll_agent(&self, agent: &AgentEnrollment) -> Result<(), StoreError> {
+        let op = format!("enroll agent {}", agent.name);
+        let facts = agent.host_facts.to_string();
+        let now = now_ms();
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            feed_agent!(tx, &op, &agent.zone, &agent.mesh, &agent.name);
+            sqlx::query(
+                "INSERT INTO agents (zone, name, mesh, hbone_address, host_facts, token_id, \
+                 connected_replica, last_seen, applied_version, nack_version, nack_reason, \
+                 enrolled_at) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, '', NULL, NULL, $7) \
+                 ON CONFLICT (zone, name) DO UPDATE SET mesh = excluded.mesh, \
+                 hbone_address = excluded.hbone_address, host_facts = excluded.host_facts, \
+                 token_id = excluded.token_id, enrolled_at = excluded.enrolled_at",
+            )
+            .bind(&agent.zone)
+            .bind(&agent.name)
+            .bind(&agent.mesh)
+            .bind(&agent.hbone_address)
+            .bind(&facts)
+            .bind(&agent.token_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok::<_, StoreError>(())
+        }.await)?;
+        self.notify_local();
+        Ok(())
+    }
+
+    /// Marks an agent connected to `replica` (its stream's Hello), with the
+    /// HBONE address and host facts it reported, seen now. Returns the
+    /// record, or `None` if the agent never enrolled.
+    pub async fn connect_agent(
+        &self,
+        zone: &str,
+        name: &str,
+        replica: &str,
+        hbone_address: &str,
+        host_facts: &serde_json::Value,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let op = format!("connect agent {name}");
+        let facts = host_facts.to_string();
+        let now = now_ms();
+        let mesh: Option<String> = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            let mesh: Option<String> = sqlx::query_scalar(
+                "UPDATE agents SET connected_replica = $3, last_seen = $4, \
+                 hbone_address = $5, host_facts = $6 WHERE zone = $1 AND name = $2 \
+                 RETURNING mesh",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(replica)
+            .bind(now)
+            .bind(hbone_address)
+            .bind(&facts)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            let Some(mesh) = mesh else {
+                return Ok::<_, StoreError>(None);
+            };
+            feed_agent!(tx, &op, zone, &mesh, name);
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(Some(mesh))
+        }.await)?;
+        if mesh.is_none() {
+            return Ok(None);
+        }
+        self.notify_local();
+        self.get_agent(zone, name).await
+    }
+
+    /// Marks an agent seen now, if `replica` still holds its stream; not in
+    /// the change feed. Returns whether it did.
+    pub async fn heartbeat_agent(
+        &self,
+        zone: &str,
+        name: &str,
+        replica: &str,
+    ) -> Result<bool, StoreError> {
+        let op = format!("heartbeat of agent {name}");
+        let affected = on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE agents SET last_seen = $4 \
+                 WHERE zone = $1 AND name = $2 AND connected_replica = $3",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(replica)
+            .bind(now_ms())
+            .execute(pool)
+            .await
+            .map_err(StoreError::db(&op))?
+            .rows_affected()
+        });
+        Ok(affected > 0)
+    }
+
+    /// Marks an agent disconnected if `replica` still holds its stream (a
+    /// newer stream on another replica is left alone). Returns whether it
+    /// did.
+    pub async fn disconnect_agent(
+        &self,
+        zone: &str,
+        name: &str,
+        replica: &str,
+    ) -> Result<bool, StoreError> {
+        let op = format!("disconnect agent {name}");
+        let done = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            let mesh: Option<String> = sqlx::query_scalar(
+                "UPDATE agents SET connected_replica = NULL \
+                 WHERE zone = $1 AND name = $2 AND connected_replica = $3 RETURNING mesh",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(replica)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            let Some(mesh) = mesh else {
+                return Ok::<_, StoreError>(false);
+            };
+            feed_agent!(tx, &op, zone, &mesh, name);
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(true)
+        }.await)?;
+        if done {
+            self.notify_local();
+        }
+        Ok(done)
+    }
+
+    /// Records that an agent acknowledged (applied) `version`.
+    pub async fn record_ack(
+        &self,
+        zone: &str,
+        name: &str,
+        version: &str,
+    ) -> Result<(), StoreError> {
+        let op = format!("record the ack of agent {name}");
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE agents SET applied_version = $3, last_seen = $4 \
+                 WHERE zone = $1 AND name = $2",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(version)
+            .bind(now_ms())
+            .execute(pool)
+            .await
+            .map_err(StoreError::db(&op))?;
+        });
+        Ok(())
+    }
+
+    /// Records that an agent refused `version` for `reason`.
+    pub async fn record_nack(
+        &self,
+        zone: &str,
+        name: &str,
+        version: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let op = format!("record the nack of agent {name}");
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE agents SET nack_version = $3, nack_reason = $4, last_seen = $5 \
+                 WHERE zone = $1 AND name = $2",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(version)
+            .bind(reason)
+            .bind(now_ms())
+            .execute(pool)
+            .await
+            .map_err(StoreError::db(&op))?;
+        });
+        Ok(())
+    }
+
+    /// One agent of a zone, or `None` if it never enrolled.
+    pub async fn get_agent(
+        &self,
+        zone: &str,
+        name: &str,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let op = format!("read agent {name}");
+        on_pool!(self, pool => {
+            let row = sqlx::query(&format!("{SELECT_AGENT} WHERE zone = $1 AND name = $2"))
+                .bind(zone)
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+                .map_err(StoreError::db(&op))?;
+            row.as_ref().map(decode_agent).transpose()
+        })
+    }
+
+    /// The agents of a zone, optionally of one mesh only, by name.
+    pub async fn list_agents(
+        &self,
+        zone: &str,
+        mesh: Option<&str>,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(&format!(
+                "{SELECT_AGENT} WHERE zone = $1 AND ($2 IS NULL OR mesh = $2) ORDER BY name"
+            ))
+            .bind(zone)
+            .bind(mesh)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db("list agents"))?;
+            rows.iter().map(decode_agent).collect()
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! `weftctl inspect agents|services|workloads`: the zone's inventory, as a
+//! table, YAML or the API's JSON.
+
+use std::io::Write;
+
+use clap::ValueEnum;
+use http::Method;
+use serde_json::Value;
+
+use crate::{expect_ok, Client, Error, Format};
+
+/// What `inspect` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Inspected {
+    /// Enrolled agents: liveness, config version, last refusal.
+    Agents,
+    /// Services with their virtual IPs and endpoints.
+    Services,
+    /// Registered workloads with their agent and readiness.
+    Workloads,
+}
+
+impl Inspected {
+    fn path(self) -> &'static str {
+        match self {
+            Inspected::Agents => "/v1/inspect/agents",
+            Inspected::Services => "/v1/inspect/services",
+            Inspected::Workloads => "/v1/inspect/workloads",
+        }
+    }
+}
+
+/// Runs `inspect`.
+pub(crate) async fn run(
+    client: &Client,
+    what: Inspected,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let answer = client.request(Method::GET, what.path(), None).await?;
+    let body = expect_ok(answer)?;
+    let items: Vec<Value> = crate::decode(&body)?;
+    match format {
+        Format::Json => {
+            let text =
+                serde_json::to_string_pretty(&items).map_err(|e| Error::Decode(e.to_string()))?;
+            writeln!(out, "{text}")?;
+        }
+        Format::Yaml => {
+            let text = yaml_serde::to_string(&items).map_err(|e| Error::Decode(e.to_string()))?;
+            write!(out, "{text}")?;
+        }
+        Format::Table => table(what, &items, out)?,
+    }
+    Ok(())
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "yes".to_owned(),
+        Value::Bool(false) => "no".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn ports(value: &Value) -> String {
+    let list: Vec<String> = value
+        .as_array()
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| format!("{}/{}", text(&p["port"]), text(&p["protocol"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        "-".to_owned()
+    } else {
+        list.join(",")
+    }
+}
+
+/// The first 12 characters of a config version: enough to tell them apart.
+fn short(value: &Value) -> String {
+    let full = text(value);
+    full.chars().take(12).collect()
+}
+
+/// Turns one item into its table cells.
+type RowFn = fn(&Value) -> Vec<String>;
+
+fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Error> {
+    if items.is_empty() {
+        writeln!(
+            out,
+            "No {} found.",
+            what.path().rsplit('/').next().unwrap_or("items")
+        )?;
+        return Ok(());
+    }
+    let (header, row): (&[&str], RowFn) = match what {
+        Inspected::Agents => (
+            &[
+                "NAME",
+                "MESH",
+                "ONLINE",
+                "HBONE",
+                "REPLICA",
+                "LAST SEEN",
+                "APPLIED",
+                "LAST NACK",
+                "WORKLOADS",
+            ],
+            |a| {
+                vec![
+                    text(&a["name"]),
+                    text(&a["mesh"]),
+                    text(&a["online"]),
+                    text(&a["hboneAddress"]),
+                    text(&a["connectedReplica"]),
+                    text(&a["lastSeen"]),
+                    short(&a["appliedVersion"]),
+                    if a["lastNack"].is_null() {
+                        "-".to_owned()
+                    } else {
+                        format!(
+                            "{}: {}",
+                            short(&a["lastNack"]["version"]),
+                            text(&a["lastNack"]["reason"])
+                        )
+                    },
+                    a["workloads"]
+                        .as_array()
+                        .map(|w| w.iter().map(text).collect::<Vec<_>>().join(","))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "-".to_owned()),
+                ]
+            },
+        ),
+        Inspected::Services => (
+            &[
+                "NAME",
+                "MESH",
+                "NAMESPACE",
+                "ZONE",
+                "VIRTUAL IP",
+                "PORTS",
+                "ENDPOINTS",
+            ],
+            |s| {
+                let endpoints = s["endpoints"].as_array().cloned().unwrap_or_default();
+                let ready = endpoints.iter().filter(|e| e["ready"] == true).count();
+                vec![
+                    text(&s["name"]),
+                    text(&s["mesh"]),
+                    text(&s["namespace"]),
+                    text(&s["zone"]),
+                    text(&s["virtualIp"]),
+                    ports(&s["ports"]),
+                    format!("{ready}/{} ready", endpoints.len()),
+                ]
+            },
+        ),
+        Inspected::Workloads => (
+            &[
+                "NAME",
+                "MESH",
+                "NAMESPACE",
+                "SERVICE",
+                "ADDRESS",
+                "PORTS",
+                "AGENT",
+                "READY",
+                "SPIFFE ID",
+            ],
+            |w| {
+                vec![
+                    text(&w["name"]),
+                    text(&w["mesh"]),
+                    text(&w["namespace"]),
+                    text(&w["service"]),
+                    text(&w["address"]),
+                    ports(&w["ports"]),
+                    text(&w["agent"]),
+                    text(&w["ready"]),
+                    text(&w["spiffeId"]),
+                ]
+            },
+        ),
+    };
+    let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
+    rows.extend(items.iter().map(row));
+    crate::output::write_rows(out, &rows)
+}

@@ -1,0 +1,784 @@
+//! The agent API: Enroll (token), Renew and Stream (mTLS with the agent's
+//! control-plane certificate). Every refusal says why in its status
+//! message, since the agent shows it to the operator.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::proto::agent::v1 as pb;
+use weft_api::proto::agent::v1::agent_service_server::AgentService;
+use weft_api::{Kind, Mesh, ObjectMeta, Protocol, Resource, Workload, WorkloadPort, WorkloadSpec};
+use weft_pki::{IssueError, IssuedCert, MeshCa};
+use weft_store::{
+    AgentEnrollment, Expect, ResourceKey, Store, StoreError, TokenError, WorkloadScope,
+};
+
+use crate::grpc::PeerInfo;
+use crate::hub::Hub;
+use crate::mesh_ca::{MeshCaError, MeshCas};
+use crate::views::AGENT_LABEL;
+use crate::zone_ca::ZoneCa;
+
+/// How often a stream marks its agent seen.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long an agent gets to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Updates queued towards one agent (the hub keeps only the newest anyway).
+const OUTBOUND_QUEUE: usize = 4;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AgentApi {
+    /// The store.
+    pub store: Store,
+    /// This zone.
+    pub zone: String,
+    /// This replica's id (recorded as the agent's connected replica).
+    pub replica: String,
+    /// The zone's control-plane CA.
+    pub zone_ca: Arc<ZoneCa>,
+    /// The mesh CAs.
+    pub cas: Arc<MeshCas>,
+    /// The stream registry.
+    pub hub: Arc<Hub>,
+    /// Turns true at shutdown: streams end.
+    pub stop: watch::Receiver<bool>,
+}
+
+fn store_status(error: StoreError) -> Status {
+    tracing::error!(%error, "store failure in the agent API");
+    Status::unavailable(format!("the zone's store is unavailable: {error}"))
+}
+
+fn ca_status(error: MeshCaError) -> Status {
+    match error {
+        MeshCaError::Store(error) => store_status(error),
+        other => {
+            tracing::error!(error = %other, "mesh CA unusable");
+            Status::failed_precondition(other.to_string())
+        }
+    }
+}
+
+/// The token refusal as the agent sees it: the cause, named.
+fn token_status(error: TokenError) -> Status {
+    let message = match &error {
+        TokenError::Unknown => "bootstrap token refused: unknown token".to_owned(),
+        TokenError::WrongZone {
+            token_zone,
+            presented,
+            ..
+        } => format!(
+            "bootstrap token refused: wrong zone (issued for zone {token_zone:?}, presented to {presented:?})"
+        ),
+        TokenError::Revoked { .. } => "bootstrap token refused: revoked".to_owned(),
+        TokenError::Expired { .. } => "bootstrap token refused: expired".to_owned(),
+        TokenError::Exhausted { max_uses, .. } => {
+            format!("bootstrap token refused: used up (all {max_uses} use(s) taken)")
+        }
+        TokenError::Store(_) => {
+            return Status::unavailable(format!("cannot check the token: {error}"))
+        }
+    };
+    let id = match &error {
+        TokenError::WrongZone { id, .. }
+        | TokenError::Revoked { id }
+        | TokenError::Expired { id }
+        | TokenError::Exhausted { id, .. } => id.as_str(),
+        _ => "-",
+    };
+    tracing::warn!(token = %id, reason = %error, "enrolment refused");
+    Status::unauthenticated(message)
+}
+
+/// `spec.ports[1].port` -> `ports[1].port`, `metadata.name` -> `name`,
+/// camelCase -> snake_case: a resource path as the proto field path.
+fn proto_path(path: &str) -> String {
+    let path = path
+        .strip_prefix("spec.")
+        .or_else(|| path.strip_prefix("metadata."))
+        .unwrap_or(path);
+    let mut out = String::with_capacity(path.len() + 4);
+    for c in path.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The Workload resource an agent registers, or INVALID_ARGUMENT naming
+/// the field (`workloads[0].address`).
+fn to_resource(
+    w: &pb::Workload,
+    index: usize,
+    mesh: &str,
+    agent: &str,
+    field: &str,
+) -> Result<Workload, Status> {
+    let at = |rest: &str| format!("{field}[{index}].{rest}");
+    let address: IpAddr = w.address.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "{}: {:?} is not an IP address",
+            at("address"),
+            w.address
+        ))
+    })?;
+    let mut ports = Vec::with_capacity(w.ports.len());
+    for (i, p) in w.ports.iter().enumerate() {
+        let port = u16::try_from(p.port).map_err(|_| {
+            Status::invalid_argument(format!(
+                "{}: {} is not 1-65535",
+                at(&format!("ports[{i}].port")),
+                p.port
+            ))
+        })?;
+        let protocol = match pb::Protocol::try_from(p.protocol) {
+            Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+            Ok(pb::Protocol::Http) => Protocol::Http,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "{}: unknown protocol {}",
+                    at(&format!("ports[{i}].protocol")),
+                    p.protocol
+                )))
+            }
+        };
+        ports.push(WorkloadPort { port, protocol });
+    }
+    let namespace = if w.namespace.is_empty() {
+        "default"
+    } else {
+        &w.namespace
+    };
+    let mut metadata = ObjectMeta::namespaced(mesh, namespace, &w.name);
+    metadata.labels = w
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata
+        .labels
+        .insert(AGENT_LABEL.to_owned(), agent.to_owned());
+    let workload = Workload::new(
+        metadata,
+        WorkloadSpec {
+            address,
+            service: w.service.clone(),
+            service_account: if w.service_account.is_empty() {
+                "default".to_owned()
+            } else {
+                w.service_account.clone()
+            },
+            ports,
+        },
+    );
+    if let Err(errors) = workload.validate() {
+        let first = errors
+            .errors()
+            .iter()
+            .map(|e| format!("{}: {}", at(&proto_path(&e.path.to_string())), e.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Status::invalid_argument(first));
+    }
+    Ok(workload)
+}
+
+/// Checks an agent's workloads against its token's scope and the resource
+/// rules; returns the resources to store.
+fn check_workloads(
+    workloads: &[pb::Workload],
+    scope: &WorkloadScope,
+    mesh: &str,
+    agent: &str,
+    field: &str,
+) -> Result<Vec<Workload>, Status> {
+    let mut seen = BTreeMap::new();
+    let mut resources = Vec::with_capacity(workloads.len());
+    for (i, w) in workloads.iter().enumerate() {
+        if !scope.allows(&w.name) {
+            return Err(Status::permission_denied(format!(
+                "{field}[{i}]: workload {:?} is not allowed by the bootstrap token",
+                w.name
+            )));
+        }
+        let resource = to_resource(w, i, mesh, agent, field)?;
+        let key = ResourceKey::of(&Resource::Workload(resource.clone()));
+        if let Some(first) = seen.insert(key.clone(), i) {
+            return Err(Status::invalid_argument(format!(
+                "{field}[{i}]: {key} is already registered by {field}[{first}]"
+            )));
+        }
+        resources.push(resource);
+    }
+    Ok(resources)
+}
+
+fn owner_of(resource: &Resource) -> Option<&str> {
+    resource
+        .metadata()
+        .labels
+        .get(AGENT_LABEL)
+        .map(String::as_str)
+}
+
+impl AgentApi {
+    /// Refuses workloads another agent registered.
+    async fn check_owners(&self, agent: &str, workloads: &[Workload]) -> Result<(), Status> {
+        for w in workloads {
+            let key = ResourceKey::of(&Resource::Workload(w.clone()));
+            if let Some(stored) = self.store.get(&key).await.map_err(store_status)? {
+                if let Some(owner) = owner_of(&stored.resource).filter(|o| *o != agent) {
+                    return Err(Status::already_exists(format!(
+                        "{key} is registered by agent {owner:?}; delete it first"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `workloads` the agent's whole set: writes the changed ones and
+    /// removes those it no longer fronts (in any mesh).
+    async fn store_workloads(&self, agent: &str, workloads: Vec<Workload>) -> Result<(), Status> {
+        let owned: Vec<_> = self
+            .store
+            .list(Kind::Workload, None, None)
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|s| owner_of(&s.resource) == Some(agent))
+            .collect();
+        let mut wanted = Vec::with_capacity(workloads.len());
+        let mut writes = Vec::new();
+        for w in workloads {
+            let resource = Resource::Workload(w);
+            let key = ResourceKey::of(&resource);
+            match self.store.get(&key).await.map_err(store_status)? {
+                Some(stored) if stored.resource == resource => {}
+                Some(stored) => writes.push((resource, Expect::Version(stored.version))),
+                None => writes.push((resource, Expect::Absent)),
+            }
+            wanted.push(key);
+        }
+        if !writes.is_empty() {
+            self.store.put_many(&writes).await.map_err(|e| match e {
+                StoreError::Conflict { .. } => Status::aborted(format!("{e}; retry")),
+                StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+                other => store_status(other),
+            })?;
+        }
+        for stored in owned {
+            let key = ResourceKey::of(&stored.resource);
+            if wanted.contains(&key) {
+                continue;
+            }
+            match self
+                .store
+                .delete(&key, Expect::Version(stored.version))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%agent, workload = %key, "workload no longer fronted; removed")
+                }
+                // Changed meanwhile: whoever changed it owns it now.
+                Err(StoreError::Conflict { .. }) => {}
+                Err(error) => return Err(store_status(error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The Mesh resource, or FAILED_PRECONDITION.
+    async fn mesh(&self, name: &str) -> Result<Mesh, Status> {
+        match self
+            .store
+            .get(&ResourceKey::global(Kind::Mesh, name))
+            .await
+            .map_err(store_status)?
+        {
+            Some(stored) => match stored.resource {
+                Resource::Mesh(mesh) => Ok(mesh),
+                _ => Err(Status::internal("stored Mesh is not a Mesh")),
+            },
+            None => Err(Status::failed_precondition(format!(
+                "mesh {name:?} does not exist (any more); ask the operator to create it"
+            ))),
+        }
+    }
+
+    /// Signs each CSR for its workload (one of `workloads`) with the mesh
+    /// CA.
+    fn sign_workloads(
+        &self,
+        requests: &[pb::CertificateRequest],
+        workloads: &[Workload],
+        mesh: &Mesh,
+        ca: &MeshCa,
+    ) -> Result<Vec<pb::IssuedCertificate>, Status> {
+        let lifetime = mesh.spec.workload_certificate_lifetime.as_std();
+        let mut issued = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            let workload = workloads
+                .iter()
+                .find(|w| w.metadata.name == request.workload)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "certificates[{i}].workload: {:?} is not one of this agent's workloads",
+                        request.workload
+                    ))
+                })?;
+            let id = workload
+                .identity(&mesh.spec)
+                .map_err(|e| Status::invalid_argument(format!("certificates[{i}]: {e}")))?;
+            let cert = ca
+                .sign_csr(&request.csr_pem, &id, lifetime)
+                .map_err(|e| issue_status(&format!("certificates[{i}].csr_pem"), e))?;
+            issued.push(to_issued(&request.workload, cert));
+        }
+        Ok(issued)
+    }
+
+    /// Signs the agent's control-plane CSR.
+    fn sign_agent(&self, agent: &str, csr: &str, mesh: &Mesh) -> Result<IssuedCert, Status> {
+        let id = self
+            .zone_ca
+            .agent_id(agent)
+            .map_err(|e| Status::invalid_argument(format!("agent_name: {e}")))?;
+        self.zone_ca
+            .sign_agent(csr, &id, mesh.spec.workload_certificate_lifetime.as_std())
+            .map_err(|e| issue_status("agent_csr_pem", e))
+    }
+
+    /// The agent named by the connection's verified client certificate.
+    fn authenticated<T>(request: &Request<T>) -> Result<String, Status> {
+        request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.agent.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "a client certificate of this zone's agent identity is required (enrol first)",
+                )
+            })
+    }
+
+    /// The enrolled agent's mesh and token scope; refuses an agent that is
+    /// unknown or whose token was revoked.
+    async fn enrolled(
+        &self,
+        agent: &str,
+    ) -> Result<(weft_store::AgentRecord, WorkloadScope), Status> {
+        let record = self
+            .store
+            .get_agent(&self.zone, agent)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "agent {agent:?} is not enrolled in zone {:?}",
+                    self.zone
+                ))
+            })?;
+        let token = self
+            .store
+            .token_info(&record.enrollment.token_id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::permission_denied("the agent's bootstrap token no longer exists")
+            })?;
+        if token.revoked {
+            return Err(Status::permission_denied(format!(
+                "the bootstrap token {} this agent enrolled with was revoked",
+                token.id
+            )));
+        }
+        Ok((record, token.spec.workloads))
+    }
+}
+
+fn issue_status(field: &str, error: IssueError) -> Status {
+    match error {
+        IssueError::CaExpired { .. } | IssueError::Random | IssueError::Sign(_) => {
+            tracing::error!(%error, "cannot issue a certificate");
+            Status::internal(format!("{field}: {error}"))
+        }
+        other => Status::invalid_argument(format!("{field}: {other}")),
+    }
+}
+
+fn to_issued(workload: &str, cert: IssuedCert) -> pb::IssuedCertificate {
+    pb::IssuedCertificate {
+        workload: workload.to_owned(),
+        spiffe_id: cert.id.as_str().to_owned(),
+        chain_pem: cert.chain_pem,
+        not_before_unix: cert.not_before,
+        not_after_unix: cert.not_after,
+    }
+}
+
+/// Host facts as JSON for the inventory.
+fn host_json(host: Option<&pb::HostFacts>) -> serde_json::Value {
+    let Some(h) = host else {
+        return serde_json::json!({});
+    };
+    serde_json::json!({
+        "hostname": h.hostname,
+        "os": h.os,
+        "kernel": h.kernel,
+        "cpus": h.cpus,
+        "memoryBytes": h.memory_bytes,
+        "agentRssBytes": h.agent_rss_bytes,
+        "agentCpuSeconds": h.agent_cpu_seconds,
+    })
+}
+
+/// Agent names: DNS-1123 subdomains that also fit a label value (they
+/// label the Workloads the agent registers).
+fn check_agent_name(name: &str) -> Result<(), Status> {
+    weft_api::validation::dns1123_subdomain(name)
+        .and_then(|()| weft_api::validation::label_value(name))
+        .map_err(|reason| Status::invalid_argument(format!("agent_name: {reason}")))
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let request = request.into_inner();
+        let agent = request.agent_name.as_str();
+        check_agent_name(agent)?;
+        // Check everything before spending a use of the token.
+        let grant = self
+            .store
+            .peek_token(&request.token, &self.zone)
+            .await
+            .map_err(token_status)?;
+        let mesh = self.mesh(&grant.mesh).await?;
+        let workloads = check_workloads(
+            &request.workloads,
+            &grant.workloads,
+            &grant.mesh,
+            agent,
+            "workloads",
+        )?;
+        self.check_owners(agent, &workloads).await?;
+        if request.agent_csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "agent_csr_pem: required (a CSR for the agent's control-plane identity)",
+            ));
+        }
+        let ca = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates = self.sign_workloads(&request.certificates, &workloads, &mesh, &ca)?;
+        let agent_cert = self.sign_agent(agent, &request.agent_csr_pem, &mesh)?;
+        let grant = self
+            .store
+            .consume_token(&request.token, &self.zone)
+            .await
+            .map_err(token_status)?;
+        self.store_workloads(agent, workloads).await?;
+        self.store
+            .enroll_agent(&AgentEnrollment {
+                name: agent.to_owned(),
+                zone: self.zone.clone(),
+                mesh: grant.mesh.clone(),
+                hbone_address: request.hbone_address.clone(),
+                host_facts: host_json(request.host.as_ref()),
+                token_id: grant.id.clone(),
+            })
+            .await
+            .map_err(store_status)?;
+        tracing::info!(%agent, mesh = %grant.mesh, token = %grant.id, workloads = request.workloads.len(), "agent enrolled");
+        Ok(Response::new(pb::EnrollResponse {
+            agent_id: agent_cert.id.as_str().to_owned(),
+            mesh: grant.mesh,
+            zone: self.zone.clone(),
+            certificates,
+            trust_bundle_pem: ca.cert_pem(),
+            agent_chain_pem: agent_cert.chain_pem,
+            controller_ca_pem: self.zone_ca.pem.clone(),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let agent = Self::authenticated(&request)?;
+        let request = request.into_inner();
+        let (record, _) = self.enrolled(&agent).await?;
+        let mesh = self.mesh(&record.enrollment.mesh).await?;
+        let workloads: Vec<Workload> = self
+            .store
+            .list(Kind::Workload, Some(&record.enrollment.mesh), None)
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .filter_map(|s| match s.resource {
+                Resource::Workload(w)
+                    if w.metadata.labels.get(AGENT_LABEL).map(String::as_str)
+                        == Some(agent.as_str()) =>
+                {
+                    Some(w)
+                }
+                _ => None,
+            })
+            .collect();
+        let ca = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates = self.sign_workloads(&request.certificates, &workloads, &mesh, &ca)?;
+        let agent_chain_pem = if request.agent_csr_pem.is_empty() {
+            String::new()
+        } else {
+            self.sign_agent(&agent, &request.agent_csr_pem, &mesh)?
+                .chain_pem
+        };
+        tracing::info!(%agent, certificates = certificates.len(), "certificates renewed");
+        Ok(Response::new(pb::RenewResponse {
+            certificates,
+            trust_bundle_pem: ca.cert_pem(),
+            agent_chain_pem,
+        }))
+    }
+
+    type StreamStream = ReceiverStream<Result<pb::ZoneMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let agent = Self::authenticated(&request)?;
+        let remote = request.extensions().get::<PeerInfo>().map(|p| p.remote);
+        tracing::debug!(%agent, ?remote, "config stream opened");
+        let inbound = request.into_inner();
+        let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        let api = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = api.run_stream(&agent, inbound, &outbound).await {
+                tracing::info!(%agent, code = ?status.code(), reason = status.message(), "config stream ended with an error");
+                // The agent may be gone already.
+                let _ = outbound.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+impl AgentApi {
+    /// One agent's config stream, from its Hello until it, the network or
+    /// this replica ends it. Disconnection is recorded however it ends.
+    async fn run_stream(
+        &self,
+        agent: &str,
+        mut inbound: Streaming<pb::AgentMessage>,
+        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+    ) -> Result<(), Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(pb::agent_message::Message::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be a Hello",
+                ))
+            }
+        };
+        if hello.agent_id != agent {
+            return Err(Status::permission_denied(format!(
+                "hello.agent_id {:?} is not the agent of the client certificate ({agent:?})",
+                hello.agent_id
+            )));
+        }
+        let (record, scope) = self.enrolled(agent).await?;
+        let mesh = record.enrollment.mesh.clone();
+        let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
+        self.check_owners(agent, &workloads).await?;
+        self.store_workloads(agent, workloads).await?;
+        // What the agent does not repeat in its Hello is kept.
+        let host = match hello.host.as_ref() {
+            Some(host) => host_json(Some(host)),
+            None => record.enrollment.host_facts.clone(),
+        };
+        let hbone = if hello.hbone_address.is_empty() {
+            record.enrollment.hbone_address.clone()
+        } else {
+            hello.hbone_address.clone()
+        };
+        self.store
+            .connect_agent(&self.zone, agent, &self.replica, &hbone, &host)
+            .await
+            .map_err(store_status)?;
+        tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
+        let (id, views) = self.hub.register(agent, &mesh);
+        let outcome = self
+            .follow(
+                agent,
+                &mesh,
+                &scope,
+                hello.applied_version,
+                inbound,
+                outbound,
+                views,
+            )
+            .await;
+        self.hub.unregister(id);
+        match self
+            .store
+            .disconnect_agent(&self.zone, agent, &self.replica)
+            .await
+        {
+            Ok(_) => tracing::info!(%agent, "agent disconnected"),
+            Err(error) => tracing::warn!(%agent, %error, "cannot record the disconnection"),
+        }
+        outcome
+    }
+
+    /// The stream after Hello: push views, record acks, nacks and workload
+    /// updates, heartbeat.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        agent: &str,
+        mesh: &str,
+        scope: &WorkloadScope,
+        applied: String,
+        mut inbound: Streaming<pb::AgentMessage>,
+        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+        mut views: crate::hub::ViewReceiver,
+    ) -> Result<(), Status> {
+        let mut last_sent = applied;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) => return Ok(()),
+                        Err(status) => {
+                            tracing::debug!(%agent, %status, "agent stream broke");
+                            return Ok(());
+                        }
+                    };
+                    self.on_message(agent, mesh, scope, message).await?;
+                }
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let Some(view) = views.borrow_and_update().clone() else { continue };
+                    if view.version == last_sent {
+                        continue;
+                    }
+                    let message = pb::ZoneMessage {
+                        message: Some(pb::zone_message::Message::Config((*view).clone())),
+                    };
+                    if outbound.send(Ok(message)).await.is_err() {
+                        return Ok(());
+                    }
+                    tracing::debug!(%agent, version = %view.version, "config pushed");
+                    last_sent = view.version.clone();
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(error) = self.store.heartbeat_agent(&self.zone, agent, &self.replica).await {
+                        tracing::warn!(%agent, %error, "cannot record the heartbeat");
+                    }
+                }
+                () = outbound.closed() => return Ok(()),
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn on_message(
+        &self,
+        agent: &str,
+        mesh: &str,
+        scope: &WorkloadScope,
+        message: pb::AgentMessage,
+    ) -> Result<(), Status> {
+        match message.message {
+            Some(pb::agent_message::Message::Ack(ack)) => {
+                tracing::debug!(%agent, version = %ack.version, "config acked");
+                self.store
+                    .record_ack(&self.zone, agent, &ack.version)
+                    .await
+                    .map_err(store_status)
+            }
+            Some(pb::agent_message::Message::Nack(nack)) => {
+                tracing::warn!(%agent, version = %nack.version, reason = %nack.reason, "config refused by the agent");
+                self.store
+                    .record_nack(&self.zone, agent, &nack.version, &nack.reason)
+                    .await
+                    .map_err(store_status)
+            }
+            Some(pb::agent_message::Message::Workloads(update)) => {
+                let workloads =
+                    check_workloads(&update.workloads, scope, mesh, agent, "workloads.workloads")?;
+                self.check_owners(agent, &workloads).await?;
+                self.store_workloads(agent, workloads).await?;
+                tracing::info!(%agent, count = update.workloads.len(), "workloads re-registered");
+                Ok(())
+            }
+            Some(pb::agent_message::Message::Hello(_)) => {
+                tracing::debug!(%agent, "second Hello ignored");
+                Ok(())
+            }
+            None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_paths_become_proto_paths() {
+        assert_eq!(proto_path("spec.address"), "address");
+        assert_eq!(proto_path("spec.serviceAccount"), "service_account");
+        assert_eq!(proto_path("spec.ports[1].port"), "ports[1].port");
+        assert_eq!(proto_path("metadata.name"), "name");
+    }
+
+    #[test]
+    fn bad_workloads_name_their_field() {
+        let w = pb::Workload {
+            name: "web-1".into(),
+            namespace: "default".into(),
+            service: "web".into(),
+            address: "nope".into(),
+            ..Default::default()
+        };
+        let err = to_resource(&w, 0, "default", "vm-1", "workloads").unwrap_err();
+        assert!(
+            err.message().starts_with("workloads[0].address"),
+            "{}",
+            err.message()
+        );
+        let w = pb::Workload {
+            address: "10.0.0.1".into(),
+            service: "Not_A_Label".into(),
+            ..w
+        };
+        let err = to_resource(&w, 2, "default", "vm-1", "workloads").unwrap_err();
+        assert!(
+            err.message().starts_with("workloads[2].service"),
+            "{}",
+            err.message()
+        );
+    }
+}

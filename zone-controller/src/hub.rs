@@ -1,0 +1,198 @@
+//! Pushes each locally connected agent its view whenever it may have
+//! changed: on every store change hint (local commits, and on PostgreSQL
+//! every replica's NOTIFY), read through the feed to find the meshes
+//! touched; on a new stream; and every few seconds, so that liveness
+//! changes (an agent silent for 15 s) reach the views too. Each stream gets
+//! the latest view through a `watch` channel: one slot, so a slow agent
+//! only ever has the newest view waiting.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use weft_api::proto::agent::v1 as pb;
+use weft_api::Kind;
+use weft_store::{FeedEntry, Store};
+
+use crate::mesh_ca::MeshCas;
+use crate::views::MeshSnapshot;
+
+/// How often every view is recomputed even without a store change.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// The newest view of one stream (`None` until the first is computed).
+pub type ViewReceiver = watch::Receiver<Option<Arc<pb::ConfigUpdate>>>;
+
+struct Entry {
+    agent: String,
+    mesh: String,
+    view: watch::Sender<Option<Arc<pb::ConfigUpdate>>>,
+}
+
+/// The streams of this replica and the task that feeds them.
+pub struct Hub {
+    store: Store,
+    zone: String,
+    cas: Arc<MeshCas>,
+    streams: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+    /// Meshes to recompute at the next wake-up, beyond what the feed says.
+    dirty: Mutex<BTreeSet<String>>,
+    wake: Notify,
+}
+
+impl Hub {
+    /// A hub with no streams.
+    pub fn new(store: Store, zone: String, cas: Arc<MeshCas>) -> Self {
+        Hub {
+            store,
+            zone,
+            cas,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            dirty: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Registers a stream of `agent` (in `mesh`) and asks for its view.
+    pub fn register(&self, agent: &str, mesh: &str) -> (u64, ViewReceiver) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (view, receiver) = watch::channel(None);
+        self.lock_streams().insert(
+            id,
+            Entry {
+                agent: agent.to_owned(),
+                mesh: mesh.to_owned(),
+                view,
+            },
+        );
+        self.mark(mesh);
+        (id, receiver)
+    }
+
+    /// Forgets a stream.
+    pub fn unregister(&self, id: u64) {
+        self.lock_streams().remove(&id);
+    }
+
+    /// Asks for `mesh`'s views to be recomputed soon.
+    pub fn mark(&self, mesh: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mesh.to_owned());
+        self.wake.notify_one();
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn local_meshes(&self) -> BTreeSet<String> {
+        self.lock_streams()
+            .values()
+            .map(|e| e.mesh.clone())
+            .collect()
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut watch = self.store.watch();
+        let mut seq = loop {
+            match self.store.current_seq().await {
+                Ok(seq) => break seq,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the change sequence; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        };
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut all = false;
+            tokio::select! {
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    match self.store.feed_since(seq).await {
+                        Ok(entries) => {
+                            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                            for entry in entries {
+                                seq = seq.max(entry.seq());
+                                match entry {
+                                    FeedEntry::Agent { zone, mesh, .. } if zone == self.zone => {
+                                        dirty.insert(mesh);
+                                    }
+                                    FeedEntry::Agent { .. } => {}
+                                    FeedEntry::Resource(change) => match (change.key.kind, change.key.mesh) {
+                                        (Kind::Mesh, _) => {
+                                            dirty.insert(change.key.name);
+                                        }
+                                        (_, Some(mesh)) => {
+                                            dirty.insert(mesh);
+                                        }
+                                        (_, None) => all = true,
+                                    },
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the change feed; recomputing every view");
+                            all = true;
+                        }
+                    }
+                }
+                () = self.wake.notified() => {}
+                _ = recheck.tick() => all = true,
+                _ = stop.changed() => return,
+            }
+            let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+            let local = self.local_meshes();
+            let meshes: Vec<String> = if all {
+                local.into_iter().collect()
+            } else {
+                local.intersection(&dirty).cloned().collect()
+            };
+            for mesh in meshes {
+                if let Err(error) = self.refresh(&mesh).await {
+                    tracing::warn!(%mesh, %error, "cannot compute agent views");
+                }
+            }
+        }
+    }
+
+    /// Recomputes the views of every local stream in `mesh`.
+    async fn refresh(&self, mesh: &str) -> anyhow::Result<()> {
+        let Some(snapshot) = MeshSnapshot::load(&self.store, &self.zone, mesh).await? else {
+            tracing::debug!(%mesh, "mesh gone; agents keep their last view");
+            return Ok(());
+        };
+        let ca = self.cas.get(&snapshot.mesh).await?;
+        let bundle = ca.cert_pem();
+        let targets: Vec<(String, watch::Sender<Option<Arc<pb::ConfigUpdate>>>)> = self
+            .lock_streams()
+            .values()
+            .filter(|e| e.mesh == mesh)
+            .map(|e| (e.agent.clone(), e.view.clone()))
+            .collect();
+        for (agent, sender) in targets {
+            let view = snapshot.view_for(&agent, &self.zone, &bundle);
+            sender.send_if_modified(|current| {
+                let same = current.as_ref().is_some_and(|c| c.version == view.version);
+                if !same {
+                    *current = Some(Arc::new(view));
+                }
+                !same
+            });
+        }
+        Ok(())
+    }
+}

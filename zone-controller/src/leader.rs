@@ -1,0 +1,204 @@
+//! The leader's singleton work: deriving Service resources from Workloads
+//! (one per mesh, namespace and `spec.service`), with ports the union of
+//! their workloads' and a stable virtual IP. One replica leads at a time
+//! (the store's advisory lock); the others retry every couple of seconds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use weft_api::{Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus, WorkloadPort};
+use weft_store::{Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
+
+/// The label on Services the leader created (and so may delete).
+pub const MANAGED_LABEL: &str = "weft.io/managed-by";
+const MANAGED_VALUE: &str = "weft-zone";
+/// How often a follower tries to lead, and a leader re-checks its lock.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// What the leader loop needs.
+pub struct Leader {
+    /// The store.
+    pub store: Store,
+    /// This zone.
+    pub zone: String,
+    /// Where virtual IPs come from.
+    pub vips: VipRange,
+    /// Whether this replica leads now (shown by `GET /v1/zone`).
+    pub leading: Arc<AtomicBool>,
+}
+
+impl Leader {
+    /// Tries to lead until `stop` turns true; leads while it can.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let name = format!("weft-zone/{}/leader", self.zone);
+        loop {
+            match self.store.try_lead(&name).await {
+                Ok(Some(guard)) => {
+                    tracing::info!(zone = %self.zone, "this replica is now the leader");
+                    self.leading.store(true, Ordering::SeqCst);
+                    let stopped = self.lead(guard, &mut stop).await;
+                    self.leading.store(false, Ordering::SeqCst);
+                    if stopped {
+                        tracing::info!(zone = %self.zone, "leadership given up: stopping");
+                        return;
+                    }
+                    tracing::warn!(zone = %self.zone, "leadership lost; following");
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "cannot try to lead"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RETRY) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Leads until the lock is lost (false) or `stop` (true).
+    async fn lead(&self, mut guard: LeaderGuard, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut watch = self.store.watch();
+        let mut recheck = tokio::time::interval(RETRY);
+        loop {
+            if let Err(error) = guard.check().await {
+                tracing::warn!(%error, "leader lock lost");
+                return false;
+            }
+            if let Err(error) = self.reconcile().await {
+                tracing::warn!(%error, "cannot derive services; retrying");
+            }
+            tokio::select! {
+                changed = watch.changed() => if changed.is_err() { return false },
+                _ = recheck.tick() => {}
+                _ = stop.changed() => {
+                    guard.release().await;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Makes the Services match the Workloads.
+    async fn reconcile(&self) -> Result<(), StoreError> {
+        // (mesh, namespace, service) -> port -> protocol (first one wins).
+        let mut desired: BTreeMap<(String, String, String), BTreeMap<u16, WorkloadPort>> =
+            BTreeMap::new();
+        for stored in self.store.list(Kind::Workload, None, None).await? {
+            let Resource::Workload(w) = stored.resource else {
+                continue;
+            };
+            let key = (
+                w.mesh().unwrap_or_default().to_owned(),
+                w.metadata.namespace.clone().unwrap_or_default(),
+                w.spec.service.clone(),
+            );
+            let ports = desired.entry(key).or_default();
+            for port in &w.spec.ports {
+                ports.entry(port.port).or_insert_with(|| port.clone());
+            }
+        }
+        let existing = self.store.list(Kind::Service, None, None).await?;
+        let mut seen = BTreeSet::new();
+        for stored in &existing {
+            let Resource::Service(service) = &stored.resource else {
+                continue;
+            };
+            let id = (
+                service.mesh().unwrap_or_default().to_owned(),
+                service.metadata.namespace.clone().unwrap_or_default(),
+                service.metadata.name.clone(),
+            );
+            seen.insert(id.clone());
+            let key = ResourceKey::of(&stored.resource);
+            match desired.get(&id) {
+                Some(ports) => {
+                    let vip = self.store.allocate_vip(&key, &self.vips).await?;
+                    let mut next = service.clone();
+                    if is_managed(service) {
+                        next.spec.ports = ports.values().cloned().collect();
+                    }
+                    next.status = Some(ServiceStatus {
+                        zone: self.zone.clone(),
+                        virtual_ip: Some(vip),
+                    });
+                    if next != *service {
+                        self.write(Resource::Service(next), Expect::Version(stored.version))
+                            .await?;
+                    }
+                }
+                None if is_managed(service) => {
+                    // Deleting it releases its virtual IP too.
+                    match self
+                        .store
+                        .delete(&key, Expect::Version(stored.version))
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(service = %key, "service has no workload left; removed")
+                        }
+                        Err(StoreError::Conflict { .. }) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+                None => {
+                    // Declared by a user: keep it, but give its address back.
+                    if service
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.virtual_ip.is_some())
+                    {
+                        self.store.release_vip(&key).await?;
+                        let mut next = service.clone();
+                        next.status = None;
+                        self.write(Resource::Service(next), Expect::Version(stored.version))
+                            .await?;
+                    }
+                }
+            }
+        }
+        for ((mesh, namespace, name), ports) in desired {
+            if seen.contains(&(mesh.clone(), namespace.clone(), name.clone())) {
+                continue;
+            }
+            let mut metadata = ObjectMeta::namespaced(&mesh, &namespace, &name);
+            metadata
+                .labels
+                .insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
+            let mut service = Service::new(
+                metadata,
+                ServiceSpec {
+                    ports: ports.into_values().collect(),
+                },
+            );
+            let key = ResourceKey::of(&Resource::Service(service.clone()));
+            let vip = self.store.allocate_vip(&key, &self.vips).await?;
+            service.status = Some(ServiceStatus {
+                zone: self.zone.clone(),
+                virtual_ip: Some(vip),
+            });
+            self.write(Resource::Service(service), Expect::Absent)
+                .await?;
+            tracing::info!(service = %key, %vip, "service derived from its workloads");
+        }
+        Ok(())
+    }
+
+    /// Writes a Service; a conflict only means the next round redoes it.
+    async fn write(&self, resource: Resource, expect: Expect) -> Result<(), StoreError> {
+        match self.store.put(&resource, expect).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+fn is_managed(service: &Service) -> bool {
+    service
+        .metadata
+        .labels
+        .get(MANAGED_LABEL)
+        .map(String::as_str)
+        == Some(MANAGED_VALUE)
+}
