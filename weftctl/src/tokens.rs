@@ -29,7 +29,7 @@ pub enum TokenCommand {
         /// Any workload whose name starts with this.
         #[arg(long, value_name = "PREFIX")]
         workload_prefix: Option<String>,
-        /// How long the token works: 1m to 720h (30 days).
+        /// How long the token works: 1s to 720h (30 days).
         #[arg(long, default_value = "1h")]
         ttl: String,
         /// How many agents may enrol with it (1 to 1000).
@@ -102,6 +102,24 @@ pub struct Token {
     pub max_uses: u32,
     /// Whether it was revoked.
     pub revoked: bool,
+    /// Whether its expiry has passed.
+    #[serde(default)]
+    pub expired: bool,
+}
+
+impl Token {
+    /// One word for whether it still enrols anyone, and if not why.
+    pub fn state(&self) -> &'static str {
+        if self.revoked {
+            "revoked"
+        } else if self.expired {
+            "expired"
+        } else if self.uses >= self.max_uses {
+            "used up"
+        } else {
+            "active"
+        }
+    }
 }
 
 /// The answer to an issue request.
@@ -221,7 +239,7 @@ fn table(out: &mut dyn Write, tokens: &[Token]) -> Result<(), Error> {
         "WORKLOADS",
         "EXPIRES",
         "USES",
-        "REVOKED",
+        "STATE",
     ]
     .iter()
     .map(|h| (*h).to_owned())
@@ -234,7 +252,7 @@ fn table(out: &mut dyn Write, tokens: &[Token]) -> Result<(), Error> {
             token.workloads.to_string(),
             token.expires_at.clone(),
             format!("{}/{}", token.uses, token.max_uses),
-            if token.revoked { "yes" } else { "no" }.to_owned(),
+            token.state().to_owned(),
         ]);
     }
     crate::output::write_rows(out, &rows)

@@ -16,7 +16,7 @@ use weft_api::{InputErrors, Kind};
 use weft_store::{ResourceKey, Store, StoreError, TokenInfo, TokenSpec, WorkloadScope};
 
 /// The shortest lifetime a token may be issued with.
-pub const MIN_TTL: Duration = Duration::from_secs(60);
+pub const MIN_TTL: Duration = Duration::from_secs(1);
 /// The longest lifetime a token may be issued with (30 days).
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The most enrolments one token may allow.
@@ -193,7 +193,7 @@ fn check_ttl(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Dura
     if ttl < MIN_TTL || ttl > MAX_TTL {
         errors.push(error(
             &["ttl"],
-            format!("{text:?} is out of range; must be between 1m and 720h (30 days)"),
+            format!("{text:?} is out of range; must be between 1s and 720h (30 days)"),
         ));
         return None;
     }
@@ -237,11 +237,14 @@ pub struct TokenView {
     pub max_uses: u32,
     /// Whether it was revoked.
     pub revoked: bool,
+    /// Whether its expiry has passed.
+    pub expired: bool,
 }
 
 impl From<TokenInfo> for TokenView {
     fn from(info: TokenInfo) -> Self {
         TokenView {
+            expired: SystemTime::now() >= info.spec.expires_at,
             expires_at: rfc3339(info.spec.expires_at),
             id: info.id,
             mesh: info.spec.mesh,

@@ -202,7 +202,7 @@ async fn bad_issue_requests_name_the_field() {
             "ttl",
         ),
         (
-            serde_json::json!({"mesh": "prod", "workloads": names, "ttl": "30s"}),
+            serde_json::json!({"mesh": "prod", "workloads": names, "ttl": "0s"}),
             "ttl",
         ),
         (
