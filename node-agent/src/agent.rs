@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::AgentConfig;
+use crate::controller::{self, Controller};
 use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::inbound::Inbound;
@@ -19,11 +20,20 @@ use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Target};
 use crate::plaintext::Plaintext;
 use crate::pool::Pool;
+use crate::view::{self, MeshView};
 
 /// Runs the agent until it is told to stop and has drained.
 pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let credentials = Arc::new(Credentials::load(&config.identity)?);
+    let (files, view, state) = match (&config.identity, &config.controller) {
+        (Some(files), _) => (files.clone(), MeshView::from_static(&config), None),
+        (None, _) => {
+            let startup = controller::prepare(&config).await?;
+            (startup.files, startup.view, Some(startup.state))
+        }
+    };
+    let view = view::shared(view);
+    let credentials = Arc::new(Credentials::load(&files)?);
     let identity = credentials.id();
     let metrics = Arc::new(Metrics::new());
     metrics.certificate_expires(credentials.current().identity.not_after);
@@ -48,6 +58,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         credentials.clone(),
         metrics.clone(),
         drain.clone(),
+        view.clone(),
     ));
     let pool = Pool::new(credentials.clone(), config.tunnel.clone(), metrics.clone());
     let source = identity.as_str();
@@ -56,6 +67,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         metrics.clone(),
         drain.clone(),
         pool,
+        view.clone(),
         source,
     ));
     let plain = Arc::new(Plaintext::new(
@@ -64,12 +76,23 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         drain.clone(),
         source,
     ));
+    let controller = state.map(|state| {
+        Controller::new(
+            config.clone(),
+            state,
+            credentials.clone(),
+            view.clone(),
+            metrics.clone(),
+        )
+    });
     let state = Arc::new(AdminState {
         config: config.clone(),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         drain: drain.clone(),
         log,
+        view: view.clone(),
+        controller: controller.clone(),
         ready: Default::default(),
     });
 
@@ -89,12 +112,15 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
+    if let Some(controller) = controller {
+        tokio::spawn(controller.run());
+    }
     info!(
         identity = %identity,
         mode = ?config.mode,
         mtls = ?config.inbound.mtls,
         hbone = %config.inbound.listen,
-        endpoints = config.outbound.endpoints.len(),
+        view_version = %view.load().version,
         "agent ready"
     );
     // Logged before /ready turns 200, so whoever waits on /ready finds it.
