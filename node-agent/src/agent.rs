@@ -12,9 +12,10 @@ use crate::admin::{self, AdminState};
 use crate::config::AgentConfig;
 use crate::controller::{self, Controller};
 use crate::credentials::Credentials;
+use crate::dns::{self, Dns};
 use crate::drain::Drain;
 use crate::inbound::Inbound;
-use crate::listen::bind;
+use crate::listen::{bind, bind_udp};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Target};
@@ -50,6 +51,14 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
             l.target,
         ));
     }
+    let dns_sockets = if config.dns_enabled() {
+        Some((
+            bind_udp("dns.listen", config.dns.listen)?,
+            bind("dns.listen", config.dns.listen)?,
+        ))
+    } else {
+        None
+    };
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
 
@@ -112,6 +121,16 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
+    if let Some((udp, tcp)) = dns_sockets {
+        let upstreams = dns::upstreams(&config.dns.upstream);
+        if upstreams.is_empty() {
+            warn!("no DNS upstream (dns.upstream is empty and /etc/resolv.conf names none): only mesh names will resolve");
+        }
+        info!(listen = %config.dns.listen, upstreams = ?upstreams, "DNS proxy listening");
+        let proxy = Dns::new(view.clone(), metrics.clone(), upstreams);
+        tokio::spawn(proxy.clone().serve_udp(udp));
+        tokio::spawn(proxy.serve_tcp(tcp));
+    }
     if let Some(controller) = controller {
         tokio::spawn(controller.run());
     }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod controller;
 pub mod credentials;
+pub mod dns;
 pub mod drain;
 pub mod grpc;
 pub mod inbound;
