@@ -763,11 +763,149 @@ mod tests {
         assert_eq!(fields, sections);
     }
 
+    fn controller_cfg(patch: serde_json::Value) -> AgentConfig {
+        let mut v = serde_json::json!({
+            "controller": {
+                "address": "zone.example:5678",
+                "ca_pin": format!("sha256:{}", "ab".repeat(32)),
+                "token_file": "/etc/weft/token",
+            },
+            "workload": {"name": "web", "service": "web", "address": "10.0.0.5", "ports": [{"port": 8080}]},
+        });
+        merge(&mut v, patch);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(into: &mut serde_json::Value, patch: serde_json::Value) {
+        match (into, patch) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v,
+        }
+    }
+
+    fn field_of(cfg: &AgentConfig) -> String {
+        match cfg.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn controller_mode_defaults() {
+        let cfg = controller_cfg(serde_json::json!({}));
+        cfg.validate().unwrap();
+        let c = cfg.controller.as_ref().unwrap();
+        assert_eq!(c.server_name, "weft-zone");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/weft/agent"));
+        assert_eq!(cfg.workload.namespace, "default");
+        assert_eq!(cfg.workload.service_account, "default");
+        assert_eq!(cfg.hbone_address(), "10.0.0.5:15008".parse().unwrap());
+        assert!(cfg.dns_enabled());
+        assert_eq!(cfg.dns.listen, "127.0.0.1:15053".parse().unwrap());
+        assert!(cfg.redirect.dns);
+        assert!(!cfg.agent_name().is_empty());
+        let named = controller_cfg(serde_json::json!({"controller": {"agent_name": "vm-7"}}));
+        assert_eq!(named.agent_name(), "vm-7");
+    }
+
+    #[test]
+    fn exactly_one_of_identity_and_controller() {
+        let both = controller_cfg(serde_json::json!({
+            "identity": {"cert": "c", "key": "k", "trust_bundle": "b"}
+        }));
+        assert_eq!(field_of(&both), "identity");
+        let mut neither = controller_cfg(serde_json::json!({}));
+        neither.controller = None;
+        assert_eq!(field_of(&neither), "controller");
+        let err = neither.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`controller`") && err.contains("`identity`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn controller_fields_are_checked() {
+        for (patch, field) in [
+            (
+                serde_json::json!({"workload": {"name": null}}),
+                "workload.name",
+            ),
+            (
+                serde_json::json!({"workload": {"service": null}}),
+                "workload.service",
+            ),
+            (
+                serde_json::json!({"workload": {"name": "Web_1"}}),
+                "workload.name",
+            ),
+            (
+                serde_json::json!({"workload": {"namespace": "a.b"}}),
+                "workload.namespace",
+            ),
+            (
+                serde_json::json!({"controller": {"address": "zone.example"}}),
+                "controller.address",
+            ),
+            (
+                serde_json::json!({"controller": {"address": ":5678"}}),
+                "controller.address",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": "md5:abc"}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": "sha256:abc"}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": format!("sha256:{}", "zz".repeat(32))}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"server_name": "not a name"}}),
+                "controller.server_name",
+            ),
+            (
+                serde_json::json!({"controller": {"agent_name": "Bad Name"}}),
+                "controller.agent_name",
+            ),
+            (
+                serde_json::json!({"dns": {"listen": "127.0.0.1:0"}}),
+                "dns.listen",
+            ),
+            (
+                serde_json::json!({"dns": {"upstream": ["10.0.0.2:53", "10.0.0.3:0"]}}),
+                "dns.upstream[1]",
+            ),
+        ] {
+            let cfg = controller_cfg(patch.clone());
+            assert_eq!(field_of(&cfg), field, "{patch}");
+        }
+        // Unknown fields are refused in the new sections too.
+        let mut v = serde_json::to_value(controller_cfg(serde_json::json!({}))).unwrap();
+        v["controller"]["tokn_file"] = "x".into();
+        assert!(serde_json::from_value::<AgentConfig>(v).is_err());
+    }
+
+    #[test]
+    fn ca_pin_parses() {
+        let pin = parse_ca_pin(&format!("sha256:{}", "0f".repeat(32))).unwrap();
+        assert_eq!(pin, [0x0f; 32]);
+    }
+
     #[test]
     fn only_config_sections_are_overrides() {
         let vars = [
             ("WEFT_INBOUND__MTLS", "permissive"),
             ("WEFT_WORKER_THREADS", "2"),
+            ("WEFT_CONTROLLER__ADDRESS", "zone:5678"),
+            ("WEFT_DNS__ENABLED", "false"),
             ("WEFT_AGENT_BIN", "/usr/bin/weft-agent"),
             ("WEFT_E2E_KEEP", "1"),
             ("HOME", "/root"),
@@ -776,6 +914,14 @@ mod tests {
         let kept = env_overrides(vars.into_iter());
         let mut keys: Vec<&String> = kept.keys().collect();
         keys.sort();
-        assert_eq!(keys, ["WEFT_INBOUND__MTLS", "WEFT_WORKER_THREADS"]);
+        assert_eq!(
+            keys,
+            [
+                "WEFT_CONTROLLER__ADDRESS",
+                "WEFT_DNS__ENABLED",
+                "WEFT_INBOUND__MTLS",
+                "WEFT_WORKER_THREADS"
+            ]
+        );
     }
 }

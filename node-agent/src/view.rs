@@ -376,3 +376,184 @@ pub fn check_bundle(pem: &str) -> Result<(), ViewError> {
 pub fn shared(view: MeshView) -> SharedView {
     Arc::new(ArcSwap::from_pointee(view))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::proto::agent::v1::{Endpoint as PbEndpoint, InboundRule, Port, ServiceView};
+
+    fn bundle() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    }
+
+    fn endpoint(ip: &str, ready: bool) -> PbEndpoint {
+        PbEndpoint {
+            address: ip.into(),
+            agent: format!("{ip}:15008"),
+            spiffe_id: "spiffe://td/ns/default/sa/api".into(),
+            ready,
+        }
+    }
+
+    fn sample() -> ConfigUpdate {
+        ConfigUpdate {
+            version: "7".into(),
+            trust_bundle_pem: bundle(),
+            services: vec![
+                ServiceView {
+                    name: "api".into(),
+                    namespace: "default".into(),
+                    zone: "east".into(),
+                    virtual_ip: "10.96.0.1".into(),
+                    ports: vec![Port {
+                        port: 8080,
+                        protocol: 0,
+                    }],
+                    endpoints: vec![
+                        endpoint("10.0.0.1", true),
+                        endpoint("10.0.0.2", false),
+                        endpoint("10.0.0.3", true),
+                    ],
+                },
+                ServiceView {
+                    name: "db".into(),
+                    namespace: "data".into(),
+                    zone: "east".into(),
+                    virtual_ip: "10.96.0.2".into(),
+                    ports: vec![],
+                    endpoints: vec![endpoint("10.0.1.1", false), endpoint("10.0.1.2", false)],
+                },
+            ],
+            inbound: vec![
+                InboundRule {
+                    workload: "web".into(),
+                    allow: vec!["spiffe://td/ns/default/*".into()],
+                },
+                InboundRule {
+                    workload: "other".into(),
+                    allow: vec!["spiffe://td/ns/x/sa/y".into()],
+                },
+            ],
+            mesh: "default".into(),
+            zone: "east".into(),
+        }
+    }
+
+    fn authority(route: Route<'_>) -> SocketAddr {
+        match route {
+            Route::Tunnel { authority, .. } => authority,
+            other => panic!("expected a tunnel, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn builds_names_routes_and_allow_list() {
+        let view = MeshView::from_update(&sample(), "web").unwrap();
+        let api: IpAddr = "10.96.0.1".parse().unwrap();
+        let db: IpAddr = "10.96.0.2".parse().unwrap();
+        for name in [
+            "api.default.mesh",
+            "api.default.east.mesh.",
+            "api.mesh",
+            "API.MESH",
+        ] {
+            assert_eq!(view.lookup(name), NameLookup::Service(api), "{name}");
+        }
+        assert_eq!(view.lookup("db.data.mesh"), NameLookup::Service(db));
+        // The shorthand is for the default namespace only.
+        assert_eq!(view.lookup("db.mesh"), NameLookup::UnknownMeshName);
+        assert_eq!(view.lookup("mesh."), NameLookup::UnknownMeshName);
+        assert_eq!(view.lookup("example.com"), NameLookup::NotMesh);
+        assert_eq!(view.lookup("notmesh"), NameLookup::NotMesh);
+
+        // Ready endpoints in turn; the not-ready one is skipped.
+        let vip = SocketAddr::new(api, 8080);
+        let picks: Vec<SocketAddr> = (0..4).map(|_| authority(view.route(vip))).collect();
+        let expected: Vec<SocketAddr> = [
+            "10.0.0.1:8080",
+            "10.0.0.3:8080",
+            "10.0.0.1:8080",
+            "10.0.0.3:8080",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(picks, expected);
+        // None ready: every endpoint is used rather than none.
+        let mut seen: Vec<SocketAddr> = (0..2)
+            .map(|_| authority(view.route(SocketAddr::new(db, 5432))))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                "10.0.1.1:5432".parse().unwrap(),
+                "10.0.1.2:5432".parse().unwrap()
+            ]
+        );
+        // A port the service does not declare.
+        assert!(matches!(
+            view.route(SocketAddr::new(api, 9999)),
+            Route::Refuse(_)
+        ));
+        // A workload address is routed as dialled.
+        let direct: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(authority(view.route(direct)), direct);
+        assert!(matches!(
+            view.route("192.0.2.1:80".parse().unwrap()),
+            Route::Outside
+        ));
+
+        let allow: Vec<String> = view.allow().iter().map(ToString::to_string).collect();
+        assert_eq!(allow, ["spiffe://td/ns/default/*"]);
+    }
+
+    #[test]
+    fn bad_updates_name_the_field() {
+        type Patch = fn(&mut ConfigUpdate);
+        let cases: [(Patch, &str); 9] = [
+            (|u| u.version.clear(), "version"),
+            (
+                |u| u.trust_bundle_pem = "nothing".into(),
+                "trust_bundle_pem",
+            ),
+            (
+                |u| u.services[0].virtual_ip = "10.96.0.300".into(),
+                "services[0].virtual_ip",
+            ),
+            (
+                |u| u.services[1].virtual_ip = "10.96.0.1".into(),
+                "services[1].virtual_ip",
+            ),
+            (
+                |u| u.services[0].endpoints[1].address = "x".into(),
+                "services[0].endpoints[1].address",
+            ),
+            (
+                |u| u.services[0].endpoints[0].agent = "10.0.0.1".into(),
+                "services[0].endpoints[0].agent",
+            ),
+            (
+                |u| u.services[1].endpoints[0].spiffe_id = "spiffe://td/x".into(),
+                "services[1].endpoints[0].spiffe_id",
+            ),
+            (|u| u.services[0].name = "Api".into(), "services[0].name"),
+            (
+                |u| u.inbound[1].allow[0] = "*".into(),
+                "inbound[1].allow[0]",
+            ),
+        ];
+        for (patch, field) in cases {
+            let mut u = sample();
+            patch(&mut u);
+            let err = MeshView::from_update(&u, "web").unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().starts_with(field));
+        }
+    }
+}
