@@ -448,6 +448,19 @@ impl AgentConfig {
             (None, Some(controller)) => {
                 controller.validate()?;
                 self.workload.validate_for_controller()?;
+                // The zone sends these; a hand-written copy would be ignored.
+                if !self.outbound.endpoints.is_empty() {
+                    return Err(invalid(
+                        "outbound.endpoints",
+                        "not used in controller mode (the zone sends the mesh view); remove it",
+                    ));
+                }
+                if !self.inbound.allow.is_empty() {
+                    return Err(invalid(
+                        "inbound.allow",
+                        "not used in controller mode (the zone sends who may call the workload); remove it",
+                    ));
+                }
             }
             (Some(_), Some(_)) => {
                 return Err(invalid(

@@ -1,8 +1,7 @@
 //! HBONE inbound: mTLS connections from peer agents, each carrying HTTP/2
-//! CONNECT streams that are spliced to the local workload. The caller is
-//! authorized per stream against the allow list in force; every stream is
-//! checked against the
-//! workload's own address and ports so the agent is never an open relay.
+//! CONNECT streams that are spliced to the local workload. Every stream is
+//! authorized against the allow list in force and checked against the
+//! workload's own address and ports, so the agent is never an open relay.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
