@@ -27,7 +27,11 @@ fn hello_version(m: &AgentMessage) -> String {
             assert_eq!(h.agent_id, "vm-1");
             assert_eq!(h.workloads.len(), 1);
             assert_eq!(h.workloads[0].name, "web");
-            assert_eq!(h.hbone_address, "127.0.0.1:15008");
+            assert!(
+                h.hbone_address.starts_with("127.0.0.1:"),
+                "{}",
+                h.hbone_address
+            );
             h.applied_version.clone()
         }
         other => panic!("expected Hello, got {other:?}"),
@@ -133,14 +137,29 @@ async fn enrols_follows_the_stream_and_restarts_from_state() {
         }
         other => panic!("expected Nack v3, got {other:?}"),
     }
+
+    // A bundle with one more CA (a rotation starting): applied, and the
+    // credentials are rebuilt to trust it.
+    let generation = credentials.current().generation;
+    let rotated = format!("{bundle}{}", other.pem());
+    zone.state.push.send(update("v4", &rotated)).unwrap();
+    match zone.next_message().await.message {
+        Some(agent_message::Message::Ack(a)) => assert_eq!(a.version, "v4"),
+        other => panic!("expected Ack v4, got {other:?}"),
+    }
+    assert_eq!(credentials.current().generation, generation + 1);
+    assert_eq!(
+        std::fs::read_to_string(state_dir.join(state::BUNDLE)).unwrap(),
+        rotated
+    );
     task.abort();
 
     // Restart: no second enrolment (the token is used up), the persisted
     // view is served at once, and Hello reports its version.
     let (task, _ctl, view, _) = start(&cfg).await;
     assert_eq!(zone.state.enrolled.load(Ordering::SeqCst), 1);
-    assert_eq!(view.load().version, "v1");
-    assert_eq!(hello_version(&zone.next_message().await), "v1");
+    assert_eq!(view.load().version, "v4");
+    assert_eq!(hello_version(&zone.next_message().await), "v4");
     task.abort();
 }
 
@@ -306,4 +325,116 @@ async fn renews_short_lived_certificates() {
     assert!(current.identity.not_after > first);
     assert!(zone.state.renewals.load(Ordering::SeqCst) >= 2);
     task.abort();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// The real binary in controller mode: enrols, serves the zone's view on
+/// its admin endpoint and its DNS proxy, and counts what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_in_controller_mode() {
+    let mut zone = Zone::start(Script::default()).await;
+    let bundle = zone.state.mesh.pem();
+    zone.state
+        .initial
+        .lock()
+        .unwrap()
+        .push(update("v1", &bundle));
+    let dir = TempDir::new("binary-run");
+    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let [hbone, plain, capture, admin, metrics, dns] = [(); 6].map(|_| free_port());
+    let mut yaml = std::fs::read_to_string(&path).unwrap();
+    yaml.push_str(&format!(
+        "inbound: {{ listen: 127.0.0.1:{hbone}, plaintext_listen: 127.0.0.1:{plain} }}\n\
+         outbound: {{ capture_listen: 127.0.0.1:{capture} }}\n\
+         admin: {{ listen: 127.0.0.1:{admin} }}\n\
+         metrics: {{ listen: 127.0.0.1:{metrics} }}\n\
+         dns: {{ listen: 127.0.0.1:{dns}, upstream: [127.0.0.1:9] }}\n"
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-agent"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    assert_eq!(hello_version(&zone.next_message().await), "");
+    assert!(matches!(
+        zone.next_message().await.message,
+        Some(agent_message::Message::Ack(_))
+    ));
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let dump = loop {
+        let body = tokio::task::spawn_blocking(move || http_get(admin_addr, "/config_dump"))
+            .await
+            .unwrap();
+        let dump: Option<serde_json::Value> = body.and_then(|b| serde_json::from_str(&b).ok());
+        if let Some(d) = dump.filter(|d| d["controller"]["applied_version"] == "v1") {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no v1 in /config_dump"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dump["controller"]["connected"], true, "{dump}");
+    assert_eq!(dump["controller"]["zone"], "zone-a", "{dump}");
+    assert!(dump["controller"]["workload_certificate_not_after_unix"].as_i64() > Some(0));
+    assert_eq!(dump["view"]["names"]["api.mesh"], "10.96.0.10", "{dump}");
+
+    // The DNS proxy answers from the zone's view.
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut q = hickory_proto::op::Message::new(
+        42,
+        hickory_proto::op::MessageType::Query,
+        hickory_proto::op::OpCode::Query,
+    );
+    q.add_query(hickory_proto::op::Query::query(
+        "api.mesh.".parse().unwrap(),
+        hickory_proto::rr::RecordType::A,
+    ));
+    client
+        .send_to(&q.to_vec().unwrap(), ("127.0.0.1", dns))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+        .await
+        .expect("a DNS answer")
+        .unwrap();
+    let answer = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(answer.answers.len(), 1);
+
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let text = tokio::task::spawn_blocking(move || http_get(metrics_addr, "/metrics"))
+        .await
+        .unwrap()
+        .unwrap();
+    for line in [
+        "weft_config_updates_total{result=\"ack\"} 1",
+        "weft_controller_connected 1",
+        "weft_dns_queries_total{result=\"mesh\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
 }
