@@ -715,10 +715,18 @@ impl Controller {
         }
     }
 
+    /// The name the zone knows this agent by: the one in its control-plane
+    /// certificate (a renamed host keeps the name it enrolled with).
+    fn agent_name(&self) -> String {
+        leaf_id(&self.state, state::AGENT)
+            .map(|id| id.service_account().to_owned())
+            .unwrap_or_else(|_| self.config.agent_name())
+    }
+
     fn hello(&self) -> AgentMessage {
         AgentMessage {
             message: Some(agent_message::Message::Hello(Hello {
-                agent_id: self.config.agent_name(),
+                agent_id: self.agent_name(),
                 applied_version: self.view.load().version.clone(),
                 workloads: vec![workload_proto(&self.config)],
                 host: Some(host_facts()),
