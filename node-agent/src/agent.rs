@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -131,8 +132,8 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         tokio::spawn(proxy.clone().serve_udp(udp));
         tokio::spawn(proxy.serve_tcp(tcp));
     }
-    if let Some(controller) = controller {
-        tokio::spawn(controller.run());
+    if let Some(controller) = &controller {
+        tokio::spawn(controller.clone().run(drain.clone()));
     }
     info!(
         identity = %identity,
@@ -157,6 +158,16 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     };
     info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
     let left = drain.drain(config.drain_timeout).await;
+    if let Some(controller) = &controller {
+        // The stream was closed when the drain began; make sure the zone
+        // heard the goodbye before exiting.
+        if tokio::time::timeout(Duration::from_secs(2), controller.closed())
+            .await
+            .is_err()
+        {
+            warn!("the config stream did not close in time");
+        }
+    }
     if left > 0 {
         warn!(
             in_flight = left,

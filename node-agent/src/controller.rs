@@ -28,6 +28,7 @@ use weft_api::SpiffeId;
 
 use crate::config::{parse_ca_pin, AgentConfig, ControllerConfig, IdentityFiles};
 use crate::credentials::Credentials;
+use crate::drain::Drain;
 use crate::grpc::{self, ChannelError, ZoneClient};
 use crate::metrics::Metrics;
 use crate::state::{self, key_and_chain, Enrolment, StateDir, StateError};
@@ -43,6 +44,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Messages to the zone waiting to be sent (acks are small and rare).
 const OUTGOING: usize = 16;
+/// How long the zone gets to close its side after the agent said goodbye.
+const GOODBYE: Duration = Duration::from_secs(1);
 /// The largest message accepted from the zone: a whole view of a big mesh.
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -608,6 +611,8 @@ pub struct Controller {
     /// Serializes changes to the state files and the credentials built
     /// from them (an update's bundle and a renewal's certificate).
     files: Mutex<()>,
+    /// Set once the config stream is closed for good (draining).
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Controller {
@@ -641,6 +646,7 @@ impl Controller {
             metrics,
             status: Mutex::new(status),
             files: Mutex::new(()),
+            closed: tokio::sync::watch::Sender::new(false),
         });
         this.refresh_expiry();
         this
@@ -653,6 +659,14 @@ impl Controller {
     /// A snapshot for the admin endpoint.
     pub fn status(&self) -> Status {
         self.status_mut().clone()
+    }
+
+    /// Waits until the config stream is closed for good after draining
+    /// began (bounded by the caller), so the goodbye reaches the zone
+    /// before the process exits.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
     }
 
     fn set_connected(&self) {
@@ -689,15 +703,24 @@ impl Controller {
         }
     }
 
-    /// Runs the config stream and renewal for the life of the agent.
-    pub async fn run(self: Arc<Self>) {
-        tokio::join!(self.clone().stream_forever(), self.renew_forever());
+    /// Runs the config stream and renewal for the life of the agent. When
+    /// draining begins the stream is closed (cleanly, so the zone takes this
+    /// agent's workloads out of service at once) and not reopened.
+    pub async fn run(self: Arc<Self>, drain: Drain) {
+        tokio::join!(self.clone().stream_forever(drain), self.renew_forever());
     }
 
-    async fn stream_forever(self: Arc<Self>) {
+    async fn stream_forever(self: Arc<Self>, drain: Drain) {
         let mut backoff = Backoff::default();
         loop {
-            let result = self.session(&mut backoff).await;
+            let result = self.session(&mut backoff, &drain).await;
+            if drain.is_draining() {
+                self.metrics.controller_connected(false);
+                self.set_disconnected("draining".to_owned());
+                info!("draining: config stream closed");
+                self.closed.send_replace(true);
+                return;
+            }
             self.metrics.controller_connected(false);
             let delay = backoff.next_delay();
             let error = match result {
@@ -711,7 +734,13 @@ impl Controller {
                 }
             };
             self.set_disconnected(error);
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = drain.signaled() => {
+                    self.closed.send_replace(true);
+                    return;
+                }
+            }
         }
     }
 
@@ -737,7 +766,7 @@ impl Controller {
 
     /// One connection's worth of config stream: Hello, then an answer to
     /// every update, until the stream ends.
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), ControllerError> {
+    async fn session(&self, backoff: &mut Backoff, drain: &Drain) -> Result<(), ControllerError> {
         let mut client = agent_client(&self.config, &self.state).await?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
         // The receiver is only dropped with the request stream, which ends
@@ -747,18 +776,35 @@ impl Controller {
         let mut incoming = client.stream(outgoing).await?.into_inner();
         self.set_connected();
         backoff.reset();
-        while let Some(message) = incoming.message().await? {
+        let drained = drain.signaled();
+        tokio::pin!(drained);
+        loop {
+            let message = tokio::select! {
+                m = incoming.message() => m?,
+                _ = &mut drained => {
+                    // Ending our side is the clean goodbye; give the zone a
+                    // moment to end its own.
+                    drop(tx);
+                    let _ = tokio::time::timeout(GOODBYE, async {
+                        while let Ok(Some(_)) = incoming.message().await {}
+                    })
+                    .await;
+                    return Ok(());
+                }
+            };
+            let Some(message) = message else {
+                return Ok(());
+            };
             match message.message {
                 Some(zone_message::Message::Config(update)) => {
                     let answer = self.answer(&update);
                     if tx.send(answer).await.is_err() {
-                        break;
+                        return Ok(());
                     }
                 }
                 None => debug!("empty message from the zone, ignored"),
             }
         }
-        Ok(())
     }
 
     /// Applies an update and says how it went, for the zone.

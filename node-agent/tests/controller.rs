@@ -57,7 +57,8 @@ async fn start(
         view.clone(),
         Arc::new(Metrics::new()),
     );
-    (tokio::spawn(ctl.clone().run()), ctl, view, credentials)
+    let drain = weft_agent::drain::Drain::new();
+    (tokio::spawn(ctl.clone().run(drain)), ctl, view, credentials)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +436,23 @@ async fn the_binary_runs_in_controller_mode() {
     ] {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
+
+    // SIGTERM: the stream is closed cleanly at once (the zone takes the
+    // workload out of service), and the agent exits 0 after draining.
+    let pid = child.id().expect("running") as libc::pid_t;
+    // SAFETY: sending a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits within 10 s")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while zone.state.clean_ends.load(Ordering::SeqCst) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the zone saw no clean end of the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -117,6 +117,8 @@ pub struct ZoneState {
     pub enrolled: AtomicUsize,
     pub renewals: AtomicUsize,
     pub streams: AtomicUsize,
+    /// Streams the agent ended cleanly (its goodbye).
+    pub clean_ends: AtomicUsize,
     token_used: Mutex<bool>,
     /// Updates sent to each new stream, then whatever is broadcast.
     pub initial: Mutex<Vec<ConfigUpdate>>,
@@ -247,9 +249,19 @@ impl AgentService for Service {
         z.streams.fetch_add(1, Ordering::SeqCst);
         let mut incoming = request.into_inner();
         let received = z.received.clone();
+        let zone = z.clone();
         tokio::spawn(async move {
-            while let Ok(Some(m)) = incoming.message().await {
-                let _ = received.send(m);
+            loop {
+                match incoming.message().await {
+                    Ok(Some(m)) => {
+                        let _ = received.send(m);
+                    }
+                    Ok(None) => {
+                        zone.clean_ends.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(_) => return,
+                }
             }
         });
         let initial = z.initial.lock().unwrap().clone();
@@ -326,6 +338,7 @@ impl Zone {
             enrolled: AtomicUsize::new(0),
             renewals: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
+            clean_ends: AtomicUsize::new(0),
             token_used: Mutex::new(false),
             initial: Mutex::new(Vec::new()),
             push,
