@@ -896,6 +896,19 @@ impl Controller {
         )
     }
 
+    /// The backoff delay, but never more than a quarter of the workload
+    /// certificate's remaining life: a short-lived certificate gets several
+    /// more tries before it expires.
+    fn renewal_retry(&self, backoff: &mut Backoff) -> Duration {
+        let delay = backoff.next_delay();
+        let left = self
+            .state
+            .validity(state::WORKLOAD)
+            .map(|v| (v.not_after - state::now_unix()).max(0) as u64)
+            .unwrap_or(0);
+        delay.min(Duration::from_secs(left / 4).max(BACKOFF_MIN))
+    }
+
     async fn renew_forever(self: Arc<Self>) {
         let mut backoff = Backoff::default();
         loop {
@@ -935,7 +948,7 @@ impl Controller {
                         break;
                     }
                     Err(e) => {
-                        let delay = backoff.next_delay();
+                        let delay = self.renewal_retry(&mut backoff);
                         warn!(error = %e, retry_in = ?delay, "certificate renewal failed, keeping the current certificate");
                         self.renewed(Some(e.to_string()));
                         tokio::time::sleep(delay).await;
