@@ -15,10 +15,12 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::AgentConfig;
+use crate::controller::Controller;
 use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::view::SharedView;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -27,6 +29,9 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub log: LogHandle,
+    pub view: SharedView,
+    /// Present in controller mode.
+    pub controller: Option<Arc<Controller>>,
     /// Set once every listener is bound and serving.
     pub ready: AtomicBool,
 }
@@ -75,6 +80,8 @@ impl AdminState {
             },
             "draining": self.drain.is_draining(),
             "in_flight": self.drain.active(),
+            "controller": self.controller.as_ref().map(|c| c.status()),
+            "view": self.view.load().summary(),
             "config": &*self.config,
         });
         let mut r = text(

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -10,20 +11,31 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::AgentConfig;
+use crate::controller::{self, Controller};
 use crate::credentials::Credentials;
+use crate::dns::{self, Dns};
 use crate::drain::Drain;
 use crate::inbound::Inbound;
-use crate::listen::bind;
+use crate::listen::{bind, bind_udp};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Target};
 use crate::plaintext::Plaintext;
 use crate::pool::Pool;
+use crate::view::{self, MeshView};
 
 /// Runs the agent until it is told to stop and has drained.
 pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let credentials = Arc::new(Credentials::load(&config.identity)?);
+    let (files, view, state) = match (&config.identity, &config.controller) {
+        (Some(files), _) => (files.clone(), MeshView::from_static(&config), None),
+        (None, _) => {
+            let startup = controller::prepare(&config).await?;
+            (startup.files, startup.view, Some(startup.state))
+        }
+    };
+    let view = view::shared(view);
+    let credentials = Arc::new(Credentials::load(&files)?);
     let identity = credentials.id();
     let metrics = Arc::new(Metrics::new());
     metrics.certificate_expires(credentials.current().identity.not_after);
@@ -40,6 +52,14 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
             l.target,
         ));
     }
+    let dns_sockets = if config.dns_enabled() {
+        Some((
+            bind_udp("dns.listen", config.dns.listen)?,
+            bind("dns.listen", config.dns.listen)?,
+        ))
+    } else {
+        None
+    };
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
 
@@ -48,6 +68,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         credentials.clone(),
         metrics.clone(),
         drain.clone(),
+        view.clone(),
     ));
     let pool = Pool::new(credentials.clone(), config.tunnel.clone(), metrics.clone());
     let source = identity.as_str();
@@ -56,6 +77,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         metrics.clone(),
         drain.clone(),
         pool,
+        view.clone(),
         source,
     ));
     let plain = Arc::new(Plaintext::new(
@@ -64,12 +86,23 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         drain.clone(),
         source,
     ));
+    let controller = state.map(|state| {
+        Controller::new(
+            config.clone(),
+            state,
+            credentials.clone(),
+            view.clone(),
+            metrics.clone(),
+        )
+    });
     let state = Arc::new(AdminState {
         config: config.clone(),
         credentials: credentials.clone(),
         metrics: metrics.clone(),
         drain: drain.clone(),
         log,
+        view: view.clone(),
+        controller: controller.clone(),
         ready: Default::default(),
     });
 
@@ -89,12 +122,25 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
+    if let Some((udp, tcp)) = dns_sockets {
+        let upstreams = dns::upstreams(&config.dns.upstream);
+        if upstreams.is_empty() {
+            warn!("no DNS upstream (dns.upstream is empty and /etc/resolv.conf names none): only mesh names will resolve");
+        }
+        info!(listen = %config.dns.listen, upstreams = ?upstreams, "DNS proxy listening");
+        let proxy = Dns::new(view.clone(), metrics.clone(), upstreams);
+        tokio::spawn(proxy.clone().serve_udp(udp));
+        tokio::spawn(proxy.serve_tcp(tcp));
+    }
+    if let Some(controller) = &controller {
+        tokio::spawn(controller.clone().run(drain.clone()));
+    }
     info!(
         identity = %identity,
         mode = ?config.mode,
         mtls = ?config.inbound.mtls,
         hbone = %config.inbound.listen,
-        endpoints = config.outbound.endpoints.len(),
+        view_version = %view.load().version,
         "agent ready"
     );
     // Logged before /ready turns 200, so whoever waits on /ready finds it.
@@ -112,6 +158,16 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     };
     info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
     let left = drain.drain(config.drain_timeout).await;
+    if let Some(controller) = &controller {
+        // The stream was closed when the drain began; make sure the zone
+        // heard the goodbye before exiting.
+        if tokio::time::timeout(Duration::from_secs(2), controller.closed())
+            .await
+            .is_err()
+        {
+            warn!("the config stream did not close in time");
+        }
+    }
     if left > 0 {
         warn!(
             in_flight = left,

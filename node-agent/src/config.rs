@@ -2,6 +2,7 @@
 //! overrides (`WEFT_INBOUND__MTLS=permissive`), checked as a whole before
 //! anything starts so that a bad value is refused with its field and reason.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -72,8 +73,16 @@ pub enum UnknownDestination {
 pub struct AgentConfig {
     #[serde(default)]
     pub mode: Mode,
-    pub identity: IdentityFiles,
+    /// Static identity from PEM files. Exactly one of `identity` and
+    /// `controller` is set.
+    #[serde(default)]
+    pub identity: Option<IdentityFiles>,
+    /// Controller mode: enrol with the zone and follow its config stream.
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
     pub workload: WorkloadConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
     #[serde(default)]
     pub inbound: InboundConfig,
     #[serde(default)]
@@ -109,14 +118,71 @@ pub struct IdentityFiles {
     pub trust_bundle: PathBuf,
 }
 
+/// How the agent reaches its zone controller, and where it keeps what it
+/// learnt from it so that it can restart while the controller is away.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// `host:port` of the zone's agent gRPC endpoint (port 5678).
+    pub address: String,
+    /// The DNS name the zone's certificate must carry (not the address).
+    #[serde(default = "defaults::server_name")]
+    pub server_name: String,
+    /// `sha256:<hex>` of the zone's control-plane CA certificate (DER), as
+    /// printed by `weftctl token issue`; needed only to enrol.
+    #[serde(default)]
+    pub ca_pin: Option<String>,
+    /// A file holding the bootstrap token; needed only to enrol.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Keys, certificates and the last good config (created 0700).
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
+    /// The agent's name in its zone; the hostname's first label by default.
+    #[serde(default)]
+    pub agent_name: Option<String>,
+    /// Where peers reach this agent's HBONE listener; by default
+    /// `workload.address` with the port of `inbound.listen`.
+    #[serde(default)]
+    pub hbone_address: Option<SocketAddr>,
+}
+
 /// The workload this sidecar fronts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadConfig {
+    /// The Workload's name in its zone (required in controller mode).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "defaults::namespace")]
+    pub namespace: String,
+    /// The Service the workload belongs to (required in controller mode).
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default = "defaults::namespace")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// The workload's own IP: tunnels may only target this address.
     pub address: IpAddr,
     /// The only ports that tunnels may reach.
     pub ports: Vec<WorkloadPort>,
+}
+
+/// The DNS proxy that answers mesh names with virtual IPs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// On by default in controller mode, off with a static identity (which
+    /// has no service names to answer).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default = "defaults::dns_listen")]
+    pub listen: SocketAddr,
+    /// Where other names are forwarded; by default the nameservers of
+    /// /etc/resolv.conf.
+    #[serde(default)]
+    pub upstream: Vec<SocketAddr>,
 }
 
 /// Inbound: HBONE from peers and, in permissive mode, plaintext.
@@ -243,10 +309,15 @@ pub struct RedirectConfig {
     /// inbound port, where strict mode refuses it.
     #[serde(default = "defaults::yes")]
     pub inbound: bool,
+    /// Also send the host's DNS queries (UDP and TCP port 53) to the DNS
+    /// proxy, when it is enabled.
+    #[serde(default = "defaults::yes")]
+    pub dns: bool,
 }
 
 mod defaults {
     use std::net::SocketAddr;
+    use std::path::PathBuf;
     use std::time::Duration;
 
     pub fn drain_timeout() -> Duration {
@@ -303,6 +374,18 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn server_name() -> String {
+        "weft-zone".to_owned()
+    }
+    pub fn state_dir() -> PathBuf {
+        PathBuf::from("/var/lib/weft/agent")
+    }
+    pub fn namespace() -> String {
+        "default".to_owned()
+    }
+    pub fn dns_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 15053))
+    }
 }
 
 macro_rules! default_from_serde {
@@ -322,7 +405,8 @@ default_from_serde!(
     AdminConfig,
     MetricsConfig,
     LogConfig,
-    RedirectConfig
+    RedirectConfig,
+    DnsConfig
 );
 
 impl AgentConfig {
@@ -359,16 +443,38 @@ impl AgentConfig {
                 ));
             }
         }
-        for (field, path) in [
-            ("identity.cert", &self.identity.cert),
-            ("identity.key", &self.identity.key),
-            ("identity.trust_bundle", &self.identity.trust_bundle),
-        ] {
-            if !path.is_file() {
+        match (&self.identity, &self.controller) {
+            (Some(identity), None) => identity.validate()?,
+            (None, Some(controller)) => {
+                controller.validate()?;
+                self.workload.validate_for_controller()?;
+                // The zone sends these; a hand-written copy would be ignored.
+                if !self.outbound.endpoints.is_empty() {
+                    return Err(invalid(
+                        "outbound.endpoints",
+                        "not used in controller mode (the zone sends the mesh view); remove it",
+                    ));
+                }
+                if !self.inbound.allow.is_empty() {
+                    return Err(invalid(
+                        "inbound.allow",
+                        "not used in controller mode (the zone sends who may call the workload); remove it",
+                    ));
+                }
+            }
+            (Some(_), Some(_)) => {
                 return Err(invalid(
-                    field,
-                    format!("{} is not a readable file", path.display()),
-                ));
+                    "identity",
+                    "set either `identity` (static certificate files) or `controller` \
+                     (enrol with a zone), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "controller",
+                    "missing: set `controller` (enrol with a zone) or `identity` \
+                     (static certificate files)",
+                ))
             }
         }
         if self.workload.ports.is_empty() {
@@ -394,12 +500,15 @@ impl AgentConfig {
                 "must be a loopback address, or other hosts could relay through the agent",
             ));
         }
+        // With a controller the view arrives later; a target outside it is
+        // handled like any unknown destination.
         for (i, l) in self.outbound.listeners.iter().enumerate() {
-            if !self
-                .outbound
-                .endpoints
-                .iter()
-                .any(|e| e.address == l.target.ip())
+            if self.controller.is_none()
+                && !self
+                    .outbound
+                    .endpoints
+                    .iter()
+                    .any(|e| e.address == l.target.ip())
             {
                 return Err(invalid(
                     format!("outbound.listeners[{i}].target"),
@@ -447,7 +556,45 @@ impl AgentConfig {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        if self.dns_enabled() && self.dns.listen.port() == 0 {
+            return Err(invalid("dns.listen", "port 0 cannot receive queries"));
+        }
+        for (i, u) in self.dns.upstream.iter().enumerate() {
+            if u.port() == 0 || *u == self.dns.listen {
+                return Err(invalid(
+                    format!("dns.upstream[{i}]"),
+                    format!("{u} is not a usable upstream (port 0, or the proxy itself)"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the DNS proxy runs: on by default in controller mode.
+    pub fn dns_enabled(&self) -> bool {
+        self.dns.enabled.unwrap_or(self.controller.is_some())
+    }
+
+    /// The agent's name in its zone: configured, or the hostname.
+    pub fn agent_name(&self) -> String {
+        self.controller
+            .as_ref()
+            .and_then(|c| c.agent_name.clone())
+            .or_else(|| {
+                // The first label: agent names are DNS labels.
+                sysinfo::System::host_name()
+                    .and_then(|h| h.split('.').next().map(str::to_ascii_lowercase))
+                    .filter(|h| !h.is_empty())
+            })
+            .unwrap_or_else(|| "localhost".to_owned())
+    }
+
+    /// Where peers reach this agent's HBONE listener.
+    pub fn hbone_address(&self) -> SocketAddr {
+        self.controller
+            .as_ref()
+            .and_then(|c| c.hbone_address)
+            .unwrap_or_else(|| SocketAddr::new(self.workload.address, self.inbound.listen.port()))
     }
 
     /// Whether `port` is one of the workload's own ports.
@@ -456,11 +603,115 @@ impl AgentConfig {
     }
 }
 
+impl IdentityFiles {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, path) in [
+            ("identity.cert", &self.cert),
+            ("identity.key", &self.key),
+            ("identity.trust_bundle", &self.trust_bundle),
+        ] {
+            if !path.is_file() {
+                return Err(invalid(
+                    field,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ControllerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let port = self
+            .address
+            .rsplit_once(':')
+            .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| *p != 0);
+        if port.is_none() {
+            return Err(invalid(
+                "controller.address",
+                format!(
+                    "{:?} is not host:port (e.g. zone.example:5678)",
+                    self.address
+                ),
+            ));
+        }
+        if rustls_pki_types::ServerName::try_from(self.server_name.as_str()).is_err() {
+            return Err(invalid(
+                "controller.server_name",
+                format!("{:?} is not a DNS name", self.server_name),
+            ));
+        }
+        if let Some(pin) = &self.ca_pin {
+            parse_ca_pin(pin).map_err(|reason| invalid("controller.ca_pin", reason))?;
+        }
+        if let Some(name) = &self.agent_name {
+            check_name("controller.agent_name", name)?;
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("controller.state_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl WorkloadConfig {
+    fn validate_for_controller(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("workload.name", &self.name),
+            ("workload.service", &self.service),
+        ] {
+            match value {
+                None => {
+                    return Err(invalid(
+                        field,
+                        "is required in controller mode (it is how the zone knows the workload)",
+                    ))
+                }
+                Some(v) => check_name(field, v)?,
+            }
+        }
+        check_name("workload.namespace", &self.namespace)?;
+        weft_api::validation::dns1123_subdomain(&self.service_account)
+            .map_err(|reason| invalid("workload.service_account", reason))?;
+        Ok(())
+    }
+}
+
+/// A DNS label (RFC 1123), so that names, namespaces and services make
+/// mesh DNS names and SPIFFE path segments alike; the zone checks the same.
+fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    weft_api::validation::dns1123_label(value).map_err(|reason| invalid(field, reason))
+}
+
+/// Parses `sha256:<64 lowercase hex>` into the 32-byte digest.
+pub fn parse_ca_pin(pin: &str) -> Result<[u8; 32], String> {
+    let hex = pin
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("{pin:?} must start with sha256:"))?;
+    if hex.len() != 64 {
+        return Err(format!(
+            "{pin:?} must be sha256: followed by 64 hex digits, got {}",
+            hex.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{pin:?} has a non-hex digit"))?;
+    }
+    Ok(out)
+}
+
 /// The top-level fields of [`AgentConfig`], which `WEFT_*` variables may set.
 const SECTIONS: &[&str] = &[
     "mode",
     "identity",
+    "controller",
     "workload",
+    "dns",
     "inbound",
     "outbound",
     "tunnel",
@@ -525,11 +776,149 @@ mod tests {
         assert_eq!(fields, sections);
     }
 
+    fn controller_cfg(patch: serde_json::Value) -> AgentConfig {
+        let mut v = serde_json::json!({
+            "controller": {
+                "address": "zone.example:5678",
+                "ca_pin": format!("sha256:{}", "ab".repeat(32)),
+                "token_file": "/etc/weft/token",
+            },
+            "workload": {"name": "web", "service": "web", "address": "10.0.0.5", "ports": [{"port": 8080}]},
+        });
+        merge(&mut v, patch);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(into: &mut serde_json::Value, patch: serde_json::Value) {
+        match (into, patch) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v,
+        }
+    }
+
+    fn field_of(cfg: &AgentConfig) -> String {
+        match cfg.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn controller_mode_defaults() {
+        let cfg = controller_cfg(serde_json::json!({}));
+        cfg.validate().unwrap();
+        let c = cfg.controller.as_ref().unwrap();
+        assert_eq!(c.server_name, "weft-zone");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/weft/agent"));
+        assert_eq!(cfg.workload.namespace, "default");
+        assert_eq!(cfg.workload.service_account, "default");
+        assert_eq!(cfg.hbone_address(), "10.0.0.5:15008".parse().unwrap());
+        assert!(cfg.dns_enabled());
+        assert_eq!(cfg.dns.listen, "127.0.0.1:15053".parse().unwrap());
+        assert!(cfg.redirect.dns);
+        assert!(!cfg.agent_name().is_empty());
+        let named = controller_cfg(serde_json::json!({"controller": {"agent_name": "vm-7"}}));
+        assert_eq!(named.agent_name(), "vm-7");
+    }
+
+    #[test]
+    fn exactly_one_of_identity_and_controller() {
+        let both = controller_cfg(serde_json::json!({
+            "identity": {"cert": "c", "key": "k", "trust_bundle": "b"}
+        }));
+        assert_eq!(field_of(&both), "identity");
+        let mut neither = controller_cfg(serde_json::json!({}));
+        neither.controller = None;
+        assert_eq!(field_of(&neither), "controller");
+        let err = neither.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`controller`") && err.contains("`identity`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn controller_fields_are_checked() {
+        for (patch, field) in [
+            (
+                serde_json::json!({"workload": {"name": null}}),
+                "workload.name",
+            ),
+            (
+                serde_json::json!({"workload": {"service": null}}),
+                "workload.service",
+            ),
+            (
+                serde_json::json!({"workload": {"name": "Web_1"}}),
+                "workload.name",
+            ),
+            (
+                serde_json::json!({"workload": {"namespace": "a.b"}}),
+                "workload.namespace",
+            ),
+            (
+                serde_json::json!({"controller": {"address": "zone.example"}}),
+                "controller.address",
+            ),
+            (
+                serde_json::json!({"controller": {"address": ":5678"}}),
+                "controller.address",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": "md5:abc"}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": "sha256:abc"}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"ca_pin": format!("sha256:{}", "zz".repeat(32))}}),
+                "controller.ca_pin",
+            ),
+            (
+                serde_json::json!({"controller": {"server_name": "not a name"}}),
+                "controller.server_name",
+            ),
+            (
+                serde_json::json!({"controller": {"agent_name": "Bad Name"}}),
+                "controller.agent_name",
+            ),
+            (
+                serde_json::json!({"dns": {"listen": "127.0.0.1:0"}}),
+                "dns.listen",
+            ),
+            (
+                serde_json::json!({"dns": {"upstream": ["10.0.0.2:53", "10.0.0.3:0"]}}),
+                "dns.upstream[1]",
+            ),
+        ] {
+            let cfg = controller_cfg(patch.clone());
+            assert_eq!(field_of(&cfg), field, "{patch}");
+        }
+        // Unknown fields are refused in the new sections too.
+        let mut v = serde_json::to_value(controller_cfg(serde_json::json!({}))).unwrap();
+        v["controller"]["tokn_file"] = "x".into();
+        assert!(serde_json::from_value::<AgentConfig>(v).is_err());
+    }
+
+    #[test]
+    fn ca_pin_parses() {
+        let pin = parse_ca_pin(&format!("sha256:{}", "0f".repeat(32))).unwrap();
+        assert_eq!(pin, [0x0f; 32]);
+    }
+
     #[test]
     fn only_config_sections_are_overrides() {
         let vars = [
             ("WEFT_INBOUND__MTLS", "permissive"),
             ("WEFT_WORKER_THREADS", "2"),
+            ("WEFT_CONTROLLER__ADDRESS", "zone:5678"),
+            ("WEFT_DNS__ENABLED", "false"),
             ("WEFT_AGENT_BIN", "/usr/bin/weft-agent"),
             ("WEFT_E2E_KEEP", "1"),
             ("HOME", "/root"),
@@ -538,6 +927,14 @@ mod tests {
         let kept = env_overrides(vars.into_iter());
         let mut keys: Vec<&String> = kept.keys().collect();
         keys.sort();
-        assert_eq!(keys, ["WEFT_INBOUND__MTLS", "WEFT_WORKER_THREADS"]);
+        assert_eq!(
+            keys,
+            [
+                "WEFT_CONTROLLER__ADDRESS",
+                "WEFT_DNS__ENABLED",
+                "WEFT_INBOUND__MTLS",
+                "WEFT_WORKER_THREADS"
+            ]
+        );
     }
 }

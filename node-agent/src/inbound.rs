@@ -1,7 +1,7 @@
 //! HBONE inbound: mTLS connections from peer agents, each carrying HTTP/2
-//! CONNECT streams that are spliced to the local workload. The caller is
-//! authorized once per connection; every stream is checked against the
-//! workload's own address and ports so the agent is never an open relay.
+//! CONNECT streams that are spliced to the local workload. Every stream is
+//! authorized against the allow list in force and checked against the
+//! workload's own address and ports, so the agent is never an open relay.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +24,7 @@ use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transpor
 use crate::socket::reset;
 use crate::splice::{splice, SpliceCounters};
 use crate::tls::{self, HandshakeFailure};
+use crate::view::SharedView;
 
 /// What every inbound connection shares.
 pub struct Inbound {
@@ -31,6 +32,7 @@ pub struct Inbound {
     credentials: Arc<Credentials>,
     metrics: Arc<Metrics>,
     drain: Drain,
+    view: SharedView,
     /// The workload's own SPIFFE ID, for metrics labels.
     local_id: SpiffeId,
 }
@@ -38,7 +40,6 @@ pub struct Inbound {
 /// One authenticated peer connection, shared by its streams.
 struct Peer {
     id: SpiffeId,
-    allowed: bool,
     counters: PeerCounters,
     /// Streams in flight on this connection, for the idle timeout.
     active: AtomicUsize,
@@ -51,6 +52,7 @@ impl Inbound {
         credentials: Arc<Credentials>,
         metrics: Arc<Metrics>,
         drain: Drain,
+        view: SharedView,
     ) -> Self {
         let local_id = credentials.id();
         Inbound {
@@ -58,6 +60,7 @@ impl Inbound {
             credentials,
             metrics,
             drain,
+            view,
             local_id,
         }
     }
@@ -127,17 +130,15 @@ impl Inbound {
             return;
         };
         self.metrics.handshake_ok(Direction::Inbound);
-        let allowed = self.admits(&id);
         let counters = self.metrics.peer(
             Direction::Inbound,
             id.as_str(),
             self.local_id.as_str(),
             Transport::Mtls,
         );
-        debug!(%remote, peer = %id, allowed, "inbound tunnel established");
+        debug!(%remote, peer = %id, "inbound tunnel established");
         let peer = Arc::new(Peer {
             id,
-            allowed,
             counters,
             active: AtomicUsize::new(0),
         });
@@ -231,12 +232,15 @@ impl Inbound {
     /// Whether a caller may reach the workload: strict mode denies by
     /// default; permissive mode, which already lets plaintext in, admits any
     /// authenticated peer unless an allow-list is given.
+    /// The allow list is the one in force when the stream arrives, so a
+    /// caller removed from it gets no new stream on an old connection.
     fn admits(&self, id: &SpiffeId) -> bool {
-        let inbound = &self.config.inbound;
-        if inbound.allow.is_empty() {
-            return inbound.mtls == MtlsMode::Permissive;
+        let view = self.view.load();
+        let allow = view.allow();
+        if allow.is_empty() {
+            return self.config.inbound.mtls == MtlsMode::Permissive;
         }
-        inbound.allow.iter().any(|m| m.matches(id))
+        allow.iter().any(|m| m.matches(id))
     }
 
     /// Decides whether a CONNECT may proceed: the status to refuse it with,
@@ -254,7 +258,7 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse().ok())
             .ok_or((StatusCode::BAD_REQUEST, "bad_authority"))?;
-        if !peer.allowed {
+        if !self.admits(&peer.id) {
             return Err((StatusCode::FORBIDDEN, "not_allowed"));
         }
         if target.ip() != self.config.workload.address {

@@ -4,8 +4,11 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod controller;
 pub mod credentials;
+pub mod dns;
 pub mod drain;
+pub mod grpc;
 pub mod inbound;
 pub mod listen;
 pub mod logging;
@@ -16,4 +19,6 @@ pub mod pool;
 pub mod redirect;
 pub mod socket;
 pub mod splice;
+pub mod state;
 pub mod tls;
+pub mod view;

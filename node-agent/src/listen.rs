@@ -20,6 +20,22 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// Binds a UDP socket (the DNS proxy's), naming its field on failure.
+pub fn bind_udp(
+    field: impl Into<String>,
+    addr: SocketAddr,
+) -> Result<tokio::net::UdpSocket, BindError> {
+    let field = field.into();
+    let err = |source| BindError {
+        field: field.clone(),
+        addr,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    tokio::net::UdpSocket::from_std(socket).map_err(err)
+}
+
 /// Binds `addr` with address reuse and a deep accept backlog.
 pub fn bind(field: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
     let field = field.into();

@@ -98,6 +98,10 @@ pub struct Metrics {
     plaintext_connections: Family<ResultLabels, Counter>,
     identity_reloads: Family<ResultLabels, Counter>,
     certificate_expiry: Gauge,
+    config_updates: Family<ResultLabels, Counter>,
+    controller_connected: Gauge,
+    certificate_renewals: Family<ResultLabels, Counter>,
+    dns_queries: Family<ResultLabels, Counter>,
 }
 
 /// The counters of one (direction, source, destination, transport), cloned
@@ -137,6 +141,10 @@ impl Metrics {
             plaintext_connections: Family::default(),
             identity_reloads: Family::default(),
             certificate_expiry: Gauge::default(),
+            config_updates: Family::default(),
+            controller_connected: Gauge::default(),
+            certificate_renewals: Family::default(),
+            dns_queries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,6 +212,26 @@ impl Metrics {
             "When the workload certificate in force expires (Unix time)",
             m.certificate_expiry.clone(),
         );
+        registry.register(
+            "config_updates",
+            "Config updates from the zone, by result: ack (applied) or nack (refused, the last good view stays)",
+            m.config_updates.clone(),
+        );
+        registry.register(
+            "controller_connected",
+            "1 while the config stream to the zone controller is up",
+            m.controller_connected.clone(),
+        );
+        registry.register(
+            "certificate_renewals",
+            "Certificate renewals with the zone controller, by result",
+            m.certificate_renewals.clone(),
+        );
+        registry.register(
+            "dns_queries",
+            "DNS queries to the proxy, by result: mesh, nxdomain, nodata, forwarded, servfail, formerr, dropped",
+            m.dns_queries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -261,6 +289,34 @@ impl Metrics {
     /// Records the expiry of the certificate in force.
     pub fn certificate_expires(&self, not_after: i64) {
         self.certificate_expiry.set(not_after);
+    }
+
+    /// Counts a config update from the zone, applied or refused.
+    pub fn config_update(&self, applied: bool) {
+        let result = if applied { "ack" } else { "nack" };
+        self.config_updates
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Records whether the config stream is up.
+    pub fn controller_connected(&self, up: bool) {
+        self.controller_connected.set(i64::from(up));
+    }
+
+    /// Counts a certificate renewal attempt.
+    pub fn certificate_renewal(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.certificate_renewals
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts a DNS query by how it was answered.
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Counts a plaintext inbound connection, accepted or refused.

@@ -2,8 +2,7 @@
 //! transparent capture, sent through an HBONE tunnel to the agent in front
 //! of the destination, or passed through when it is outside the mesh.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,6 +20,7 @@ use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transpor
 use crate::pool::{Checkout, ConnectError, Pool};
 use crate::socket::{original_dst, reset};
 use crate::splice::{copy_plain, splice, SpliceCounters};
+use crate::view::{Route, SharedView};
 
 /// Why an outbound connection could not be tunnelled.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +52,21 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     drain: Drain,
     pool: Arc<Pool>,
-    endpoints: HashMap<IpAddr, Endpoint>,
+    view: SharedView,
     passthrough: PeerCounters,
     limit: Arc<Semaphore>,
 }
 
 impl Outbound {
-    /// Indexes the mesh view by workload address for captured connections.
+    /// Routes by whatever mesh view is in force when a connection arrives.
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
         drain: Drain,
         pool: Arc<Pool>,
+        view: SharedView,
         source: &str,
     ) -> Self {
-        let endpoints = config
-            .outbound
-            .endpoints
-            .iter()
-            .map(|e| (e.address, e.clone()))
-            .collect();
         let passthrough =
             metrics.peer(Direction::Outbound, source, "unknown", Transport::Plaintext);
         let limit = Arc::new(Semaphore::new(config.tunnel.max_outbound_connections));
@@ -80,7 +75,7 @@ impl Outbound {
             metrics,
             drain,
             pool,
-            endpoints,
+            view,
             passthrough,
             limit,
         }
@@ -117,14 +112,32 @@ impl Outbound {
                 }
             },
         };
-        match self.endpoints.get(&dst.ip()) {
-            Some(endpoint) => {
-                if let Err(e) = self.tunnel(&mut tcp, dst, endpoint).await {
-                    info!(%dst, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
+        // The view is read once; the connection keeps the endpoint it got
+        // even if a new view arrives meanwhile.
+        let route = {
+            let view = self.view.load();
+            match view.route(dst) {
+                Route::Tunnel {
+                    endpoint,
+                    authority,
+                } => Ok((endpoint.clone(), authority)),
+                Route::Refuse(reason) => Err(Some(reason)),
+                Route::Outside => Err(None),
+            }
+        };
+        match route {
+            Ok((endpoint, authority)) => {
+                if let Err(e) = self.tunnel(&mut tcp, authority, &endpoint).await {
+                    info!(%dst, %authority, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
                     reset(&tcp);
                 }
             }
-            None => self.outside_mesh(&mut tcp, dst).await,
+            Err(Some(reason)) => {
+                info!(%dst, reason, "mesh destination cannot be served, refusing");
+                self.metrics.connection_refused(Direction::Outbound, reason);
+                reset(&tcp);
+            }
+            Err(None) => self.outside_mesh(&mut tcp, dst).await,
         }
     }
 

@@ -10,7 +10,8 @@
 //! except the agent's own traffic (by uid, which would otherwise loop),
 //! loopback traffic and the configured exclusions. The prerouting chain, when
 //! `redirect.inbound` is on, sends inbound TCP for the workload's ports to the
-//! plaintext inbound port.
+//! plaintext inbound port. With the DNS proxy on and `redirect.dns`, the
+//! output chain first sends the host's DNS (UDP and TCP port 53) to it.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -110,6 +111,11 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
 
     let _ = writeln!(s, "\tchain output {{");
     let _ = writeln!(s, "\t\ttype nat hook output priority -100; policy accept;");
+    // DNS first: queries to a local stub resolver travel over lo, which the
+    // TCP rules below leave alone.
+    if cfg.redirect.dns && cfg.dns_enabled() {
+        dns_rules(&mut s, cfg, uid)?;
+    }
     let _ = writeln!(s, "\t\tmeta l4proto != tcp return");
     let _ = writeln!(s, "\t\toifname \"lo\" return");
     let _ = writeln!(s, "\t\tmeta skuid {uid} return");
@@ -172,6 +178,59 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
     }
     let _ = writeln!(s, "}}");
     Ok(s)
+}
+
+/// Sends the host's DNS queries (UDP and TCP port 53) to the DNS proxy,
+/// except the agent's own (it forwards them upstream). When an upstream is a
+/// local stub resolver (on loopback, like systemd-resolved), only queries to
+/// it are sent: the stub's own queries to the real resolvers then pass, and
+/// do not loop back through the agent.
+fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: u32) -> Result<(), RedirectError> {
+    let target = nat_target("dns.listen", cfg.dns.listen, Hook::Output)?;
+    let upstreams = crate::dns::upstreams(&cfg.dns.upstream);
+    let listen = cfg.dns.listen.ip();
+    // A listener receives only its own family (a wildcard IPv6 one both).
+    let reachable = |ip: &IpAddr| match listen {
+        IpAddr::V6(a) if a.is_unspecified() => true,
+        _ => ip.is_ipv4() == listen.is_ipv4(),
+    };
+    let local: Vec<IpAddr> = upstreams
+        .iter()
+        .map(|u| u.ip())
+        .filter(IpAddr::is_loopback)
+        .collect();
+    let local_v4: BTreeSet<String> = local
+        .iter()
+        .filter(|ip| ip.is_ipv4() && reachable(ip))
+        .map(ToString::to_string)
+        .collect();
+    let local_v6: BTreeSet<String> = local
+        .iter()
+        .filter(|ip| ip.is_ipv6() && reachable(ip))
+        .map(ToString::to_string)
+        .collect();
+    let destinations: Vec<String> = if local.is_empty() {
+        vec![String::new()]
+    } else {
+        let mut d = Vec::new();
+        if !local_v4.is_empty() {
+            d.push(format!("ip daddr {} ", set(&local_v4)));
+        }
+        if !local_v6.is_empty() {
+            d.push(format!("ip6 daddr {} ", set(&local_v6)));
+        }
+        d
+    };
+    for daddr in &destinations {
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(
+                s,
+                "\t\tmeta skuid != {uid} {}{daddr}{proto} dport 53 {}",
+                target.family_match, target.action
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Installs (or replaces) the capture rules in the current network namespace,
@@ -412,6 +471,41 @@ mod tests {
     }
 
     #[test]
+    fn dns_is_redirected_when_the_proxy_runs() {
+        let mut c = cfg(json!({ "agent_uid": 1337 }));
+        // Static mode: no proxy, so DNS is left alone.
+        let s = render(&c).expect("renders");
+        assert!(!s.contains("dport 53"), "{s}");
+
+        c.dns.enabled = Some(true);
+        c.dns.upstream = vec!["10.0.0.2:53".parse().expect("addr")];
+        let s = render(&c).expect("renders");
+        for line in [
+            "meta skuid != 1337 meta nfproto ipv4 udp dport 53 redirect to :15053",
+            "meta skuid != 1337 meta nfproto ipv4 tcp dport 53 redirect to :15053",
+        ] {
+            assert_eq!(line_count(&s, line), 1, "line {line:?} once in:\n{s}");
+        }
+        // Before the rules that skip non-TCP and loopback traffic.
+        assert!(s.find("udp dport 53").unwrap() < s.find("meta l4proto != tcp return").unwrap());
+
+        // A local stub resolver: only queries to it are redirected.
+        c.dns.upstream = vec!["127.0.0.53:53".parse().expect("addr")];
+        let s = render(&c).expect("renders");
+        assert_eq!(
+            line_count(
+                &s,
+                "meta skuid != 1337 meta nfproto ipv4 ip daddr { 127.0.0.53 } udp dport 53 redirect to :15053"
+            ),
+            1,
+            "{s}"
+        );
+
+        c.redirect.dns = false;
+        assert!(!render(&c).expect("renders").contains("dport 53"));
+    }
+
+    #[test]
     fn renders_exclusions_by_family() {
         let s = render(&cfg(json!({
             "agent_uid": 0,
@@ -562,6 +656,11 @@ mod tests {
         ] {
             c.outbound.capture_listen = capture.parse().expect("addr");
             c.inbound.plaintext_listen = plaintext.parse().expect("addr");
+            c.dns.enabled = Some(true);
+            c.dns.upstream = vec![
+                "127.0.0.53:53".parse().expect("addr"),
+                "[::1]:53".parse().expect("addr"),
+            ];
             let script = render(&c).expect("renders");
             if let Err(e) = run_nft(&["-c", "-f", "-"], Some(&script), "check the script") {
                 panic!("nft -c refused:\n{script}\n{e}");

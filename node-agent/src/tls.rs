@@ -180,6 +180,22 @@ impl Identity {
         })
     }
 
+    /// Loads the identity that `files` name.
+    pub fn load_files(files: &crate::config::IdentityFiles) -> Result<Self, IdentityError> {
+        Identity::load(&files.cert, &files.key, &files.trust_bundle)
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// A copy of the private key, for a TLS client of another kind (the
+    /// agent's control-plane connection to its zone).
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+
     /// The HBONE server side: TLS 1.3 only, a client certificate chained to
     /// the bundle and carrying a SPIFFE ID is required.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, rustls::Error> {

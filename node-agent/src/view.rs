@@ -1,0 +1,559 @@
+//! The mesh view that outbound, inbound and DNS work from: which agent
+//! fronts each workload address, which services have virtual IPs and names,
+//! and who may call the local workload. Built from the static config or from
+//! a zone's `ConfigUpdate`, checked whole before use, and swapped atomically
+//! so that every connection sees one consistent version.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use weft_api::proto::agent::v1::ConfigUpdate;
+use weft_api::{Endpoint, PeerMatch, SpiffeId};
+
+use crate::config::AgentConfig;
+
+/// The view in force, shared by every part of the agent.
+pub type SharedView = Arc<ArcSwap<MeshView>>;
+
+/// Why a `ConfigUpdate` cannot be applied: the field path and the reason,
+/// which is what the agent sends back in its Nack.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ViewError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> ViewError {
+    ViewError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// One instance of a service and whether the zone reports it ready.
+#[derive(Debug, Clone)]
+pub struct ServiceEndpoint {
+    pub endpoint: Endpoint,
+    pub ready: bool,
+}
+
+/// A service reached through its virtual IP.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub zone: String,
+    pub virtual_ip: IpAddr,
+    /// Ports the service declares; empty means any port.
+    pub ports: Vec<u16>,
+    pub endpoints: Vec<ServiceEndpoint>,
+    next: AtomicUsize,
+}
+
+impl Service {
+    /// Round robin over the ready endpoints; over all of them when none is
+    /// ready (a controller that just restarted may report every peer
+    /// not-ready while they are in fact serving).
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let ready: Vec<&ServiceEndpoint> = self.endpoints.iter().filter(|e| e.ready).collect();
+        let pool: Vec<&ServiceEndpoint> = if ready.is_empty() {
+            self.endpoints.iter().collect()
+        } else {
+            ready
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(&pool[n % pool.len()].endpoint)
+    }
+}
+
+/// Where a captured connection goes.
+#[derive(Debug)]
+pub enum Route<'a> {
+    /// Through a tunnel to `endpoint`'s agent, CONNECT to `authority`.
+    Tunnel {
+        endpoint: &'a Endpoint,
+        authority: SocketAddr,
+    },
+    /// A mesh address that cannot be served: reset, with the reason.
+    Refuse(&'static str),
+    /// Not a mesh address.
+    Outside,
+}
+
+/// What the DNS proxy knows about a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameLookup {
+    /// A mesh service's virtual IP.
+    Service(IpAddr),
+    /// Under `.mesh` but no such service.
+    UnknownMeshName,
+    /// Not a mesh name: forward it.
+    NotMesh,
+}
+
+/// The whole view at one version.
+#[derive(Debug, Default)]
+pub struct MeshView {
+    /// The zone's version; empty for a static config.
+    pub version: String,
+    pub mesh: String,
+    pub zone: String,
+    endpoints: HashMap<IpAddr, Endpoint>,
+    services: HashMap<IpAddr, Arc<Service>>,
+    names: HashMap<String, IpAddr>,
+    allow: Vec<PeerMatch>,
+}
+
+/// The DNS suffix of mesh names.
+pub const MESH_SUFFIX: &str = "mesh";
+
+impl MeshView {
+    /// The view a static config spells out: endpoints and the allow list.
+    pub fn from_static(config: &AgentConfig) -> Self {
+        MeshView {
+            endpoints: config
+                .outbound
+                .endpoints
+                .iter()
+                .map(|e| (e.address, e.clone()))
+                .collect(),
+            allow: config.inbound.allow.clone(),
+            ..MeshView::default()
+        }
+    }
+
+    /// Checks every field of a zone's update and builds the view from it;
+    /// `local_workload` selects the inbound rule of this agent's workload.
+    pub fn from_update(update: &ConfigUpdate, local_workload: &str) -> Result<Self, ViewError> {
+        if update.version.is_empty() {
+            return Err(bad("version", "must not be empty"));
+        }
+        check_bundle(&update.trust_bundle_pem)?;
+        let mut view = MeshView {
+            version: update.version.clone(),
+            mesh: update.mesh.clone(),
+            zone: update.zone.clone(),
+            ..MeshView::default()
+        };
+        for (i, s) in update.services.iter().enumerate() {
+            let field = format!("services[{i}]");
+            let service = service(&field, s)?;
+            for e in &service.endpoints {
+                view.endpoints
+                    .entry(e.endpoint.address)
+                    .or_insert_with(|| e.endpoint.clone());
+            }
+            let Some(vip) = service.virtual_ip_if_any() else {
+                continue;
+            };
+            if let Some(other) = view.services.get(&vip) {
+                return Err(bad(
+                    format!("{field}.virtual_ip"),
+                    format!(
+                        "{vip} is also the virtual IP of {}.{}",
+                        other.name, other.namespace
+                    ),
+                ));
+            }
+            let local = service.zone.is_empty() || service.zone == update.zone;
+            for name in names(&service) {
+                // `<svc>.<ns>.mesh` prefers the local zone's instance.
+                match view.names.get(&name) {
+                    Some(_) if !local => {}
+                    _ => {
+                        view.names.insert(name, vip);
+                    }
+                }
+            }
+            view.services.insert(vip, Arc::new(service));
+        }
+        for (i, rule) in update.inbound.iter().enumerate() {
+            let mut allow = Vec::with_capacity(rule.allow.len());
+            for (j, m) in rule.allow.iter().enumerate() {
+                let parsed: PeerMatch = m
+                    .parse()
+                    .map_err(|e| bad(format!("inbound[{i}].allow[{j}]"), format!("{e}")))?;
+                allow.push(parsed);
+            }
+            if rule.workload == local_workload {
+                view.allow.extend(allow);
+            }
+        }
+        Ok(view)
+    }
+
+    /// Where a captured connection to `dst` goes.
+    pub fn route(&self, dst: SocketAddr) -> Route<'_> {
+        if let Some(endpoint) = self.endpoints.get(&dst.ip()) {
+            return Route::Tunnel {
+                endpoint,
+                authority: dst,
+            };
+        }
+        let Some(service) = self.services.get(&dst.ip()) else {
+            return Route::Outside;
+        };
+        if !service.ports.is_empty() && !service.ports.contains(&dst.port()) {
+            return Route::Refuse("port_not_in_service");
+        }
+        match service.pick() {
+            Some(endpoint) => Route::Tunnel {
+                endpoint,
+                authority: SocketAddr::new(endpoint.address, dst.port()),
+            },
+            None => Route::Refuse("no_endpoints"),
+        }
+    }
+
+    /// Looks a DNS name up (any case, with or without the final dot).
+    pub fn lookup(&self, name: &str) -> NameLookup {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(vip) = self.names.get(&name) {
+            return NameLookup::Service(*vip);
+        }
+        if name == MESH_SUFFIX || name.ends_with(".mesh") {
+            NameLookup::UnknownMeshName
+        } else {
+            NameLookup::NotMesh
+        }
+    }
+
+    /// Callers allowed into the local workload.
+    pub fn allow(&self) -> &[PeerMatch] {
+        &self.allow
+    }
+
+    /// Whether `ip` is a mesh address (a workload or a virtual IP).
+    pub fn knows(&self, ip: IpAddr) -> bool {
+        self.endpoints.contains_key(&ip) || self.services.contains_key(&ip)
+    }
+
+    /// Counts for the admin endpoint.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut names: Vec<(&String, &IpAddr)> = self.names.iter().collect();
+        names.sort();
+        serde_json::json!({
+            "version": self.version,
+            "mesh": self.mesh,
+            "zone": self.zone,
+            "endpoints": self.endpoints.len(),
+            "services": self.services.len(),
+            "names": names.into_iter().map(|(n, ip)| (n.clone(), serde_json::Value::from(ip.to_string()))).collect::<serde_json::Map<_, _>>(),
+            "allow": self.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Service {
+    fn virtual_ip_if_any(&self) -> Option<IpAddr> {
+        (!self.virtual_ip.is_unspecified()).then_some(self.virtual_ip)
+    }
+}
+
+fn names(s: &Service) -> Vec<String> {
+    let mut out = vec![format!("{}.{}.{MESH_SUFFIX}", s.name, s.namespace)];
+    if !s.zone.is_empty() {
+        out.push(format!(
+            "{}.{}.{}.{MESH_SUFFIX}",
+            s.name, s.namespace, s.zone
+        ));
+    }
+    if s.namespace == "default" {
+        out.push(format!("{}.{MESH_SUFFIX}", s.name));
+    }
+    out
+}
+
+fn label(field: &str, value: &str) -> Result<(), ViewError> {
+    weft_api::validation::dns1123_label(value).map_err(|reason| bad(field, reason))
+}
+
+fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<Service, ViewError> {
+    label(&format!("{field}.name"), &s.name)?;
+    label(&format!("{field}.namespace"), &s.namespace)?;
+    if !s.zone.is_empty() {
+        label(&format!("{field}.zone"), &s.zone)?;
+    }
+    // No virtual IP yet (allocation pending) is served by workload address
+    // only; the unspecified address marks it.
+    let virtual_ip = if s.virtual_ip.is_empty() {
+        IpAddr::from([0, 0, 0, 0])
+    } else {
+        let ip: IpAddr = s.virtual_ip.parse().map_err(|_| {
+            bad(
+                format!("{field}.virtual_ip"),
+                format!("{:?} is not an IP address", s.virtual_ip),
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(bad(
+                format!("{field}.virtual_ip"),
+                format!("{ip} cannot be a virtual IP"),
+            ));
+        }
+        ip
+    };
+    let mut ports = Vec::with_capacity(s.ports.len());
+    for (j, p) in s.ports.iter().enumerate() {
+        match u16::try_from(p.port) {
+            Ok(port) if port != 0 => ports.push(port),
+            _ => {
+                return Err(bad(
+                    format!("{field}.ports[{j}].port"),
+                    format!("{} is not a port", p.port),
+                ))
+            }
+        }
+    }
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    for (j, e) in s.endpoints.iter().enumerate() {
+        let f = format!("{field}.endpoints[{j}]");
+        let address: IpAddr = e.address.parse().map_err(|_| {
+            bad(
+                format!("{f}.address"),
+                format!("{:?} is not an IP address", e.address),
+            )
+        })?;
+        let agent: SocketAddr = e.agent.parse().map_err(|_| {
+            bad(
+                format!("{f}.agent"),
+                format!("{:?} is not ip:port", e.agent),
+            )
+        })?;
+        if agent.port() == 0 {
+            return Err(bad(format!("{f}.agent"), "port 0 is not an HBONE port"));
+        }
+        let identity: SpiffeId = e
+            .spiffe_id
+            .parse()
+            .map_err(|err| bad(format!("{f}.spiffe_id"), format!("{err}")))?;
+        endpoints.push(ServiceEndpoint {
+            endpoint: Endpoint {
+                address,
+                agent,
+                identity,
+            },
+            ready: e.ready,
+        });
+    }
+    Ok(Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        zone: s.zone.clone(),
+        virtual_ip,
+        ports,
+        endpoints,
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// The bundle must hold at least one certificate, and each must parse.
+pub fn check_bundle(pem: &str) -> Result<(), ViewError> {
+    let field = "trust_bundle_pem";
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(field, format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(field, "holds no PEM certificate"));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        x509_parser::parse_x509_certificate(c.as_ref())
+            .map_err(|e| bad(field, format!("certificate {i} is not valid X.509: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A shared view holding `view`.
+pub fn shared(view: MeshView) -> SharedView {
+    Arc::new(ArcSwap::from_pointee(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::proto::agent::v1::{Endpoint as PbEndpoint, InboundRule, Port, ServiceView};
+
+    fn bundle() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    }
+
+    fn endpoint(ip: &str, ready: bool) -> PbEndpoint {
+        PbEndpoint {
+            address: ip.into(),
+            agent: format!("{ip}:15008"),
+            spiffe_id: "spiffe://td/ns/default/sa/api".into(),
+            ready,
+        }
+    }
+
+    fn sample() -> ConfigUpdate {
+        ConfigUpdate {
+            version: "7".into(),
+            trust_bundle_pem: bundle(),
+            services: vec![
+                ServiceView {
+                    name: "api".into(),
+                    namespace: "default".into(),
+                    zone: "east".into(),
+                    virtual_ip: "10.96.0.1".into(),
+                    ports: vec![Port {
+                        port: 8080,
+                        protocol: 0,
+                    }],
+                    endpoints: vec![
+                        endpoint("10.0.0.1", true),
+                        endpoint("10.0.0.2", false),
+                        endpoint("10.0.0.3", true),
+                    ],
+                },
+                ServiceView {
+                    name: "db".into(),
+                    namespace: "data".into(),
+                    zone: "east".into(),
+                    virtual_ip: "10.96.0.2".into(),
+                    ports: vec![],
+                    endpoints: vec![endpoint("10.0.1.1", false), endpoint("10.0.1.2", false)],
+                },
+            ],
+            inbound: vec![
+                InboundRule {
+                    workload: "web".into(),
+                    allow: vec!["spiffe://td/ns/default/*".into()],
+                },
+                InboundRule {
+                    workload: "other".into(),
+                    allow: vec!["spiffe://td/ns/x/sa/y".into()],
+                },
+            ],
+            mesh: "default".into(),
+            zone: "east".into(),
+        }
+    }
+
+    fn authority(route: Route<'_>) -> SocketAddr {
+        match route {
+            Route::Tunnel { authority, .. } => authority,
+            other => panic!("expected a tunnel, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn builds_names_routes_and_allow_list() {
+        let view = MeshView::from_update(&sample(), "web").unwrap();
+        let api: IpAddr = "10.96.0.1".parse().unwrap();
+        let db: IpAddr = "10.96.0.2".parse().unwrap();
+        for name in [
+            "api.default.mesh",
+            "api.default.east.mesh.",
+            "api.mesh",
+            "API.MESH",
+        ] {
+            assert_eq!(view.lookup(name), NameLookup::Service(api), "{name}");
+        }
+        assert_eq!(view.lookup("db.data.mesh"), NameLookup::Service(db));
+        // The shorthand is for the default namespace only.
+        assert_eq!(view.lookup("db.mesh"), NameLookup::UnknownMeshName);
+        assert_eq!(view.lookup("mesh."), NameLookup::UnknownMeshName);
+        assert_eq!(view.lookup("example.com"), NameLookup::NotMesh);
+        assert_eq!(view.lookup("notmesh"), NameLookup::NotMesh);
+
+        // Ready endpoints in turn; the not-ready one is skipped.
+        let vip = SocketAddr::new(api, 8080);
+        let picks: Vec<SocketAddr> = (0..4).map(|_| authority(view.route(vip))).collect();
+        let expected: Vec<SocketAddr> = [
+            "10.0.0.1:8080",
+            "10.0.0.3:8080",
+            "10.0.0.1:8080",
+            "10.0.0.3:8080",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(picks, expected);
+        // None ready: every endpoint is used rather than none.
+        let mut seen: Vec<SocketAddr> = (0..2)
+            .map(|_| authority(view.route(SocketAddr::new(db, 5432))))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                "10.0.1.1:5432".parse().unwrap(),
+                "10.0.1.2:5432".parse().unwrap()
+            ]
+        );
+        // A port the service does not declare.
+        assert!(matches!(
+            view.route(SocketAddr::new(api, 9999)),
+            Route::Refuse(_)
+        ));
+        // A workload address is routed as dialled.
+        let direct: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(authority(view.route(direct)), direct);
+        assert!(matches!(
+            view.route("192.0.2.1:80".parse().unwrap()),
+            Route::Outside
+        ));
+
+        let allow: Vec<String> = view.allow().iter().map(ToString::to_string).collect();
+        assert_eq!(allow, ["spiffe://td/ns/default/*"]);
+    }
+
+    #[test]
+    fn bad_updates_name_the_field() {
+        type Patch = fn(&mut ConfigUpdate);
+        let cases: [(Patch, &str); 9] = [
+            (|u| u.version.clear(), "version"),
+            (
+                |u| u.trust_bundle_pem = "nothing".into(),
+                "trust_bundle_pem",
+            ),
+            (
+                |u| u.services[0].virtual_ip = "10.96.0.300".into(),
+                "services[0].virtual_ip",
+            ),
+            (
+                |u| u.services[1].virtual_ip = "10.96.0.1".into(),
+                "services[1].virtual_ip",
+            ),
+            (
+                |u| u.services[0].endpoints[1].address = "x".into(),
+                "services[0].endpoints[1].address",
+            ),
+            (
+                |u| u.services[0].endpoints[0].agent = "10.0.0.1".into(),
+                "services[0].endpoints[0].agent",
+            ),
+            (
+                |u| u.services[1].endpoints[0].spiffe_id = "spiffe://td/x".into(),
+                "services[1].endpoints[0].spiffe_id",
+            ),
+            (|u| u.services[0].name = "Api".into(), "services[0].name"),
+            (
+                |u| u.inbound[1].allow[0] = "*".into(),
+                "inbound[1].allow[0]",
+            ),
+        ];
+        for (patch, field) in cases {
+            let mut u = sample();
+            patch(&mut u);
+            let err = MeshView::from_update(&u, "web").unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().starts_with(field));
+        }
+    }
+}
