@@ -477,7 +477,9 @@ impl AgentConfig {
                 ))
             }
         }
-        if self.workload.ports.is_empty() {
+        // A registered workload with no ports only makes calls; a static
+        // sidecar without ports would have nothing to do.
+        if self.workload.ports.is_empty() && self.controller.is_none() {
             return Err(invalid("workload.ports", "at least one port is needed"));
         }
         for (i, p) in self.workload.ports.iter().enumerate() {
