@@ -129,7 +129,7 @@ fn bad_tokens_are_refused_with_their_cause() -> Result<()> {
                 wait::until("the token to expire", T, || {
                     let list = ctl.weftctl_ok(&["token", "list", "-o", "json"])?;
                     let v: Value = serde_json::from_str(&list)?;
-                    let expired = v.as_array().into_iter().flatten().any(|tok| {
+                    let expired = v["items"].as_array().into_iter().flatten().any(|tok| {
                         tok.get("id").and_then(Value::as_str) == Some(t.id.as_str())
                             && tok.get("expired").and_then(Value::as_bool) == Some(true)
                     });
