@@ -144,7 +144,20 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         "agent ready"
     );
     // Logged before /ready turns 200, so whoever waits on /ready finds it.
-    state.ready.store(true, Ordering::Release);
+    if controller.is_some() && view.load().version.is_empty() {
+        // Freshly enrolled: ready once the zone's first view is applied, so
+        // that the first calls do not fail for want of endpoints.
+        let (view, state) = (view.clone(), state.clone());
+        tokio::spawn(async move {
+            while view.load().version.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            info!(view_version = %view.load().version, "first view from the zone applied, ready");
+            state.ready.store(true, Ordering::Release);
+        });
+    } else {
+        state.ready.store(true, Ordering::Release);
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -123,8 +123,10 @@ pub struct IdentityFiles {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// `host:port` of the zone's agent gRPC endpoint (port 5678).
-    pub address: String,
+    /// `host:port` of the zone's agent gRPC endpoint (port 5678), or a
+    /// list of them (replicas of one zone), tried in order.
+    #[serde(deserialize_with = "one_or_many")]
+    pub address: Vec<String>,
     /// The DNS name the zone's certificate must carry (not the address).
     #[serde(default = "defaults::server_name")]
     pub server_name: String,
@@ -623,22 +625,46 @@ impl IdentityFiles {
     }
 }
 
+/// A string or a list of strings, so that one zone address stays as
+/// simple to write as before replicas existed.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
 impl ControllerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let port = self
-            .address
-            .rsplit_once(':')
-            .and_then(|(host, port)| (!host.is_empty()).then_some(port))
-            .and_then(|p| p.parse::<u16>().ok())
-            .filter(|p| *p != 0);
-        if port.is_none() {
+        if self.address.is_empty() {
             return Err(invalid(
                 "controller.address",
-                format!(
-                    "{:?} is not host:port (e.g. zone.example:5678)",
-                    self.address
-                ),
+                "at least one host:port is needed",
             ));
+        }
+        for (i, address) in self.address.iter().enumerate() {
+            let port = address
+                .rsplit_once(':')
+                .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p != 0);
+            if port.is_none() {
+                let field = if self.address.len() == 1 {
+                    "controller.address".to_owned()
+                } else {
+                    format!("controller.address[{i}]")
+                };
+                return Err(invalid(
+                    field,
+                    format!("{address:?} is not host:port (e.g. zone.example:5678)"),
+                ));
+            }
         }
         if rustls_pki_types::ServerName::try_from(self.server_name.as_str()).is_err() {
             return Err(invalid(

@@ -153,7 +153,7 @@ pub async fn prepare(config: &AgentConfig) -> Result<Startup, ControllerError> {
     let state = StateDir::open(&c.state_dir)?;
     match state.enrolment()? {
         None => {
-            info!(zone = %c.address, agent = %config.agent_name(), "no enrolment in the state directory, enrolling");
+            info!(zone = ?c.address, agent = %config.agent_name(), "no enrolment in the state directory, enrolling");
             enrol(config, &state).await?;
         }
         Some(enrolment) => {
@@ -285,7 +285,7 @@ async fn pinned_client(c: &ControllerConfig) -> Result<ZoneClient, ControllerErr
         parse_ca_pin(pin).map_err(|e| ControllerError::Setup(format!("controller.ca_pin: {e}")))?;
     let tls = grpc::pinned_config(pin)?;
     Ok(limits(
-        grpc::connect(&c.address, &c.server_name, tls, CONNECT_TIMEOUT).await?,
+        grpc::connect_any(&c.address, &c.server_name, tls, CONNECT_TIMEOUT).await?,
     ))
 }
 
@@ -373,7 +373,7 @@ pub async fn enrol(config: &AgentConfig, state: &StateDir) -> Result<Enrolment, 
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                warn!(zone = %c.address, error = %e, retry_in = ?delay, "enrolment failed, retrying");
+                warn!(zone = ?c.address, error = %e, retry_in = ?delay, "enrolment failed, retrying");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -505,7 +505,7 @@ async fn agent_client(
     let c = controller_config(config)?;
     let tls = agent_tls(state)?;
     Ok(limits(
-        grpc::connect(&c.address, &c.server_name, tls, CONNECT_TIMEOUT).await?,
+        grpc::connect_any(&c.address, &c.server_name, tls, CONNECT_TIMEOUT).await?,
     ))
 }
 
@@ -628,7 +628,7 @@ impl Controller {
             address: config
                 .controller
                 .as_ref()
-                .map(|c| c.address.clone())
+                .map(|c| c.address.join(","))
                 .unwrap_or_default(),
             applied_version: view.load().version.clone(),
             ..Status::default()

@@ -32,6 +32,8 @@ pub type ZoneClient = AgentServiceClient<Channel>;
 /// Why the zone could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    #[error("no zone address is configured")]
+    NoAddress,
     #[error("connecting to the zone at {address}: {source}")]
     Tcp {
         address: String,
@@ -89,6 +91,27 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
 
 /// Connects to `address` (`host:port`) and returns a client for it; the
 /// connection lives until the client and its streams are dropped or it fails.
+/// Connects to the first of `addresses` (a zone's replicas) that answers;
+/// the error is the last one.
+pub async fn connect_any(
+    addresses: &[String],
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<ZoneClient, ChannelError> {
+    let mut last = None;
+    for address in addresses {
+        match connect(address, server_name, tls.clone(), timeout).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                tracing::debug!(zone = %address, error = %e, "zone replica unreachable");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(ChannelError::NoAddress))
+}
+
 pub async fn connect(
     address: &str,
     server_name: &str,

@@ -82,6 +82,13 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // initdb trusts local connections only; the controllers connect
+        // over the suite's LAN.
+        let hba = data.join("pg_hba.conf");
+        let mut rules =
+            std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        rules.push_str(&format!("host all all {ip}/16 trust\n"));
+        std::fs::write(&hba, rules).with_context(|| format!("writing {}", hba.display()))?;
         let mut cmd = ns.command_as(bin.join("postgres"), Some(uid));
         cmd.arg("-D")
             .arg(&data)

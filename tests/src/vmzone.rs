@@ -238,7 +238,12 @@ impl VmZone {
             .set("workload.namespace", "default")
             .set("workload.service", vm.service.as_str())
             .set("workload.service_account", vm.service.as_str())
-            .set("dns", json!({"enabled": true, "listen": "127.0.0.1:15053"}))
+            // Names outside the mesh go to the controller host, where
+            // nothing answers: queries never leave the suite's hosts.
+            .set(
+                "dns",
+                json!({"enabled": true, "listen": "127.0.0.1:15053", "upstream": [format!("{CONTROLLER_IP}:53")]}),
+            )
             .set("redirect.dns", true);
         Ok(spec)
     }
