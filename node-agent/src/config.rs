@@ -897,6 +897,14 @@ mod tests {
                 "controller.address",
             ),
             (
+                serde_json::json!({"controller": {"address": ["zone-a:5678", "zone-b"]}}),
+                "controller.address[1]",
+            ),
+            (
+                serde_json::json!({"controller": {"address": []}}),
+                "controller.address",
+            ),
+            (
                 serde_json::json!({"controller": {"ca_pin": "md5:abc"}}),
                 "controller.ca_pin",
             ),

@@ -183,7 +183,7 @@ async fn serves_from_state_while_the_zone_is_down() {
 
     // The zone's address now refuses connections: start-up does not wait.
     let mut down = (*cfg).clone();
-    down.controller.as_mut().unwrap().address = "127.0.0.1:1".into();
+    down.controller.as_mut().unwrap().address = vec!["127.0.0.1:1".into()];
     let down = Arc::new(down);
     let started = tokio::time::timeout(Duration::from_secs(5), start(&down))
         .await

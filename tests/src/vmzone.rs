@@ -406,6 +406,31 @@ impl Running {
         Ok(())
     }
 
+    /// Waits until every enrolled agent streams from `controller` (its
+    /// inventory names that replica as the agent's), which proves a
+    /// reconnection where "online" only means "seen in the last seconds".
+    pub fn wait_connected_to(&self, controller: &Controller) -> Result<()> {
+        let replica = controller.get_json("/v1/zone")?["replica"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let enrolled = &self.zone.vms[..self.agents.len()];
+        controller.wait_inspect(
+            "agents",
+            "every agent streaming from this replica",
+            T,
+            |agents| {
+                enrolled.iter().all(|vm| {
+                    agent_entry(agents, &vm.workload)
+                        .and_then(|a| a.get("connectedReplica"))
+                        .and_then(Value::as_str)
+                        == Some(replica.as_str())
+                })
+            },
+        )?;
+        Ok(())
+    }
+
     /// Waits until `controller` shows every enrolled agent online and
     /// every enrolled service with a virtual IP.
     pub fn wait_converged(&self, controller: &Controller) -> Result<()> {

@@ -170,6 +170,7 @@ fn controller_killed_traffic_continues_and_agents_reconverge() -> Result<()> {
     up.controller = up
         .zone
         .start_controller("zone-again", &up.zone.sqlite_store("zone.db"))?;
+    up.wait_connected_to(&up.controller)?;
     up.wait_converged(&up.controller)?;
     up.enrol(2)?;
     up.wait_converged(&up.controller)?;
@@ -243,6 +244,9 @@ fn replicas_on_postgres_fail_over_without_losing_anything() -> Result<()> {
     wait::until("the survivor to lead", T, || {
         Ok(is_leader(survivor)?.then_some(()))
     })?;
+    // Every agent streams from the survivor now (the killed replica's
+    // agents reconnected), not merely "seen lately".
+    up.wait_connected_to(survivor)?;
     up.wait_converged(survivor)?;
     let after = survivor.get_json("/v1/resources/Service")?;
     ensure!(

@@ -46,6 +46,8 @@ pub struct AppState {
     pub ca_pin: String,
     /// Whether this replica leads now.
     pub leading: Arc<AtomicBool>,
+    /// This replica's id, as the agent inventory names it.
+    pub replica: String,
     /// Serialises applies (validate-then-write) in this process.
     apply_lock: Mutex<()>,
 }
@@ -58,6 +60,7 @@ impl AppState {
         ca_pem: String,
         ca_pin: String,
         leading: Arc<AtomicBool>,
+        replica: String,
     ) -> Self {
         AppState {
             store,
@@ -65,6 +68,7 @@ impl AppState {
             ca_pem,
             ca_pin,
             leading,
+            replica,
             apply_lock: Mutex::new(()),
         }
     }
@@ -296,6 +300,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
                 "caPin": state.ca_pin,
                 "caPem": state.ca_pem,
                 "leader": state.leading.load(Ordering::SeqCst),
+                "replica": state.replica,
             }),
         ),
         (["v1", "inspect", what], &Method::GET) => inspect(state, what).await,

@@ -143,7 +143,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let api = agent_service::AgentApi {
         store: store.clone(),
         zone: args.zone.clone(),
-        replica,
+        replica: replica.clone(),
         zone_ca: zone_ca.clone(),
         cas,
         hub: hub.clone(),
@@ -162,6 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         zone_ca.pem.clone(),
         zone_ca.pin.clone(),
         leading,
+        replica,
     ));
     let http_task = tokio::spawn(api_server::serve(
         listener,
