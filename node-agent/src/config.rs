@@ -676,7 +676,16 @@ impl ControllerConfig {
             parse_ca_pin(pin).map_err(|reason| invalid("controller.ca_pin", reason))?;
         }
         if let Some(name) = &self.agent_name {
-            check_name("controller.agent_name", name)?;
+            // The zone's rule: a DNS-1123 subdomain short enough to be a
+            // label value (`weft.io/agent`) on the workloads it registers.
+            weft_api::validation::dns1123_subdomain(name)
+                .map_err(|reason| invalid("controller.agent_name", reason))?;
+            if name.len() > 63 {
+                return Err(invalid(
+                    "controller.agent_name",
+                    format!("{name:?} is longer than 63 characters"),
+                ));
+            }
         }
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid("controller.state_dir", "must not be empty"));
