@@ -328,7 +328,7 @@ mod tests {
             check_ttl(Some(&Value::from("1h")), &mut errors),
             Some(Duration::from_secs(3600))
         );
-        assert_eq!(check_ttl(Some(&Value::from("30s")), &mut errors), None);
+        assert_eq!(check_ttl(Some(&Value::from("0s")), &mut errors), None);
         assert_eq!(check_ttl(Some(&Value::from("721h")), &mut errors), None);
         assert_eq!(check_ttl(Some(&Value::from("forever")), &mut errors), None);
         assert_eq!(check_max_uses(None, &mut errors), Some(1));
