@@ -204,20 +204,7 @@ impl Agent {
     /// Waits until `GET /ready` answers 200; fails early (with the logs)
     /// if the agent exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let (ns, admin) = (self.ns.clone(), self.admin);
-        let proc = &mut self.proc;
-        let ready = ns.enter(|| {
-            wait::until(&format!("{} to be ready", proc.name()), timeout, || {
-                if let Some(status) = proc.try_exit()? {
-                    return Err(wait::fatal(format!(
-                        "exited ({status}) before becoming ready"
-                    )));
-                }
-                let resp = crate::http::get(admin, "/ready", Duration::from_secs(2))?;
-                Ok((resp.status == 200).then_some(()))
-            })
-        });
-        ready.map_err(|e| anyhow!("{e:#}\n{}", self.proc.logs()))
+        wait::ready(&self.ns, &mut self.proc, self.admin, timeout)
     }
 
     /// The config file the agent was started with.

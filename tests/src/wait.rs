@@ -64,3 +64,23 @@ pub fn port_open(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<()> 
         )
     })
 }
+
+/// Waits until `GET /ready` on `addr` (inside `ns`) answers 200; fails
+/// early, with its logs, if `proc` exits first.
+pub fn ready(
+    ns: &Netns,
+    proc: &mut crate::process::Proc,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let ready = ns.enter(|| {
+        until(&format!("{} to be ready", proc.name()), timeout, || {
+            if let Some(status) = proc.try_exit()? {
+                return Err(fatal(format!("exited ({status}) before becoming ready")));
+            }
+            let resp = crate::http::get(addr, "/ready", Duration::from_secs(2))?;
+            Ok((resp.status == 200).then_some(()))
+        })
+    });
+    ready.map_err(|e| anyhow::anyhow!("{e:#}\n{}", proc.logs()))
+}

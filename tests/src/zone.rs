@@ -75,20 +75,7 @@ impl Controller {
 
     /// Waits until `GET /ready` answers 200; fails early if it exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let (ns, api) = (self.ns.clone(), self.api);
-        let proc = &mut self.proc;
-        let ready = ns.enter(|| {
-            wait::until(&format!("{} to be ready", proc.name()), timeout, || {
-                if let Some(status) = proc.try_exit()? {
-                    return Err(wait::fatal(format!(
-                        "exited ({status}) before becoming ready"
-                    )));
-                }
-                let resp = crate::http::get(api, "/ready", Duration::from_secs(2))?;
-                Ok((resp.status == 200).then_some(()))
-            })
-        });
-        ready.map_err(|e| anyhow!("{e:#}\n{}", self.proc.logs()))
+        wait::ready(&self.ns, &mut self.proc, self.api, timeout)
     }
 
     /// `http://ip:5681`, for `weftctl --server`.
