@@ -169,7 +169,11 @@ async fn wanted_rotation(
             "the Mesh switched to a built-in CA",
         )));
     }
-    if rotation_due(signing.ca.not_before, signing.ca.not_after, now_secs()) {
+    // Its life counts from when it was added: generated CAs are backdated
+    // a little for clock skew, which would make a short-lived one due at
+    // once.
+    let start = signing.ca.not_before.max(signing.added_at);
+    if rotation_due(start, signing.ca.not_after, now_secs()) {
         return Ok(Some((
             cas.generate(mesh)?,
             "automatic: the signing CA has lived 80% of its life",
