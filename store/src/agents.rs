@@ -58,6 +58,9 @@ pub struct AgentRecord {
     pub applied_version: String,
     /// The last version it refused, if any.
     pub last_nack: Option<AgentNack>,
+    /// The CAs (fingerprints) in the trust bundle of the version it last
+    /// acknowledged: what it trusts now, as far as the zone knows.
+    pub applied_cas: Vec<String>,
 }
 
 /// Milliseconds since the epoch, now.
@@ -68,7 +71,8 @@ pub fn now_ms() -> i64 {
 }
 
 const SELECT_AGENT: &str = "SELECT zone, name, mesh, hbone_address, host_facts, token_id, \
-     connected_replica, last_seen, applied_version, nack_version, nack_reason FROM agents";
+     connected_replica, last_seen, applied_version, nack_version, nack_reason, applied_cas \
+     FROM agents";
 
 fn decode_agent<R>(row: &R) -> Result<AgentRecord, StoreError>
 where
@@ -87,6 +91,7 @@ where
         .try_get("nack_version")
         .map_err(column("nack_version"))?;
     let nack_reason: Option<String> = row.try_get("nack_reason").map_err(column("nack_reason"))?;
+    let applied_cas: String = row.try_get("applied_cas").map_err(column("applied_cas"))?;
     Ok(AgentRecord {
         enrollment: AgentEnrollment {
             zone: row.try_get("zone").map_err(column("zone"))?,
@@ -109,6 +114,7 @@ where
             version,
             reason: nack_reason.unwrap_or_default(),
         }),
+        applied_cas: applied_cas.split_whitespace().map(str::to_owned).collect(),
     })
 }
 
@@ -276,23 +282,26 @@ impl Store {
         Ok(done)
     }
 
-    /// Records that an agent acknowledged (applied) `version`.
+    /// Records that an agent acknowledged (applied) `version`, whose trust
+    /// bundle holds the CAs `trusted_cas` (fingerprints).
     pub async fn record_ack(
         &self,
         zone: &str,
         name: &str,
         version: &str,
+        trusted_cas: &[String],
     ) -> Result<(), StoreError> {
         let op = format!("record the ack of agent {name}");
         on_pool!(self, pool => {
             sqlx::query(
-                "UPDATE agents SET applied_version = $3, last_seen = $4 \
+                "UPDATE agents SET applied_version = $3, last_seen = $4, applied_cas = $5 \
                  WHERE zone = $1 AND name = $2",
             )
             .bind(zone)
             .bind(name)
             .bind(version)
             .bind(now_ms())
+            .bind(trusted_cas.join(" "))
             .execute(pool)
             .await
             .map_err(StoreError::db(&op))?;

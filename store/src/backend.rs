@@ -105,6 +105,11 @@ fn sqlite_migrations() -> Vec<Migration> {
             "agents",
             include_str!("../migrations/sqlite/0002_agents.sql"),
         ),
+        migration(
+            3,
+            "mesh_cas",
+            include_str!("../migrations/sqlite/0003_mesh_cas.sql"),
+        ),
     ]
 }
 
@@ -119,6 +124,11 @@ fn postgres_migrations() -> Vec<Migration> {
             2,
             "agents",
             include_str!("../migrations/postgres/0002_agents.sql"),
+        ),
+        migration(
+            3,
+            "mesh_cas",
+            include_str!("../migrations/postgres/0003_mesh_cas.sql"),
         ),
     ]
 }

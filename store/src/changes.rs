@@ -7,6 +7,7 @@ use tokio::sync::broadcast;
 use crate::agents::AGENT_KIND;
 use crate::backend::{on_pool, Store};
 use crate::error::{to_u64, StoreError};
+use crate::mesh_cas::MESH_CA_KIND;
 use crate::resources::ResourceKey;
 
 /// What happened to a resource at one point of the feed.
@@ -37,8 +38,9 @@ pub struct Change {
     pub event: ChangeEvent,
 }
 
-/// One entry of the whole feed: a resource change, or an inventory
-/// transition of an agent (enrolled, connected, disconnected).
+/// One entry of the whole feed: a resource change, an inventory
+/// transition of an agent (enrolled, connected, disconnected), or a change
+/// of a mesh's CAs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedEntry {
     /// A resource was put or deleted.
@@ -55,6 +57,14 @@ pub enum FeedEntry {
         /// The agent's name.
         name: String,
     },
+    /// The CAs of a mesh changed (a CA added, promoted or dropped): its
+    /// trust bundle must be pushed again.
+    MeshCa {
+        /// Its position in the feed.
+        seq: u64,
+        /// The mesh.
+        mesh: String,
+    },
 }
 
 impl FeedEntry {
@@ -62,7 +72,7 @@ impl FeedEntry {
     pub fn seq(&self) -> u64 {
         match self {
             FeedEntry::Resource(change) => change.seq,
-            FeedEntry::Agent { seq, .. } => *seq,
+            FeedEntry::Agent { seq, .. } | FeedEntry::MeshCa { seq, .. } => *seq,
         }
     }
 }
@@ -115,8 +125,8 @@ impl Store {
         to_u64(seq, "change_sequence.value")
     }
 
-    /// Every resource change after `seq`, oldest first (inventory entries
-    /// are skipped: see [`Store::feed_since`]).
+    /// Every resource change after `seq`, oldest first (inventory and CA
+    /// entries are skipped: see [`Store::feed_since`]).
     pub async fn changes_since(&self, seq: u64) -> Result<Vec<Change>, StoreError> {
         Ok(self
             .feed_since(seq)
@@ -124,12 +134,12 @@ impl Store {
             .into_iter()
             .filter_map(|entry| match entry {
                 FeedEntry::Resource(change) => Some(change),
-                FeedEntry::Agent { .. } => None,
+                FeedEntry::Agent { .. } | FeedEntry::MeshCa { .. } => None,
             })
             .collect())
     }
 
-    /// Every entry of the feed after `seq`, resources and agents, oldest
+    /// Every entry of the feed after `seq`, resources, agents and CAs, oldest
     /// first.
     pub async fn feed_since(&self, seq: u64) -> Result<Vec<FeedEntry>, StoreError> {
         let after = i64::try_from(seq).unwrap_or(i64::MAX);
@@ -159,6 +169,9 @@ impl Store {
                     if kind == AGENT_KIND {
                         // The zone is kept in the namespace column.
                         return Ok(FeedEntry::Agent { seq, zone: namespace, mesh, name });
+                    }
+                    if kind == MESH_CA_KIND {
+                        return Ok(FeedEntry::MeshCa { seq, mesh });
                     }
                     Ok(FeedEntry::Resource(Change {
                         seq,

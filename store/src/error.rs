@@ -79,6 +79,16 @@ pub enum StoreError {
         /// Why it was lost.
         reason: String,
     },
+    /// A CA rotation step does not fit the mesh's CAs now (a rotation is
+    /// already in progress, the CA is not the pending one, ...); nothing
+    /// was changed.
+    #[error("cannot change the CAs of mesh {mesh:?}: {reason}")]
+    CaTransition {
+        /// The mesh.
+        mesh: String,
+        /// Why.
+        reason: String,
+    },
     /// The store behind a [`crate::Watch`] was dropped.
     #[error("the store was closed")]
     Closed,

@@ -1,6 +1,6 @@
 //! The zone controller's single persistence layer: resources with versions
 //! and optimistic concurrency, a change feed with watch notifications,
-//! bootstrap tokens, leader election, per-mesh CA material and virtual IP
+//! bootstrap tokens, leader election, per-mesh CA sets (rotation) and virtual IP
 //! allocation, on the same code path for an embedded SQLite file (the
 //! default: no set-up) and PostgreSQL (several controller replicas sharing
 //! one database).
@@ -19,6 +19,7 @@ mod ca;
 mod changes;
 mod error;
 mod leader;
+mod mesh_cas;
 mod resources;
 mod tokens;
 mod vips;
@@ -29,6 +30,7 @@ pub use ca::CaMaterial;
 pub use changes::{Change, ChangeEvent, FeedEntry, Watch};
 pub use error::StoreError;
 pub use leader::LeaderGuard;
+pub use mesh_cas::{CaRole, CaSource, MeshCaRecord, NewMeshCa};
 pub use resources::{Expect, ResourceKey, StoredResource};
 pub use tokens::{TokenError, TokenGrant, TokenInfo, TokenSpec, WorkloadScope};
 pub use vips::VipRange;

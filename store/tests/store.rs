@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use common::TestDb;
 use weft_api::{parse_yaml, Kind, Resource};
 use weft_store::{
-    AgentEnrollment, CaMaterial, ChangeEvent, Expect, FeedEntry, ResourceKey, StoreError,
-    TokenError, TokenSpec, VipRange, WorkloadScope,
+    AgentEnrollment, CaMaterial, CaRole, CaSource, ChangeEvent, Expect, FeedEntry, NewMeshCa,
+    ResourceKey, StoreError, TokenError, TokenSpec, VipRange, WorkloadScope,
 };
 
 /// Runs a scenario on both backends as two tests.
@@ -52,6 +52,9 @@ on_both_backends!(
     data_survives_reopen,
     ca_created_once,
     agent_inventory,
+    mesh_ca_first_created_once,
+    mesh_ca_rotation,
+    mesh_ca_rotation_races,
 );
 
 fn workload(name: &str, namespace: &str, address: &str) -> Resource {
@@ -785,10 +788,14 @@ async fn agent_inventory(db: TestDb) {
     assert_eq!(connected.enrollment.hbone_address, "10.0.0.2:15008");
     assert!(store.heartbeat_agent("z1", "vm-1", "r1").await.unwrap());
     assert!(!store.heartbeat_agent("z1", "vm-1", "r2").await.unwrap());
-    store.record_ack("z1", "vm-1", "v1").await.unwrap();
+    store
+        .record_ack("z1", "vm-1", "v1", &["sha256:aa".to_owned()])
+        .await
+        .unwrap();
     store.record_nack("z1", "vm-1", "v2", "bad").await.unwrap();
     let record = store.get_agent("z1", "vm-1").await.unwrap().unwrap();
     assert_eq!(record.applied_version, "v1");
+    assert_eq!(record.applied_cas, vec!["sha256:aa".to_owned()]);
     let nack = record.last_nack.unwrap();
     assert_eq!((nack.version.as_str(), nack.reason.as_str()), ("v2", "bad"));
     // Another replica's stale disconnect does not clobber the stream.
@@ -818,4 +825,200 @@ async fn agent_inventory(db: TestDb) {
         .all(|e| matches!(e, FeedEntry::Agent { zone, mesh, name, .. }
         if zone == "z1" && mesh == "default" && name == "vm-1")));
     assert!(store.changes_since(start).await.unwrap().is_empty());
+}
+
+fn new_ca(n: &str, not_after: i64) -> NewMeshCa {
+    NewMeshCa {
+        fingerprint: format!("sha256:{n}"),
+        source: CaSource::Builtin,
+        cert_pem: format!("cert {n}"),
+        key_pem: format!("key {n}"),
+        not_before: 0,
+        not_after,
+    }
+}
+
+fn roles(cas: &[weft_store::MeshCaRecord]) -> Vec<(String, CaRole)> {
+    cas.iter()
+        .map(|c| (c.ca.fingerprint.clone(), c.role))
+        .collect()
+}
+
+async fn mesh_ca_first_created_once(db: TestDb) {
+    // Two replicas creating a mesh's first CA at once end up with the same.
+    let (a, b) = (db.open().await, db.open().await);
+    let (ca_a, ca_b) = (new_ca("a", 1_000), new_ca("b", 1_000));
+    let (first, second) = tokio::join!(
+        a.init_mesh_ca("default", &ca_a, 10),
+        b.init_mesh_ca("default", &ca_b, 10)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first, second);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].role, CaRole::Signing);
+    assert_eq!(first[0].signing_since, Some(10));
+    let again = a
+        .init_mesh_ca("default", &new_ca("c", 1_000), 11)
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    assert!(a.mesh_cas("other").await.unwrap().is_empty());
+}
+
+async fn mesh_ca_rotation(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    // SQLite hints stay in the process's handle; PostgreSQL's cross replicas.
+    let mut watch = if store.is_shared() {
+        replica.watch()
+    } else {
+        store.watch()
+    };
+    let start = store.current_seq().await.unwrap();
+    store
+        .init_mesh_ca("default", &new_ca("old", 10_000), 100)
+        .await
+        .unwrap();
+
+    // Phase 1: the new CA is pending, in the set but not signing.
+    let cas = store
+        .add_pending_ca("default", &new_ca("new", 20_000), 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        roles(&cas),
+        vec![
+            ("sha256:old".into(), CaRole::Signing),
+            ("sha256:new".into(), CaRole::Pending)
+        ]
+    );
+    assert_eq!(cas[1].generation, 2);
+    assert_eq!(cas[1].added_at, 200);
+    // Other replicas hear of it through the feed.
+    tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .expect("a change hint on the other replica")
+        .unwrap();
+    let feed = replica.feed_since(start).await.unwrap();
+    assert_eq!(feed.len(), 2, "{feed:?}");
+    assert!(feed
+        .iter()
+        .all(|e| matches!(e, FeedEntry::MeshCa { mesh, .. } if mesh == "default")));
+    assert!(replica.changes_since(start).await.unwrap().is_empty());
+
+    // Refusals change nothing.
+    for refused in [
+        store
+            .add_pending_ca("default", &new_ca("third", 30_000), 201)
+            .await,
+        store
+            .add_pending_ca("empty", &new_ca("x", 30_000), 201)
+            .await,
+        store
+            .promote_pending_ca("default", "sha256:old", 201, 30)
+            .await,
+    ] {
+        assert!(
+            matches!(refused, Err(StoreError::CaTransition { .. })),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(store.mesh_cas("default").await.unwrap(), cas);
+
+    // Phase 2: the new CA signs; the old one is trusted for one workload
+    // certificate lifetime more.
+    let cas = store
+        .promote_pending_ca("default", "sha256:new", 300, 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        roles(&cas),
+        vec![
+            ("sha256:old".into(), CaRole::Retired),
+            ("sha256:new".into(), CaRole::Signing)
+        ]
+    );
+    assert_eq!(cas[0].trusted_until, Some(350));
+    assert_eq!(cas[1].signing_since, Some(300));
+    assert!(store
+        .drop_expired_cas("default", 349)
+        .await
+        .unwrap()
+        .is_empty());
+    let dropped = store.drop_expired_cas("default", 350).await.unwrap();
+    assert_eq!(
+        roles(&dropped),
+        vec![("sha256:old".into(), CaRole::Retired)]
+    );
+    assert_eq!(
+        roles(&store.mesh_cas("default").await.unwrap()),
+        vec![("sha256:new".into(), CaRole::Signing)]
+    );
+
+    // trusted_until never outlives the CA itself; a pending CA can be
+    // cancelled.
+    store
+        .add_pending_ca("default", &new_ca("next", 90_000), 400)
+        .await
+        .unwrap();
+    let cas = store
+        .promote_pending_ca("default", "sha256:next", 19_990, 3_600)
+        .await
+        .unwrap();
+    assert_eq!(cas[0].trusted_until, Some(20_000));
+    store
+        .add_pending_ca("default", &new_ca("later", 99_000), 500)
+        .await
+        .unwrap();
+    assert!(!store
+        .cancel_pending_ca("default", "sha256:nope")
+        .await
+        .unwrap());
+    assert!(store
+        .cancel_pending_ca("default", "sha256:later")
+        .await
+        .unwrap());
+    assert!(store
+        .mesh_cas("default")
+        .await
+        .unwrap()
+        .iter()
+        .all(|c| c.role != CaRole::Pending));
+
+    // Survives a reopen.
+    drop(store);
+    let reopened = db.open().await;
+    assert_eq!(reopened.mesh_cas("default").await.unwrap().len(), 2);
+}
+
+async fn mesh_ca_rotation_races(db: TestDb) {
+    // Two replicas adding a pending CA at once: exactly one wins; two
+    // promoting it at once: exactly one does it.
+    let (a, b) = (db.open().await, db.open().await);
+    a.init_mesh_ca("default", &new_ca("old", 10_000), 1)
+        .await
+        .unwrap();
+    let (ca_x, ca_y) = (new_ca("x", 10_000), new_ca("y", 10_000));
+    let (x, y) = tokio::join!(
+        a.add_pending_ca("default", &ca_x, 2),
+        b.add_pending_ca("default", &ca_y, 2)
+    );
+    assert_eq!(
+        usize::from(x.is_ok()) + usize::from(y.is_ok()),
+        1,
+        "{x:?} {y:?}"
+    );
+    let pending = if x.is_ok() { "sha256:x" } else { "sha256:y" };
+    let (x, y) = tokio::join!(
+        a.promote_pending_ca("default", pending, 3, 10),
+        b.promote_pending_ca("default", pending, 3, 10)
+    );
+    assert_eq!(
+        usize::from(x.is_ok()) + usize::from(y.is_ok()),
+        1,
+        "{x:?} {y:?}"
+    );
+    let cas = a.mesh_cas("default").await.unwrap();
+    assert_eq!(cas.iter().filter(|c| c.role == CaRole::Signing).count(), 1);
+    assert_eq!(cas.iter().filter(|c| c.role == CaRole::Retired).count(), 1);
 }

@@ -5,6 +5,7 @@
 
 mod client;
 mod inspect;
+mod mesh;
 mod output;
 mod quickstart;
 mod tokens;
@@ -19,6 +20,7 @@ use weft_api::Resource;
 
 pub use client::{Answer, Client};
 pub use inspect::Inspected;
+pub use mesh::MeshCommand;
 pub use quickstart::QuickstartArgs;
 pub use tokens::{IssuedToken, Token, TokenCommand, TokenFormat};
 
@@ -90,6 +92,12 @@ pub enum Command {
         /// What to do with tokens.
         #[command(subcommand)]
         action: TokenCommand,
+    },
+    /// Shows and rotates a mesh's CAs.
+    Mesh {
+        /// What to do with the mesh.
+        #[command(subcommand)]
+        action: MeshCommand,
     },
     /// Brings up a whole zone on this machine (a controller on the embedded
     /// store, two agents, a demo service) and shows live calls between them
@@ -316,6 +324,7 @@ pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<
         }
         Command::Inspect { what, output } => inspect::run(&client, what, output, out).await,
         Command::Token { action } => tokens::run(&client, action, out).await,
+        Command::Mesh { action } => mesh::run(&client, action, out).await,
     }
 }
 

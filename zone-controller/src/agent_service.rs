@@ -2,7 +2,7 @@
 //! control-plane certificate). Every refusal says why in its status
 //! message, since the agent shows it to the operator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,17 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Updates queued towards one agent (the hub keeps only the newest anyway).
 const OUTBOUND_QUEUE: usize = 4;
+/// Versions sent on one stream whose CAs are kept for the acks.
+const SENT_KEPT: usize = 8;
+
+/// The fingerprints of the CAs in a trust bundle (PEM), in order.
+fn bundle_cas(pem: &str) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| crate::mesh_ca::fingerprint(&der))
+        .collect()
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -480,8 +491,9 @@ impl AgentService for AgentApi {
                 "agent_csr_pem: required (a CSR for the agent's control-plane identity)",
             ));
         }
-        let ca = self.cas.get(&mesh).await.map_err(ca_status)?;
-        let certificates = self.sign_workloads(&request.certificates, &workloads, &mesh, &ca)?;
+        let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates =
+            self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
         let agent_cert = self.sign_agent(agent, &request.agent_csr_pem, &mesh)?;
         let grant = self
             .store
@@ -506,7 +518,7 @@ impl AgentService for AgentApi {
             mesh: grant.mesh,
             zone: self.zone.clone(),
             certificates,
-            trust_bundle_pem: ca.cert_pem(),
+            trust_bundle_pem: cas.bundle_pem,
             agent_chain_pem: agent_cert.chain_pem,
             controller_ca_pem: self.zone_ca.pem.clone(),
         }))
@@ -536,8 +548,9 @@ impl AgentService for AgentApi {
                 _ => None,
             })
             .collect();
-        let ca = self.cas.get(&mesh).await.map_err(ca_status)?;
-        let certificates = self.sign_workloads(&request.certificates, &workloads, &mesh, &ca)?;
+        let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates =
+            self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
         let agent_chain_pem = if request.agent_csr_pem.is_empty() {
             String::new()
         } else {
@@ -547,7 +560,7 @@ impl AgentService for AgentApi {
         tracing::info!(%agent, certificates = certificates.len(), "certificates renewed");
         Ok(Response::new(pb::RenewResponse {
             certificates,
-            trust_bundle_pem: ca.cert_pem(),
+            trust_bundle_pem: cas.bundle_pem,
             agent_chain_pem,
         }))
     }
@@ -659,6 +672,12 @@ impl AgentApi {
         mut views: crate::hub::ViewReceiver,
     ) -> Result<(), Status> {
         let mut last_sent = applied;
+        // The CAs in the bundle of each recently sent version, so that an
+        // ack records what the agent trusts now (bounded: acks follow
+        // pushes closely).
+        let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
+        // Whether the version the agent said it had was recorded as acked.
+        let mut hello_recorded = false;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stop = self.stop.clone();
@@ -673,7 +692,7 @@ impl AgentApi {
                             return Ok(());
                         }
                     };
-                    self.on_message(agent, mesh, scope, message).await?;
+                    self.on_message(agent, mesh, scope, message, &sent).await?;
                 }
                 changed = views.changed() => {
                     if changed.is_err() {
@@ -681,8 +700,22 @@ impl AgentApi {
                     }
                     let Some(view) = views.borrow_and_update().clone() else { continue };
                     if view.version == last_sent {
+                        // It already has this version (from before a
+                        // reconnection): record what it trusts once.
+                        if !hello_recorded {
+                            hello_recorded = true;
+                            self.store
+                                .record_ack(&self.zone, agent, &view.version, &bundle_cas(&view.trust_bundle_pem))
+                                .await
+                                .map_err(store_status)?;
+                        }
                         continue;
                     }
+                    hello_recorded = true;
+                    if sent.len() == SENT_KEPT {
+                        sent.pop_front();
+                    }
+                    sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
                     let message = pb::ZoneMessage {
                         message: Some(pb::zone_message::Message::Config((*view).clone())),
                     };
@@ -709,12 +742,18 @@ impl AgentApi {
         mesh: &str,
         scope: &WorkloadScope,
         message: pb::AgentMessage,
+        sent: &VecDeque<(String, Vec<String>)>,
     ) -> Result<(), Status> {
         match message.message {
             Some(pb::agent_message::Message::Ack(ack)) => {
                 tracing::debug!(%agent, version = %ack.version, "config acked");
+                let trusted = sent
+                    .iter()
+                    .find(|(version, _)| *version == ack.version)
+                    .map(|(_, cas)| cas.as_slice())
+                    .unwrap_or_default();
                 self.store
-                    .record_ack(&self.zone, agent, &ack.version)
+                    .record_ack(&self.zone, agent, &ack.version, trusted)
                     .await
                     .map_err(store_status)
             }

@@ -1,6 +1,7 @@
 //! The HTTP API (default :5681): resources under `/v1/resources`,
 //! bootstrap tokens under `/v1/tokens` (see [`crate::tokens`]), the zone's
-//! identity and CA pin at `/v1/zone`, the inventory under
+//! identity and CA pin at `/v1/zone`, each mesh's CAs at
+//! `/v1/meshes/{mesh}/ca` (and `POST .../ca/rotate`), the inventory under
 //! `/v1/inspect/{agents,services,workloads}` (see [`crate::inspect`]), and
 //! `/healthz` and `/ready` for supervisors. JSON in and out (YAML accepted
 //! for apply); errors are `{"error": "..."}`, or for refused input
@@ -27,6 +28,8 @@ use weft_api::{InputErrors, Kind, Resource};
 use weft_store::{Expect, ResourceKey, Store, StoreError, StoredResource};
 
 use crate::apply::{self, ApplyError};
+use crate::ca_rotation::RotateError;
+use crate::mesh_ca::{MeshCaError, MeshCas};
 use crate::tokens::{self, IssueRefusal, Issued, TokenView};
 
 /// The largest request body accepted.
@@ -48,6 +51,8 @@ pub struct AppState {
     pub leading: Arc<AtomicBool>,
     /// This replica's id, as the agent inventory names it.
     pub replica: String,
+    /// The mesh CAs (shown and rotated under `/v1/meshes/{mesh}/ca`).
+    pub cas: Arc<MeshCas>,
     /// Serialises applies (validate-then-write) in this process.
     apply_lock: Mutex<()>,
 }
@@ -61,6 +66,7 @@ impl AppState {
         ca_pin: String,
         leading: Arc<AtomicBool>,
         replica: String,
+        cas: Arc<MeshCas>,
     ) -> Self {
         AppState {
             store,
@@ -69,6 +75,7 @@ impl AppState {
             ca_pin,
             leading,
             replica,
+            cas,
             apply_lock: Mutex::new(()),
         }
     }
@@ -304,12 +311,16 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
             }),
         ),
         (["v1", "inspect", what], &Method::GET) => inspect(state, what).await,
+        (["v1", "meshes", mesh, "ca"], &Method::GET) => mesh_ca(state, mesh).await,
+        (["v1", "meshes", mesh, "ca", "rotate"], &Method::POST) => rotate_ca(state, mesh).await,
         (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
         (["v1", "tokens"], &Method::GET) => list_tokens(state).await,
         (["v1", "tokens", id], &Method::DELETE) => revoke_token(state, id).await,
         (["healthz" | "ready"], _)
         | (["v1", "zone"], _)
         | (["v1", "inspect", _], _)
+        | (["v1", "meshes", _, "ca"], _)
+        | (["v1", "meshes", _, "ca", "rotate"], _)
         | (["v1", "tokens"], _)
         | (["v1", "tokens", _], _)
         | (["v1", "resources"], _)
@@ -320,7 +331,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone and /v1/inspect/{{agents,services,workloads}}"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate] and /v1/inspect/{{agents,services,workloads}}"
         ))
         .into(),
     }
@@ -498,6 +509,68 @@ async fn inspect(state: &AppState, what: &str) -> Answer {
         }
     };
     answer.unwrap_or_else(|error| ApiError::from(error).into())
+}
+
+/// The Mesh named in a URL, or 404.
+async fn mesh_named(state: &AppState, name: &str) -> Result<weft_api::Mesh, ApiError> {
+    match state
+        .store
+        .get(&ResourceKey::global(Kind::Mesh, name))
+        .await?
+    {
+        Some(StoredResource {
+            resource: Resource::Mesh(mesh),
+            ..
+        }) => Ok(mesh),
+        _ => Err(ApiError::not_found(format!("mesh {name:?} not found"))),
+    }
+}
+
+fn ca_error(error: MeshCaError) -> ApiError {
+    match error {
+        MeshCaError::Store(error) => ApiError::from(error),
+        other => ApiError::new(StatusCode::CONFLICT, other.to_string()),
+    }
+}
+
+/// `GET /v1/meshes/{mesh}/ca`: the mesh's CAs and any rotation underway.
+async fn mesh_ca(state: &AppState, name: &str) -> Answer {
+    let answer = async {
+        let mesh = mesh_named(state, name).await?;
+        let records = state.cas.records(&mesh).await.map_err(ca_error)?;
+        crate::ca_view::view(&state.store, &state.zone, name, &records)
+            .await
+            .map_err(ApiError::from)
+    }
+    .await;
+    match answer {
+        Ok(view) => to_json(StatusCode::OK, &view),
+        Err(error) => error.into(),
+    }
+}
+
+/// `POST /v1/meshes/{mesh}/ca/rotate`: starts a rotation to a new built-in
+/// CA; answers the CAs afterwards (the new one pending). 409 when a
+/// rotation is already underway or the mesh uses a provided CA.
+async fn rotate_ca(state: &AppState, name: &str) -> Answer {
+    let answer = async {
+        let mesh = mesh_named(state, name).await?;
+        let records = match crate::ca_rotation::rotate(&state.cas, &mesh).await {
+            Ok(records) => records,
+            Err(RotateError::Refused(reason)) => {
+                return Err(ApiError::new(StatusCode::CONFLICT, reason))
+            }
+            Err(RotateError::Ca(error)) => return Err(ca_error(error)),
+        };
+        crate::ca_view::view(&state.store, &state.zone, name, &records)
+            .await
+            .map_err(ApiError::from)
+    }
+    .await;
+    match answer {
+        Ok(view) => to_json(StatusCode::OK, &view),
+        Err(error) => error.into(),
+    }
 }
 
 /// `GET /v1/tokens`: every token, without secrets.

@@ -1,7 +1,8 @@
 //! Pushes each locally connected agent its view whenever it may have
 //! changed: on every store change hint (local commits, and on PostgreSQL
 //! every replica's NOTIFY), read through the feed to find the meshes
-//! touched; on a new stream; and every few seconds, so that liveness
+//! touched (resources, agents, and CA transitions, which change the trust
+//! bundle); on a new stream; and every few seconds, so that liveness
 //! changes (an agent silent for 15 s) reach the views too. Each stream gets
 //! the latest view through a `watch` channel: one slot, so a slow agent
 //! only ever has the newest view waiting.
@@ -132,6 +133,9 @@ impl Hub {
                                         dirty.insert(mesh);
                                     }
                                     FeedEntry::Agent { .. } => {}
+                                    FeedEntry::MeshCa { mesh, .. } => {
+                                        dirty.insert(mesh);
+                                    }
                                     FeedEntry::Resource(change) => match (change.key.kind, change.key.mesh) {
                                         (Kind::Mesh, _) => {
                                             dirty.insert(change.key.name);
@@ -175,8 +179,7 @@ impl Hub {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
-        let ca = self.cas.get(&snapshot.mesh).await?;
-        let bundle = ca.cert_pem();
+        let bundle = self.cas.get(&snapshot.mesh).await?.bundle_pem;
         let targets: Vec<(String, watch::Sender<Option<Arc<pb::ConfigUpdate>>>)> = self
             .lock_streams()
             .values()

@@ -1,6 +1,7 @@
 //! The leader's singleton work: deriving Service resources from Workloads
 //! (one per mesh, namespace and `spec.service`), with ports the union of
-//! their workloads' and a stable virtual IP. One replica leads at a time
+//! their workloads' and a stable virtual IP; and moving mesh CA rotations
+//! along (promoting pending CAs, dropping expired ones, rotating old ones). One replica leads at a time
 //! (the store's advisory lock); the others retry every couple of seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +12,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use weft_api::{Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus, WorkloadPort};
 use weft_store::{Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
+
+use crate::ca_rotation;
+use crate::mesh_ca::MeshCas;
 
 /// The label on Services the leader created (and so may delete).
 pub const MANAGED_LABEL: &str = "weft.io/managed-by";
@@ -28,6 +32,8 @@ pub struct Leader {
     pub vips: VipRange,
     /// Whether this replica leads now (shown by `GET /v1/zone`).
     pub leading: Arc<AtomicBool>,
+    /// The mesh CAs, which the leader rotates.
+    pub cas: Arc<MeshCas>,
 }
 
 impl Leader {
@@ -69,6 +75,7 @@ impl Leader {
             if let Err(error) = self.reconcile().await {
                 tracing::warn!(%error, "cannot derive services; retrying");
             }
+            self.rotate_cas().await;
             tokio::select! {
                 changed = watch.changed() => if changed.is_err() { return false },
                 _ = recheck.tick() => {}
@@ -183,6 +190,25 @@ impl Leader {
             tracing::info!(service = %key, %vip, "service derived from its workloads");
         }
         Ok(())
+    }
+
+    /// Moves every mesh's CA rotation along (see [`crate::ca_rotation`]).
+    async fn rotate_cas(&self) {
+        let meshes = match self.store.list(Kind::Mesh, None, None).await {
+            Ok(meshes) => meshes,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list meshes for CA rotation; retrying");
+                return;
+            }
+        };
+        for stored in meshes {
+            let Resource::Mesh(mesh) = stored.resource else {
+                continue;
+            };
+            if let Err(error) = ca_rotation::reconcile(&self.cas, &self.zone, &mesh).await {
+                tracing::warn!(mesh = %mesh.metadata.name, %error, "cannot move the CA rotation along; retrying");
+            }
+        }
     }
 
     /// Writes a Service; a conflict only means the next round redoes it.

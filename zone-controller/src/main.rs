@@ -6,6 +6,8 @@
 mod agent_service;
 mod api_server;
 mod apply;
+mod ca_rotation;
+mod ca_view;
 mod grpc;
 mod hub;
 mod inspect;
@@ -68,6 +70,10 @@ struct RunArgs {
     /// process id).
     #[arg(long)]
     replica_id: Option<String>,
+    /// How long the built-in mesh CAs this controller generates are valid
+    /// (e.g. `87600h`); the leader rotates one at 80% of its life.
+    #[arg(long, default_value = "87600h")]
+    mesh_ca_lifetime: weft_api::Duration,
 }
 
 /// How long open streams and requests get to end at shutdown.
@@ -128,7 +134,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().await?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let leading = Arc::new(AtomicBool::new(false));
-    let cas = Arc::new(mesh_ca::MeshCas::new(store.clone()));
+    let cas = Arc::new(mesh_ca::MeshCas::new(
+        store.clone(),
+        args.mesh_ca_lifetime.as_std(),
+    ));
     let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
     let leader_task = tokio::spawn(
@@ -137,6 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             zone: args.zone.clone(),
             vips: args.vip_range,
             leading: leading.clone(),
+            cas: cas.clone(),
         }
         .run(stop.clone()),
     );
@@ -145,7 +155,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         zone: args.zone.clone(),
         replica: replica.clone(),
         zone_ca: zone_ca.clone(),
-        cas,
+        cas: cas.clone(),
         hub: hub.clone(),
         stop: stop.clone(),
     };
@@ -163,6 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         zone_ca.pin.clone(),
         leading,
         replica,
+        cas,
     ));
     let http_task = tokio::spawn(api_server::serve(
         listener,
