@@ -1,29 +1,33 @@
-//! A real PostgreSQL server for the scenarios, running inside a host of the
-//! suite (so that controllers on other hosts reach it over the LAN), as the
-//! `postgres` user, on a data directory made for the test. It dies with its
-//! host.
+//! A real PostgreSQL server for tests, as the `postgres` user when run as
+//! root (initdb and the server refuse root) on a data directory made for the test: either on
+//! loopback in the test's own namespace (store and controller tests), or
+//! inside a host of the suite so that controllers on other hosts reach it
+//! over the LAN. Dropping it stops the server (fast shutdown).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::netns::Netns;
 use crate::process::Proc;
+use crate::tempdir::TempDir;
 use crate::wait;
 
-/// The port the server listens on.
+/// The port a server in a host of the suite listens on.
 pub const PORT: u16 = 5432;
 
 /// A running server.
 #[derive(Debug)]
 pub struct Postgres {
-    /// The `postgres` process.
-    pub proc: Proc,
-    /// `postgres://postgres@ip:5432/weft`.
+    proc: Proc,
+    /// `postgres://postgres@ip:port/weft`.
     pub url: String,
+    // Declared last: the server stops before its files go.
+    _dir: Option<TempDir>,
 }
 
 /// The newest PostgreSQL server binaries installed (Debian layout).
@@ -46,81 +50,161 @@ fn bin_dir() -> Result<PathBuf> {
     })
 }
 
-/// The uid of the `postgres` user (initdb and the server refuse root).
-fn postgres_uid() -> Result<u32> {
-    let out = Command::new("id")
-        .args(["-u", "postgres"])
-        .output()
-        .context("running id -u postgres")?;
+/// The uid and gid of the `postgres` user.
+fn postgres_ids() -> Result<(u32, u32)> {
+    let id = |flag: &str| -> Result<u32> {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .context("running id")?;
+        if !out.status.success() {
+            bail!("no postgres user: apt-get install -y postgresql");
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("id printed no number")
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+fn checked(what: &str, out: std::io::Result<Output>) -> Result<()> {
+    let out = out.with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("no postgres user: apt-get install -y postgresql");
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("id -u postgres printed no number")
+    Ok(())
 }
 
 impl Postgres {
-    /// Creates a cluster in `<dir>/pg`, starts the server in `ns` on
-    /// `ip:5432` and creates the database `weft`.
+    /// A server of its own on a free loopback port in the calling
+    /// process's namespace, with its files in a temporary directory.
+    pub fn start_local() -> Result<Postgres> {
+        let dir = TempDir::new("weft-pg")?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?
+            .port();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut pg = Postgres::start_with(|program| Command::new(program), ip, port, dir.path())?;
+        pg._dir = Some(dir);
+        Ok(pg)
+    }
+
+    /// A server in `ns` on `ip:5432`, with its files under `<dir>/pg`.
     pub fn start(ns: &Netns, ip: IpAddr, dir: &Path) -> Result<Postgres> {
+        Postgres::start_with(|program| ns.command(program), ip, PORT, dir)
+    }
+
+    /// Creates a cluster, starts the server with commands made by
+    /// `command` (which decides the namespace), creates database `weft`.
+    fn start_with(
+        command: impl Fn(&Path) -> Command,
+        ip: IpAddr,
+        port: u16,
+        dir: &Path,
+    ) -> Result<Postgres> {
         let bin = bin_dir()?;
-        let uid = postgres_uid()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let ids = if unsafe { libc::geteuid() } == 0 {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
+        let as_postgres = |tool: &str| {
+            let mut cmd = command(&bin.join(tool));
+            if let Some((uid, gid)) = ids {
+                cmd.uid(uid).gid(gid);
+            }
+            cmd
+        };
         let root = dir.join("pg");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        std::os::unix::fs::chown(&root, Some(uid), None)
-            .with_context(|| format!("chown {}", root.display()))?;
-        let data = root.join("data");
-        let out = ns
-            .command_as(bin.join("initdb"), Some(uid))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", root.display()))?;
         }
-        // initdb trusts local connections only; the controllers connect
-        // over the suite's LAN.
+        let data = root.join("data");
+        checked(
+            "initdb",
+            as_postgres("initdb")
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-N", "-E", "UTF8"])
+                .output(),
+        )?;
+        // initdb trusts loopback only; controllers may connect over a LAN.
         let hba = data.join("pg_hba.conf");
         let mut rules =
             std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
         rules.push_str(&format!("host all all {ip}/16 trust\n"));
         std::fs::write(&hba, rules).with_context(|| format!("writing {}", hba.display()))?;
-        let mut cmd = ns.command_as(bin.join("postgres"), Some(uid));
+        let mut cmd = as_postgres("postgres");
         cmd.arg("-D")
             .arg(&data)
-            .args(["-p", &PORT.to_string(), "-k"])
+            .args(["-p", &port.to_string(), "-k"])
             .arg(&root)
             .args(["-c", &format!("listen_addresses={ip}")])
             .args(["-c", "fsync=off", "-c", "max_connections=200"]);
         let mut proc = Proc::spawn("postgres", cmd, dir)?;
-        let addr = SocketAddr::new(ip, PORT);
-        if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(30)) {
+        let addr = SocketAddr::new(ip, port);
+        let up = wait::until(
+            &format!("postgres on {addr}"),
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = proc.try_exit()? {
+                    return Err(wait::fatal(format!("exited ({status})")));
+                }
+                let mut check = command(&bin.join("pg_isready"));
+                let out = check
+                    .args([
+                        "-h",
+                        &ip.to_string(),
+                        "-p",
+                        &port.to_string(),
+                        "-U",
+                        "postgres",
+                    ])
+                    .output()?;
+                Ok(out.status.success().then_some(()))
+            },
+        );
+        if let Err(e) = up {
             proc.kill();
             bail!("postgres did not start: {e:#}\n{}", proc.logs());
         }
-        let out = ns
-            .command_as(bin.join("createdb"), Some(uid))
-            .args([
-                "-h",
-                &ip.to_string(),
-                "-p",
-                &PORT.to_string(),
-                "-U",
-                "postgres",
-                "weft",
-            ])
-            .output()
-            .context("running createdb")?;
-        if !out.status.success() {
-            bail!("createdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(Postgres {
+        let pg = Postgres {
             proc,
-            url: format!("postgres://postgres@{ip}:{PORT}/weft"),
-        })
+            url: format!("postgres://postgres@{ip}:{port}/weft"),
+            _dir: None,
+        };
+        checked(
+            "createdb",
+            as_postgres("createdb")
+                .args([
+                    "-h",
+                    &ip.to_string(),
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "weft",
+                ])
+                .output(),
+        )?;
+        Ok(pg)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown: it ends the backends too,
+        // which a SIGKILL of the postmaster would leave behind.
+        if self.proc.signal(libc::SIGINT).is_ok()
+            && self.proc.wait_exit(Duration::from_secs(10)).is_ok()
+        {
+            return;
+        }
+        self.proc.kill();
     }
 }

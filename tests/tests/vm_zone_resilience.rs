@@ -191,8 +191,8 @@ fn is_leader(controller: &Controller) -> Result<bool> {
 #[test]
 fn replicas_on_postgres_fail_over_without_losing_anything() -> Result<()> {
     let zone = VmZone::new(echo_bin!(), &["web", "payments", "orders"])?;
-    let _pg = zone.start_postgres()?;
-    let url = _pg.url.clone();
+    let pg = zone.start_postgres()?;
+    let url = pg.url.clone();
     let a = zone.start_controller("zone-a", &url)?;
     let mut b = zone.start_replica("zone-b", &url)?;
     let leaders = wait::until("exactly one leader", T, || {

@@ -5,11 +5,11 @@
 mod common;
 
 use common::agent::{connect, enroll_request, pinned, workload, Identity};
-use common::pg::PgServer;
 use common::{eventually, Zone, DEADLINE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::proto::agent::v1 as pb;
+use weft_e2e::postgres::Postgres;
 
 const MESH: &str = "\
 apiVersion: weft.io/v1alpha1
@@ -42,7 +42,7 @@ async fn leader(zone: &Zone) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_cross_replicas_and_leadership_moves() {
-    let pg = PgServer::start();
+    let pg = Postgres::start_local().expect("start a PostgreSQL server");
     let a = Zone::start_with(&pg.url, &["--zone", "z1", "--replica-id", "replica-a"]).await;
     let b = Zone::start_with(&pg.url, &["--zone", "z1", "--replica-id", "replica-b"]).await;
     let a_leads = eventually("exactly one leader", || async {

@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 pub mod agent;
-pub mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
