@@ -86,20 +86,32 @@ impl Postgres {
             .context("finding a free port")?
             .port();
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let mut pg = Postgres::start_with(|program| Command::new(program), ip, port, dir.path())?;
+        let command = |program: &Path, ids: Option<(u32, u32)>| {
+            let mut cmd = Command::new(program);
+            if let Some((uid, gid)) = ids {
+                cmd.uid(uid).gid(gid);
+            }
+            cmd
+        };
+        let mut pg = Postgres::start_with(command, ip, port, dir.path())?;
         pg._dir = Some(dir);
         Ok(pg)
     }
 
     /// A server in `ns` on `ip:5432`, with its files under `<dir>/pg`.
     pub fn start(ns: &Netns, ip: IpAddr, dir: &Path) -> Result<Postgres> {
-        Postgres::start_with(|program| ns.command(program), ip, PORT, dir)
+        // The namespace is entered before the uid changes (setns needs root).
+        let command = |program: &Path, ids: Option<(u32, u32)>| {
+            ns.command_as(program, ids.map(|(uid, _)| uid))
+        };
+        Postgres::start_with(command, ip, PORT, dir)
     }
 
     /// Creates a cluster, starts the server with commands made by
-    /// `command` (which decides the namespace), creates database `weft`.
+    /// `command` (which decides the namespace and runs them as the given
+    /// uid and gid, when root), creates database `weft`.
     fn start_with(
-        command: impl Fn(&Path) -> Command,
+        command: impl Fn(&Path, Option<(u32, u32)>) -> Command,
         ip: IpAddr,
         port: u16,
         dir: &Path,
@@ -111,13 +123,7 @@ impl Postgres {
         } else {
             None
         };
-        let as_postgres = |tool: &str| {
-            let mut cmd = command(&bin.join(tool));
-            if let Some((uid, gid)) = ids {
-                cmd.uid(uid).gid(gid);
-            }
-            cmd
-        };
+        let as_postgres = |tool: &str| command(&bin.join(tool), ids);
         let root = dir.join("pg");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         if let Some((uid, gid)) = ids {
@@ -155,7 +161,7 @@ impl Postgres {
                 if let Some(status) = proc.try_exit()? {
                     return Err(wait::fatal(format!("exited ({status})")));
                 }
-                let mut check = command(&bin.join("pg_isready"));
+                let mut check = command(&bin.join("pg_isready"), None);
                 let out = check
                     .args([
                         "-h",
