@@ -121,6 +121,32 @@ fn check_duplicates(batch: &[Resource]) -> Result<(), InputErrors> {
     }
 }
 
+/// Refuses Meshes whose provided CA the controller could not sign with
+/// (see [`crate::mesh_ca::check_provided`]): storing one would leave the
+/// mesh on its old CA with nothing but a warning in the leader's log.
+async fn check_cas(batch: &[Resource]) -> Result<(), InputErrors> {
+    let mut documents = Vec::new();
+    for (i, resource) in batch.iter().enumerate() {
+        let Resource::Mesh(mesh) = resource else {
+            continue;
+        };
+        if let Err(error) = crate::mesh_ca::check_provided(mesh).await {
+            documents.push(DocumentErrors {
+                document: i + 1,
+                line: None,
+                kind: Some(resource.kind()),
+                name: Some(resource.name().to_owned()),
+                errors: vec![error],
+            });
+        }
+    }
+    if documents.is_empty() {
+        Ok(())
+    } else {
+        Err(InputErrors { documents })
+    }
+}
+
 /// The Mesh and Zone names in the store, for reference checks (which are
 /// synchronous, so they are read up front).
 async fn known_names(store: &Store) -> Result<KnownNames, StoreError> {
@@ -148,6 +174,7 @@ pub async fn apply(
     let _guard = lock.lock().await;
     let known = known_names(store).await.map_err(ApplyError::Store)?;
     check_references(&batch, &known).map_err(ApplyError::Invalid)?;
+    check_cas(&batch).await.map_err(ApplyError::Invalid)?;
 
     let mut writes = Vec::with_capacity(batch.len());
     let mut existed = Vec::with_capacity(batch.len());

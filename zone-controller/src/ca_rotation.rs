@@ -122,16 +122,14 @@ pub async fn reconcile(cas: &MeshCas, zone: &str, mesh: &Mesh) -> Result<(), Rot
         );
         records.retain(|r| r.ca.fingerprint != gone.ca.fingerprint);
     }
+    if let Some(pending) = unwanted_provided(mesh, &records) {
+        // The Mesh went back to a built-in CA before the provided one signed.
+        records = cancel(store, name, pending).await?;
+    }
     if let Some((fresh, reason)) = wanted_rotation(cas, mesh, &records).await? {
         if let Some(pending) = with_role(&records, CaRole::Pending) {
             // The provided CA changed again before the last one signed.
-            if store
-                .cancel_pending_ca(name, &pending.ca.fingerprint)
-                .await?
-            {
-                tracing::info!(mesh = %name, fingerprint = %pending.ca.fingerprint, "pending CA cancelled: the Mesh asks for another CA");
-            }
-            records = store.mesh_cas(name).await?;
+            records = cancel(store, name, pending).await?;
         }
         records = start(store, mesh, &records, &fresh, reason).await?;
     }
@@ -139,6 +137,30 @@ pub async fn reconcile(cas: &MeshCas, zone: &str, mesh: &Mesh) -> Result<(), Rot
         promote_when_trusted(store, zone, mesh, &records, pending, now).await?;
     }
     Ok(())
+}
+
+/// The pending CA of a Mesh that now asks for a built-in CA, when that
+/// pending CA is a provided one: the Mesh no longer asks for it.
+fn unwanted_provided<'a>(mesh: &Mesh, records: &'a [MeshCaRecord]) -> Option<&'a MeshCaRecord> {
+    if let Some(CaChoice::Provided(_)) = mesh.spec.ca.choice() {
+        return None;
+    }
+    with_role(records, CaRole::Pending).filter(|p| p.ca.source == CaSource::Provided)
+}
+
+/// Cancels `pending` (logged) and returns the mesh's CAs afterwards.
+async fn cancel(
+    store: &Store,
+    mesh: &str,
+    pending: &MeshCaRecord,
+) -> Result<Vec<MeshCaRecord>, RotateError> {
+    if store
+        .cancel_pending_ca(mesh, &pending.ca.fingerprint)
+        .await?
+    {
+        tracing::info!(mesh = %mesh, fingerprint = %pending.ca.fingerprint, "pending CA cancelled: the Mesh asks for another CA");
+    }
+    Ok(store.mesh_cas(mesh).await?)
 }
 
 /// The rotation the Mesh or the signing CA's age asks for, if any.

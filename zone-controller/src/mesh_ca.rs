@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use weft_api::{CaChoice, Mesh, PemChoice, PemSource};
-use weft_pki::MeshCa;
+use weft_api::{CaChoice, FieldError, FieldPath, Mesh, PemChoice, PemSource};
+use weft_pki::{CaError, MeshCa};
 use weft_store::{CaRole, CaSource, MeshCaRecord, NewMeshCa, Store};
 
 use crate::zone_ca::hex;
@@ -215,6 +215,38 @@ impl MeshCas {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Arc<MeshCa>>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Loads a Mesh's `spec.ca.provided` as the leader will (readable, a CA
+/// valid now for the mesh's trust domain, with its own key), so that an
+/// apply refuses a CA that could never sign instead of storing a Mesh the
+/// leader can only warn about. `Ok` for a built-in CA.
+pub async fn check_provided(mesh: &Mesh) -> Result<(), FieldError> {
+    let Some(CaChoice::Provided(provided)) = mesh.spec.ca.choice() else {
+        return Ok(());
+    };
+    let path = FieldPath::of(&["spec", "ca", "provided"]);
+    let cert = read_field(&provided.certificate, &path.field("certificate")).await?;
+    let key = read_field(&provided.key, &path.field("key")).await?;
+    MeshCa::from_pem(&cert, &key, &mesh.spec.trust_domain).map_err(|e| {
+        let field = match e {
+            CaError::Key(_) | CaError::KeyMismatch => "key",
+            _ => "certificate",
+        };
+        FieldError::new(path.field(field), e.to_string())
+    })?;
+    Ok(())
+}
+
+/// The PEM text of `source`, or an error at `path.file` (or `path`).
+async fn read_field(source: &PemSource, path: &FieldPath) -> Result<String, FieldError> {
+    read_pem(source).await.map_err(|e| {
+        let at = match source.choice() {
+            Some(PemChoice::File(_)) => path.field("file"),
+            _ => path.clone(),
+        };
+        FieldError::new(at, e)
+    })
 }
 
 /// The trust bundle of a CA set: every certificate, oldest first.
