@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use sqlx::Row;
 
 use crate::backend::{on_pool, Store};
+use crate::clock::unix_seconds;
 use crate::error::StoreError;
 
 /// A mesh's CA as stored.
@@ -31,9 +32,7 @@ impl Store {
     /// Stores (or replaces, e.g. on rotation) the CA of a mesh.
     pub async fn put_ca(&self, mesh: &str, ca: &CaMaterial) -> Result<(), StoreError> {
         let op = format!("store the CA of mesh {mesh}");
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = unix_seconds(SystemTime::now());
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
@@ -63,9 +62,7 @@ impl Store {
         ca: &CaMaterial,
     ) -> Result<CaMaterial, StoreError> {
         let op = format!("store the CA {name}");
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = unix_seconds(SystemTime::now());
         on_pool!(self, pool => {
             sqlx::query(
                 "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
