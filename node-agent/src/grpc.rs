@@ -26,6 +26,8 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 use weft_api::proto::agent::v1::agent_service_client::AgentServiceClient;
 
+use crate::tls::{provider, tls13_client, ALPN_H2};
+
 /// The generated client over our channel.
 pub type ZoneClient = AgentServiceClient<Channel>;
 
@@ -169,12 +171,8 @@ pub async fn connect(
     Ok(AgentServiceClient::with_origin(Channel { send }, origin))
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn with_alpn(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Arc::new(cfg)
 }
 
@@ -186,8 +184,7 @@ pub fn pinned_config(pin: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, Channel
         pin,
         provider: provider.clone(),
     };
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    let cfg = tls13_client(provider)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
@@ -203,8 +200,7 @@ pub fn mtls_config(
 ) -> Result<Arc<rustls::ClientConfig>, ChannelError> {
     let mut roots = RootCertStore::empty();
     roots.add(controller_ca)?;
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    let cfg = tls13_client(provider())?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
     Ok(with_alpn(cfg))

@@ -27,6 +27,20 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// other, instead of being cut into 16 KiB writes.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 
+/// The crypto provider of every TLS configuration the agent builds.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client configuration builder offering TLS 1.3 only: HBONE tunnels and
+/// the zone connection alike accept nothing older.
+pub fn tls13_client(
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, rustls::Error> {
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+}
+
 /// The transport under a tunnel's TLS: TCP read through a buffer, because
 /// rustls asks for 4 KiB per read and a 16 KiB record would otherwise cost
 /// four syscalls.
@@ -132,7 +146,7 @@ impl Identity {
     /// Loads and checks the chain, key and trust bundle: the leaf must carry
     /// one valid SPIFFE ID, be in date, match the key and chain to the bundle.
     pub fn load(cert: &Path, key: &Path, bundle: &Path) -> Result<Self, IdentityError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = provider();
         let chain = certs("identity.cert", cert)?;
         let key_pem = read("identity.key", key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| IdentityError::Empty {
@@ -218,8 +232,7 @@ impl Identity {
             algs: self.provider.signature_verification_algorithms,
             expected: peer,
         };
-        let mut cfg = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
+        let mut cfg = tls13_client(self.provider.clone())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;

@@ -65,14 +65,10 @@ async fn start(
 async fn enrols_follows_the_stream_and_restarts_from_state() {
     let mut zone = Zone::start(Script::default()).await;
     let dir = TempDir::new("enrol");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let cfg = Arc::new(AgentConfig::load(&path).expect("config valid"));
     let bundle = zone.state.mesh.pem();
-    zone.state
-        .initial
-        .lock()
-        .unwrap()
-        .push(update("v1", &bundle));
+    zone.serve_initially("v1");
 
     let (task, ctl, view, credentials) = start(&cfg).await;
     assert_eq!(zone.state.enrolled.load(Ordering::SeqCst), 1);
@@ -168,13 +164,8 @@ async fn enrols_follows_the_stream_and_restarts_from_state() {
 async fn serves_from_state_while_the_zone_is_down() {
     let mut zone = Zone::start(Script::default()).await;
     let dir = TempDir::new("down");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
-    let bundle = zone.state.mesh.pem();
-    zone.state
-        .initial
-        .lock()
-        .unwrap()
-        .push(update("v1", &bundle));
+    let path = zone.agent_config(dir.path());
+    zone.serve_initially("v1");
     let cfg = Arc::new(AgentConfig::load(&path).unwrap());
     let (task, _, _, _) = start(&cfg).await;
     hello_version(&zone.next_message().await);
@@ -201,7 +192,7 @@ async fn retries_an_unavailable_zone_then_enrols() {
     })
     .await;
     let dir = TempDir::new("retry");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let cfg = AgentConfig::load(&path).unwrap();
     tokio::time::timeout(Duration::from_secs(20), controller::prepare(&cfg))
         .await
@@ -221,7 +212,7 @@ async fn refusals_are_final_and_say_why() {
     })
     .await;
     let dir = TempDir::new("refused");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let cfg = AgentConfig::load(&path).unwrap();
     let err = controller::prepare(&cfg).await.err().expect("refused");
     let msg = err.to_string();
@@ -277,7 +268,7 @@ async fn the_binary_exits_1_when_refused() {
 async fn corrupt_state_names_the_file() {
     let zone = Zone::start(Script::default()).await;
     let dir = TempDir::new("corrupt");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let cfg = AgentConfig::load(&path).unwrap();
     controller::prepare(&cfg).await.unwrap();
     let state_dir = dir.path().join("state");
@@ -307,7 +298,7 @@ async fn renews_short_lived_certificates() {
     })
     .await;
     let dir = TempDir::new("renew");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let cfg = Arc::new(AgentConfig::load(&path).unwrap());
     let (task, ctl, _, credentials) = start(&cfg).await;
     let first = credentials.current().identity.not_after;
@@ -350,14 +341,9 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_in_controller_mode() {
     let mut zone = Zone::start(Script::default()).await;
-    let bundle = zone.state.mesh.pem();
-    zone.state
-        .initial
-        .lock()
-        .unwrap()
-        .push(update("v1", &bundle));
+    zone.serve_initially("v1");
     let dir = TempDir::new("binary-run");
-    let path = agent_config(dir.path(), zone.addr, &zone.state.control.pin(), "token-1");
+    let path = zone.agent_config(dir.path());
     let [hbone, plain, capture, admin, metrics, dns] = [(); 6].map(|_| free_port());
     let mut yaml = std::fs::read_to_string(&path).unwrap();
     yaml.push_str(&format!(

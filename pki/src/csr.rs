@@ -156,7 +156,7 @@ mod tests {
     use rcgen::{CertificateParams, KeyPair, SanType};
 
     use super::*;
-    use crate::testing::{id, TD};
+    use crate::testing::{id, san_names, TD};
     use crate::{MeshCa, WorkloadKey, DEFAULT_CA_LIFETIME};
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -320,17 +320,10 @@ mod tests {
         let csr = csr_with(vec![], p256);
         let issued = ca.sign_csr(&csr, &expected, HOUR).unwrap();
         assert_eq!(issued.id, expected);
-        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain_der[0]).unwrap();
-        let names: Vec<String> = leaf
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|n| format!("{n:?}"))
-            .collect();
-        assert_eq!(names, [format!("URI({:?})", expected.as_str())]);
+        assert_eq!(
+            san_names(&issued.chain_der[0]),
+            [format!("URI({:?})", expected.as_str())]
+        );
         crate::verify::chain_to(&[ca.cert_der().clone()], &issued.chain_der).unwrap();
 
         let csr = csr_with(vec![uri(&format!("spiffe://{TD}/ns/default"))], p256);

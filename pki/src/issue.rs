@@ -38,6 +38,19 @@ pub struct IssuedCert {
     pub serial: String,
 }
 
+/// A leaf's parameters before its SANs and extended key usages, with its
+/// validity and serial as the issued certificate reports them.
+pub(crate) struct LeafParams {
+    /// What the caller completes and signs.
+    pub(crate) params: CertificateParams,
+    /// Start of validity, seconds since the epoch.
+    pub(crate) not_before: i64,
+    /// End of validity, seconds since the epoch.
+    pub(crate) not_after: i64,
+    /// The serial number in lowercase hex.
+    pub(crate) serial_hex: String,
+}
+
 /// Why a CSR was refused or a certificate could not be issued. Refusals of
 /// the request name what it asked for and what was expected (identities as
 /// their URIs).
@@ -170,6 +183,30 @@ impl MeshCa {
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<IssuedCert, IssueError> {
+        let mut leaf = self.leaf_params(lifetime)?;
+        let uri = id.as_str().try_into().map_err(IssueError::Sign)?;
+        leaf.params.subject_alt_names = vec![SanType::URI(uri)];
+        leaf.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let (chain_der, chain_pem) = self.sign_leaf(&leaf.params, key)?;
+        Ok(IssuedCert {
+            id: id.clone(),
+            chain_pem,
+            chain_der,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            serial: leaf.serial_hex,
+        })
+    }
+
+    /// What every leaf this CA signs has in common (no subject, CA:false,
+    /// digitalSignature, the authority key identifier, a random serial) and
+    /// its validity: `lifetime` from now, backdated a little for clock skew,
+    /// never outside the CA's own. Refused for a lifetime under a second or
+    /// an expired CA. The caller adds the SANs and extended key usages.
+    pub(crate) fn leaf_params(&self, lifetime: Duration) -> Result<LeafParams, IssueError> {
         let life = clock::seconds(lifetime);
         if life < 1 {
             return Err(IssueError::Lifetime);
@@ -186,20 +223,28 @@ impl MeshCa {
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = id.as_str().try_into().map_err(IssueError::Sign)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         params.use_authority_key_identifier_extension = true;
         params.not_before = clock::datetime(not_before);
         params.not_after = clock::datetime(not_after);
         let (serial, serial_hex) = random_serial().ok_or(IssueError::Random)?;
         params.serial_number = Some(serial);
+        Ok(LeafParams {
+            params,
+            not_before,
+            not_after,
+            serial_hex,
+        })
+    }
 
+    /// Signs `params` for `key`; returns the chain (the leaf, then this
+    /// CA's certificate) in DER and in PEM.
+    pub(crate) fn sign_leaf(
+        &self,
+        params: &CertificateParams,
+        key: &impl PublicKeyData,
+    ) -> Result<(Vec<CertificateDer<'static>>, String), IssueError> {
         let leaf = params
             .signed_by(key, &self.issuer)
             .map_err(IssueError::Sign)?;
@@ -208,13 +253,6 @@ impl MeshCa {
             .iter()
             .map(|c| pem::encode(SectionKind::Certificate, c))
             .collect();
-        Ok(IssuedCert {
-            id: id.clone(),
-            chain_pem,
-            chain_der,
-            not_before,
-            not_after,
-            serial: serial_hex,
-        })
+        Ok((chain_der, chain_pem))
     }
 }

@@ -6,16 +6,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
-};
-use rustls_pki_types::pem::SectionKind;
+use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
-use crate::ca::{random_serial, MeshCa, CLOCK_SKEW};
+use crate::ca::MeshCa;
 use crate::issue::IssueError;
-use crate::{clock, pem};
 
 /// A server certificate and its freshly generated key. `Debug` does not
 /// show the key.
@@ -47,51 +42,23 @@ impl MeshCa {
         names: &[String],
         lifetime: Duration,
     ) -> Result<ServerCert, IssueError> {
-        let life = clock::seconds(lifetime);
-        if life < 1 {
-            return Err(IssueError::Lifetime);
-        }
-        let now = clock::now();
-        if self.not_after <= now {
-            return Err(IssueError::CaExpired {
-                not_after: clock::rfc3339(self.not_after),
-            });
-        }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
+        let mut leaf = self.leaf_params(lifetime)?;
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
                 Err(_) => SanType::DnsName(name.as_str().try_into().map_err(IssueError::Sign)?),
             };
-            params.subject_alt_names.push(san);
+            leaf.params.subject_alt_names.push(san);
         }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let backdate = clock::seconds(CLOCK_SKEW).min(life / 10);
-        let not_after = now.saturating_add(life).min(self.not_after);
-        params.not_before = clock::datetime(now.saturating_sub(backdate).max(self.not_before));
-        params.not_after = clock::datetime(not_after);
-        let (serial, _) = random_serial().ok_or(IssueError::Random)?;
-        params.serial_number = Some(serial);
-
+        leaf.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key =
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(IssueError::Sign)?;
-        let leaf = params
-            .signed_by(&key, &self.issuer)
-            .map_err(IssueError::Sign)?;
-        let chain_der = vec![leaf.der().clone(), self.cert_der.clone()];
-        let chain_pem = chain_der
-            .iter()
-            .map(|c| pem::encode(SectionKind::Certificate, c))
-            .collect();
+        let (chain_der, chain_pem) = self.sign_leaf(&leaf.params, &key)?;
         Ok(ServerCert {
             chain_der,
             chain_pem,
             key_der: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            not_after,
+            not_after: leaf.not_after,
         })
     }
 }

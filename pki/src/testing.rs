@@ -58,3 +58,17 @@ pub(crate) fn verify_with_rustls(
         .map_err(|e| format!("client: {e:?}"))?;
     Ok(())
 }
+
+/// The subject alternative names of a certificate (DER), each as its
+/// `Debug` form (`URI("spiffe://...")`), for comparing in assertions.
+pub(crate) fn san_names(der: &[u8]) -> Vec<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect()
+}

@@ -7,13 +7,13 @@
 //! [`crate::FeedEntry`]); heartbeats and acks are not, so that a quiet mesh
 //! does not churn the feed.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use sqlx::Row;
 
 use crate::backend::{on_pool, Store};
+use crate::changes::{append_change, take_seq};
+use crate::clock::now_ms;
+use crate::columns::Columns;
 use crate::error::StoreError;
-use crate::resources::NEXT_SEQ;
 
 /// The kind written in the change feed for inventory transitions; not a
 /// resource kind, so resource readers skip it.
@@ -63,13 +63,6 @@ pub struct AgentRecord {
     pub applied_cas: Vec<String>,
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 const SELECT_AGENT: &str = "SELECT zone, name, mesh, hbone_address, host_facts, token_id, \
      connected_replica, last_seen, applied_version, nack_version, nack_reason, applied_cas \
      FROM agents";
@@ -82,34 +75,26 @@ where
     for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
-    let column = |name: &str| StoreError::corrupt(format!("agents.{name}"));
-    let name: String = row.try_get("name").map_err(column("name"))?;
-    let facts: String = row.try_get("host_facts").map_err(column("host_facts"))?;
+    let cols = Columns::new(row, "agents");
+    let name: String = cols.get("name")?;
+    let facts: String = cols.get("host_facts")?;
     let host_facts = serde_json::from_str(&facts)
         .map_err(StoreError::corrupt(format!("host facts of agent {name}")))?;
-    let nack_version: Option<String> = row
-        .try_get("nack_version")
-        .map_err(column("nack_version"))?;
-    let nack_reason: Option<String> = row.try_get("nack_reason").map_err(column("nack_reason"))?;
-    let applied_cas: String = row.try_get("applied_cas").map_err(column("applied_cas"))?;
+    let nack_version: Option<String> = cols.get("nack_version")?;
+    let nack_reason: Option<String> = cols.get("nack_reason")?;
+    let applied_cas: String = cols.get("applied_cas")?;
     Ok(AgentRecord {
         enrollment: AgentEnrollment {
-            zone: row.try_get("zone").map_err(column("zone"))?,
-            mesh: row.try_get("mesh").map_err(column("mesh"))?,
-            hbone_address: row
-                .try_get("hbone_address")
-                .map_err(column("hbone_address"))?,
+            zone: cols.get("zone")?,
+            mesh: cols.get("mesh")?,
+            hbone_address: cols.get("hbone_address")?,
             host_facts,
-            token_id: row.try_get("token_id").map_err(column("token_id"))?,
+            token_id: cols.get("token_id")?,
             name,
         },
-        connected_replica: row
-            .try_get("connected_replica")
-            .map_err(column("connected_replica"))?,
-        last_seen_ms: row.try_get("last_seen").map_err(column("last_seen"))?,
-        applied_version: row
-            .try_get("applied_version")
-            .map_err(column("applied_version"))?,
+        connected_replica: cols.get("connected_replica")?,
+        last_seen_ms: cols.get("last_seen")?,
+        applied_version: cols.get("applied_version")?,
         last_nack: nack_version.map(|version| AgentNack {
             version,
             reason: nack_reason.unwrap_or_default(),
@@ -121,23 +106,9 @@ where
 /// Appends an `Agent` entry to the change feed inside `tx`.
 macro_rules! feed_agent {
     ($tx:expr, $op:expr, $zone:expr, $mesh:expr, $name:expr) => {{
-        let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
-            .fetch_one(&mut *$tx)
-            .await
-            .map_err(StoreError::db($op))?;
-        sqlx::query(
-            "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
-             VALUES ($1, $2, $3, $4, $5, 0, $6)",
-        )
-        .bind(seq)
-        .bind(AGENT_KIND)
-        .bind($mesh)
-        .bind($zone)
-        .bind($name)
-        .bind(false)
-        .execute(&mut *$tx)
-        .await
-        .map_err(StoreError::db($op))?;
+        let seq = take_seq!($tx, $op);
+        // The zone is kept in the namespace column.
+        append_change!($tx, $op, seq, AGENT_KIND, $mesh, $zone, $name, 0_i64, false);
     }};
 }
 

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use sqlx::Row;
 
 use crate::backend::{on_pool, Store};
+use crate::clock::unix_seconds;
 use crate::error::StoreError;
 
 /// A mesh's CA as stored.
@@ -31,25 +32,15 @@ impl Store {
     /// Stores (or replaces, e.g. on rotation) the CA of a mesh.
     pub async fn put_ca(&self, mesh: &str, ca: &CaMaterial) -> Result<(), StoreError> {
         let op = format!("store the CA of mesh {mesh}");
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        on_pool!(self, pool => {
-            sqlx::query(
-                "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (mesh) DO UPDATE \
-                 SET cert_pem = excluded.cert_pem, key_pem = excluded.key_pem, \
-                 updated_at = excluded.updated_at",
-            )
-            .bind(mesh)
-            .bind(&ca.cert_pem)
-            .bind(&ca.key_pem)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map_err(StoreError::db(&op))?;
-        });
-        Ok(())
+        self.insert_ca(
+            mesh,
+            ca,
+            "ON CONFLICT (mesh) DO UPDATE \
+             SET cert_pem = excluded.cert_pem, key_pem = excluded.key_pem, \
+             updated_at = excluded.updated_at",
+            &op,
+        )
+        .await
     }
 
     /// Stores `ca` under `name` unless a CA is already stored there, then
@@ -63,22 +54,8 @@ impl Store {
         ca: &CaMaterial,
     ) -> Result<CaMaterial, StoreError> {
         let op = format!("store the CA {name}");
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        on_pool!(self, pool => {
-            sqlx::query(
-                "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (mesh) DO NOTHING",
-            )
-            .bind(name)
-            .bind(&ca.cert_pem)
-            .bind(&ca.key_pem)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map_err(StoreError::db(&op))?;
-        });
+        self.insert_ca(name, ca, "ON CONFLICT (mesh) DO NOTHING", &op)
+            .await?;
         self.get_ca(name).await?.ok_or_else(|| StoreError::Corrupt {
             what: format!("CA {name}"),
             reason: "missing right after it was stored".to_owned(),
@@ -106,5 +83,32 @@ impl Store {
             })
             .transpose()
         })
+    }
+
+    /// Inserts `ca` under `name`, stamped now; `on_conflict` says what an
+    /// existing row gets (replaced, or kept).
+    async fn insert_ca(
+        &self,
+        name: &str,
+        ca: &CaMaterial,
+        on_conflict: &'static str,
+        op: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO ca_material (mesh, cert_pem, key_pem, updated_at) \
+             VALUES ($1, $2, $3, $4) {on_conflict}"
+        );
+        let now = unix_seconds(SystemTime::now());
+        on_pool!(self, pool => {
+            sqlx::query(&sql)
+                .bind(name)
+                .bind(&ca.cert_pem)
+                .bind(&ca.key_pem)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map_err(StoreError::db(op))?;
+        });
+        Ok(())
     }
 }

@@ -1,14 +1,57 @@
 //! The change feed: every put and delete in commit order, and watch hints
 //! that say when to read it again.
 
-use sqlx::Row;
 use tokio::sync::broadcast;
 
 use crate::agents::AGENT_KIND;
 use crate::backend::{on_pool, Store};
+use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
 use crate::mesh_cas::MESH_CA_KIND;
 use crate::resources::ResourceKey;
+
+/// Bumps the change sequence; the first statement of every write
+/// transaction (see the migrations for why).
+pub(crate) const NEXT_SEQ: &str =
+    "UPDATE change_sequence SET value = value + 1 WHERE id = 1 RETURNING value";
+
+/// Appends one entry to the feed.
+pub(crate) const INSERT_CHANGE: &str =
+    "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// Takes the next change sequence inside the transaction `$tx`
+/// (serialising it with every other writer) and returns it; `$op` names
+/// the write in errors.
+macro_rules! take_seq {
+    ($tx:expr, $op:expr) => {{
+        let seq: i64 = sqlx::query_scalar($crate::changes::NEXT_SEQ)
+            .fetch_one(&mut *$tx)
+            .await
+            .map_err($crate::error::StoreError::db($op))?;
+        seq
+    }};
+}
+pub(crate) use take_seq;
+
+/// Appends the feed entry at `$seq` inside the transaction `$tx`: every
+/// writer (resources, agents, mesh CAs) records its change this one way.
+macro_rules! append_change {
+    ($tx:expr, $op:expr, $seq:expr, $kind:expr, $mesh:expr, $namespace:expr, $name:expr, $version:expr, $deleted:expr) => {{
+        sqlx::query($crate::changes::INSERT_CHANGE)
+            .bind($seq)
+            .bind($kind)
+            .bind($mesh)
+            .bind($namespace)
+            .bind($name)
+            .bind($version)
+            .bind($deleted)
+            .execute(&mut *$tx)
+            .await
+            .map_err($crate::error::StoreError::db($op))?;
+    }};
+}
+pub(crate) use append_change;
 
 /// What happened to a resource at one point of the feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,15 +198,15 @@ impl Store {
             .map_err(StoreError::db(&op))?;
             rows.iter()
                 .map(|row| {
-                    let column = |name: &str| StoreError::corrupt(format!("changes.{name}"));
-                    let seq: i64 = row.try_get("seq").map_err(column("seq"))?;
-                    let kind: String = row.try_get("kind").map_err(column("kind"))?;
-                    let mesh: String = row.try_get("mesh").map_err(column("mesh"))?;
+                    let cols = Columns::new(row, "changes");
+                    let seq: i64 = cols.get("seq")?;
+                    let kind: String = cols.get("kind")?;
+                    let mesh: String = cols.get("mesh")?;
                     let namespace: String =
-                        row.try_get("namespace").map_err(column("namespace"))?;
-                    let name: String = row.try_get("name").map_err(column("name"))?;
-                    let version: i64 = row.try_get("version").map_err(column("version"))?;
-                    let deleted: bool = row.try_get("deleted").map_err(column("deleted"))?;
+                        cols.get("namespace")?;
+                    let name: String = cols.get("name")?;
+                    let version: i64 = cols.get("version")?;
+                    let deleted: bool = cols.get("deleted")?;
                     let version = to_u64(version, "changes.version")?;
                     let seq = to_u64(seq, "changes.seq")?;
                     if kind == AGENT_KIND {

@@ -14,8 +14,9 @@ use std::fmt;
 use sqlx::Row;
 
 use crate::backend::{on_pool, Store};
+use crate::changes::{append_change, take_seq};
+use crate::columns::Columns;
 use crate::error::StoreError;
-use crate::resources::NEXT_SEQ;
 
 /// The kind written in the change feed for CA transitions; not a resource
 /// kind, so resource readers skip it.
@@ -156,58 +157,41 @@ where
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
-    let column = |name: &str| StoreError::corrupt(format!("mesh_cas.{name}"));
-    let source: String = row.try_get("source").map_err(column("source"))?;
-    let role: String = row.try_get("role").map_err(column("role"))?;
+    let cols = Columns::new(row, "mesh_cas");
+    let source: String = cols.get("source")?;
+    let role: String = cols.get("role")?;
     Ok(MeshCaRecord {
-        mesh: row.try_get("mesh").map_err(column("mesh"))?,
+        mesh: cols.get("mesh")?,
         ca: NewMeshCa {
-            fingerprint: row.try_get("fingerprint").map_err(column("fingerprint"))?,
+            fingerprint: cols.get("fingerprint")?,
             source: CaSource::parse(&source)?,
-            cert_pem: row.try_get("cert_pem").map_err(column("cert_pem"))?,
-            key_pem: row.try_get("key_pem").map_err(column("key_pem"))?,
-            not_before: row.try_get("not_before").map_err(column("not_before"))?,
-            not_after: row.try_get("not_after").map_err(column("not_after"))?,
+            cert_pem: cols.get("cert_pem")?,
+            key_pem: cols.get("key_pem")?,
+            not_before: cols.get("not_before")?,
+            not_after: cols.get("not_after")?,
         },
-        generation: row.try_get("generation").map_err(column("generation"))?,
+        generation: cols.get("generation")?,
         role: CaRole::parse(&role)?,
-        added_at: row.try_get("added_at").map_err(column("added_at"))?,
-        signing_since: row
-            .try_get("signing_since")
-            .map_err(column("signing_since"))?,
-        trusted_until: row
-            .try_get("trusted_until")
-            .map_err(column("trusted_until"))?,
+        added_at: cols.get("added_at")?,
+        signing_since: cols.get("signing_since")?,
+        trusted_until: cols.get("trusted_until")?,
     })
-}
-
-/// Takes the next change sequence inside `$tx` (serialising the
-/// transaction with every other writer) and returns it.
-macro_rules! take_seq {
-    ($tx:expr, $op:expr) => {{
-        let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
-            .fetch_one(&mut *$tx)
-            .await
-            .map_err(StoreError::db($op))?;
-        seq
-    }};
 }
 
 /// Appends a `MeshCa` entry at `$seq` to the change feed inside `$tx`.
 macro_rules! feed_ca {
     ($tx:expr, $op:expr, $seq:expr, $mesh:expr, $fingerprint:expr) => {{
-        sqlx::query(
-            "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
-             VALUES ($1, $2, $3, '', $4, 0, $5)",
-        )
-        .bind($seq)
-        .bind(MESH_CA_KIND)
-        .bind($mesh)
-        .bind($fingerprint)
-        .bind(false)
-        .execute(&mut *$tx)
-        .await
-        .map_err(StoreError::db($op))?;
+        append_change!(
+            $tx,
+            $op,
+            $seq,
+            MESH_CA_KIND,
+            $mesh,
+            "",
+            $fingerprint,
+            0_i64,
+            false
+        );
     }};
 }
 

@@ -10,16 +10,9 @@ use sqlx::Row;
 use weft_api::{Kind, Resource};
 
 use crate::backend::{on_pool, Store};
+use crate::changes::{append_change, take_seq};
+use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
-
-/// Bumps the change sequence; the first statement of every write
-/// transaction (see the migrations for why).
-pub(crate) const NEXT_SEQ: &str =
-    "UPDATE change_sequence SET value = value + 1 WHERE id = 1 RETURNING value";
-
-const INSERT_CHANGE: &str =
-    "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 /// What names a resource: the key of the `resources` table. `mesh` and
 /// `namespace` are `None` for kinds outside a mesh or a namespace.
@@ -161,15 +154,15 @@ where
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Json<serde_json::Value>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
-    let column = |name: &str| StoreError::corrupt(format!("resources.{name}"));
-    let kind: String = row.try_get("kind").map_err(column("kind"))?;
-    let mesh: String = row.try_get("mesh").map_err(column("mesh"))?;
-    let namespace: String = row.try_get("namespace").map_err(column("namespace"))?;
-    let name: String = row.try_get("name").map_err(column("name"))?;
+    let cols = Columns::new(row, "resources");
+    let kind: String = cols.get("kind")?;
+    let mesh: String = cols.get("mesh")?;
+    let namespace: String = cols.get("namespace")?;
+    let name: String = cols.get("name")?;
     let key = ResourceKey::from_columns(&kind, mesh, namespace, name)?;
-    let version: i64 = row.try_get("version").map_err(column("version"))?;
-    let seq: i64 = row.try_get("seq").map_err(column("seq"))?;
-    let Json(body): Json<serde_json::Value> = row.try_get("body").map_err(column("body"))?;
+    let version: i64 = cols.get("version")?;
+    let seq: i64 = cols.get("seq")?;
+    let Json(body): Json<serde_json::Value> = cols.get("body")?;
     let resource =
         Resource::from_json_value(body).map_err(StoreError::corrupt(format!("body of {key}")))?;
     if ResourceKey::of(&resource) != key {
@@ -233,10 +226,7 @@ impl Store {
             let mut versions = Vec::with_capacity(prepared.len());
             for (key, body, expect) in &prepared {
                 let (kind, mesh, namespace, name) = key.columns();
-                let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(&op))?;
+                let seq = take_seq!(tx, &op);
                 let found: Option<i64> = sqlx::query_scalar(
                     "SELECT version FROM resources \
                      WHERE kind = $1 AND mesh = $2 AND namespace = $3 AND name = $4",
@@ -270,17 +260,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(&op))?;
-                sqlx::query(INSERT_CHANGE)
-                    .bind(seq)
-                    .bind(kind)
-                    .bind(mesh)
-                    .bind(namespace)
-                    .bind(name)
-                    .bind(version)
-                    .bind(false)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(&op))?;
+                append_change!(tx, &op, seq, kind, mesh, namespace, name, version, false);
                 versions.push(version);
             }
             tx.commit().await.map_err(StoreError::db(&op))?;
@@ -346,10 +326,7 @@ impl Store {
         let vip_service = crate::vips::service_name(key);
         let deleted = on_pool!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
-            let seq: i64 = sqlx::query_scalar(NEXT_SEQ)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::db(&op))?;
+            let seq = take_seq!(tx, &op);
             let found: Option<i64> = sqlx::query_scalar(
                 "DELETE FROM resources \
                  WHERE kind = $1 AND mesh = $2 AND namespace = $3 AND name = $4 \
@@ -371,17 +348,7 @@ impl Store {
                 // Nothing to delete: roll back the sequence bump too.
                 return Ok(false);
             };
-            sqlx::query(INSERT_CHANGE)
-                .bind(seq)
-                .bind(kind)
-                .bind(mesh)
-                .bind(namespace)
-                .bind(name)
-                .bind(version)
-                .bind(true)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(&op))?;
+            append_change!(tx, &op, seq, kind, mesh, namespace, name, version, true);
             if let Some(service) = &vip_service {
                 sqlx::query("DELETE FROM virtual_ips WHERE service = $1")
                     .bind(service)

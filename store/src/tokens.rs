@@ -2,7 +2,7 @@
 //! secret is stored; a presented secret names its token's id, and its hash
 //! is compared in constant time.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -10,6 +10,8 @@ use sqlx::Row;
 use subtle::ConstantTimeEq;
 
 use crate::backend::{on_pool, Store};
+use crate::clock::{from_unix_seconds, unix_seconds};
+use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
 
 /// The prefix of every secret, so a leaked one is recognisable.
@@ -121,21 +123,6 @@ pub enum TokenError {
     Store(#[from] StoreError),
 }
 
-fn unix_seconds(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-fn from_unix_seconds(s: i64) -> SystemTime {
-    if s >= 0 {
-        UNIX_EPOCH + Duration::from_secs(s.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs())
-    }
-}
-
 fn random_hex(bytes: usize) -> Result<String, StoreError> {
     let mut buf = vec![0u8; bytes];
     getrandom::getrandom(&mut buf).map_err(|e| StoreError::Corrupt {
@@ -170,30 +157,28 @@ where
     for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
-    let column = |name: &str| StoreError::corrupt(format!("bootstrap_tokens.{name}"));
-    let id: String = row.try_get("id").map_err(column("id"))?;
-    let workloads: String = row.try_get("workloads").map_err(column("workloads"))?;
+    let cols = Columns::new(row, "bootstrap_tokens");
+    let id: String = cols.get("id")?;
+    let workloads: String = cols.get("workloads")?;
     let workloads: WorkloadScope = serde_json::from_str(&workloads)
         .map_err(StoreError::corrupt(format!("workloads of token {id}")))?;
     let count = |name: &str| -> Result<u32, StoreError> {
-        let v: i64 = row.try_get(name).map_err(column(name))?;
+        let v: i64 = cols.get(name)?;
         u32::try_from(to_u64(v, name)?).map_err(StoreError::corrupt(name.to_owned()))
     };
-    let expires_at: i64 = row.try_get("expires_at").map_err(column("expires_at"))?;
+    let expires_at: i64 = cols.get("expires_at")?;
     Ok(TokenRow {
-        secret_sha256: row
-            .try_get("secret_sha256")
-            .map_err(column("secret_sha256"))?,
+        secret_sha256: cols.get("secret_sha256")?,
         info: TokenInfo {
             spec: TokenSpec {
-                mesh: row.try_get("mesh").map_err(column("mesh"))?,
-                zone: row.try_get("zone").map_err(column("zone"))?,
+                mesh: cols.get("mesh")?,
+                zone: cols.get("zone")?,
                 workloads,
                 expires_at: from_unix_seconds(expires_at),
                 max_uses: count("max_uses")?,
             },
             uses: count("uses")?,
-            revoked: row.try_get("revoked").map_err(column("revoked"))?,
+            revoked: cols.get("revoked")?,
             id,
         },
     })

@@ -21,6 +21,7 @@ pub mod process;
 pub mod servers;
 pub mod tempdir;
 pub mod topology;
+pub mod traffic;
 pub mod vmzone;
 pub mod wait;
 pub mod yaml;

@@ -162,16 +162,7 @@ impl Postgres {
                     return Err(wait::fatal(format!("exited ({status})")));
                 }
                 let mut check = command(&bin.join("pg_isready"), None);
-                let out = check
-                    .args([
-                        "-h",
-                        &ip.to_string(),
-                        "-p",
-                        &port.to_string(),
-                        "-U",
-                        "postgres",
-                    ])
-                    .output()?;
+                let out = check.args(server_args(ip, port)).output()?;
                 Ok(out.status.success().then_some(()))
             },
         );
@@ -187,15 +178,8 @@ impl Postgres {
         checked(
             "createdb",
             as_postgres("createdb")
-                .args([
-                    "-h",
-                    &ip.to_string(),
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                    "weft",
-                ])
+                .args(server_args(ip, port))
+                .arg("weft")
                 .output(),
         )?;
         Ok(pg)
@@ -213,4 +197,17 @@ impl Drop for Postgres {
         }
         self.proc.kill();
     }
+}
+
+/// The arguments that point a PostgreSQL client tool (`pg_isready`,
+/// `createdb`) at the server on `ip:port` as user `postgres`.
+fn server_args(ip: IpAddr, port: u16) -> [String; 6] {
+    [
+        "-h".to_owned(),
+        ip.to_string(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-U".to_owned(),
+        "postgres".to_owned(),
+    ]
 }

@@ -5,8 +5,7 @@
 //! the new CA; the old CA leaves the controller's set and the agents'
 //! bundles once every certificate it signed has expired.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,50 +15,21 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, ECHO_PORT, HTTP_PORT, MESH};
-use weft_e2e::{client, echo_bin, wait};
+use weft_e2e::{echo_bin, traffic, wait};
 
 const T: Duration = Duration::from_secs(30);
 /// The workload certificate lifetime of the scenario.
 const LIFETIME: Duration = Duration::from_secs(30);
 
-/// Exchanges one line per 100 ms on one connection until `stop` (at most
-/// 2000 round trips); returns how many it made.
-fn long_lived(addr: SocketAddr, stop: &AtomicBool) -> Result<u64> {
-    let mut conn = TcpStream::connect_timeout(&addr, T)?;
-    conn.set_read_timeout(Some(T))?;
-    let mut n = 0u64;
-    while n < 2000 && !stop.load(Ordering::Acquire) {
-        let line = format!("long-lived round trip {n}\n");
-        conn.write_all(line.as_bytes())
-            .with_context(|| format!("write {n}"))?;
-        let mut back = vec![0u8; line.len()];
-        conn.read_exact(&mut back)
-            .with_context(|| format!("read {n}"))?;
-        ensure!(back == line.as_bytes(), "round trip {n} came back changed");
-        n += 1;
-        std::thread::sleep(Duration::from_millis(100));
+/// A new connection every 200 ms, each with a 16 KiB echo.
+fn every_200ms(addr: SocketAddr, marker: String) -> traffic::NewConnections {
+    traffic::NewConnections {
+        addr,
+        timeout: T,
+        marker,
+        len: 16 * 1024,
+        every: Duration::from_millis(200),
     }
-    Ok(n)
-}
-
-/// Opens a new connection every 200 ms until `stop` (at most 1000), each
-/// carrying an intact echo, counting them in `done`; returns how many it
-/// made.
-fn new_connections(
-    addr: SocketAddr,
-    stop: &AtomicBool,
-    done: &AtomicU64,
-    marker: &str,
-) -> Result<u64> {
-    let mut n = 0u64;
-    while n < 1000 && !stop.load(Ordering::Acquire) {
-        let data = client::payload(&format!("{marker}-{n}"), 16 * 1024);
-        client::echo_roundtrip(addr, &data, T).with_context(|| format!("connection {n}"))?;
-        n += 1;
-        done.store(n, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(n)
 }
 
 /// `openssl x509 -noout -<what>` of the first certificate in `file`.
@@ -140,11 +110,15 @@ fn mesh_ca_rotates_under_traffic_without_a_failure() -> Result<()> {
     let host = &up.zone.vms[0].host;
     let steady = {
         let stop = stop.clone();
-        host.spawn(move || long_lived(addr, &stop))?
+        host.spawn(move || {
+            traffic::long_lived(addr, T, |n| n >= 2000 || stop.load(Ordering::Acquire))
+        })?
     };
     let fresh = {
         let (stop, done, marker) = (stop.clone(), done.clone(), up.markers[1].clone());
-        host.spawn(move || new_connections(addr, &stop, &done, &marker))?
+        host.spawn(move || {
+            every_200ms(addr, marker).run(&done, |n| n >= 1000 || stop.load(Ordering::Acquire))
+        })?
     };
 
     let out = up.controller.weftctl_ok(&["mesh", "rotate-ca", MESH])?;

@@ -3,8 +3,7 @@
 //! restarted while it is away), and two controller replicas on one real
 //! PostgreSQL server whose leader is killed.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::{json, Value};
 use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, Running, VmZone, ECHO_PORT, HTTP_PORT};
 use weft_e2e::zone::Controller;
-use weft_e2e::{client, echo_bin, wait};
+use weft_e2e::{echo_bin, traffic, wait};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -23,39 +22,6 @@ fn vip_of(controller: &Controller, service: &str) -> Result<IpAddr> {
         .ok_or_else(|| anyhow!("no VIP for {service}: {services:#}"))?
         .parse()
         .context("the VIP is not an IP")
-}
-
-/// Exchanges one line per 100 ms on one connection until `stop`, checking
-/// each echo; returns how many round trips it made.
-fn long_lived(addr: SocketAddr, stop: Instant) -> Result<u64> {
-    let mut conn = TcpStream::connect_timeout(&addr, T)?;
-    conn.set_read_timeout(Some(T))?;
-    let mut n = 0u64;
-    while Instant::now() < stop {
-        let line = format!("long-lived round trip {n}\n");
-        conn.write_all(line.as_bytes())
-            .with_context(|| format!("write {n}"))?;
-        let mut back = vec![0u8; line.len()];
-        conn.read_exact(&mut back)
-            .with_context(|| format!("read {n}"))?;
-        ensure!(back == line.as_bytes(), "round trip {n} came back changed");
-        n += 1;
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(n)
-}
-
-/// Opens a new connection every 200 ms until `stop`, each carrying an
-/// intact echo; returns how many it made.
-fn new_connections(addr: SocketAddr, stop: Instant, marker: &str) -> Result<u64> {
-    let mut n = 0u64;
-    while Instant::now() < stop {
-        let data = client::payload(&format!("{marker}-{n}"), 16 * 1024);
-        client::echo_roundtrip(addr, &data, T).with_context(|| format!("connection {n}"))?;
-        n += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(n)
 }
 
 #[test]
@@ -77,8 +43,18 @@ fn certificates_rotate_under_traffic_without_a_failure() -> Result<()> {
     let stop = Instant::now() + Duration::from_secs(75);
     let host = &up.zone.vms[0].host;
     let marker = up.markers[1].clone();
-    let steady = host.spawn(move || long_lived(addr, stop))?;
-    let fresh = host.spawn(move || new_connections(addr, stop, &marker))?;
+    let steady = host.spawn(move || traffic::long_lived(addr, T, |_| Instant::now() >= stop))?;
+    let fresh = host.spawn(move || {
+        let done = AtomicU64::new(0);
+        let fresh = traffic::NewConnections {
+            addr,
+            timeout: T,
+            marker,
+            len: 16 * 1024,
+            every: Duration::from_millis(200),
+        };
+        fresh.run(&done, |_| Instant::now() >= stop)
+    })?;
     let round_trips = steady
         .join()
         .map_err(|_| anyhow!("long-lived thread panicked"))?
@@ -130,22 +106,17 @@ fn controller_killed_traffic_continues_and_agents_reconverge() -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let traffic = {
         let (stop, done) = (stop.clone(), done.clone());
-        let marker = up.markers[1].clone();
-        up.zone.vms[0].host.spawn(move || -> Result<()> {
-            let addr = SocketAddr::new(vip, ECHO_PORT);
-            // Bounded: at most 2000 connections even if nobody stops it.
-            for n in 0..2000u64 {
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                let data = client::payload(&format!("{marker}-{n}"), 8 * 1024);
-                client::echo_roundtrip(addr, &data, T)
-                    .with_context(|| format!("connection {n}"))?;
-                done.fetch_add(1, Ordering::Release);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(())
-        })?
+        let connections = traffic::NewConnections {
+            addr: SocketAddr::new(vip, ECHO_PORT),
+            timeout: T,
+            marker: up.markers[1].clone(),
+            len: 8 * 1024,
+            every: Duration::from_millis(50),
+        };
+        // Bounded: at most 2000 connections even if nobody stops it.
+        up.zone.vms[0]
+            .host
+            .spawn(move || connections.run(&done, |n| n >= 2000 || stop.load(Ordering::Acquire)))?
     };
     let at_kill = done.load(Ordering::Acquire);
     up.controller.kill();

@@ -7,6 +7,7 @@ use clap::ValueEnum;
 use http::Method;
 use serde_json::Value;
 
+use crate::output::{cell, print_view};
 use crate::{expect_ok, Client, Error, Format};
 
 /// What `inspect` shows.
@@ -40,30 +41,7 @@ pub(crate) async fn run(
     let answer = client.request(Method::GET, what.path(), None).await?;
     let body = expect_ok(answer)?;
     let items: Vec<Value> = crate::decode(&body)?;
-    match format {
-        Format::Json => {
-            let text =
-                serde_json::to_string_pretty(&items).map_err(|e| Error::Decode(e.to_string()))?;
-            writeln!(out, "{text}")?;
-        }
-        Format::Yaml => {
-            let text = yaml_serde::to_string(&items).map_err(|e| Error::Decode(e.to_string()))?;
-            write!(out, "{text}")?;
-        }
-        Format::Table => table(what, &items, out)?,
-    }
-    Ok(())
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".to_owned(),
-        Value::String(s) if s.is_empty() => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        Value::Bool(true) => "yes".to_owned(),
-        Value::Bool(false) => "no".to_owned(),
-        other => other.to_string(),
-    }
+    print_view(out, format, &items, |out| table(what, &items, out))
 }
 
 fn ports(value: &Value) -> String {
@@ -72,7 +50,7 @@ fn ports(value: &Value) -> String {
         .map(|ports| {
             ports
                 .iter()
-                .map(|p| format!("{}/{}", text(&p["port"]), text(&p["protocol"])))
+                .map(|p| format!("{}/{}", cell(&p["port"]), cell(&p["protocol"])))
                 .collect()
         })
         .unwrap_or_default();
@@ -85,7 +63,7 @@ fn ports(value: &Value) -> String {
 
 /// The first 12 characters of a config version: enough to tell them apart.
 fn short(value: &Value) -> String {
-    let full = text(value);
+    let full = cell(value);
     full.chars().take(12).collect()
 }
 
@@ -116,12 +94,12 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
             ],
             |a| {
                 vec![
-                    text(&a["name"]),
-                    text(&a["mesh"]),
-                    text(&a["online"]),
-                    text(&a["hboneAddress"]),
-                    text(&a["connectedReplica"]),
-                    text(&a["lastSeen"]),
+                    cell(&a["name"]),
+                    cell(&a["mesh"]),
+                    cell(&a["online"]),
+                    cell(&a["hboneAddress"]),
+                    cell(&a["connectedReplica"]),
+                    cell(&a["lastSeen"]),
                     short(&a["appliedVersion"]),
                     if a["lastNack"].is_null() {
                         "-".to_owned()
@@ -129,12 +107,12 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                         format!(
                             "{}: {}",
                             short(&a["lastNack"]["version"]),
-                            text(&a["lastNack"]["reason"])
+                            cell(&a["lastNack"]["reason"])
                         )
                     },
                     a["workloads"]
                         .as_array()
-                        .map(|w| w.iter().map(text).collect::<Vec<_>>().join(","))
+                        .map(|w| w.iter().map(cell).collect::<Vec<_>>().join(","))
                         .filter(|s| !s.is_empty())
                         .unwrap_or_else(|| "-".to_owned()),
                 ]
@@ -154,11 +132,11 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 let endpoints = s["endpoints"].as_array().cloned().unwrap_or_default();
                 let ready = endpoints.iter().filter(|e| e["ready"] == true).count();
                 vec![
-                    text(&s["name"]),
-                    text(&s["mesh"]),
-                    text(&s["namespace"]),
-                    text(&s["zone"]),
-                    text(&s["virtualIp"]),
+                    cell(&s["name"]),
+                    cell(&s["mesh"]),
+                    cell(&s["namespace"]),
+                    cell(&s["zone"]),
+                    cell(&s["virtualIp"]),
                     ports(&s["ports"]),
                     format!("{ready}/{} ready", endpoints.len()),
                 ]
@@ -178,15 +156,15 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
             ],
             |w| {
                 vec![
-                    text(&w["name"]),
-                    text(&w["mesh"]),
-                    text(&w["namespace"]),
-                    text(&w["service"]),
-                    text(&w["address"]),
+                    cell(&w["name"]),
+                    cell(&w["mesh"]),
+                    cell(&w["namespace"]),
+                    cell(&w["service"]),
+                    cell(&w["address"]),
                     ports(&w["ports"]),
-                    text(&w["agent"]),
-                    text(&w["ready"]),
-                    text(&w["spiffeId"]),
+                    cell(&w["agent"]),
+                    cell(&w["ready"]),
+                    cell(&w["spiffeId"]),
                 ]
             },
         ),

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use http::Method;
 use serde_json::Value;
 
+use crate::output::{cell, print_view};
 use crate::{encode, expect_ok, Client, Error, Format};
 
 /// The `mesh` subcommands.
@@ -53,36 +54,15 @@ pub(crate) async fn run(
     let path = format!("/v1/meshes/{}/ca{suffix}", encode(&mesh));
     let body = expect_ok(client.request(method.clone(), &path, None).await?)?;
     let view: Value = crate::decode(&body)?;
-    match output {
-        Format::Json => {
-            let text =
-                serde_json::to_string_pretty(&view).map_err(|e| Error::Decode(e.to_string()))?;
-            writeln!(out, "{text}")?;
+    print_view(out, output, &view, |out| {
+        if method == Method::POST {
+            writeln!(
+                out,
+                "CA rotation of mesh {mesh} started: the new CA is pending until every online agent trusts it"
+            )?;
         }
-        Format::Yaml => {
-            let text = yaml_serde::to_string(&view).map_err(|e| Error::Decode(e.to_string()))?;
-            write!(out, "{text}")?;
-        }
-        Format::Table => {
-            if method == Method::POST {
-                writeln!(
-                    out,
-                    "CA rotation of mesh {mesh} started: the new CA is pending until every online agent trusts it"
-                )?;
-            }
-            table(&view, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".to_owned(),
-        Value::String(s) if s.is_empty() => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+        table(&view, out)
+    })
 }
 
 fn table(view: &Value, out: &mut dyn Write) -> Result<(), Error> {
@@ -95,15 +75,15 @@ fn table(view: &Value, out: &mut dyn Write) -> Result<(), Error> {
         .unwrap_or_default()
     {
         let role = match ca["role"].as_str() {
-            Some("trusted-until") => format!("trusted-until {}", text(&ca["trustedUntil"])),
-            _ => text(&ca["role"]),
+            Some("trusted-until") => format!("trusted-until {}", cell(&ca["trustedUntil"])),
+            _ => cell(&ca["role"]),
         };
         rows.push(vec![
-            text(&ca["fingerprint"]),
+            cell(&ca["fingerprint"]),
             role,
-            text(&ca["source"]),
-            text(&ca["notAfter"]),
-            text(&ca["subject"]),
+            cell(&ca["source"]),
+            cell(&ca["notAfter"]),
+            cell(&ca["subject"]),
         ]);
     }
     crate::output::write_rows(out, &rows)?;
@@ -111,7 +91,7 @@ fn table(view: &Value, out: &mut dyn Write) -> Result<(), Error> {
     if !rotation.is_null() {
         let waiting: Vec<String> = rotation["waitingFor"]
             .as_array()
-            .map(|w| w.iter().map(text).collect())
+            .map(|w| w.iter().map(cell).collect())
             .unwrap_or_default();
         if waiting.is_empty() {
             writeln!(
@@ -123,7 +103,7 @@ fn table(view: &Value, out: &mut dyn Write) -> Result<(), Error> {
                 out,
                 "Rotation: waiting for {} to trust the pending CA (it signs by {} regardless).",
                 waiting.join(", "),
-                text(&rotation["signsBy"])
+                cell(&rotation["signsBy"])
             )?;
         }
     }

@@ -15,13 +15,7 @@ pub(crate) fn print(
     items: &[Item],
 ) -> Result<(), Error> {
     match format {
-        Format::Json => {
-            let value: serde_json::Value =
-                serde_json::from_slice(body).map_err(|e| Error::Decode(e.to_string()))?;
-            let text =
-                serde_json::to_string_pretty(&value).map_err(|e| Error::Decode(e.to_string()))?;
-            writeln!(out, "{text}")?;
-        }
+        Format::Json => write_json_body(out, body)?,
         Format::Yaml => {
             let resources: Vec<Resource> = items.iter().map(|i| i.resource.clone()).collect();
             let text = weft_api::to_yaml(&resources).map_err(|e| Error::Decode(e.to_string()))?;
@@ -30,6 +24,56 @@ pub(crate) fn print(
         Format::Table => table(out, items)?,
     }
     Ok(())
+}
+
+/// Prints an API view that is not a resource (inventory, a mesh's CAs) as
+/// pretty JSON, as YAML, or as the table `table` draws.
+pub(crate) fn print_view<T: serde::Serialize + ?Sized>(
+    out: &mut dyn Write,
+    format: Format,
+    view: &T,
+    table: impl FnOnce(&mut dyn Write) -> Result<(), Error>,
+) -> Result<(), Error> {
+    match format {
+        Format::Json => write_json(out, view),
+        Format::Yaml => {
+            let text = yaml_serde::to_string(view).map_err(|e| Error::Decode(e.to_string()))?;
+            write!(out, "{text}")?;
+            Ok(())
+        }
+        Format::Table => table(out),
+    }
+}
+
+/// Writes `value` as pretty JSON and a newline.
+pub(crate) fn write_json<T: serde::Serialize + ?Sized>(
+    out: &mut dyn Write,
+    value: &T,
+) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Decode(e.to_string()))?;
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+/// Writes an API answer's JSON `body` pretty-printed.
+pub(crate) fn write_json_body(out: &mut dyn Write, body: &[u8]) -> Result<(), Error> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| Error::Decode(e.to_string()))?;
+    write_json(out, &value)
+}
+
+/// A JSON value as a table cell: `-` for null or empty, strings unquoted,
+/// booleans as yes/no.
+pub(crate) fn cell(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) if s.is_empty() => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "yes".to_owned(),
+        Value::Bool(false) => "no".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 fn table(out: &mut dyn Write, items: &[Item]) -> Result<(), Error> {

@@ -180,7 +180,7 @@ pub(crate) async fn run(
             let issued: IssuedToken = decode(&body)?;
             match output {
                 TokenFormat::Secret => writeln!(out, "{}", issued.secret)?,
-                TokenFormat::Json => pretty(out, &body)?,
+                TokenFormat::Json => crate::output::write_json_body(out, &body)?,
                 TokenFormat::Table => {
                     table(out, std::slice::from_ref(&issued.token))?;
                     writeln!(out)?;
@@ -200,7 +200,7 @@ pub(crate) async fn run(
             let body = expect_ok(answer)?;
             let tokens: Tokens = decode(&body)?;
             match output {
-                TokenFormat::Json => pretty(out, &body),
+                TokenFormat::Json => crate::output::write_json_body(out, &body),
                 TokenFormat::Table => table(out, &tokens.items),
                 TokenFormat::Secret => Err(Error::Usage(
                     "secrets are shown only when a token is issued; use -o table or -o json"
@@ -217,14 +217,6 @@ pub(crate) async fn run(
             Ok(())
         }
     }
-}
-
-fn pretty(out: &mut dyn Write, body: &[u8]) -> Result<(), Error> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| Error::Decode(e.to_string()))?;
-    let text = serde_json::to_string_pretty(&value).map_err(|e| Error::Decode(e.to_string()))?;
-    writeln!(out, "{text}")?;
-    Ok(())
 }
 
 fn table(out: &mut dyn Write, tokens: &[Token]) -> Result<(), Error> {

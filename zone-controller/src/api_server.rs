@@ -535,39 +535,44 @@ fn ca_error(error: MeshCaError) -> ApiError {
 
 /// `GET /v1/meshes/{mesh}/ca`: the mesh's CAs and any rotation underway.
 async fn mesh_ca(state: &AppState, name: &str) -> Answer {
-    let answer = async {
+    let records = async {
         let mesh = mesh_named(state, name).await?;
-        let records = state.cas.records(&mesh).await.map_err(ca_error)?;
-        crate::ca_view::view(&state.store, &state.zone, name, &records)
-            .await
-            .map_err(ApiError::from)
+        state.cas.records(&mesh).await.map_err(ca_error)
     }
     .await;
-    match answer {
-        Ok(view) => to_json(StatusCode::OK, &view),
-        Err(error) => error.into(),
-    }
+    ca_answer(state, name, records).await
 }
 
 /// `POST /v1/meshes/{mesh}/ca/rotate`: starts a rotation to a new built-in
 /// CA; answers the CAs afterwards (the new one pending). 409 when a
 /// rotation is already underway or the mesh uses a provided CA.
 async fn rotate_ca(state: &AppState, name: &str) -> Answer {
-    let answer = async {
+    let records = async {
         let mesh = mesh_named(state, name).await?;
-        let records = match crate::ca_rotation::rotate(&state.cas, &mesh).await {
-            Ok(records) => records,
-            Err(RotateError::Refused(reason)) => {
-                return Err(ApiError::new(StatusCode::CONFLICT, reason))
-            }
-            Err(RotateError::Ca(error)) => return Err(ca_error(error)),
-        };
-        crate::ca_view::view(&state.store, &state.zone, name, &records)
-            .await
-            .map_err(ApiError::from)
+        match crate::ca_rotation::rotate(&state.cas, &mesh).await {
+            Ok(records) => Ok(records),
+            Err(RotateError::Refused(reason)) => Err(ApiError::new(StatusCode::CONFLICT, reason)),
+            Err(RotateError::Ca(error)) => Err(ca_error(error)),
+        }
     }
     .await;
-    match answer {
+    ca_answer(state, name, records).await
+}
+
+/// Answers mesh `name`'s CAs as `GET /v1/meshes/{mesh}/ca` shows them, or
+/// the error met while reading or changing them.
+async fn ca_answer(
+    state: &AppState,
+    name: &str,
+    records: Result<Vec<weft_store::MeshCaRecord>, ApiError>,
+) -> Answer {
+    let view = match records {
+        Ok(records) => crate::ca_view::view(&state.store, &state.zone, name, &records)
+            .await
+            .map_err(ApiError::from),
+        Err(error) => Err(error),
+    };
+    match view {
         Ok(view) => to_json(StatusCode::OK, &view),
         Err(error) => error.into(),
     }

@@ -8,10 +8,13 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::agent::{connect, enroll_request, pinned, workload, Identity, Pinned};
-use common::{eventually, Zone, DEADLINE};
+use common::agent::{
+    certificate_request, connect, enroll_request, enroll_with_token, hello, verify_chain, workload,
+    ConfigStream, Identity, ZoneWithMesh, HBONE,
+};
+use common::{eventually, DEADLINE, MESH};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -19,68 +22,15 @@ use weft_api::proto::agent::v1 as pb;
 use weft_pki::WorkloadKey;
 use weft_store::{Store, TokenSpec, WorkloadScope};
 
-const MESH: &str = "\
-apiVersion: weft.io/v1alpha1
-kind: Mesh
-metadata:
-  name: default
-spec:
-  trustDomain: weft.test
-";
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    db: std::path::PathBuf,
-    zone: Zone,
-    pinned: Pinned,
-}
-
-async fn setup() -> Setup {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let db = dir.path().join("zone.db");
-    let zone = Zone::start(&db).await;
-    zone.ctl(&["apply", "-f", "-"], MESH)
-        .await
-        .expect("apply the mesh");
-    let pinned = pinned(&zone).await;
-    Setup {
-        _dir: dir,
-        db,
-        zone,
-        pinned,
-    }
-}
-
-async fn token(zone: &Zone, args: &[&str]) -> String {
-    let mut argv = vec!["token", "issue", "--mesh", "default", "-o", "secret"];
-    argv.extend_from_slice(args);
-    zone.ctl(&argv, "")
-        .await
-        .expect("token issue")
-        .trim()
-        .to_owned()
-}
-
 /// Checks an issued chain against the bundle, as a client certificate, and
 /// returns the leaf's URI SANs.
 fn verify(chain_pem: &str, bundle_pem: &str) -> Vec<String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
+    verify_chain(chain_pem, bundle_pem).expect("the chain verifies against the bundle");
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .expect("a leaf")
         .expect("chain PEM");
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
-        roots.add(ca.expect("bundle PEM")).expect("a trust anchor");
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    rustls::server::WebPkiClientVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        provider,
-    )
-    .build()
-    .expect("a verifier")
-    .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-    .expect("the chain verifies against the bundle");
-    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("a certificate");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).expect("a certificate");
     leaf.subject_alternative_name()
         .expect("SAN parses")
         .expect("a SAN")
@@ -94,88 +44,30 @@ fn verify(chain_pem: &str, bundle_pem: &str) -> Vec<String> {
         .collect()
 }
 
-/// Enrols `agent` with one workload; returns its identity.
+/// Enrols `agent` with a `web-` prefix token; returns its identity.
 async fn enroll(
-    setup: &Setup,
+    setup: &ZoneWithMesh,
     agent: &str,
     workloads: Vec<pb::Workload>,
 ) -> (pb::EnrollResponse, Identity) {
-    let secret = token(&setup.zone, &["--workload-prefix", "web-"]).await;
-    let (request, key) = enroll_request(&secret, agent, "127.0.0.1:15008", workloads);
-    let mut client = connect(setup.zone.grpc, &setup.pinned, None).await;
-    let response = client.enroll(request).await.expect("enrolled").into_inner();
-    let identity = Identity {
-        chain_pem: response.agent_chain_pem.clone(),
-        key_pem: key.key_pem(),
-    };
-    (response, identity)
+    let secret = setup.zone.issue_token(&["--workload-prefix", "web-"]).await;
+    enroll_with_token(setup.zone.grpc, &setup.pinned, &secret, agent, workloads).await
 }
 
-/// An open config stream.
-struct Stream {
-    send: mpsc::Sender<pb::AgentMessage>,
-    receive: tonic::Streaming<pb::ZoneMessage>,
-}
-
-impl Stream {
-    async fn open(setup: &Setup, identity: &Identity, hello: pb::Hello) -> Stream {
-        let mut client = connect(setup.zone.grpc, &setup.pinned, Some(identity)).await;
-        let (send, outgoing) = mpsc::channel(8);
-        send.send(pb::AgentMessage {
-            message: Some(pb::agent_message::Message::Hello(hello)),
-        })
-        .await
-        .expect("queue the Hello");
-        let receive = client
-            .stream(ReceiverStream::new(outgoing))
-            .await
-            .expect("stream opened")
-            .into_inner();
-        Stream { send, receive }
-    }
-
-    /// The next update, acked.
-    async fn next(&mut self) -> pb::ConfigUpdate {
-        let message = tokio::time::timeout(DEADLINE, self.receive.message())
-            .await
-            .expect("an update within the deadline")
-            .expect("the stream is healthy")
-            .expect("the stream is open");
-        let Some(pb::zone_message::Message::Config(update)) = message.message else {
-            panic!("not a config update");
-        };
-        self.send
-            .send(pb::AgentMessage {
-                message: Some(pb::agent_message::Message::Ack(pb::Ack {
-                    version: update.version.clone(),
-                })),
-            })
-            .await
-            .expect("ack");
-        update
-    }
-
-    /// Updates until one satisfies `want`.
-    async fn until(&mut self, want: impl Fn(&pb::ConfigUpdate) -> bool) -> pb::ConfigUpdate {
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            let update = self.next().await;
-            if want(&update) {
-                return update;
-            }
-            assert!(std::time::Instant::now() < deadline, "no matching update");
-        }
-    }
-}
-
-fn hello(agent: &str, workloads: Vec<pb::Workload>) -> pb::Hello {
-    pb::Hello {
-        agent_id: agent.to_owned(),
-        applied_version: String::new(),
-        workloads,
-        host: None,
-        hbone_address: "127.0.0.1:15008".to_owned(),
-    }
+/// Opens `agent`'s config stream.
+async fn open(
+    setup: &ZoneWithMesh,
+    identity: &Identity,
+    agent: &str,
+    workloads: Vec<pb::Workload>,
+) -> ConfigStream {
+    ConfigStream::open(
+        setup.zone.grpc,
+        &setup.pinned,
+        identity,
+        hello(agent, workloads),
+    )
+    .await
 }
 
 fn endpoints_of<'a>(update: &'a pb::ConfigUpdate, service: &str) -> Option<&'a pb::ServiceView> {
@@ -184,7 +76,7 @@ fn endpoints_of<'a>(update: &'a pb::ConfigUpdate, service: &str) -> Option<&'a p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_stream_nack_renew() {
-    let setup = setup().await;
+    let setup = ZoneWithMesh::start(MESH).await;
     let web1 = workload("web-1", "web", "10.0.0.1", 8080);
     let (enrolled, identity) = enroll(&setup, "vm-1", vec![web1.clone()]).await;
     assert_eq!(enrolled.mesh, "default");
@@ -210,9 +102,9 @@ async fn enroll_stream_nack_renew() {
     );
 
     // The stream: the derived service with its VIP and vm-1's endpoint.
-    let mut first = Stream::open(&setup, &identity, hello("vm-1", vec![web1.clone()])).await;
+    let mut first = open(&setup, &identity, "vm-1", vec![web1.clone()]).await;
     let update = first
-        .until(|u| {
+        .until_acked(|u| {
             endpoints_of(u, "web").is_some_and(|s| s.endpoints.len() == 1 && s.endpoints[0].ready)
         })
         .await;
@@ -236,16 +128,16 @@ async fn enroll_stream_nack_renew() {
     // A second agent joins: the first gets a new version with both.
     let web2 = workload("web-2", "web", "10.0.0.2", 8080);
     let (_, identity2) = enroll(&setup, "vm-2", vec![web2.clone()]).await;
-    let mut second = Stream::open(&setup, &identity2, hello("vm-2", vec![web2])).await;
+    let mut second = open(&setup, &identity2, "vm-2", vec![web2]).await;
     let both = first
-        .until(|u| {
+        .until_acked(|u| {
             endpoints_of(u, "web")
                 .is_some_and(|s| s.endpoints.len() == 2 && s.endpoints.iter().all(|e| e.ready))
         })
         .await;
     assert_ne!(both.version, update.version);
     // Views are per agent (inbound rules differ), services are the same.
-    let seen_by_second = second.until(|u| u.services == both.services).await;
+    let seen_by_second = second.until_acked(|u| u.services == both.services).await;
     assert_eq!(seen_by_second.inbound[0].workload, "web-2");
 
     // A Nack is recorded and shown by inspect; the stream stays up.
@@ -299,13 +191,9 @@ async fn enroll_stream_nack_renew() {
 
     // Renew over mTLS: a fresh certificate for its own workload only.
     let mut client = connect(setup.zone.grpc, &setup.pinned, Some(&identity)).await;
-    let csr = |name: &str| pb::CertificateRequest {
-        workload: name.to_owned(),
-        csr_pem: WorkloadKey::generate().unwrap().bare_csr().unwrap(),
-    };
     let renewed = client
         .renew(pb::RenewRequest {
-            certificates: vec![csr("web-1")],
+            certificates: vec![certificate_request("web-1")],
             agent_csr_pem: WorkloadKey::generate().unwrap().bare_csr().unwrap(),
         })
         .await
@@ -321,7 +209,7 @@ async fn enroll_stream_nack_renew() {
     assert!(!renewed.agent_chain_pem.is_empty());
     let err = client
         .renew(pb::RenewRequest {
-            certificates: vec![csr("web-2")],
+            certificates: vec![certificate_request("web-2")],
             agent_csr_pem: String::new(),
         })
         .await
@@ -346,7 +234,7 @@ async fn enroll_stream_nack_renew() {
     // A graceful disconnect takes vm-2's endpoint out of ready at once.
     drop(second);
     first
-        .until(|u| {
+        .until_acked(|u| {
             endpoints_of(u, "web").is_some_and(|s| {
                 s.endpoints
                     .iter()
@@ -387,15 +275,15 @@ async fn raw_token(db: &std::path::Path, zone: &str, expires_in: i64) -> String 
     secret
 }
 
-async fn refused(setup: &Setup, token: &str, workloads: Vec<pb::Workload>) -> tonic::Status {
-    let (request, _) = enroll_request(token, "vm-x", "127.0.0.1:15008", workloads);
+async fn refused(setup: &ZoneWithMesh, token: &str, workloads: Vec<pb::Workload>) -> tonic::Status {
+    let (request, _) = enroll_request(token, "vm-x", HBONE, workloads);
     let mut client = connect(setup.zone.grpc, &setup.pinned, None).await;
     client.enroll(request).await.expect_err("refused")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_and_workloads_are_refused_with_their_cause() {
-    let setup = setup().await;
+    let setup = ZoneWithMesh::start(MESH).await;
     let web = || vec![workload("web-1", "web", "10.0.0.1", 80)];
     let cases = [
         (raw_token(&setup.db, "default", -10).await, "expired"),
@@ -407,7 +295,7 @@ async fn bad_tokens_and_workloads_are_refused_with_their_cause() {
         assert_eq!(err.code(), Code::Unauthenticated, "{cause}: {err}");
         assert!(err.message().contains(cause), "{cause}: {err}");
     }
-    let revoked = token(&setup.zone, &["--workload-prefix", "web-"]).await;
+    let revoked = setup.zone.issue_token(&["--workload-prefix", "web-"]).await;
     let id = revoked.split('.').nth(1).expect("an id").to_owned();
     setup
         .zone
@@ -419,7 +307,7 @@ async fn bad_tokens_and_workloads_are_refused_with_their_cause() {
     assert!(err.message().contains("revoked"), "{err}");
 
     // Out of scope, or invalid: refused, and the token is not spent.
-    let single = token(&setup.zone, &["--workload", "web-1"]).await;
+    let single = setup.zone.issue_token(&["--workload", "web-1"]).await;
     let err = refused(
         &setup,
         &single,
@@ -438,7 +326,7 @@ async fn bad_tokens_and_workloads_are_refused_with_their_cause() {
     assert!(err.message().starts_with("workloads[0].address"), "{err}");
 
     // The single-use token works once, then it is used up.
-    let (request, _) = enroll_request(&single, "vm-1", "127.0.0.1:15008", web());
+    let (request, _) = enroll_request(&single, "vm-1", HBONE, web());
     let mut client = connect(setup.zone.grpc, &setup.pinned, None).await;
     client.enroll(request).await.expect("the first use works");
     let err = refused(&setup, &single, web()).await;

@@ -4,21 +4,10 @@
 
 mod common;
 
-use common::agent::{connect, enroll_request, pinned, workload, Identity};
-use common::{eventually, Zone, DEADLINE};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use common::agent::{enroll_with_token, hello, pinned, workload, ConfigStream};
+use common::{eventually, Zone, DEADLINE, MESH};
 use weft_api::proto::agent::v1 as pb;
 use weft_e2e::postgres::Postgres;
-
-const MESH: &str = "\
-apiVersion: weft.io/v1alpha1
-kind: Mesh
-metadata:
-  name: default
-spec:
-  trustDomain: weft.test
-";
 
 /// A workload registered by hand, owned by agent vm-1.
 const DB: &str = "\
@@ -59,63 +48,14 @@ async fn changes_cross_replicas_and_leadership_moves() {
     a.ctl(&["apply", "-f", "-"], MESH)
         .await
         .expect("apply the mesh");
-    let secret = a
-        .ctl(
-            &[
-                "token",
-                "issue",
-                "--mesh",
-                "default",
-                "--workload",
-                "web-1",
-                "-o",
-                "secret",
-            ],
-            "",
-        )
-        .await
-        .expect("token issue")
-        .trim()
-        .to_owned();
+    let secret = a.issue_token(&["--workload", "web-1"]).await;
 
-    // The agent enrols and streams through B.
+    // The agent enrols and streams through B; it never acks.
     let web1 = workload("web-1", "web", "10.0.0.1", 8080);
-    let (request, key) = enroll_request(&secret, "vm-1", "127.0.0.1:15008", vec![web1.clone()]);
-    let mut client = connect(b.grpc, &pin_b, None).await;
-    let enrolled = client.enroll(request).await.expect("enrolled").into_inner();
-    let identity = Identity {
-        chain_pem: enrolled.agent_chain_pem,
-        key_pem: key.key_pem(),
-    };
-    let mut client = connect(b.grpc, &pin_b, Some(&identity)).await;
-    let (send, outgoing) = mpsc::channel(8);
-    send.send(pb::AgentMessage {
-        message: Some(pb::agent_message::Message::Hello(pb::Hello {
-            agent_id: "vm-1".to_owned(),
-            workloads: vec![web1],
-            hbone_address: "127.0.0.1:15008".to_owned(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("queue the Hello");
-    let mut updates = client
-        .stream(ReceiverStream::new(outgoing))
-        .await
-        .expect("stream opened")
-        .into_inner();
-    let mut until = async |want: &dyn Fn(&pb::ConfigUpdate) -> bool| loop {
-        let message = tokio::time::timeout(DEADLINE, updates.message())
-            .await
-            .expect("an update in time")
-            .expect("a healthy stream")
-            .expect("an open stream");
-        if let Some(pb::zone_message::Message::Config(update)) = message.message {
-            if want(&update) {
-                return update;
-            }
-        }
-    };
+    let (_, identity) =
+        enroll_with_token(b.grpc, &pin_b, &secret, "vm-1", vec![web1.clone()]).await;
+    let mut updates =
+        ConfigStream::open(b.grpc, &pin_b, &identity, hello("vm-1", vec![web1])).await;
     let has = |service: &'static str| {
         move |u: &pb::ConfigUpdate| {
             u.services
@@ -123,13 +63,13 @@ async fn changes_cross_replicas_and_leadership_moves() {
                 .any(|s| s.name == service && !s.virtual_ip.is_empty() && !s.endpoints.is_empty())
         }
     };
-    until(&has("web")).await;
+    updates.first_matching(DEADLINE, has("web")).await;
 
     // An apply on A reaches the agent on B.
     a.ctl(&["apply", "-f", "-"], DB)
         .await
         .expect("apply the workload");
-    let update = until(&has("db")).await;
+    let update = updates.first_matching(DEADLINE, has("db")).await;
     let db = update.services.iter().find(|s| s.name == "db").unwrap();
     assert_eq!(db.endpoints[0].address, "10.0.0.5");
     assert_eq!(

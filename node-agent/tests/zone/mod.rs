@@ -382,6 +382,23 @@ impl Zone {
         }
     }
 
+    /// Queues `version`, with the mesh CA as its bundle, as the first
+    /// update of every stream.
+    pub fn serve_initially(&self, version: &str) {
+        let bundle = self.state.mesh.pem();
+        self.state
+            .initial
+            .lock()
+            .unwrap()
+            .push(update(version, &bundle));
+    }
+
+    /// Writes, in `dir`, the config of agent vm-1 enrolling here (pinning
+    /// this zone's CA) with token `token-1`; returns its path.
+    pub fn agent_config(&self, dir: &Path) -> PathBuf {
+        agent_config(dir, self.addr, &self.state.control.pin(), "token-1")
+    }
+
     /// The next message from an agent, within a deadline.
     pub async fn next_message(&mut self) -> AgentMessage {
         tokio::time::timeout(Duration::from_secs(10), self.received.recv())

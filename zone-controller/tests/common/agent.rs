@@ -3,21 +3,25 @@
 //! `weft-zone`, with or without the agent's client certificate.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, RootCertStore};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use weft_api::proto::agent::v1 as pb;
 use weft_api::proto::agent::v1::agent_service_client::AgentServiceClient;
 use weft_pki::WorkloadKey;
 
-use super::Zone;
+use super::{Zone, DEADLINE};
 
 /// The zone CA as an agent pins it.
 pub struct Pinned {
@@ -148,4 +152,191 @@ pub fn enroll_request(
         hbone_address: hbone.to_owned(),
     };
     (request, agent_key)
+}
+
+/// The default HBONE address the test agents announce.
+pub const HBONE: &str = "127.0.0.1:15008";
+
+/// A certificate request for `workload` with a fresh key, as an agent
+/// sends at enrolment or renewal.
+pub fn certificate_request(workload: &str) -> pb::CertificateRequest {
+    pb::CertificateRequest {
+        workload: workload.to_owned(),
+        csr_pem: WorkloadKey::generate()
+            .expect("a key")
+            .bare_csr()
+            .expect("a CSR"),
+    }
+}
+
+/// Enrols `agent` with `workloads` using the token `secret` over the gRPC
+/// API at `addr`; returns the answer and the agent's new identity.
+pub async fn enroll_with_token(
+    addr: SocketAddr,
+    pinned: &Pinned,
+    secret: &str,
+    agent: &str,
+    workloads: Vec<pb::Workload>,
+) -> (pb::EnrollResponse, Identity) {
+    let (request, key) = enroll_request(secret, agent, HBONE, workloads);
+    let mut client = connect(addr, pinned, None).await;
+    let response = client.enroll(request).await.expect("enrolled").into_inner();
+    let identity = Identity {
+        chain_pem: response.agent_chain_pem.clone(),
+        key_pem: key.key_pem(),
+    };
+    (response, identity)
+}
+
+/// The Hello an agent opens its config stream with.
+pub fn hello(agent: &str, workloads: Vec<pb::Workload>) -> pb::Hello {
+    pb::Hello {
+        agent_id: agent.to_owned(),
+        applied_version: String::new(),
+        workloads,
+        host: None,
+        hbone_address: HBONE.to_owned(),
+    }
+}
+
+/// Verifies an issued chain (leaf first) as a client certificate against
+/// the certificates of `bundle_pem` as the only trust anchors.
+pub fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<(), rustls::Error> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("chain PEM");
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(ca.expect("bundle PEM")).expect("a trust anchor");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .expect("a verifier")
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map(|_| ())
+}
+
+/// An open config stream, as an agent holds it: acks are sent only when
+/// the test asks, since what is acked drives CA rotation and inventory.
+pub struct ConfigStream {
+    /// The agent's side of the stream (Hello, Ack, Nack).
+    pub send: mpsc::Sender<pb::AgentMessage>,
+    /// The zone's updates.
+    pub receive: tonic::Streaming<pb::ZoneMessage>,
+}
+
+impl ConfigStream {
+    /// Opens the stream at `addr` as `identity` and sends `hello`.
+    pub async fn open(
+        addr: SocketAddr,
+        pinned: &Pinned,
+        identity: &Identity,
+        hello: pb::Hello,
+    ) -> ConfigStream {
+        let mut client = connect(addr, pinned, Some(identity)).await;
+        let (send, outgoing) = mpsc::channel(8);
+        send.send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello)),
+        })
+        .await
+        .expect("queue the Hello");
+        let receive = client
+            .stream(ReceiverStream::new(outgoing))
+            .await
+            .expect("stream opened")
+            .into_inner();
+        ConfigStream { send, receive }
+    }
+
+    /// The next update within `within`, not acked.
+    pub async fn next_update(&mut self, within: Duration) -> pb::ConfigUpdate {
+        let message = tokio::time::timeout(within, self.receive.message())
+            .await
+            .expect("an update within the deadline")
+            .expect("the stream is healthy")
+            .expect("the stream is open");
+        let Some(pb::zone_message::Message::Config(update)) = message.message else {
+            panic!("not a config update");
+        };
+        update
+    }
+
+    /// Acks `version`, as an agent that applied it.
+    pub async fn ack(&self, version: &str) {
+        self.send
+            .send(pb::AgentMessage {
+                message: Some(pb::agent_message::Message::Ack(pb::Ack {
+                    version: version.to_owned(),
+                })),
+            })
+            .await
+            .expect("ack");
+    }
+
+    /// The first update within `within` that satisfies `want`; nothing is
+    /// acked.
+    pub async fn first_matching(
+        &mut self,
+        within: Duration,
+        want: impl Fn(&pb::ConfigUpdate) -> bool,
+    ) -> pb::ConfigUpdate {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let update = self.next_update(left).await;
+            if want(&update) {
+                return update;
+            }
+        }
+    }
+
+    /// Updates, each acked, until one satisfies `want` (within
+    /// [`DEADLINE`]).
+    pub async fn until_acked(
+        &mut self,
+        want: impl Fn(&pb::ConfigUpdate) -> bool,
+    ) -> pb::ConfigUpdate {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let update = self.next_update(left).await;
+            self.ack(&update.version).await;
+            if want(&update) {
+                return update;
+            }
+        }
+    }
+}
+
+/// A controller on a fresh SQLite file with one mesh applied, and its CA
+/// as agents pin it: where most agent API tests start.
+pub struct ZoneWithMesh {
+    /// Holds the database file; removed when dropped.
+    pub dir: tempfile::TempDir,
+    /// The SQLite file, for tests that reach into the store.
+    pub db: PathBuf,
+    /// The running controller.
+    pub zone: Zone,
+    /// Its CA.
+    pub pinned: Pinned,
+}
+
+impl ZoneWithMesh {
+    /// Starts a controller and applies `mesh_yaml` through `weftctl`.
+    pub async fn start(mesh_yaml: &str) -> ZoneWithMesh {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let db = dir.path().join("zone.db");
+        let zone = Zone::start(&db).await;
+        zone.ctl(&["apply", "-f", "-"], mesh_yaml)
+            .await
+            .expect("apply the mesh");
+        let pinned = pinned(&zone).await;
+        ZoneWithMesh {
+            dir,
+            db,
+            zone,
+            pinned,
+        }
+    }
 }

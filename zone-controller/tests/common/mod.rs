@@ -20,6 +20,17 @@ use weftctl::{Cli, Client, Error};
 /// How long the controller gets to start, answer and stop.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// The mesh most tests apply: `default`, trust domain `weft.test`, default
+/// certificate lifetime.
+pub const MESH: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata:
+  name: default
+spec:
+  trustDomain: weft.test
+";
+
 /// A running controller, killed when dropped (also when a test fails).
 pub struct Zone {
     child: Child,
@@ -153,6 +164,18 @@ impl Zone {
         weftctl::run(cli, &mut stdin.as_bytes(), &mut out).await?;
         Ok(String::from_utf8(out).expect("UTF-8 output"))
     }
+
+    /// Issues a bootstrap token for mesh `default` with `weftctl token
+    /// issue` plus `args` (the workload scope, ...); returns its secret.
+    pub async fn issue_token(&self, args: &[&str]) -> String {
+        let mut argv = vec!["token", "issue", "--mesh", "default", "-o", "secret"];
+        argv.extend_from_slice(args);
+        self.ctl(&argv, "")
+            .await
+            .expect("token issue")
+            .trim()
+            .to_owned()
+    }
 }
 
 impl Drop for Zone {
@@ -165,12 +188,22 @@ impl Drop for Zone {
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
 /// [`DEADLINE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + DEADLINE;
+    eventually_within(what, DEADLINE, check).await
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after
+/// `timeout` (for waits longer than [`DEADLINE`], such as a CA's expiry).
+pub async fn eventually_within<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
             return value;
