@@ -319,12 +319,13 @@ async fn renews_short_lived_certificates() {
     task.abort();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback address of this test process's own (all of 127/8 is local):
+/// the agent's fixed ports there cannot collide with ports other tests
+/// running at the same time take on 127.0.0.1, as "find a free port, then
+/// bind it" could.
+fn own_loopback() -> std::net::Ipv4Addr {
+    let pid = std::process::id();
+    std::net::Ipv4Addr::new(127, 88, (pid / 250 % 250) as u8, (pid % 250 + 1) as u8)
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
@@ -344,14 +345,14 @@ async fn the_binary_runs_in_controller_mode() {
     zone.serve_initially("v1");
     let dir = TempDir::new("binary-run");
     let path = zone.agent_config(dir.path());
-    let [hbone, plain, capture, admin, metrics, dns] = [(); 6].map(|_| free_port());
+    let ip = own_loopback();
     let mut yaml = std::fs::read_to_string(&path).unwrap();
     yaml.push_str(&format!(
-        "inbound: {{ listen: 127.0.0.1:{hbone}, plaintext_listen: 127.0.0.1:{plain} }}\n\
-         outbound: {{ capture_listen: 127.0.0.1:{capture} }}\n\
-         admin: {{ listen: 127.0.0.1:{admin} }}\n\
-         metrics: {{ listen: 127.0.0.1:{metrics} }}\n\
-         dns: {{ listen: 127.0.0.1:{dns}, upstream: [127.0.0.1:9] }}\n"
+        "inbound: {{ listen: {ip}:15008, plaintext_listen: {ip}:15006 }}\n\
+         outbound: {{ capture_listen: {ip}:15001 }}\n\
+         admin: {{ listen: {ip}:15000 }}\n\
+         metrics: {{ listen: {ip}:15020 }}\n\
+         dns: {{ listen: {ip}:15053, upstream: [127.0.0.1:9] }}\n"
     ));
     std::fs::write(&path, yaml).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-agent"))
@@ -366,7 +367,7 @@ async fn the_binary_runs_in_controller_mode() {
         zone.next_message().await.message,
         Some(agent_message::Message::Ack(_))
     ));
-    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("{ip}:15000").parse().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let dump = loop {
         let body = tokio::task::spawn_blocking(move || http_get(admin_addr, "/config_dump"))
@@ -399,7 +400,7 @@ async fn the_binary_runs_in_controller_mode() {
         hickory_proto::rr::RecordType::A,
     ));
     client
-        .send_to(&q.to_vec().unwrap(), ("127.0.0.1", dns))
+        .send_to(&q.to_vec().unwrap(), (ip, 15053))
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -410,7 +411,7 @@ async fn the_binary_runs_in_controller_mode() {
     let answer = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
     assert_eq!(answer.answers.len(), 1);
 
-    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let metrics_addr: std::net::SocketAddr = format!("{ip}:15020").parse().unwrap();
     let text = tokio::task::spawn_blocking(move || http_get(metrics_addr, "/metrics"))
         .await
         .unwrap()

@@ -4,7 +4,7 @@
 //! inside a host of the suite so that controllers on other hosts reach it
 //! over the LAN. Dropping it stops the server (fast shutdown).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -28,6 +28,22 @@ pub struct Postgres {
     pub url: String,
     // Declared last: the server stops before its files go.
     _dir: Option<TempDir>,
+}
+
+/// A loopback address for one server of this process (all of 127/8 is
+/// local): PostgreSQL cannot take port 0, and a port found free on
+/// 127.0.0.1 may be taken by a parallel test before the server binds it.
+fn own_loopback() -> Ipv4Addr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    Ipv4Addr::new(
+        127,
+        (100 + n % 100) as u8,
+        (pid / 250 % 250) as u8,
+        (pid % 250 + 1) as u8,
+    )
 }
 
 /// The newest PostgreSQL server binaries installed (Debian layout).
@@ -77,15 +93,12 @@ fn checked(what: &str, out: std::io::Result<Output>) -> Result<()> {
 }
 
 impl Postgres {
-    /// A server of its own on a free loopback port in the calling
-    /// process's namespace, with its files in a temporary directory.
+    /// A server of its own on port 5432 of a loopback address of its own,
+    /// in the calling process's namespace, with its files in a temporary directory.
     pub fn start_local() -> Result<Postgres> {
         let dir = TempDir::new("weft-pg")?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port")?
-            .port();
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let ip = IpAddr::V4(own_loopback());
+        let port = PORT;
         let command = |program: &Path, ids: Option<(u32, u32)>| {
             let mut cmd = Command::new(program);
             if let Some((uid, gid)) = ids {
