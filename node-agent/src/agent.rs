@@ -41,6 +41,13 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     metrics.certificate_expires(credentials.current().identity.not_after);
     let drain = Drain::new();
 
+    if config.redirect.on_start {
+        crate::redirect::install(&config).context(
+            "redirect.on_start: cannot install the capture rules (the agent needs CAP_NET_ADMIN, \
+             or install them as root with `weft-agent redirect install`)",
+        )?;
+        info!("capture rules installed (redirect.on_start)");
+    }
     // Bind everything first: a port in use fails the start, naming its field.
     let hbone = bind("inbound.listen", config.inbound.listen)?;
     let plaintext = bind("inbound.plaintext_listen", config.inbound.plaintext_listen)?;

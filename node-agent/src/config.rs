@@ -315,6 +315,11 @@ pub struct RedirectConfig {
     /// proxy, when it is enabled.
     #[serde(default = "defaults::yes")]
     pub dns: bool,
+    /// `weft-agent run` (re)installs these rules before it serves, as
+    /// `redirect install` does, so that a reboot (which empties nftables)
+    /// never leaves a host without capture. Needs CAP_NET_ADMIN.
+    #[serde(default)]
+    pub on_start: bool,
 }
 
 mod defaults {

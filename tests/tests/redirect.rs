@@ -143,3 +143,100 @@ fn install_twice_then_remove_restores_the_ruleset() -> Result<()> {
     );
     Ok(())
 }
+
+/// After a reboot nftables is empty: an agent with `redirect.on_start`
+/// puts its capture rules back before it serves, they survive its stop
+/// (captured connections fail rather than go around the mesh), and
+/// `redirect remove` leaves nothing behind. Without CAP_NET_ADMIN the agent
+/// refuses to start, saying why.
+#[test]
+fn capture_rules_come_back_when_the_agent_starts_after_a_reboot() -> Result<()> {
+    use std::time::Duration;
+    use weft_e2e::topology::{self, Pair, ECHO_PORT};
+    use weft_e2e::{echo_bin, unique_marker};
+
+    let pair = Pair::new(echo_bin!())?;
+    let marker = unique_marker("reboot");
+    let _app = pair.start_server_app(&marker)?;
+    let _server = pair.start_server_agent(&pair.server_spec(&pair.identity("server")?), None)?;
+
+    // The "rebooted" host: an empty ruleset.
+    pair.client.run("nft", &["flush", "ruleset"])?;
+    ensure!(
+        nft_ruleset(&pair.client)?.trim().is_empty(),
+        "the ruleset is not empty"
+    );
+
+    let mut spec = pair.client_spec(&pair.identity("client")?);
+    spec.set("outbound.listeners", serde_json::json!([]))
+        .set("redirect.inbound", false)
+        .set("redirect.on_start", true);
+
+    // Not allowed to touch nftables: a clear refusal, nothing installed.
+    let refused = pair.start_client_agent(&spec, Some(agent::AGENT_UID));
+    let err = format!(
+        "{:#}",
+        refused
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("started without CAP_NET_ADMIN"))?
+    );
+    ensure!(
+        err.contains("CAP_NET_ADMIN"),
+        "the refusal does not say why:\n{err}"
+    );
+    ensure!(
+        nft_ruleset(&pair.client)?.trim().is_empty(),
+        "rules appeared anyway"
+    );
+
+    // As root (its own traffic, uid 0, is left alone), the agent installs them.
+    spec.set("redirect.agent_uid", 0);
+    let mut client = pair.start_client_agent(&spec, None)?;
+    let rules = nft_ruleset(&pair.client)?;
+    ensure!(
+        rules.contains("table inet weft"),
+        "no capture rules after start:\n{rules}"
+    );
+
+    // An application (uid 1000) dialing the server directly is captured.
+    let out = pair
+        .client
+        .command_as(echo_bin!(), Some(1000))
+        .args([
+            "client",
+            &topology::server(ECHO_PORT).to_string(),
+            "--marker",
+            &marker,
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "the captured call failed: {}",
+        agent::describe(&out)
+    );
+    client.wait_metric(
+        "weft_connections_opened_total",
+        &[("direction", "outbound")],
+        1.0,
+    )?;
+
+    // Stopping the agent leaves the rules; remove takes every trace away.
+    client.proc.signal(libc::SIGTERM)?;
+    client.proc.wait_exit(Duration::from_secs(20))?;
+    ensure!(
+        nft_ruleset(&pair.client)?.contains("table inet weft"),
+        "the rules left with the agent"
+    );
+    let out = remove(&pair.client)?;
+    ensure!(
+        out.status.success(),
+        "remove failed: {}",
+        agent::describe(&out)
+    );
+    let left = nft_ruleset(&pair.client)?;
+    ensure!(
+        left.trim().is_empty(),
+        "remove left something behind:\n{left}"
+    );
+    Ok(())
+}
