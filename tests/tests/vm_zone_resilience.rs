@@ -102,6 +102,7 @@ fn controller_killed_traffic_continues_and_agents_reconverge() -> Result<()> {
 
     // Continuous traffic while the controller dies.
     let vip = vip_of(&up.controller, "payments")?;
+    let web_vip = vip_of(&up.controller, "web")?;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let traffic = {
@@ -143,6 +144,15 @@ fn controller_killed_traffic_continues_and_agents_reconverge() -> Result<()> {
         .start_controller("zone-again", &up.zone.sqlite_store("zone.db"))?;
     up.wait_connected_to(&up.controller)?;
     up.wait_converged(&up.controller)?;
+    // The restart and the agents' reconnections left the virtual IPs alone.
+    ensure!(
+        vip_of(&up.controller, "payments")? == vip,
+        "payments' VIP changed"
+    );
+    ensure!(
+        vip_of(&up.controller, "web")? == web_vip,
+        "web's VIP changed"
+    );
     up.enrol(2)?;
     up.wait_converged(&up.controller)?;
     let orders = format!("http://orders.mesh:{HTTP_PORT}/");
