@@ -50,6 +50,22 @@ pub fn der_roles(view: &Value) -> Vec<(Vec<u8>, String)> {
     })
 }
 
+/// Waits until the controller's set is the one CA `key` (as `listed`
+/// reads a view), signing: every older CA has left.
+pub fn wait_alone<K: PartialEq>(
+    up: &Running,
+    what: &str,
+    within: Duration,
+    listed: fn(&Value) -> Vec<(K, String)>,
+    key: &K,
+) -> Result<()> {
+    wait::until(what, within, || {
+        let view = ca_view(&up.controller)?;
+        let alone = matches!(&listed(&view)[..], [(k, role)] if k == key && role == "signing");
+        Ok(alone.then_some(()))
+    })
+}
+
 /// The key of the one CA of a view's `listed` roles, which must sign.
 pub fn the_signing_ca<K: Debug>(listed: Vec<(K, String)>, view: &Value) -> Result<K> {
     let [(key, role)]: [(K, String); 1] = listed

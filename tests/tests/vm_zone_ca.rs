@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 use weft_e2e::meshca::{
-    ca_view, no_failed_renewals, payments_echo, roles, the_signing_ca, wait_agents_on, wait_bundles,
+    ca_view, no_failed_renewals, payments_echo, roles, the_signing_ca, wait_agents_on, wait_alone,
+    wait_bundles,
 };
 use weft_e2e::vmzone::{bring_up, MESH};
 use weft_e2e::{echo_bin, traffic, wait};
@@ -72,13 +73,12 @@ fn mesh_ca_rotates_under_traffic_without_a_failure() -> Result<()> {
 
     // The old CA leaves the set once its certificates have expired, and
     // the agents' bundles follow.
-    wait::until(
+    wait_alone(
+        &up,
         "the old CA to leave the controller's set",
         LIFETIME + T,
-        || {
-            let view = ca_view(&up.controller)?;
-            Ok((roles(&view) == vec![(new.clone(), "signing".to_owned())]).then_some(()))
-        },
+        roles,
+        &new,
     )?;
     wait_bundles(&up, "drop the old CA", T, |text| {
         !text.contains(old_pem.trim()) && text.contains(new_pem.trim())

@@ -14,7 +14,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsage
 use serde_json::Value;
 use weft_e2e::meshca::{
     ca_view, der_of, der_roles, ders, no_failed_renewals, payments_echo, the_signing_ca,
-    wait_agents_on, wait_bundles,
+    wait_agents_on, wait_alone, wait_bundles,
 };
 use weft_e2e::vmzone::{bring_up, Running, MESH, TRUST_DOMAIN};
 use weft_e2e::{echo_bin, traffic, wait};
@@ -127,13 +127,12 @@ fn rotations_to_provided_cas_under_traffic_without_a_failure() -> Result<()> {
     // The built-in and the first CA leave the set once their certificates
     // have expired, and the agents' bundles follow.
     let second = der_of(&second_cert);
-    wait::until(
+    wait_alone(
+        &up,
         "the older CAs to leave the controller's set",
         LIFETIME + T,
-        || {
-            let view = ca_view(&up.controller)?;
-            Ok((der_roles(&view) == vec![(second.clone(), "signing".to_owned())]).then_some(()))
-        },
+        der_roles,
+        &second,
     )?;
     wait_bundles(&up, "hold the second CA alone", T, |text| {
         ders(text) == vec![second.clone()]

@@ -14,21 +14,15 @@ use common::ca::{bundle_len, by_fingerprint, ca_view, now_secs, roles, signed_by
 use common::{eventually, eventually_within, Zone};
 use serde_json::Value;
 
-/// Certificates live 20 s: the retired CA leaves the bundle 20 s after the
-/// new one starts signing.
-const MESH: &str = "\
-apiVersion: weft.io/v1alpha1
-kind: Mesh
-metadata:
-  name: default
-spec:
-  trustDomain: weft.test
-  workloadCertificateLifetime: 20s
-";
+/// [`common::MESH`] with certificates living 20 s: the retired CA leaves
+/// the bundle 20 s after the new one starts signing.
+fn mesh() -> String {
+    format!("{}  workloadCertificateLifetime: 20s\n", common::MESH)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_waits_for_the_agents_then_signs_and_retires() {
-    let setup = ZoneWithMesh::start(MESH).await;
+    let setup = ZoneWithMesh::start(&mesh()).await;
     let zone = &setup.zone;
 
     // One agent, online, holding the one-CA bundle.
@@ -141,7 +135,7 @@ async fn the_leader_rotates_a_builtin_ca_near_the_end_of_its_life() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = format!("sqlite://{}", dir.path().join("zone.db").display());
     let zone = Zone::start_with(&url, &["--mesh-ca-lifetime", "10s"]).await;
-    zone.ctl(&["apply", "-f", "-"], MESH)
+    zone.ctl(&["apply", "-f", "-"], &mesh())
         .await
         .expect("apply the mesh");
     let first = ca_view(&zone).await;

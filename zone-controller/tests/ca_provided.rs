@@ -54,6 +54,11 @@ fn mesh_yaml(ca: Option<Source<'_>>) -> String {
     yaml
 }
 
+/// The Mesh of [`mesh_yaml`] with a provided CA read from files.
+fn files_yaml(cert: &Path, key: &Path) -> String {
+    mesh_yaml(Some(Source::Files { cert, key }))
+}
+
 fn indent(pem: &str) -> String {
     pem.lines().map(|l| format!("          {l}\n")).collect()
 }
@@ -162,14 +167,7 @@ async fn a_provided_ca_signs_and_another_one_or_the_builtin_rotates_in() {
 
     // A second provided CA, from files: pending until vm-1 trusts it.
     let (cert, key) = second.write(dir.path(), "second");
-    apply(
-        &zone,
-        &mesh_yaml(Some(Source::Files {
-            cert: &cert,
-            key: &key,
-        })),
-    )
-    .await;
+    apply(&zone, &files_yaml(&cert, &key)).await;
     let second_fp = wait_role(
         &zone,
         &second.cert,
@@ -212,14 +210,7 @@ async fn a_provided_ca_signs_and_another_one_or_the_builtin_rotates_in() {
         .await;
 
     // Re-applying the same Mesh starts nothing.
-    apply(
-        &zone,
-        &mesh_yaml(Some(Source::Files {
-            cert: &cert,
-            key: &key,
-        })),
-    )
-    .await;
+    apply(&zone, &files_yaml(&cert, &key)).await;
 
     // Back to the built-in CA: a generated one is pending, then signs.
     apply(&zone, &mesh_yaml(None)).await;
@@ -309,14 +300,7 @@ async fn builtin_to_provided_and_a_pending_ca_the_mesh_no_longer_asks_for_is_can
     .await;
     let second = Provided::new();
     let (cert, key) = second.write(dir.path(), "second");
-    apply(
-        &zone,
-        &mesh_yaml(Some(Source::Files {
-            cert: &cert,
-            key: &key,
-        })),
-    )
-    .await;
+    apply(&zone, &files_yaml(&cert, &key)).await;
     wait_role(
         &zone,
         &second.cert,
@@ -392,10 +376,7 @@ async fn a_provided_ca_that_cannot_sign_is_refused_at_apply_and_changes_nothing(
 
     // Created with the CA from files, it signs with it.
     let (cert, key) = good.write(dir.path(), "good");
-    let good_yaml = mesh_yaml(Some(Source::Files {
-        cert: &cert,
-        key: &key,
-    }));
+    let good_yaml = files_yaml(&cert, &key);
     apply(&zone, &good_yaml).await;
     let agent = Agent::enrol(&zone, &pinned(&zone).await).await;
     assert!(signed_by(
@@ -423,10 +404,7 @@ async fn a_provided_ca_that_cannot_sign_is_refused_at_apply_and_changes_nothing(
     let cases: Vec<(&str, String, &str, &str)> = vec![
         (
             "not a CA",
-            mesh_yaml(Some(Source::Files {
-                cert: &leaf_cert,
-                key: &leaf_key,
-            })),
+            files_yaml(&leaf_cert, &leaf_key),
             "spec.ca.provided.certificate",
             "not a CA",
         ),
@@ -450,10 +428,7 @@ async fn a_provided_ca_that_cannot_sign_is_refused_at_apply_and_changes_nothing(
         ),
         (
             "an unreadable file",
-            mesh_yaml(Some(Source::Files {
-                cert: &nowhere,
-                key: &key,
-            })),
+            files_yaml(&nowhere, &key),
             "spec.ca.provided.certificate.file",
             "nowhere.crt",
         ),
