@@ -13,6 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
+use crate::traffic::{Beside, NewConnections};
 use crate::vmzone::{service_vip, wait_curl, Running, ECHO_PORT, HTTP_PORT, MESH};
 use crate::wait;
 use crate::zone::Controller;
@@ -129,6 +130,26 @@ pub fn payments_echo(up: &Running) -> Result<SocketAddr> {
         &up.markers[1],
     )?;
     Ok(SocketAddr::new(vip, ECHO_PORT))
+}
+
+/// Starts the traffic the rotation scenarios run from the first VM to
+/// `addr`: a new connection every 200 ms, each with a 16 KiB echo, beside
+/// a long-lived connection; each loop stops at its bound.
+pub fn rotation_traffic(
+    up: &Running,
+    addr: SocketAddr,
+    timeout: Duration,
+    round_trips: u64,
+    connections: u64,
+) -> Result<Beside> {
+    let fresh = NewConnections {
+        addr,
+        timeout,
+        marker: up.markers[1].clone(),
+        len: 16 * 1024,
+        every: Duration::from_millis(200),
+    };
+    Beside::start(&up.zone.vms[0].host, fresh, round_trips, connections)
 }
 
 /// Waits until every agent holds a workload certificate issued by the CA

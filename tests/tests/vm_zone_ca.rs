@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 use weft_e2e::meshca::{
-    ca_view, no_failed_renewals, payments_echo, roles, the_signing_ca, wait_agents_on, wait_alone,
-    wait_bundles,
+    ca_view, no_failed_renewals, payments_echo, roles, rotation_traffic, the_signing_ca,
+    wait_agents_on, wait_alone, wait_bundles,
 };
 use weft_e2e::vmzone::{bring_up, MESH};
-use weft_e2e::{echo_bin, traffic, wait};
+use weft_e2e::{echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
 /// The workload certificate lifetime of the scenario.
@@ -37,16 +37,8 @@ fn mesh_ca_rotates_under_traffic_without_a_failure() -> Result<()> {
     let old = the_signing_ca(roles(&before), &before).context("before the rotation")?;
     let old_pem = pem_of(&before, &old)?;
 
-    // Traffic all along the rotation: a new connection every 200 ms, each
-    // with a 16 KiB echo, beside the long-lived one.
-    let connections = traffic::NewConnections {
-        addr,
-        timeout: T,
-        marker: up.markers[1].clone(),
-        len: 16 * 1024,
-        every: Duration::from_millis(200),
-    };
-    let traffic = traffic::Beside::start(&up.zone.vms[0].host, connections, 2000, 1000)?;
+    // Traffic all along the rotation.
+    let traffic = rotation_traffic(&up, addr, T, 2000, 1000)?;
 
     let out = up.controller.weftctl_ok(&["mesh", "rotate-ca", MESH])?;
     ensure!(out.contains("pending"), "rotate-ca printed: {out}");

@@ -13,11 +13,11 @@ use anyhow::{anyhow, Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use serde_json::Value;
 use weft_e2e::meshca::{
-    ca_view, der_of, der_roles, ders, no_failed_renewals, payments_echo, the_signing_ca,
-    wait_agents_on, wait_alone, wait_bundles,
+    ca_view, der_of, der_roles, ders, no_failed_renewals, payments_echo, rotation_traffic,
+    the_signing_ca, wait_agents_on, wait_alone, wait_bundles,
 };
 use weft_e2e::vmzone::{bring_up, Running, MESH, TRUST_DOMAIN};
-use weft_e2e::{echo_bin, traffic, wait};
+use weft_e2e::{echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
 /// The workload certificate lifetime of the scenario.
@@ -75,16 +75,8 @@ fn rotations_to_provided_cas_under_traffic_without_a_failure() -> Result<()> {
     let before = ca_view(&up.controller)?;
     let builtin = the_signing_ca(der_roles(&before), &before).context("before the rotations")?;
 
-    // Traffic all along both rotations: a new connection every 200 ms,
-    // each with a 16 KiB echo, beside the long-lived one.
-    let connections = traffic::NewConnections {
-        addr,
-        timeout: T,
-        marker: up.markers[1].clone(),
-        len: 16 * 1024,
-        every: Duration::from_millis(200),
-    };
-    let traffic = traffic::Beside::start(&up.zone.vms[0].host, connections, 3000, 1500)?;
+    // Traffic all along both rotations.
+    let traffic = rotation_traffic(&up, addr, T, 3000, 1500)?;
 
     // Built-in -> the operator's first CA, from files on the controller's
     // host.
