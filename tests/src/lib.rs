@@ -12,6 +12,7 @@ pub mod capture;
 pub mod client;
 pub mod hbone;
 pub mod http;
+pub mod meshca;
 pub mod metrics;
 pub mod netns;
 pub mod pattern;

@@ -5,12 +5,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 
-use crate::client;
+use crate::netns::Netns;
+use crate::{client, wait};
 
 /// Exchanges one line per 100 ms on one connection to the echo service at
 /// `addr`, checking each echo, until `stop(round trips so far)` says so;
@@ -65,5 +68,85 @@ impl NewConnections {
             std::thread::sleep(self.every);
         }
         Ok(n)
+    }
+}
+
+/// Both loops at once in a host, beside an operation that must break
+/// neither: a long-lived connection and new connections to the same echo
+/// service, stopped together by [`Beside::finish`].
+pub struct Beside {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    timeout: Duration,
+    steady: JoinHandle<Result<u64>>,
+    fresh: JoinHandle<Result<u64>>,
+}
+
+impl Beside {
+    /// Starts both loops in `host` against `connections.addr`. Each also
+    /// stops at its bound (`round_trips` and `connections_at_most`), so
+    /// that a test that fails before [`Beside::finish`] leaves no loop
+    /// behind.
+    pub fn start(
+        host: &Netns,
+        connections: NewConnections,
+        round_trips: u64,
+        connections_at_most: u64,
+    ) -> Result<Beside> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (addr, timeout) = (connections.addr, connections.timeout);
+        let steady = {
+            let stop = stop.clone();
+            host.spawn(move || {
+                long_lived(addr, timeout, |n| {
+                    n >= round_trips || stop.load(Ordering::Acquire)
+                })
+            })?
+        };
+        let fresh = {
+            let (stop, done) = (stop.clone(), done.clone());
+            host.spawn(move || {
+                connections.run(&done, |n| {
+                    n >= connections_at_most || stop.load(Ordering::Acquire)
+                })
+            })?
+        };
+        Ok(Beside {
+            stop,
+            done,
+            timeout,
+            steady,
+            fresh,
+        })
+    }
+
+    /// Waits for `more` new connections (made after what `after` names),
+    /// stops both loops, and fails if either broke during `operation` or
+    /// did too little to prove anything (100 round trips, 50 connections).
+    pub fn finish(self, more: u64, after: &str, operation: &str) -> Result<()> {
+        let from = self.done.load(Ordering::Acquire);
+        let waited = wait::until(
+            &format!("{more} more connections after {after}"),
+            self.timeout,
+            || Ok((self.done.load(Ordering::Acquire) >= from + more).then_some(())),
+        );
+        self.stop.store(true, Ordering::Release);
+        let round_trips = self
+            .steady
+            .join()
+            .map_err(|_| anyhow!("long-lived thread panicked"))?
+            .with_context(|| format!("the long-lived connection broke during {operation}"))?;
+        let connections = self
+            .fresh
+            .join()
+            .map_err(|_| anyhow!("new-connection thread panicked"))?
+            .with_context(|| format!("a new connection failed during {operation}"))?;
+        waited?;
+        ensure!(
+            round_trips > 100 && connections > 50,
+            "{round_trips} round trips, {connections} connections"
+        );
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ use weft_pki::WorkloadKey;
 use super::{Zone, DEADLINE};
 
 /// The zone CA as an agent pins it.
+#[derive(Clone)]
 pub struct Pinned {
     /// The CA certificate (DER), checked against the pin.
     pub ca: CertificateDer<'static>,

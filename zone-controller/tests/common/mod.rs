@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod ca;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
