@@ -18,8 +18,8 @@ use weft_store::{
     AgentEnrollment, Expect, ResourceKey, Store, StoreError, TokenError, WorkloadScope,
 };
 
-use crate::grpc::PeerInfo;
 use crate::cutoff::{workload_key, CutReceiver, Cutoff};
+use crate::grpc::PeerInfo;
 use crate::hub::Hub;
 use crate::mesh_ca::{MeshCaError, MeshCas};
 use crate::views::AGENT_LABEL;
@@ -48,7 +48,9 @@ fn bundle_cas(pem: &str) -> Vec<String> {
 /// least three heartbeats per grace, so that a live agent is never taken
 /// for a vanished one.
 pub fn heartbeat_period(agent_grace: Duration) -> Duration {
-    HEARTBEAT.min(agent_grace / 3).max(Duration::from_millis(100))
+    HEARTBEAT
+        .min(agent_grace / 3)
+        .max(Duration::from_millis(100))
 }
 
 /// How a config stream ended, for the inventory.
@@ -752,13 +754,25 @@ impl AgentApi {
             cut_id,
         };
         let outcome = self
-            .follow(&stream, hello.applied_version, inbound, outbound, views, cut)
+            .follow(
+                &stream,
+                hello.applied_version,
+                inbound,
+                outbound,
+                views,
+                cut,
+            )
             .await;
         self.hub.unregister(id);
         let recorded = match outcome {
             Ok(StreamEnd::Goodbye) => {
                 self.store
-                    .leave_agent(&self.zone, agent, &self.replica, "goodbye: the agent closed its stream")
+                    .leave_agent(
+                        &self.zone,
+                        agent,
+                        &self.replica,
+                        "goodbye: the agent closed its stream",
+                    )
                     .await
             }
             _ => {
@@ -916,9 +930,12 @@ impl AgentApi {
                     .get_agent(&self.zone, agent)
                     .await
                     .map_err(store_status)?
-                    .ok_or_else(|| Status::permission_denied(format!("agent {agent:?} is not enrolled")))?;
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!("agent {agent:?} is not enrolled"))
+                    })?;
                 let workloads = Self::without_withdrawn(agent, &record, workloads);
-                self.register_workloads(agent, stream.cut_id, workloads).await?;
+                self.register_workloads(agent, stream.cut_id, workloads)
+                    .await?;
                 tracing::info!(%agent, count = update.workloads.len(), "workloads re-registered");
                 Ok(())
             }

@@ -116,9 +116,15 @@ impl Cutoff {
 
     /// Why `agent` may not hold a stream any more, if it may not: not
     /// enrolled, or its token revoked or gone.
-    pub async fn refusal(store: &Store, zone: &str, agent: &str) -> Result<Option<String>, StoreError> {
+    pub async fn refusal(
+        store: &Store,
+        zone: &str,
+        agent: &str,
+    ) -> Result<Option<String>, StoreError> {
         let Some(record) = store.get_agent(zone, agent).await? else {
-            return Ok(Some(format!("agent {agent:?} is not enrolled in zone {zone:?}")));
+            return Ok(Some(format!(
+                "agent {agent:?} is not enrolled in zone {zone:?}"
+            )));
         };
         let token_id = &record.enrollment.token_id;
         Ok(match store.token_info(token_id).await? {
@@ -159,7 +165,9 @@ impl Cutoff {
                         self.on_entry(entry).await;
                     }
                 }
-                Err(error) => tracing::warn!(%error, "cannot read the change feed to cut agents off; retrying at the next change"),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the change feed to cut agents off; retrying at the next change")
+                }
             }
         }
     }
