@@ -292,8 +292,9 @@ impl Store {
         Ok(done)
     }
 
-    /// Marks an agent gone from the endpoint lists because it said goodbye
-    /// (closed its stream cleanly), if `replica` still holds its stream.
+    /// Marks an agent gone from the endpoint lists, if `replica` still holds
+    /// its stream: it said goodbye (closed its stream cleanly), or was cut
+    /// off. A departure already recorded keeps its time and reason.
     /// Returns whether it did.
     pub async fn leave_agent(
         &self,
@@ -309,7 +310,8 @@ impl Store {
             // The sequence first, as every writer does (commit order).
             let seq = take_seq!(tx, &op);
             let mesh: Option<String> = sqlx::query_scalar(
-                "UPDATE agents SET connected_replica = NULL, left_at = $4, left_reason = $5 \
+                "UPDATE agents SET connected_replica = NULL, left_at = COALESCE(left_at, $4), \
+                 left_reason = COALESCE(left_reason, $5) \
                  WHERE zone = $1 AND name = $2 AND connected_replica = $3 RETURNING mesh",
             )
             .bind(zone)

@@ -54,12 +54,19 @@ fn revoking_a_token_cuts_the_real_agent_and_a_stopped_agent_leaves_at_once() -> 
                 .is_some_and(|e| e.contains("revoked")))
         .then_some(()))
     })
-    .map_err(|e| anyhow!("{e:#}\nlast /config_dump controller: {:#}", last["controller"]))?;
+    .map_err(|e| {
+        anyhow!(
+            "{e:#}\nlast /config_dump controller: {:#}",
+            last["controller"]
+        )
+    })?;
 
     // Inspect shows it cut off, and its endpoint is in no list any more.
-    let agents = up.controller.wait_inspect("agents", "payments gone", T, |agents| {
-        agent_entry(agents, &payments).is_some_and(|a| a["state"] == "gone")
-    })?;
+    let agents = up
+        .controller
+        .wait_inspect("agents", "payments gone", T, |agents| {
+            agent_entry(agents, &payments).is_some_and(|a| a["state"] == "gone")
+        })?;
     let entry = agent_entry(&agents, &payments).ok_or_else(|| anyhow!("{agents:#}"))?;
     ensure!(entry["online"] == false, "{entry:#}");
     let reason = entry["left"]["reason"].as_str().unwrap_or_default();
@@ -86,9 +93,11 @@ fn revoking_a_token_cuts_the_real_agent_and_a_stopped_agent_leaves_at_once() -> 
     // endpoint list at once.
     up.agents[2].proc.signal(libc::SIGTERM)?;
     up.agents[2].proc.wait_exit(T)?;
-    let agents = up.controller.wait_inspect("agents", "orders gone", T, |agents| {
-        agent_entry(agents, &orders).is_some_and(|a| a["state"] == "gone")
-    })?;
+    let agents = up
+        .controller
+        .wait_inspect("agents", "orders gone", T, |agents| {
+            agent_entry(agents, &orders).is_some_and(|a| a["state"] == "gone")
+        })?;
     let entry = agent_entry(&agents, &orders).ok_or_else(|| anyhow!("{agents:#}"))?;
     ensure!(
         entry["left"]["reason"]

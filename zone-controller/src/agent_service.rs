@@ -764,8 +764,19 @@ impl AgentApi {
             )
             .await;
         self.hub.unregister(id);
-        let recorded = match outcome {
-            Ok(StreamEnd::Goodbye) => {
+        // A revocation that raced the Hello was undone by its connection:
+        // the agent leaves again, with the revocation's reason.
+        let revoked = match &outcome {
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                Cutoff::refusal(&self.store, &self.zone, agent)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        let recorded = match (&outcome, revoked) {
+            (Ok(StreamEnd::Goodbye), _) => {
                 self.store
                     .leave_agent(
                         &self.zone,
@@ -773,6 +784,11 @@ impl AgentApi {
                         &self.replica,
                         "goodbye: the agent closed its stream",
                     )
+                    .await
+            }
+            (_, Some(reason)) => {
+                self.store
+                    .leave_agent(&self.zone, agent, &self.replica, &reason)
                     .await
             }
             _ => {
