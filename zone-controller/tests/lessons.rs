@@ -435,3 +435,51 @@ async fn virtual_ips_survive_an_agent_reconnect_and_a_controller_restart() {
     .await;
     assert_eq!(inspected, (web_vip, api_vip));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_or_deletion_on_one_replica_cuts_streams_on_another() {
+    let pg = weft_e2e::postgres::Postgres::start_local().expect("start a PostgreSQL server");
+    let a = Zone::start_with(&pg.url, &["--zone", "z1", "--replica-id", "replica-a"]).await;
+    let b = Zone::start_with(&pg.url, &["--zone", "z1", "--replica-id", "replica-b"]).await;
+    a.ctl(&["apply", "-f", "-"], MESH)
+        .await
+        .expect("apply the mesh");
+    let web1 = workload("web-1", "web", "10.0.0.1", 8080);
+    let web2 = workload("web-2", "web", "10.0.0.2", 8080);
+    // Tokens issued on A, agents enrolled and streaming on B.
+    let secret1 = a.issue_token(&["--workload", "web-1"]).await;
+    let secret2 = a.issue_token(&["--workload", "web-2"]).await;
+    let pin_b = pinned(&b).await;
+    let (_, vm1) = enroll_with_token(b.grpc, &pin_b, &secret1, "vm-1", vec![web1.clone()]).await;
+    let (_, vm2) = enroll_with_token(b.grpc, &pin_b, &secret2, "vm-2", vec![web2.clone()]).await;
+    let mut first = open(&b, b.grpc, &vm1, "vm-1", &web1).await;
+    let mut second = open(&b, b.grpc, &vm2, "vm-2", &web2).await;
+    let both = |u: &pb::ConfigUpdate| {
+        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
+    };
+    first.until_acked(both).await;
+    second.until_acked(both).await;
+
+    a.ctl(&["token", "revoke", &token_id(&secret1)], "")
+        .await
+        .expect("token revoke on A");
+    let status = ending(&mut first).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("revoked"), "{status}");
+
+    a.ctl(&["delete", "workload", "web-2"], "")
+        .await
+        .expect("delete workload on A");
+    let status = ending(&mut second).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("web-2"), "{status}");
+    let services = b.get_json("/v1/inspect/services").await;
+    let web = services
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .map(|s| s["endpoints"].clone());
+    assert!(
+        web.is_none() || web == Some(serde_json::json!([])),
+        "{services}"
+    );
+}
