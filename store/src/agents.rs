@@ -18,6 +18,9 @@ use crate::error::StoreError;
 /// The kind written in the change feed for inventory transitions; not a
 /// resource kind, so resource readers skip it.
 pub(crate) const AGENT_KIND: &str = "Agent";
+/// The version written with an `Agent` entry when the agent was cut off
+/// (0 otherwise): see [`crate::FeedEntry::Agent`].
+pub(crate) const AGENT_CUT_VERSION: u64 = 1;
 
 /// What an enrolment records about an agent.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use subtle::ConstantTimeEq;
 
-use crate::agents::AGENT_KIND;
+use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
 use crate::backend::{on_pool, Store};
 use crate::changes::{append_change, take_seq};
 use crate::clock::now_ms;
@@ -339,6 +339,7 @@ impl Store {
     /// entry in the change feed, so that every replica cuts its stream at
     /// once (see [`TokenGrant::id`]).
     pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        const AGENT_CUT: i64 = AGENT_CUT_VERSION as i64;
         let op = format!("revoke token {id}");
         let now = now_ms();
         let found = on_pool!(self, pool => async {
@@ -372,7 +373,7 @@ impl Store {
                     None => take_seq!(tx, &op),
                 };
                 // The zone is kept in the namespace column.
-                append_change!(tx, &op, seq, AGENT_KIND, mesh, zone, name, 0_i64, false);
+                append_change!(tx, &op, seq, AGENT_KIND, mesh, zone, name, AGENT_CUT, false);
             }
             tx.commit().await.map_err(StoreError::db(&op))?;
             Ok(true)

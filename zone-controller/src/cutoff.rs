@@ -1,10 +1,12 @@
-//! Cutting agents off at once: when an agent's bootstrap token is revoked,
-//! when it is no longer enrolled, or when the operator deletes one of the
-//! Workloads it registered, the config stream it holds on this replica ends
-//! with PERMISSION_DENIED and the reason. Driven by the change feed, so a
-//! revocation or deletion made through any replica reaches the streams of
-//! every replica (PostgreSQL NOTIFY), without waiting for the agent's next
-//! Hello or Renew.
+//! Cutting agents off at once: when an agent's bootstrap token is revoked
+//! (an `Agent` feed entry marked `cut`, written by the revocation itself),
+//! or when the operator deletes one of the Workloads it registered, the
+//! config stream it holds on this replica ends with PERMISSION_DENIED and
+//! the reason. Driven by the change feed, so a revocation or deletion made
+//! through any replica reaches the streams of every replica (PostgreSQL
+//! NOTIFY), without waiting for the agent's next Hello or Renew. Ordinary
+//! inventory entries (connect, heartbeat-free transitions) cost nothing
+//! here.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,7 +176,9 @@ impl Cutoff {
 
     async fn on_entry(&self, entry: FeedEntry) {
         match entry {
-            FeedEntry::Agent { zone, name, .. } if zone == self.zone => {
+            FeedEntry::Agent {
+                zone, name, cut, ..
+            } if cut && zone == self.zone => {
                 if !self.local_agent(&name) {
                     return;
                 }

@@ -75,7 +75,15 @@ async fn ending(stream: &mut ConfigStream) -> tonic::Status {
             match stream.receive.message().await {
                 Ok(Some(pb::ZoneMessage {
                     message: Some(pb::zone_message::Message::Config(update)),
-                })) => stream.ack(&update.version).await,
+                })) => {
+                    // The zone may have ended the call already.
+                    let ack = pb::AgentMessage {
+                        message: Some(pb::agent_message::Message::Ack(pb::Ack {
+                            version: update.version,
+                        })),
+                    };
+                    let _ = stream.send.send(ack).await;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => panic!("the stream ended without a status"),
                 Err(status) => return status,
