@@ -819,14 +819,9 @@ impl AgentApi {
         mut cut: CutReceiver,
     ) -> Result<StreamEnd, Status> {
         let agent = stream.agent;
-        // A revocation between the Hello's checks and the registration in
-        // the inventory would otherwise go unnoticed.
-        if let Some(reason) = Cutoff::refusal(&self.store, &self.zone, agent)
-            .await
-            .map_err(store_status)?
-        {
-            return Err(Status::permission_denied(reason));
-        }
+        // No re-check of the token is needed here: the stream was in the
+        // cut-off registry before the Hello's checks, so a revocation
+        // committed after them reaches `cut`.
         let mut last_sent = applied;
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow

@@ -5,8 +5,8 @@
 //! the reason. Driven by the change feed, so a revocation or deletion made
 //! through any replica reaches the streams of every replica (PostgreSQL
 //! NOTIFY), without waiting for the agent's next Hello or Renew. Ordinary
-//! inventory entries (connect, heartbeat-free transitions) cost nothing
-//! here.
+//! inventory entries (enrolment, connection, goodbye) are skipped without
+//! a query.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
