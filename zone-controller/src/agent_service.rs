@@ -444,6 +444,16 @@ impl AgentApi {
     }
 }
 
+/// Whether the operator deleted a workload of this name from the agent
+/// (in its mesh, any namespace).
+fn withdrawn(record: &weft_store::AgentRecord, workload: &str) -> bool {
+    let mesh = format!("{}/", record.enrollment.mesh);
+    record
+        .withdrawn
+        .iter()
+        .any(|key| key.starts_with(&mesh) && key.rsplit('/').next() == Some(workload))
+}
+
 /// Who a config stream is for, after its Hello.
 struct Stream<'a> {
     agent: &'a str,
@@ -587,11 +597,7 @@ impl AgentService for AgentApi {
             let registered = workloads
                 .iter()
                 .any(|w| w.metadata.name == request.workload);
-            let withdrawn = record.withdrawn.iter().any(|key| {
-                key.starts_with(&format!("{}/", record.enrollment.mesh))
-                    && key.rsplit('/').next() == Some(request.workload.as_str())
-            });
-            if withdrawn && !registered {
+            if !registered && withdrawn(&record, &request.workload) {
                 tracing::warn!(%agent, workload = %request.workload, "renewal refused: the workload was deleted by the operator");
                 return Err(Status::permission_denied(format!(
                     "certificates[{i}].workload: {:?} was deleted by the operator; no certificate is issued for it",
