@@ -136,6 +136,7 @@ async fn virtual_ip(zone: &Zone, service: &str) -> Option<String> {
 struct Relay {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    freeze: tokio::sync::watch::Sender<bool>,
 }
 
 impl Relay {
@@ -144,25 +145,46 @@ impl Relay {
             .await
             .expect("bind the relay");
         let addr = listener.local_addr().expect("the relay's address");
+        let (freeze, frozen) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
+                let mut frozen = frozen.clone();
                 connections.spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(to).await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let froze = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = frozen.wait_for(|f| *f) => true,
+                    };
+                    if froze {
+                        // Sockets open, nothing crosses: a host that
+                        // vanished without a FIN.
+                        std::future::pending::<()>().await;
+                    }
                 });
             }
         });
-        Relay { addr, task }
+        Relay { addr, task, freeze }
     }
 
     /// Drops every relayed connection at once (the JoinSet aborts them).
     fn cut(self) {
+        drop(self);
+    }
+
+    /// Stops relaying but keeps the connections open.
+    fn freeze(&self) {
+        self.freeze.send_replace(true);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
         self.task.abort();
     }
 }
@@ -490,4 +512,40 @@ async fn a_revocation_or_deletion_on_one_replica_cuts_streams_on_another() {
         web.is_none() || web == Some(serde_json::json!([])),
         "{services}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_found_by_keepalive_and_removed_after_the_grace() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("zone.db").display());
+    let zone = Zone::start_with(&url, &["--agent-grace", GRACE]).await;
+    zone.ctl(&["apply", "-f", "-"], MESH)
+        .await
+        .expect("apply the mesh");
+    let web1 = workload("web-1", "web", "10.0.0.1", 8080);
+    let web2 = workload("web-2", "web", "10.0.0.2", 8080);
+    let (_, vm1) = enroll(&zone, "vm-1", &web1).await;
+    let (_, vm2) = enroll(&zone, "vm-2", &web2).await;
+    let mut first = open(&zone, zone.grpc, &vm1, "vm-1", &web1).await;
+    let relay = Relay::start(zone.grpc).await;
+    let mut second = open(&zone, relay.addr, &vm2, "vm-2", &web2).await;
+    let both = |u: &pb::ConfigUpdate| {
+        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
+    };
+    first.until_acked(both).await;
+    second.until_acked(both).await;
+
+    // vm-2's host goes silent: no FIN, no RST, nothing. The zone's HTTP/2
+    // keepalive (a ping every 20 s, 10 s to answer) finds the connection
+    // dead, then the grace runs from vm-2's last heartbeat.
+    relay.freeze();
+    let within = Duration::from_secs(60);
+    let update = first
+        .first_matching(within, |u| {
+            endpoints(u, "web").is_some_and(|e| e == [("10.0.0.1".to_owned(), true)])
+        })
+        .await;
+    first.ack(&update.version).await;
+    let inspected = inspected_agent(&zone, "vm-2").await;
+    assert_eq!(inspected["state"], "gone", "{inspected}");
 }
