@@ -18,6 +18,9 @@ use crate::error::StoreError;
 /// The kind written in the change feed for inventory transitions; not a
 /// resource kind, so resource readers skip it.
 pub(crate) const AGENT_KIND: &str = "Agent";
+/// The version written with an `Agent` entry when the agent was cut off
+/// (0 otherwise): see [`crate::FeedEntry::Agent`].
+pub(crate) const AGENT_CUT_VERSION: u64 = 1;
 
 /// What an enrolment records about an agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,12 +39,32 @@ pub struct AgentEnrollment {
     pub token_id: String,
 }
 
+/// An agent the leader removed for silence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VanishedAgent {
+    /// Its name.
+    pub name: String,
+    /// Its mesh.
+    pub mesh: String,
+    /// When it was last seen, milliseconds since the epoch.
+    pub last_seen_ms: i64,
+}
+
 /// The last config version an agent refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentNack {
     /// The version refused.
     pub version: String,
     /// The agent's reason.
+    pub reason: String,
+}
+
+/// Why and when an agent left the endpoint lists of its mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentDeparture {
+    /// When it left, milliseconds since the epoch.
+    pub at_ms: i64,
+    /// Why: a goodbye, a revoked token, or silence beyond the grace.
     pub reason: String,
 }
 
@@ -61,11 +84,18 @@ pub struct AgentRecord {
     /// The CAs (fingerprints) in the trust bundle of the version it last
     /// acknowledged: what it trusts now, as far as the zone knows.
     pub applied_cas: Vec<String>,
+    /// Set once it left (goodbye, revoked token, vanished): its workloads
+    /// are in no endpoint list until its next accepted Hello.
+    pub left: Option<AgentDeparture>,
+    /// Workloads of it the operator deleted (`mesh/namespace/name`): it may
+    /// not register them again, nor renew their certificates, until it
+    /// enrols again.
+    pub withdrawn: Vec<String>,
 }
 
 const SELECT_AGENT: &str = "SELECT zone, name, mesh, hbone_address, host_facts, token_id, \
-     connected_replica, last_seen, applied_version, nack_version, nack_reason, applied_cas \
-     FROM agents";
+     connected_replica, last_seen, applied_version, nack_version, nack_reason, applied_cas, \
+     left_at, left_reason, withdrawn FROM agents";
 
 fn decode_agent<R>(row: &R) -> Result<AgentRecord, StoreError>
 where
@@ -74,6 +104,7 @@ where
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     let cols = Columns::new(row, "agents");
     let name: String = cols.get("name")?;
@@ -83,6 +114,9 @@ where
     let nack_version: Option<String> = cols.get("nack_version")?;
     let nack_reason: Option<String> = cols.get("nack_reason")?;
     let applied_cas: String = cols.get("applied_cas")?;
+    let left_at: Option<i64> = cols.get("left_at")?;
+    let left_reason: Option<String> = cols.get("left_reason")?;
+    let withdrawn: String = cols.get("withdrawn")?;
     Ok(AgentRecord {
         enrollment: AgentEnrollment {
             zone: cols.get("zone")?,
@@ -100,6 +134,11 @@ where
             reason: nack_reason.unwrap_or_default(),
         }),
         applied_cas: applied_cas.split_whitespace().map(str::to_owned).collect(),
+        left: left_at.map(|at_ms| AgentDeparture {
+            at_ms,
+            reason: left_reason.unwrap_or_default(),
+        }),
+        withdrawn: withdrawn.split_whitespace().map(str::to_owned).collect(),
     })
 }
 
@@ -115,7 +154,8 @@ macro_rules! feed_agent {
 impl Store {
     /// Records an enrolment (a new agent, or one enrolling again): its mesh,
     /// HBONE address, host facts and token. Its connection state and
-    /// acknowledged version are kept.
+    /// acknowledged version are kept; a departure and withdrawn workloads
+    /// are forgotten (enrolling again takes a token: the operator's consent).
     pub async fn enroll_agent(&self, agent: &AgentEnrollment) -> Result<(), StoreError> {
         let op = format!("enroll agent {}", agent.name);
         let facts = agent.host_facts.to_string();
@@ -129,7 +169,8 @@ impl Store {
                  enrolled_at) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, '', NULL, NULL, $7) \
                  ON CONFLICT (zone, name) DO UPDATE SET mesh = excluded.mesh, \
                  hbone_address = excluded.hbone_address, host_facts = excluded.host_facts, \
-                 token_id = excluded.token_id, enrolled_at = excluded.enrolled_at",
+                 token_id = excluded.token_id, enrolled_at = excluded.enrolled_at, \
+                 left_at = NULL, left_reason = NULL, withdrawn = ''",
             )
             .bind(&agent.zone)
             .bind(&agent.name)
@@ -149,7 +190,8 @@ impl Store {
     }
 
     /// Marks an agent connected to `replica` (its stream's Hello), with the
-    /// HBONE address and host facts it reported, seen now. Returns the
+    /// HBONE address and host facts it reported, seen now, and back in the
+    /// endpoint lists if it had left. Returns the
     /// record, or `None` if the agent never enrolled.
     pub async fn connect_agent(
         &self,
@@ -166,8 +208,8 @@ impl Store {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let mesh: Option<String> = sqlx::query_scalar(
                 "UPDATE agents SET connected_replica = $3, last_seen = $4, \
-                 hbone_address = $5, host_facts = $6 WHERE zone = $1 AND name = $2 \
-                 RETURNING mesh",
+                 hbone_address = $5, host_facts = $6, left_at = NULL, left_reason = NULL \
+                 WHERE zone = $1 AND name = $2 RETURNING mesh",
             )
             .bind(zone)
             .bind(name)
@@ -250,6 +292,148 @@ impl Store {
         if done {
             self.notify_local();
         }
+        Ok(done)
+    }
+
+    /// Marks an agent gone from the endpoint lists, if `replica` still holds
+    /// its stream: it said goodbye (closed its stream cleanly), or was cut
+    /// off. A departure already recorded keeps its time and reason.
+    /// Returns whether it did.
+    pub async fn leave_agent(
+        &self,
+        zone: &str,
+        name: &str,
+        replica: &str,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let op = format!("record the goodbye of agent {name}");
+        let now = now_ms();
+        let done = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            // The sequence first, as every writer does (commit order).
+            let seq = take_seq!(tx, &op);
+            let mesh: Option<String> = sqlx::query_scalar(
+                "UPDATE agents SET connected_replica = NULL, left_at = COALESCE(left_at, $4), \
+                 left_reason = COALESCE(left_reason, $5) \
+                 WHERE zone = $1 AND name = $2 AND connected_replica = $3 RETURNING mesh",
+            )
+            .bind(zone)
+            .bind(name)
+            .bind(replica)
+            .bind(now)
+            .bind(reason)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            let Some(mesh) = mesh else {
+                return Ok::<_, StoreError>(false);
+            };
+            append_change!(tx, &op, seq, AGENT_KIND, &mesh, zone, name, 0_i64, false);
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(true)
+        }.await)?;
+        if done {
+            self.notify_local();
+        }
+        Ok(done)
+    }
+
+    /// Removes from the endpoint lists every agent of `zone` not seen since
+    /// `seen_before_ms` that has not left yet (it vanished: no goodbye, no
+    /// heartbeat), and forgets the replica that held its stream. Returns
+    /// the agents removed, with their mesh and when they were last seen.
+    pub async fn remove_vanished_agents(
+        &self,
+        zone: &str,
+        seen_before_ms: i64,
+        reason: &str,
+    ) -> Result<Vec<VanishedAgent>, StoreError> {
+        let op = format!("remove the agents of zone {zone} not seen since {seen_before_ms}");
+        let now = now_ms();
+        let removed = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            let mut first = Some(take_seq!(tx, &op));
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                "UPDATE agents SET connected_replica = NULL, left_at = $3, left_reason = $4 \
+                 WHERE zone = $1 AND left_at IS NULL AND last_seen < $2 \
+                 RETURNING name, mesh, last_seen",
+            )
+            .bind(zone)
+            .bind(seen_before_ms)
+            .bind(now)
+            .bind(reason)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            if rows.is_empty() {
+                return Ok::<_, StoreError>(Vec::new());
+            }
+            for (name, mesh, _) in &rows {
+                let seq = match first.take() {
+                    Some(seq) => seq,
+                    None => take_seq!(tx, &op),
+                };
+                append_change!(tx, &op, seq, AGENT_KIND, mesh, zone, name, 0_i64, false);
+            }
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(rows
+                .into_iter()
+                .map(|(name, mesh, last_seen_ms)| VanishedAgent { name, mesh, last_seen_ms })
+                .collect())
+        }.await)?;
+        if !removed.is_empty() {
+            self.notify_local();
+        }
+        Ok(removed)
+    }
+
+    /// Records that the operator deleted workload `key`
+    /// (`mesh/namespace/name`) of an agent, so that its Hello cannot
+    /// register it again; in the change feed, so that every replica cuts
+    /// the agent's stream. Returns whether the agent exists.
+    pub async fn withdraw_workload(
+        &self,
+        zone: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let op = format!("withdraw workload {key} of agent {name}");
+        let done = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            // The sequence first: it also makes this read-then-write one
+            // writer's turn.
+            let seq = take_seq!(tx, &op);
+            let row: Option<(String, String)> = sqlx::query_as(
+                "SELECT mesh, withdrawn FROM agents WHERE zone = $1 AND name = $2",
+            )
+            .bind(zone)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            let Some((mesh, withdrawn)) = row else {
+                return Ok::<_, StoreError>(false);
+            };
+            if withdrawn.split_whitespace().any(|k| k == key) {
+                return Ok(true);
+            }
+            let next = if withdrawn.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{withdrawn} {key}")
+            };
+            append_change!(tx, &op, seq, AGENT_KIND, &mesh, zone, name, 0_i64, false);
+            sqlx::query("UPDATE agents SET withdrawn = $3 WHERE zone = $1 AND name = $2")
+                .bind(zone)
+                .bind(name)
+                .bind(&next)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(&op))?;
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(true)
+        }.await)?;
+        self.notify_local();
         Ok(done)
     }
 

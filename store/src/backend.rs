@@ -110,6 +110,11 @@ fn sqlite_migrations() -> Vec<Migration> {
             "mesh_cas",
             include_str!("../migrations/sqlite/0003_mesh_cas.sql"),
         ),
+        migration(
+            4,
+            "agent_lifecycle",
+            include_str!("../migrations/sqlite/0004_agent_lifecycle.sql"),
+        ),
     ]
 }
 
@@ -129,6 +134,11 @@ fn postgres_migrations() -> Vec<Migration> {
             3,
             "mesh_cas",
             include_str!("../migrations/postgres/0003_mesh_cas.sql"),
+        ),
+        migration(
+            4,
+            "agent_lifecycle",
+            include_str!("../migrations/postgres/0004_agent_lifecycle.sql"),
         ),
     ]
 }

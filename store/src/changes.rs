@@ -3,7 +3,7 @@
 
 use tokio::sync::broadcast;
 
-use crate::agents::AGENT_KIND;
+use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
 use crate::backend::{on_pool, Store};
 use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
@@ -99,6 +99,9 @@ pub enum FeedEntry {
         mesh: String,
         /// The agent's name.
         name: String,
+        /// Whether the agent was cut off (its token revoked): whoever holds
+        /// its stream must end it.
+        cut: bool,
     },
     /// The CAs of a mesh changed (a CA added, promoted or dropped): its
     /// trust bundle must be pushed again.
@@ -211,7 +214,9 @@ impl Store {
                     let seq = to_u64(seq, "changes.seq")?;
                     if kind == AGENT_KIND {
                         // The zone is kept in the namespace column.
-                        return Ok(FeedEntry::Agent { seq, zone: namespace, mesh, name });
+                        // The version column says whether it was cut off.
+                        let cut = version == AGENT_CUT_VERSION;
+                        return Ok(FeedEntry::Agent { seq, zone: namespace, mesh, name, cut });
                     }
                     if kind == MESH_CA_KIND {
                         return Ok(FeedEntry::MeshCa { seq, mesh });

@@ -26,7 +26,7 @@ mod resources;
 mod tokens;
 mod vips;
 
-pub use agents::{AgentEnrollment, AgentNack, AgentRecord};
+pub use agents::{AgentDeparture, AgentEnrollment, AgentNack, AgentRecord, VanishedAgent};
 pub use backend::Store;
 pub use ca::CaMaterial;
 pub use changes::{Change, ChangeEvent, FeedEntry, Watch};

@@ -9,7 +9,10 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use subtle::ConstantTimeEq;
 
+use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
 use crate::backend::{on_pool, Store};
+use crate::changes::{append_change, take_seq};
+use crate::clock::now_ms;
 use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
@@ -331,20 +334,54 @@ impl Store {
         })
     }
 
-    /// Revokes a token; returns whether it exists. Agents enrolled with it
-    /// are the controller's to cut off (see [`TokenGrant::id`]).
+    /// Revokes a token; returns whether it exists. In the same transaction
+    /// every agent enrolled with it leaves the endpoint lists and gets an
+    /// entry in the change feed, so that every replica cuts its stream at
+    /// once (see [`TokenGrant::id`]).
     pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        const AGENT_CUT: i64 = AGENT_CUT_VERSION as i64;
         let op = format!("revoke token {id}");
-        let affected = on_pool!(self, pool => {
-            sqlx::query("UPDATE bootstrap_tokens SET revoked = $2 WHERE id = $1")
+        let now = now_ms();
+        let found = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            // The sequence first, as every writer does (commit order).
+            let mut first = Some(take_seq!(tx, &op));
+            let affected = sqlx::query("UPDATE bootstrap_tokens SET revoked = $2 WHERE id = $1")
                 .bind(id)
                 .bind(true)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(StoreError::db(&op))?
-                .rows_affected()
-        });
-        Ok(affected > 0)
+                .rows_affected();
+            if affected == 0 {
+                return Ok::<_, StoreError>(false);
+            }
+            let agents: Vec<(String, String, String)> = sqlx::query_as(
+                "UPDATE agents SET left_at = COALESCE(left_at, $2), \
+                 left_reason = COALESCE(left_reason, $3) \
+                 WHERE token_id = $1 RETURNING zone, name, mesh",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(format!("bootstrap token {id} revoked"))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::db(&op))?;
+            for (zone, name, mesh) in &agents {
+                let seq = match first.take() {
+                    Some(seq) => seq,
+                    None => take_seq!(tx, &op),
+                };
+                // The zone is kept in the namespace column.
+                append_change!(tx, &op, seq, AGENT_KIND, mesh, zone, name, AGENT_CUT, false);
+            }
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok(true)
+        }.await)?;
+        if found {
+            self.notify_local();
+        }
+        Ok(found)
     }
 
     /// Every token, oldest first, without secrets.

@@ -18,13 +18,15 @@ use weft_store::{
     AgentEnrollment, Expect, ResourceKey, Store, StoreError, TokenError, WorkloadScope,
 };
 
+use crate::cutoff::{workload_key, CutReceiver, Cutoff};
 use crate::grpc::PeerInfo;
 use crate::hub::Hub;
 use crate::mesh_ca::{MeshCaError, MeshCas};
 use crate::views::AGENT_LABEL;
 use crate::zone_ca::ZoneCa;
 
-/// How often a stream marks its agent seen.
+/// How often a stream marks its agent seen, at most (a short agent grace
+/// makes it shorter: see [`heartbeat_period`]).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long an agent gets to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +44,26 @@ fn bundle_cas(pem: &str) -> Vec<String> {
         .collect()
 }
 
+/// The heartbeat period for an agent grace: at most [`HEARTBEAT`], and at
+/// least three heartbeats per grace, so that a live agent is never taken
+/// for a vanished one.
+pub fn heartbeat_period(agent_grace: Duration) -> Duration {
+    HEARTBEAT
+        .min(agent_grace / 3)
+        .max(Duration::from_millis(100))
+}
+
+/// How a config stream ended, for the inventory.
+enum StreamEnd {
+    /// The agent closed its side cleanly: it is stopping, its workloads
+    /// leave the endpoint lists at once.
+    Goodbye,
+    /// The connection broke, this replica stops, or the stream was
+    /// replaced: the agent is shown not ready until it returns or the
+    /// grace runs out.
+    Dropped,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AgentApi {
@@ -57,6 +79,10 @@ pub struct AgentApi {
     pub cas: Arc<MeshCas>,
     /// The stream registry.
     pub hub: Arc<Hub>,
+    /// The streams to cut when their agent is revoked or loses a workload.
+    pub cutoff: Arc<Cutoff>,
+    /// How often a stream marks its agent seen.
+    pub heartbeat: Duration,
     /// Turns true at shutdown: streams end.
     pub stop: watch::Receiver<bool>,
 }
@@ -418,6 +444,25 @@ impl AgentApi {
     }
 }
 
+/// Whether the operator deleted a workload of this name from the agent
+/// (in its mesh, any namespace).
+fn withdrawn(record: &weft_store::AgentRecord, workload: &str) -> bool {
+    let mesh = format!("{}/", record.enrollment.mesh);
+    record
+        .withdrawn
+        .iter()
+        .any(|key| key.starts_with(&mesh) && key.rsplit('/').next() == Some(workload))
+}
+
+/// Who a config stream is for, after its Hello.
+struct Stream<'a> {
+    agent: &'a str,
+    mesh: &'a str,
+    scope: &'a WorkloadScope,
+    /// Its entry in the cut-off registry.
+    cut_id: u64,
+}
+
 fn issue_status(field: &str, error: IssueError) -> Status {
     match error {
         IssueError::CaExpired { .. } | IssueError::Random | IssueError::Sign(_) => {
@@ -548,6 +593,18 @@ impl AgentService for AgentApi {
                 _ => None,
             })
             .collect();
+        for (i, request) in request.certificates.iter().enumerate() {
+            let registered = workloads
+                .iter()
+                .any(|w| w.metadata.name == request.workload);
+            if !registered && withdrawn(&record, &request.workload) {
+                tracing::warn!(%agent, workload = %request.workload, "renewal refused: the workload was deleted by the operator");
+                return Err(Status::permission_denied(format!(
+                    "certificates[{i}].workload: {:?} was deleted by the operator; no certificate is issued for it",
+                    request.workload
+                )));
+            }
+        }
         let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
         let certificates =
             self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
@@ -590,10 +647,68 @@ impl AgentService for AgentApi {
 
 impl AgentApi {
     /// One agent's config stream, from its Hello until it, the network or
-    /// this replica ends it. Disconnection is recorded however it ends.
+    /// this replica ends it, or it is cut off. Disconnection is recorded
+    /// however it ends.
     async fn run_stream(
         &self,
         agent: &str,
+        inbound: Streaming<pb::AgentMessage>,
+        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+    ) -> Result<(), Status> {
+        // Registered before the checks, so that a revocation racing the
+        // Hello still cuts the stream.
+        let (cut_id, cut) = self.cutoff.register(agent);
+        let outcome = self
+            .hello_and_follow(agent, cut_id, cut, inbound, outbound)
+            .await;
+        self.cutoff.unregister(cut_id);
+        outcome
+    }
+
+    /// Drops the workloads the operator deleted from a registration (the
+    /// agent may still list them), logging each.
+    fn without_withdrawn(
+        agent: &str,
+        record: &weft_store::AgentRecord,
+        workloads: Vec<Workload>,
+    ) -> Vec<Workload> {
+        workloads
+            .into_iter()
+            .filter(|w| {
+                let key = workload_key(&ResourceKey::of(&Resource::Workload(w.clone())));
+                let withdrawn = record.withdrawn.contains(&key);
+                if withdrawn {
+                    tracing::warn!(%agent, workload = %key, "workload deleted by the operator is not registered again (enrol again to serve it)");
+                }
+                !withdrawn
+            })
+            .collect()
+    }
+
+    /// Records the workloads as the stream's (for the cut-off) and stores
+    /// them as the agent's whole set.
+    async fn register_workloads(
+        &self,
+        agent: &str,
+        cut_id: u64,
+        workloads: Vec<Workload>,
+    ) -> Result<(), Status> {
+        self.check_owners(agent, &workloads).await?;
+        self.cutoff.set_workloads(
+            cut_id,
+            workloads
+                .iter()
+                .map(|w| workload_key(&ResourceKey::of(&Resource::Workload(w.clone()))))
+                .collect(),
+        );
+        self.store_workloads(agent, workloads).await
+    }
+
+    async fn hello_and_follow(
+        &self,
+        agent: &str,
+        cut_id: u64,
+        cut: CutReceiver,
         mut inbound: Streaming<pb::AgentMessage>,
         outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
     ) -> Result<(), Status> {
@@ -617,8 +732,8 @@ impl AgentApi {
         let (record, scope) = self.enrolled(agent).await?;
         let mesh = record.enrollment.mesh.clone();
         let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
-        self.check_owners(agent, &workloads).await?;
-        self.store_workloads(agent, workloads).await?;
+        let workloads = Self::without_withdrawn(agent, &record, workloads);
+        self.register_workloads(agent, cut_id, workloads).await?;
         // What the agent does not repeat in its Hello is kept.
         let host = match hello.host.as_ref() {
             Some(host) => host_json(Some(host)),
@@ -633,44 +748,86 @@ impl AgentApi {
             .connect_agent(&self.zone, agent, &self.replica, &hbone, &host)
             .await
             .map_err(store_status)?;
+        if record.left.is_some() {
+            tracing::info!(%agent, %mesh, "agent returned: back in the endpoint lists");
+        }
         tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
         let (id, views) = self.hub.register(agent, &mesh);
+        let stream = Stream {
+            agent,
+            mesh: &mesh,
+            scope: &scope,
+            cut_id,
+        };
         let outcome = self
             .follow(
-                agent,
-                &mesh,
-                &scope,
+                &stream,
                 hello.applied_version,
                 inbound,
                 outbound,
                 views,
+                cut,
             )
             .await;
         self.hub.unregister(id);
-        match self
-            .store
-            .disconnect_agent(&self.zone, agent, &self.replica)
-            .await
-        {
-            Ok(_) => tracing::info!(%agent, "agent disconnected"),
-            Err(error) => tracing::warn!(%agent, %error, "cannot record the disconnection"),
+        // A revocation that raced the Hello was undone by its connection:
+        // the agent leaves again, with the revocation's reason.
+        let revoked = match &outcome {
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                Cutoff::refusal(&self.store, &self.zone, agent)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        let recorded = match (&outcome, revoked) {
+            (Ok(StreamEnd::Goodbye), _) => {
+                self.store
+                    .leave_agent(
+                        &self.zone,
+                        agent,
+                        &self.replica,
+                        "goodbye: the agent closed its stream",
+                    )
+                    .await
+            }
+            (_, Some(reason)) => {
+                self.store
+                    .leave_agent(&self.zone, agent, &self.replica, &reason)
+                    .await
+            }
+            _ => {
+                self.store
+                    .disconnect_agent(&self.zone, agent, &self.replica)
+                    .await
+            }
+        };
+        match (&outcome, recorded) {
+            (Ok(StreamEnd::Goodbye), Ok(_)) => {
+                tracing::info!(%agent, "agent said goodbye: its workloads left the endpoint lists")
+            }
+            (_, Ok(_)) => tracing::info!(%agent, "agent disconnected"),
+            (_, Err(error)) => tracing::warn!(%agent, %error, "cannot record the disconnection"),
         }
-        outcome
+        outcome.map(|_| ())
     }
 
     /// The stream after Hello: push views, record acks, nacks and workload
-    /// updates, heartbeat.
-    #[allow(clippy::too_many_arguments)]
+    /// updates, heartbeat; end when cut off.
     async fn follow(
         &self,
-        agent: &str,
-        mesh: &str,
-        scope: &WorkloadScope,
+        stream: &Stream<'_>,
         applied: String,
         mut inbound: Streaming<pb::AgentMessage>,
         outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
         mut views: crate::hub::ViewReceiver,
-    ) -> Result<(), Status> {
+        mut cut: CutReceiver,
+    ) -> Result<StreamEnd, Status> {
+        let agent = stream.agent;
+        // No re-check of the token is needed here: the stream was in the
+        // cut-off registry before the Hello's checks, so a revocation
+        // committed after them reaches `cut`.
         let mut last_sent = applied;
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow
@@ -678,25 +835,33 @@ impl AgentApi {
         let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
         // Whether the version the agent said it had was recorded as acked.
         let mut hello_recorded = false;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stop = self.stop.clone();
         loop {
+            if let Some(reason) = cut.borrow_and_update().clone() {
+                return Err(Status::permission_denied(reason));
+            }
             tokio::select! {
                 message = inbound.message() => {
                     let message = match message {
                         Ok(Some(message)) => message,
-                        Ok(None) => return Ok(()),
+                        Ok(None) => return Ok(StreamEnd::Goodbye),
                         Err(status) => {
                             tracing::debug!(%agent, %status, "agent stream broke");
-                            return Ok(());
+                            return Ok(StreamEnd::Dropped);
                         }
                     };
-                    self.on_message(agent, mesh, scope, message, &sent).await?;
+                    self.on_message(stream, message, &sent).await?;
+                }
+                changed = cut.changed() => {
+                    if changed.is_err() {
+                        return Ok(StreamEnd::Dropped);
+                    }
                 }
                 changed = views.changed() => {
                     if changed.is_err() {
-                        return Ok(());
+                        return Ok(StreamEnd::Dropped);
                     }
                     let Some(view) = views.borrow_and_update().clone() else { continue };
                     if view.version == last_sent {
@@ -720,30 +885,35 @@ impl AgentApi {
                         message: Some(pb::zone_message::Message::Config((*view).clone())),
                     };
                     if outbound.send(Ok(message)).await.is_err() {
-                        return Ok(());
+                        return Ok(StreamEnd::Dropped);
                     }
                     tracing::debug!(%agent, version = %view.version, "config pushed");
                     last_sent = view.version.clone();
                 }
                 _ = heartbeat.tick() => {
-                    if let Err(error) = self.store.heartbeat_agent(&self.zone, agent, &self.replica).await {
-                        tracing::warn!(%agent, %error, "cannot record the heartbeat");
+                    match self.store.heartbeat_agent(&self.zone, agent, &self.replica).await {
+                        Ok(true) => {}
+                        // Removed for silence, or its stream taken over
+                        // elsewhere: a new Hello puts things right.
+                        Ok(false) => return Err(Status::unavailable(
+                            "this replica no longer holds the agent's stream (taken over, or removed after the agent grace); reconnect",
+                        )),
+                        Err(error) => tracing::warn!(%agent, %error, "cannot record the heartbeat"),
                     }
                 }
-                () = outbound.closed() => return Ok(()),
-                _ = stop.changed() => return Ok(()),
+                () = outbound.closed() => return Ok(StreamEnd::Dropped),
+                _ = stop.changed() => return Ok(StreamEnd::Dropped),
             }
         }
     }
 
     async fn on_message(
         &self,
-        agent: &str,
-        mesh: &str,
-        scope: &WorkloadScope,
+        stream: &Stream<'_>,
         message: pb::AgentMessage,
         sent: &VecDeque<(String, Vec<String>)>,
     ) -> Result<(), Status> {
+        let agent = stream.agent;
         match message.message {
             Some(pb::agent_message::Message::Ack(ack)) => {
                 tracing::debug!(%agent, version = %ack.version, "config acked");
@@ -765,10 +935,24 @@ impl AgentApi {
                     .map_err(store_status)
             }
             Some(pb::agent_message::Message::Workloads(update)) => {
-                let workloads =
-                    check_workloads(&update.workloads, scope, mesh, agent, "workloads.workloads")?;
-                self.check_owners(agent, &workloads).await?;
-                self.store_workloads(agent, workloads).await?;
+                let workloads = check_workloads(
+                    &update.workloads,
+                    stream.scope,
+                    stream.mesh,
+                    agent,
+                    "workloads.workloads",
+                )?;
+                let record = self
+                    .store
+                    .get_agent(&self.zone, agent)
+                    .await
+                    .map_err(store_status)?
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!("agent {agent:?} is not enrolled"))
+                    })?;
+                let workloads = Self::without_withdrawn(agent, &record, workloads);
+                self.register_workloads(agent, stream.cut_id, workloads)
+                    .await?;
                 tracing::info!(%agent, count = update.workloads.len(), "workloads re-registered");
                 Ok(())
             }

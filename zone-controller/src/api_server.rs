@@ -706,6 +706,7 @@ async fn delete_one(state: &AppState, kind: Kind, name: &str, query: &Query) -> 
     {
         Ok(true) => {
             tracing::info!(%key, "deleted");
+            withdraw_from_agent(state, &stored.resource, &key).await;
             to_json(
                 StatusCode::OK,
                 &serde_json::json!({ "deleted": Item::from(&stored) }),
@@ -713,6 +714,31 @@ async fn delete_one(state: &AppState, kind: Kind, name: &str, query: &Query) -> 
         }
         Ok(false) => ApiError::not_found(format!("{key} not found")).into(),
         Err(error) => ApiError::from(error).into(),
+    }
+}
+
+/// After the operator deleted a Workload an agent registered: the agent
+/// may not register it again (nor renew its certificate), and its stream
+/// is cut (see [`crate::cutoff`]).
+async fn withdraw_from_agent(state: &AppState, resource: &Resource, key: &ResourceKey) {
+    let Resource::Workload(workload) = resource else {
+        return;
+    };
+    let Some(agent) = workload.metadata.labels.get(crate::views::AGENT_LABEL) else {
+        return;
+    };
+    let withdrawn = crate::cutoff::workload_key(key);
+    match state
+        .store
+        .withdraw_workload(&state.zone, agent, &withdrawn)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(%agent, workload = %withdrawn, "workload withdrawn from its agent: no renewal, no re-registration")
+        }
+        Err(error) => {
+            tracing::error!(%agent, workload = %withdrawn, %error, "cannot record the withdrawal; the agent may register the workload again")
+        }
     }
 }
 

@@ -18,12 +18,26 @@ pub struct AgentView {
     zone: String,
     hbone_address: String,
     online: bool,
+    /// `online`, `offline` (not ready; still in endpoint lists) or `gone`
+    /// (left: goodbye, revoked token, vanished).
+    state: &'static str,
+    /// When and why it left, while it is gone.
+    left: Option<LeftView>,
+    /// Its workloads the operator deleted (`mesh/namespace/name`).
+    withdrawn_workloads: Vec<String>,
     connected_replica: Option<String>,
     last_seen: String,
     applied_version: String,
     last_nack: Option<NackView>,
     host: serde_json::Value,
     workloads: Vec<String>,
+}
+
+/// When and why an agent left the endpoint lists.
+#[derive(Debug, Serialize)]
+pub struct LeftView {
+    at: String,
+    reason: String,
 }
 
 /// A refused version and why.
@@ -129,6 +143,16 @@ pub async fn agents(store: &Store, zone: &str) -> Result<Vec<AgentView>, StoreEr
         .into_iter()
         .map(|a| AgentView {
             online: online(&a, now),
+            state: match (&a.left, online(&a, now)) {
+                (Some(_), _) => "gone",
+                (None, true) => "online",
+                (None, false) => "offline",
+            },
+            left: a.left.map(|l| LeftView {
+                at: rfc3339_ms(l.at_ms),
+                reason: l.reason,
+            }),
+            withdrawn_workloads: a.withdrawn,
             workloads: workloads.remove(&a.enrollment.name).unwrap_or_default(),
             last_seen: rfc3339_ms(a.last_seen_ms),
             name: a.enrollment.name,

@@ -1,7 +1,9 @@
 //! The leader's singleton work: deriving Service resources from Workloads
 //! (one per mesh, namespace and `spec.service`), with ports the union of
 //! their workloads' and a stable virtual IP; and moving mesh CA rotations
-//! along (promoting pending CAs, dropping expired ones, rotating old ones). One replica leads at a time
+//! along (promoting pending CAs, dropping expired ones, rotating old ones);
+//! and removing agents that vanished (not seen for the agent grace) from
+//! every endpoint list. One replica leads at a time
 //! (the store's advisory lock); the others retry every couple of seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use weft_api::{Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus, WorkloadPort};
-use weft_store::{Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
+use weft_store::{now_ms, Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
 
 use crate::ca_rotation;
 use crate::mesh_ca::MeshCas;
@@ -34,6 +36,8 @@ pub struct Leader {
     pub leading: Arc<AtomicBool>,
     /// The mesh CAs, which the leader rotates.
     pub cas: Arc<MeshCas>,
+    /// How long an agent may go unseen before it is removed.
+    pub agent_grace: Duration,
 }
 
 impl Leader {
@@ -76,6 +80,7 @@ impl Leader {
                 tracing::warn!(%error, "cannot derive services; retrying");
             }
             self.rotate_cas().await;
+            self.remove_vanished().await;
             tokio::select! {
                 changed = watch.changed() => if changed.is_err() { return false },
                 _ = recheck.tick() => {}
@@ -208,6 +213,35 @@ impl Leader {
             if let Err(error) = ca_rotation::reconcile(&self.cas, &self.zone, &mesh).await {
                 tracing::warn!(mesh = %mesh.metadata.name, %error, "cannot move the CA rotation along; retrying");
             }
+        }
+    }
+
+    /// Takes the agents not seen for the grace out of every endpoint list
+    /// (their Workloads are kept, so that their services keep their virtual
+    /// IPs; a Hello brings them back).
+    async fn remove_vanished(&self) {
+        let grace_ms = i64::try_from(self.agent_grace.as_millis()).unwrap_or(i64::MAX);
+        let reason = format!(
+            "vanished: not seen for {} s (the agent grace)",
+            self.agent_grace.as_secs_f64()
+        );
+        match self
+            .store
+            .remove_vanished_agents(&self.zone, now_ms().saturating_sub(grace_ms), &reason)
+            .await
+        {
+            Ok(removed) => {
+                for agent in removed {
+                    tracing::warn!(
+                        agent = %agent.name,
+                        mesh = %agent.mesh,
+                        unseen_ms = now_ms().saturating_sub(agent.last_seen_ms),
+                        grace_ms,
+                        "agent vanished: its workloads left the endpoint lists"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot remove vanished agents; retrying"),
         }
     }
 

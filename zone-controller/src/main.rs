@@ -8,6 +8,7 @@ mod api_server;
 mod apply;
 mod ca_rotation;
 mod ca_view;
+mod cutoff;
 mod grpc;
 mod hub;
 mod inspect;
@@ -74,7 +75,15 @@ struct RunArgs {
     /// (e.g. `87600h`); the leader rotates one at 80% of its life.
     #[arg(long, default_value = "87600h")]
     mesh_ca_lifetime: weft_api::Duration,
+    /// How long an agent may go unseen (no heartbeat, no stream) before the
+    /// leader takes its workloads out of every endpoint list (e.g. `60s`).
+    /// Streams heartbeat every 5 s, or a third of this if shorter.
+    #[arg(long, default_value = "60s")]
+    agent_grace: weft_api::Duration,
 }
+
+/// The shortest `--agent-grace`: three heartbeats must fit in it.
+const MIN_AGENT_GRACE: Duration = Duration::from_secs(1);
 
 /// How long open streams and requests get to end at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -108,6 +117,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(reason) = weft_api::validation::dns1123_label(&args.zone) {
         bail!("invalid --zone {:?}: {reason}", args.zone);
     }
+    let agent_grace = args.agent_grace.as_std();
+    if agent_grace < MIN_AGENT_GRACE {
+        bail!(
+            "invalid --agent-grace {}: must be at least 1s (streams heartbeat within a third of it)",
+            args.agent_grace
+        );
+    }
     let replica = args.replica_id.clone().unwrap_or_else(default_replica_id);
     let store = Store::open(&args.store)
         .await
@@ -140,6 +156,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
+    let cutoff = Arc::new(cutoff::Cutoff::new(store.clone(), args.zone.clone()));
+    let cutoff_task = tokio::spawn(cutoff.clone().run(stop.clone()));
     let leader_task = tokio::spawn(
         leader::Leader {
             store: store.clone(),
@@ -147,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             vips: args.vip_range,
             leading: leading.clone(),
             cas: cas.clone(),
+            agent_grace,
         }
         .run(stop.clone()),
     );
@@ -157,6 +176,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         zone_ca: zone_ca.clone(),
         cas: cas.clone(),
         hub: hub.clone(),
+        cutoff,
+        heartbeat: agent_service::heartbeat_period(agent_grace),
         stop: stop.clone(),
     };
     let grpc_task = tokio::spawn(grpc::serve(
@@ -192,6 +213,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = http_task.await;
         let _ = leader_task.await;
         let _ = hub_task.await;
+        let _ = cutoff_task.await;
     })
     .await;
     if drained.is_err() {

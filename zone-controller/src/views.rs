@@ -120,7 +120,8 @@ impl MeshSnapshot {
     }
 
     /// The workloads behind a service (same namespace, `spec.service` is
-    /// its name) whose agent is known.
+    /// its name) whose agent is known and has not left (goodbye, revoked
+    /// token, vanished).
     pub fn endpoints(&self, service: &Service) -> Vec<ResolvedEndpoint> {
         let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
         self.workloads
@@ -130,7 +131,7 @@ impl MeshSnapshot {
                     && w.spec.service == service.metadata.name
             })
             .filter_map(|w| {
-                let agent = self.owner(w)?;
+                let agent = self.owner(w).filter(|a| a.left.is_none())?;
                 Some(ResolvedEndpoint {
                     address: w.spec.address.to_string(),
                     agent: agent.enrollment.name.clone(),

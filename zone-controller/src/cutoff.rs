@@ -1,0 +1,208 @@
+//! Cutting agents off at once: when an agent's bootstrap token is revoked
+//! (an `Agent` feed entry marked `cut`, written by the revocation itself),
+//! or when the operator deletes one of the Workloads it registered, the
+//! config stream it holds on this replica ends with PERMISSION_DENIED and
+//! the reason. Driven by the change feed, so a revocation or deletion made
+//! through any replica reaches the streams of every replica (PostgreSQL
+//! NOTIFY), without waiting for the agent's next Hello or Renew. Ordinary
+//! inventory entries (enrolment, connection, goodbye) are skipped without
+//! a query.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use weft_api::Kind;
+use weft_store::{ChangeEvent, FeedEntry, ResourceKey, Store, StoreError};
+
+/// Why a stream is cut; `None` while it may go on.
+pub type CutReceiver = watch::Receiver<Option<String>>;
+
+struct Entry {
+    agent: String,
+    /// The Workloads the stream registered (`mesh/namespace/name`).
+    workloads: BTreeSet<String>,
+    cut: watch::Sender<Option<String>>,
+}
+
+/// The streams of this replica that may have to be cut.
+pub struct Cutoff {
+    store: Store,
+    zone: String,
+    streams: Mutex<HashMap<u64, Entry>>,
+    next_id: AtomicU64,
+}
+
+/// A Workload's key as the inventory records withdrawn ones:
+/// `mesh/namespace/name`.
+pub fn workload_key(key: &ResourceKey) -> String {
+    format!(
+        "{}/{}/{}",
+        key.mesh.as_deref().unwrap_or_default(),
+        key.namespace.as_deref().unwrap_or_default(),
+        key.name
+    )
+}
+
+impl Cutoff {
+    /// A registry with no streams.
+    pub fn new(store: Store, zone: String) -> Self {
+        Cutoff {
+            store,
+            zone,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a stream of `agent` before it is checked, so that a
+    /// revocation racing its Hello is not missed.
+    pub fn register(&self, agent: &str) -> (u64, CutReceiver) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (cut, receiver) = watch::channel(None);
+        self.lock().insert(
+            id,
+            Entry {
+                agent: agent.to_owned(),
+                workloads: BTreeSet::new(),
+                cut,
+            },
+        );
+        (id, receiver)
+    }
+
+    /// Records the Workloads stream `id` registered; call it before they
+    /// are written, so that the stream's own removals never look like the
+    /// operator's.
+    pub fn set_workloads(&self, id: u64, workloads: BTreeSet<String>) {
+        if let Some(entry) = self.lock().get_mut(&id) {
+            entry.workloads = workloads;
+        }
+    }
+
+    /// Forgets a stream.
+    pub fn unregister(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Cuts every local stream of `agent` for `reason`.
+    fn cut_agent(&self, agent: &str, reason: &str) {
+        for entry in self.lock().values().filter(|e| e.agent == agent) {
+            entry.cut.send_replace(Some(reason.to_owned()));
+        }
+    }
+
+    /// Cuts the local streams that registered the deleted Workload `key`.
+    fn cut_workload(&self, key: &str) -> Vec<String> {
+        let mut cut = Vec::new();
+        for entry in self.lock().values_mut() {
+            if entry.workloads.remove(key) {
+                entry.cut.send_replace(Some(format!(
+                    "workload {key} was deleted by the operator; this agent may not serve it any more"
+                )));
+                cut.push(entry.agent.clone());
+            }
+        }
+        cut
+    }
+
+    fn local_agent(&self, agent: &str) -> bool {
+        self.lock().values().any(|e| e.agent == agent)
+    }
+
+    /// Why `agent` may not hold a stream any more, if it may not: not
+    /// enrolled, or its token revoked or gone.
+    pub async fn refusal(
+        store: &Store,
+        zone: &str,
+        agent: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(record) = store.get_agent(zone, agent).await? else {
+            return Ok(Some(format!(
+                "agent {agent:?} is not enrolled in zone {zone:?}"
+            )));
+        };
+        let token_id = &record.enrollment.token_id;
+        Ok(match store.token_info(token_id).await? {
+            None => Some(format!(
+                "the bootstrap token {token_id} this agent enrolled with no longer exists"
+            )),
+            Some(token) if token.revoked => Some(format!(
+                "the bootstrap token {token_id} this agent enrolled with was revoked"
+            )),
+            Some(_) => None,
+        })
+    }
+
+    /// Follows the change feed until `stop` turns true.
+    pub async fn run(self: std::sync::Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut watch = self.store.watch();
+        let mut seq = loop {
+            match self.store.current_seq().await {
+                Ok(seq) => break seq,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the change sequence; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                changed = watch.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            match self.store.feed_since(seq).await {
+                Ok(entries) => {
+                    for entry in entries {
+                        seq = seq.max(entry.seq());
+                        self.on_entry(entry).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the change feed to cut agents off; retrying at the next change")
+                }
+            }
+        }
+    }
+
+    async fn on_entry(&self, entry: FeedEntry) {
+        match entry {
+            FeedEntry::Agent {
+                zone, name, cut, ..
+            } if cut && zone == self.zone => {
+                if !self.local_agent(&name) {
+                    return;
+                }
+                match Self::refusal(&self.store, &self.zone, &name).await {
+                    Ok(Some(reason)) => {
+                        tracing::warn!(agent = %name, %reason, "agent cut off: its config stream ends");
+                        self.cut_agent(&name, &reason);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(agent = %name, %error, "cannot check whether the agent is still allowed")
+                    }
+                }
+            }
+            FeedEntry::Resource(change)
+                if change.key.kind == Kind::Workload
+                    && matches!(change.event, ChangeEvent::Deleted { .. }) =>
+            {
+                let key = workload_key(&change.key);
+                for agent in self.cut_workload(&key) {
+                    tracing::warn!(%agent, workload = %key, "workload deleted by the operator: agent cut off");
+                }
+            }
+            _ => {}
+        }
+    }
+}
