@@ -84,7 +84,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
             &[
                 "NAME",
                 "MESH",
-                "ONLINE",
+                "STATE",
                 "HBONE",
                 "REPLICA",
                 "LAST SEEN",
@@ -96,7 +96,11 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 vec![
                     cell(&a["name"]),
                     cell(&a["mesh"]),
-                    cell(&a["online"]),
+                    // `gone` says why: revoked, deleted, vanished, goodbye.
+                    match a["left"]["reason"].as_str() {
+                        Some(reason) if a["state"] == "gone" => format!("gone ({reason})"),
+                        _ => cell(&a["state"]),
+                    },
                     cell(&a["hboneAddress"]),
                     cell(&a["connectedReplica"]),
                     cell(&a["lastSeen"]),
