@@ -218,6 +218,46 @@ impl Store {
         Ok(affected > 0)
     }
 
+    /// Marks the agents `names` seen now, those whose stream `replica`
+    /// still holds; not in the change feed. One statement per batch of
+    /// names, so that a replica's thousands of streams cost a handful of
+    /// writes per heartbeat period, not one each. Returns how many rows
+    /// changed.
+    pub async fn heartbeat_agents(
+        &self,
+        zone: &str,
+        replica: &str,
+        names: &[String],
+    ) -> Result<u64, StoreError> {
+        /// Names per statement: far under SQLite's bound on parameters.
+        const BATCH: usize = 500;
+        let now = now_ms();
+        let mut affected = 0;
+        for batch in names.chunks(BATCH) {
+            let op = format!("heartbeat of {} agents", batch.len());
+            let placeholders = (0..batch.len())
+                .map(|i| format!("${}", i + 4))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE agents SET last_seen = $3 \
+                 WHERE zone = $1 AND connected_replica = $2 AND name IN ({placeholders})"
+            );
+            affected += on_pool!(self, pool => {
+                let mut query = sqlx::query(&sql).bind(zone).bind(replica).bind(now);
+                for name in batch {
+                    query = query.bind(name);
+                }
+                query
+                    .execute(pool)
+                    .await
+                    .map_err(StoreError::db(&op))?
+                    .rows_affected()
+            });
+        }
+        Ok(affected)
+    }
+
     /// Marks an agent disconnected if `replica` still holds its stream (a
     /// newer stream on another replica is left alone). Returns whether it
     /// did.

@@ -24,8 +24,6 @@ use crate::mesh_ca::{MeshCaError, MeshCas};
 use crate::views::AGENT_LABEL;
 use crate::zone_ca::ZoneCa;
 
-/// How often a stream marks its agent seen.
-const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long an agent gets to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Updates queued towards one agent (the hub keeps only the newest anyway).
@@ -672,14 +670,15 @@ impl AgentApi {
         mut views: crate::hub::ViewReceiver,
     ) -> Result<(), Status> {
         let mut last_sent = applied;
+        // The view the agent was last sent and is taken to hold: the base
+        // of the next delta (`None`: send the whole view).
+        let mut base: Option<Arc<crate::views::AgentView>> = None;
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow
         // pushes closely).
         let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
         // Whether the version the agent said it had was recorded as acked.
         let mut hello_recorded = false;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stop = self.stop.clone();
         loop {
             tokio::select! {
@@ -692,7 +691,27 @@ impl AgentApi {
                             return Ok(());
                         }
                     };
+                    let resend = match &message.message {
+                        Some(pb::agent_message::Message::Nack(nack)) if nack.version == last_sent => {
+                            // What the agent holds is uncertain now: the next
+                            // push is whole. A refused delta is answered with
+                            // the whole view at once.
+                            let was_delta = base.is_some();
+                            base = None;
+                            was_delta
+                        }
+                        _ => false,
+                    };
                     self.on_message(agent, mesh, scope, message, &sent).await?;
+                    if resend {
+                        let Some(view) = views.borrow().clone() else { continue };
+                        tracing::info!(%agent, version = %view.version, "delta refused; sending the whole view");
+                        if !self.push(agent, &view, None, &mut sent, outbound).await {
+                            return Ok(());
+                        }
+                        base = Some(view.clone());
+                        last_sent = view.version.clone();
+                    }
                 }
                 changed = views.changed() => {
                     if changed.is_err() {
@@ -708,32 +727,49 @@ impl AgentApi {
                                 .record_ack(&self.zone, agent, &view.version, &bundle_cas(&view.trust_bundle_pem))
                                 .await
                                 .map_err(store_status)?;
+                            base = Some(view.clone());
                         }
                         continue;
                     }
                     hello_recorded = true;
-                    if sent.len() == SENT_KEPT {
-                        sent.pop_front();
-                    }
-                    sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
-                    let message = pb::ZoneMessage {
-                        message: Some(pb::zone_message::Message::Config((*view).clone())),
-                    };
-                    if outbound.send(Ok(message)).await.is_err() {
+                    if !self.push(agent, &view, base.as_deref(), &mut sent, outbound).await {
                         return Ok(());
                     }
-                    tracing::debug!(%agent, version = %view.version, "config pushed");
+                    base = Some(view.clone());
                     last_sent = view.version.clone();
-                }
-                _ = heartbeat.tick() => {
-                    if let Err(error) = self.store.heartbeat_agent(&self.zone, agent, &self.replica).await {
-                        tracing::warn!(%agent, %error, "cannot record the heartbeat");
-                    }
                 }
                 () = outbound.closed() => return Ok(()),
                 _ = stop.changed() => return Ok(()),
             }
         }
+    }
+
+    /// Sends `view` as a delta from `base` (whole without one), in chunks
+    /// of bounded size; false once the agent is gone.
+    async fn push(
+        &self,
+        agent: &str,
+        view: &crate::views::AgentView,
+        base: Option<&crate::views::AgentView>,
+        sent: &mut VecDeque<(String, Vec<String>)>,
+        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+    ) -> bool {
+        if sent.len() == SENT_KEPT {
+            sent.pop_front();
+        }
+        sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
+        let messages = view.messages(base);
+        let chunks = messages.len();
+        for update in messages {
+            let message = pb::ZoneMessage {
+                message: Some(pb::zone_message::Message::Config(update)),
+            };
+            if outbound.send(Ok(message)).await.is_err() {
+                return false;
+            }
+        }
+        tracing::debug!(%agent, version = %view.version, delta = base.is_some(), chunks, "config pushed");
+        true
     }
 
     async fn on_message(

@@ -13,23 +13,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use weft_api::proto::agent::v1 as pb;
 use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
-use crate::views::MeshSnapshot;
+use crate::views::{AgentView, MeshSnapshot, ServiceSet};
 
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
+/// How often the agents with a stream here are marked seen (well inside
+/// [`crate::views::ONLINE_WINDOW_MS`]).
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// The newest view of one stream (`None` until the first is computed).
-pub type ViewReceiver = watch::Receiver<Option<Arc<pb::ConfigUpdate>>>;
+pub type ViewReceiver = watch::Receiver<Option<Arc<AgentView>>>;
 
 struct Entry {
     agent: String,
     mesh: String,
-    view: watch::Sender<Option<Arc<pb::ConfigUpdate>>>,
+    view: watch::Sender<Option<Arc<AgentView>>>,
 }
 
 /// The streams of this replica and the task that feeds them.
@@ -42,6 +44,9 @@ pub struct Hub {
     /// Meshes to recompute at the next wake-up, beyond what the feed says.
     dirty: Mutex<BTreeSet<String>>,
     wake: Notify,
+    /// The services last built per mesh: the base of the next set's delta,
+    /// and reused whole when nothing in them changed.
+    services: Mutex<HashMap<String, Arc<ServiceSet>>>,
 }
 
 impl Hub {
@@ -55,6 +60,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            services: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,6 +103,38 @@ impl Hub {
             .values()
             .map(|e| e.mesh.clone())
             .collect()
+    }
+
+    /// Marks every agent with a stream here seen, every [`HEARTBEAT`], in
+    /// a few batched writes (not one per agent), until `stop` turns true.
+    pub async fn heartbeats(self: Arc<Self>, replica: String, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let agents: BTreeSet<String> = self
+                .lock_streams()
+                .values()
+                .map(|e| e.agent.clone())
+                .collect();
+            if agents.is_empty() {
+                continue;
+            }
+            let agents: Vec<String> = agents.into_iter().collect();
+            match self
+                .store
+                .heartbeat_agents(&self.zone, &replica, &agents)
+                .await
+            {
+                Ok(seen) => tracing::debug!(agents = agents.len(), seen, "heartbeat recorded"),
+                Err(error) => {
+                    tracing::warn!(%error, agents = agents.len(), "cannot record the heartbeat")
+                }
+            }
+        }
     }
 
     /// Runs until `stop` turns true.
@@ -173,21 +211,31 @@ impl Hub {
         }
     }
 
-    /// Recomputes the views of every local stream in `mesh`.
+    /// Recomputes the views of every local stream in `mesh`: one read of
+    /// the store and one set of services for all of them.
     async fn refresh(&self, mesh: &str) -> anyhow::Result<()> {
         let Some(snapshot) = MeshSnapshot::load(&self.store, &self.zone, mesh).await? else {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
-        let bundle = self.cas.get(&snapshot.mesh).await?.bundle_pem;
-        let targets: Vec<(String, watch::Sender<Option<Arc<pb::ConfigUpdate>>>)> = self
+        let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
+        let services = self.services_of(mesh, &snapshot);
+        let inbound = snapshot.inbound_by_agent();
+        let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
             .values()
             .filter(|e| e.mesh == mesh)
             .map(|e| (e.agent.clone(), e.view.clone()))
             .collect();
         for (agent, sender) in targets {
-            let view = snapshot.view_for(&agent, &self.zone, &bundle);
+            let rules = inbound.get(agent.as_str()).cloned().unwrap_or_default();
+            let view = AgentView::new(
+                services.clone(),
+                rules,
+                snapshot.mesh.metadata.name.clone(),
+                self.zone.clone(),
+                bundle.clone(),
+            );
             sender.send_if_modified(|current| {
                 let same = current.as_ref().is_some_and(|c| c.version == view.version);
                 if !same {
@@ -197,5 +245,19 @@ impl Hub {
             });
         }
         Ok(())
+    }
+
+    /// The mesh's services: the previous set if nothing changed (so that
+    /// streams see the same `Arc`), else a new one with its delta.
+    fn services_of(&self, mesh: &str, snapshot: &MeshSnapshot) -> Arc<ServiceSet> {
+        let mut sets = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = sets.get(mesh).cloned();
+        let set = snapshot.service_set(previous.as_deref());
+        let set = match previous {
+            Some(previous) if previous.digest == set.digest => previous,
+            _ => Arc::new(set),
+        };
+        sets.insert(mesh.to_owned(), set.clone());
+        set
     }
 }

@@ -3,11 +3,17 @@
 //! workloads, the trust bundle. The same endpoint computation feeds
 //! `GET /v1/inspect/services` and `/workloads`.
 //!
-//! An update's version is the SHA-256 of its own encoding (version field
-//! cleared): the same content gets the same version on every replica and
-//! across restarts, so an agent is never re-sent what it already has.
+//! A change builds the mesh's services once ([`ServiceSet`], shared by every
+//! agent of the mesh through an `Arc`); each agent's view adds only its
+//! small parts ([`AgentView`]). A view's version is a content hash (see
+//! [`AgentView::new`]): the same content gets the same version on every
+//! replica and across restarts, so an agent is never re-sent what it
+//! already has. Streams send deltas against what they sent last, split
+//! into messages of bounded size ([`AgentView::messages`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use prost::Message;
 use weft_api::proto::agent::v1 as pb;
@@ -47,8 +53,6 @@ pub struct ResolvedEndpoint {
     pub address: String,
     /// The owning agent's name.
     pub agent: String,
-    /// The owning agent's HBONE address.
-    pub hbone: String,
     /// The workload's identity.
     pub spiffe_id: String,
     /// Whether the owning agent is online.
@@ -134,7 +138,6 @@ impl MeshSnapshot {
                 Some(ResolvedEndpoint {
                     address: w.spec.address.to_string(),
                     agent: agent.enrollment.name.clone(),
-                    hbone: agent.enrollment.hbone_address.clone(),
                     spiffe_id: self.spiffe_id(w),
                     ready: online(agent, self.now_ms),
                 })
@@ -142,16 +145,44 @@ impl MeshSnapshot {
             .collect()
     }
 
-    /// The full view of `agent`, versioned.
-    pub fn view_for(&self, agent: &str, zone: &str, trust_bundle_pem: &str) -> pb::ConfigUpdate {
-        let services = self
+    /// The services of this mesh as every agent of it sees them, built
+    /// once per change and shared by all its streams. `previous` is the
+    /// set the hub built last, so the set knows its delta from it.
+    pub fn service_set(&self, previous: Option<&ServiceSet>) -> ServiceSet {
+        // Index once: finding each service's workloads by scanning all of
+        // them made a change cost O(services x workloads).
+        let mut by_service: HashMap<(&str, &str), Vec<&Workload>> = HashMap::new();
+        for w in &self.workloads {
+            let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
+            by_service
+                .entry((namespace, w.spec.service.as_str()))
+                .or_default()
+                .push(w);
+        }
+        let mut services: Vec<SharedService> = self
             .services
             .iter()
             .filter_map(|service| {
                 let vip = service.status.as_ref()?.virtual_ip?;
-                Some(pb::ServiceView {
+                let namespace = service.metadata.namespace.clone().unwrap_or_default();
+                let endpoints = by_service
+                    .get(&(namespace.as_str(), service.metadata.name.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|w| {
+                        let agent = self.owner(w)?;
+                        Some(pb::Endpoint {
+                            address: w.spec.address.to_string(),
+                            agent: agent.enrollment.hbone_address.clone(),
+                            spiffe_id: self.spiffe_id(w),
+                            ready: online(agent, self.now_ms),
+                        })
+                    })
+                    .collect();
+                let view = pb::ServiceView {
                     name: service.metadata.name.clone(),
-                    namespace: service.metadata.namespace.clone().unwrap_or_default(),
+                    namespace,
                     zone: service
                         .status
                         .as_ref()
@@ -159,50 +190,279 @@ impl MeshSnapshot {
                         .unwrap_or_default(),
                     virtual_ip: vip.to_string(),
                     ports: service.spec.ports.iter().map(port_to_proto).collect(),
-                    endpoints: self
-                        .endpoints(service)
-                        .into_iter()
-                        .map(|e| pb::Endpoint {
-                            address: e.address,
-                            agent: e.hbone,
-                            spiffe_id: e.spiffe_id,
-                            ready: e.ready,
-                        })
-                        .collect(),
-                })
+                    endpoints,
+                };
+                Some(SharedService::new(view))
             })
             .collect();
+        services.sort_by(|a, b| a.key.cmp(&b.key));
+        ServiceSet::new(services, previous)
+    }
+
+    /// Inbound rules per agent name, for every agent of the mesh at once.
+    pub fn inbound_by_agent(&self) -> HashMap<&str, Vec<pb::InboundRule>> {
         // Every workload of the mesh may call (TrafficPermission will narrow
         // this in a later issue).
         let allow_all = format!("spiffe://{}/*", self.mesh.spec.trust_domain);
-        let inbound = self
-            .workloads
-            .iter()
-            .filter(|w| w.metadata.labels.get(AGENT_LABEL).map(String::as_str) == Some(agent))
-            .map(|w| pb::InboundRule {
-                workload: w.metadata.name.clone(),
-                allow: vec![allow_all.clone()],
-            })
-            .collect();
-        let mut update = pb::ConfigUpdate {
-            version: String::new(),
-            trust_bundle_pem: trust_bundle_pem.to_owned(),
-            services,
-            inbound,
-            mesh: self.mesh.metadata.name.clone(),
-            zone: zone.to_owned(),
-        };
-        update.version = version_of(&update);
-        update
+        let mut rules: HashMap<&str, Vec<pb::InboundRule>> = HashMap::new();
+        for w in &self.workloads {
+            if let Some(agent) = w.metadata.labels.get(AGENT_LABEL) {
+                rules
+                    .entry(agent.as_str())
+                    .or_default()
+                    .push(pb::InboundRule {
+                        workload: w.metadata.name.clone(),
+                        allow: vec![allow_all.clone()],
+                    });
+            }
+        }
+        rules
     }
 }
 
-/// Lowercase hex SHA-256 of the update's encoding with its version cleared.
-pub fn version_of(update: &pb::ConfigUpdate) -> String {
-    use sha2::{Digest, Sha256};
-    let mut unversioned = update.clone();
-    unversioned.version.clear();
-    hex(&Sha256::digest(unversioned.encode_to_vec()))
+/// The bound on one ConfigUpdate's encoded size: well under the 4 MiB
+/// that gRPC peers accept by default, whatever the size of the mesh.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// One service's view, with its key and content hash.
+#[derive(Debug)]
+pub struct SharedService {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    /// SHA-256 of its encoding: what tells a changed service.
+    pub hash: [u8; 32],
+    /// The view itself.
+    pub view: Arc<pb::ServiceView>,
+}
+
+impl SharedService {
+    /// Keys and hashes a service view.
+    pub fn new(view: pb::ServiceView) -> Self {
+        use sha2::{Digest, Sha256};
+        SharedService {
+            key: service_key(&view),
+            hash: Sha256::digest(view.encode_to_vec()).into(),
+            view: Arc::new(view),
+        }
+    }
+}
+
+/// The key a delta names a service by: `<namespace>/<name>`.
+pub fn service_key(view: &pb::ServiceView) -> String {
+    format!("{}/{}", view.namespace, view.name)
+}
+
+/// What changed between two service sets.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceDelta {
+    /// Added or changed services.
+    pub changed: Vec<Arc<pb::ServiceView>>,
+    /// Keys of the services gone.
+    pub removed: Vec<String>,
+}
+
+/// A mesh's services at one moment, sorted by key, shared by every agent
+/// view of the mesh (one copy whatever the number of agents).
+#[derive(Debug)]
+pub struct ServiceSet {
+    /// The services, sorted by key.
+    pub services: Vec<SharedService>,
+    /// SHA-256 over every key and hash, in order.
+    pub digest: [u8; 32],
+    /// The delta from the set built before this one (and that set's
+    /// digest), computed once for all the streams that had it.
+    since_previous: Option<([u8; 32], ServiceDelta)>,
+}
+
+impl ServiceSet {
+    /// A set from sorted services, with its delta from `previous`.
+    pub fn new(services: Vec<SharedService>, previous: Option<&ServiceSet>) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for s in &services {
+            hasher.update(s.key.as_bytes());
+            hasher.update([0]);
+            hasher.update(s.hash);
+        }
+        let mut set = ServiceSet {
+            services,
+            digest: hasher.finalize().into(),
+            since_previous: None,
+        };
+        if let Some(previous) = previous {
+            set.since_previous = Some((previous.digest, set.diff(previous)));
+        }
+        set
+    }
+
+    /// What changed since `base`, by one walk over both sorted lists.
+    pub fn diff(&self, base: &ServiceSet) -> ServiceDelta {
+        use std::cmp::Ordering;
+        let mut delta = ServiceDelta::default();
+        let mut old = base.services.iter().peekable();
+        let mut new = self.services.iter().peekable();
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(o), Some(n)) => o.key.cmp(&n.key),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some(o) = old.next() {
+                        delta.removed.push(o.key.clone());
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some(n) = new.next() {
+                        delta.changed.push(n.view.clone());
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some(o), Some(n)) = (old.next(), new.next()) {
+                        if o.hash != n.hash {
+                            delta.changed.push(n.view.clone());
+                        }
+                    }
+                }
+            }
+        }
+        delta
+    }
+
+    /// The delta since `base`, reusing the one computed at build time when
+    /// `base` is the set built just before.
+    fn delta_since(&self, base: &ServiceSet) -> Cow<'_, ServiceDelta> {
+        match &self.since_previous {
+            Some((digest, delta)) if *digest == base.digest => Cow::Borrowed(delta),
+            _ => Cow::Owned(self.diff(base)),
+        }
+    }
+
+    /// Every service, as a delta from nothing.
+    fn whole(&self) -> ServiceDelta {
+        ServiceDelta {
+            changed: self.services.iter().map(|s| s.view.clone()).collect(),
+            removed: Vec::new(),
+        }
+    }
+}
+
+/// One agent's view at one version: the mesh's shared services and its own
+/// small parts. What a stream turns into whole or delta messages.
+#[derive(Debug)]
+pub struct AgentView {
+    /// The content hash of the whole view.
+    pub version: String,
+    /// The mesh's services (shared).
+    pub services: Arc<ServiceSet>,
+    /// Callers allowed into each of the agent's workloads.
+    pub inbound: Vec<pb::InboundRule>,
+    /// The mesh's name.
+    pub mesh: String,
+    /// The zone's name.
+    pub zone: String,
+    /// Every CA the agent must trust.
+    pub trust_bundle_pem: Arc<str>,
+}
+
+impl AgentView {
+    /// A view, versioned by its content: SHA-256 of the services' digest
+    /// and the per-agent parts, so the version is the same whether the
+    /// view is sent whole or as a delta.
+    pub fn new(
+        services: Arc<ServiceSet>,
+        inbound: Vec<pb::InboundRule>,
+        mesh: String,
+        zone: String,
+        trust_bundle_pem: Arc<str>,
+    ) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut view = AgentView {
+            version: String::new(),
+            services,
+            inbound,
+            mesh,
+            zone,
+            trust_bundle_pem,
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(b"weft view v2\0");
+        hasher.update(view.services.digest);
+        hasher.update(view.head("").encode_to_vec());
+        view.version = hex(&hasher.finalize());
+        view
+    }
+
+    /// The per-agent parts as the head of an update (no services).
+    fn head(&self, base_version: &str) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version: self.version.clone(),
+            trust_bundle_pem: self.trust_bundle_pem.to_string(),
+            services: Vec::new(),
+            inbound: self.inbound.clone(),
+            mesh: self.mesh.clone(),
+            zone: self.zone.clone(),
+            base_version: base_version.to_owned(),
+            removed_services: Vec::new(),
+            more: false,
+        }
+    }
+
+    /// A later chunk: the version only; services and removed keys follow.
+    fn continuation(&self) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version: self.version.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The messages that bring an agent holding `base` (`None`: nothing
+    /// known, so the whole view) to this view, each under
+    /// [`MAX_MESSAGE_BYTES`] (a single service larger than that still goes
+    /// alone in one message).
+    pub fn messages(&self, base: Option<&AgentView>) -> Vec<pb::ConfigUpdate> {
+        let (base_version, delta) = match base {
+            Some(base) if Arc::ptr_eq(&base.services, &self.services) => {
+                (base.version.as_str(), Cow::Owned(ServiceDelta::default()))
+            }
+            Some(base) => (
+                base.version.as_str(),
+                self.services.delta_since(&base.services),
+            ),
+            None => ("", Cow::Owned(self.services.whole())),
+        };
+        let mut messages = vec![self.head(base_version)];
+        let mut size = messages[0].encoded_len();
+        for key in &delta.removed {
+            let len = key.len() + 4;
+            if size + len > MAX_MESSAGE_BYTES {
+                messages.push(self.continuation());
+                size = 0;
+            }
+            size += len;
+            if let Some(last) = messages.last_mut() {
+                last.removed_services.push(key.clone());
+            }
+        }
+        for service in &delta.changed {
+            let len = service.encoded_len() + 4;
+            if size + len > MAX_MESSAGE_BYTES && size > 0 {
+                messages.push(self.continuation());
+                size = 0;
+            }
+            size += len;
+            if let Some(last) = messages.last_mut() {
+                last.services.push((**service).clone());
+            }
+        }
+        let count = messages.len();
+        for (i, message) in messages.iter_mut().enumerate() {
+            message.more = i + 1 < count;
+        }
+        messages
+    }
 }
 
 /// A port as the agent protocol spells it.
@@ -213,25 +473,5 @@ pub fn port_to_proto(port: &WorkloadPort) -> pb::Port {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Http => pb::Protocol::Http,
         } as i32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_ignore_the_version_field_and_follow_content() {
-        let mut update = pb::ConfigUpdate {
-            mesh: "default".into(),
-            zone: "z".into(),
-            ..Default::default()
-        };
-        let v1 = version_of(&update);
-        update.version = "anything".into();
-        assert_eq!(version_of(&update), v1);
-        assert_eq!(v1.len(), 64);
-        update.zone = "y".into();
-        assert_ne!(version_of(&update), v1);
     }
 }
