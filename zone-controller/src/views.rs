@@ -475,3 +475,104 @@ pub fn port_to_proto(port: &WorkloadPort) -> pb::Port {
         } as i32,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, endpoints: usize) -> SharedService {
+        SharedService::new(pb::ServiceView {
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            zone: "z".to_owned(),
+            virtual_ip: "240.240.0.1".to_owned(),
+            ports: vec![pb::Port {
+                port: 80,
+                protocol: 0,
+            }],
+            endpoints: (0..endpoints)
+                .map(|i| pb::Endpoint {
+                    address: format!("10.0.{}.{}", i / 256, i % 256),
+                    agent: format!("10.0.{}.{}:15008", i / 256, i % 256),
+                    spiffe_id: format!("spiffe://t/ns/default/sa/sa-{i}"),
+                    ready: true,
+                })
+                .collect(),
+        })
+    }
+
+    fn view(services: Vec<SharedService>, previous: Option<&ServiceSet>) -> AgentView {
+        AgentView::new(
+            Arc::new(ServiceSet::new(services, previous)),
+            Vec::new(),
+            "default".into(),
+            "z".into(),
+            Arc::from("bundle"),
+        )
+    }
+
+    #[test]
+    fn versions_follow_content_not_history() {
+        let a = view(vec![service("a", 1), service("b", 1)], None);
+        let b = view(vec![service("a", 1), service("b", 1)], Some(&a.services));
+        assert_eq!(a.version, b.version);
+        assert_eq!(a.version.len(), 64);
+        let c = view(vec![service("a", 2), service("b", 1)], None);
+        assert_ne!(a.version, c.version);
+    }
+
+    #[test]
+    fn deltas_carry_changed_and_removed_services_only() {
+        let v1 = view(
+            vec![service("a", 1), service("b", 1), service("c", 1)],
+            None,
+        );
+        let v2 = view(
+            vec![service("a", 1), service("c", 2), service("d", 1)],
+            Some(&v1.services),
+        );
+        let messages = v2.messages(Some(&v1));
+        assert_eq!(messages.len(), 1);
+        let delta = &messages[0];
+        assert_eq!(delta.version, v2.version);
+        assert_eq!(delta.base_version, v1.version);
+        assert_eq!(delta.removed_services, ["default/b"]);
+        let changed: Vec<&str> = delta.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(changed, ["c", "d"]);
+        assert_eq!(delta.trust_bundle_pem, "bundle");
+        assert!(!delta.more);
+        // The same delta without the cached one (a base further back).
+        let v0 = view(
+            vec![service("a", 1), service("b", 1), service("c", 1)],
+            None,
+        );
+        assert_eq!(v2.messages(Some(&v0))[0].services.len(), 2);
+        // Whole when nothing is known.
+        let whole = v2.messages(None);
+        assert!(whole[0].base_version.is_empty());
+        assert_eq!(whole[0].services.len(), 3);
+    }
+
+    #[test]
+    fn large_views_are_chunked_under_the_bound() {
+        // 200 services of 100 endpoints: about 2.6 MB in all.
+        let services = (0..200)
+            .map(|i| service(&format!("s{i:03}"), 100))
+            .collect();
+        let big = view(services, None);
+        let messages = big.messages(None);
+        assert!(messages.len() > 1, "{} message(s)", messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            assert!(
+                m.encoded_len() <= MAX_MESSAGE_BYTES,
+                "chunk {i}: {}",
+                m.encoded_len()
+            );
+            assert_eq!(m.version, big.version);
+            assert_eq!(m.more, i + 1 < messages.len());
+        }
+        assert_eq!(messages[0].trust_bundle_pem, "bundle");
+        let total: usize = messages.iter().map(|m| m.services.len()).sum();
+        assert_eq!(total, 200);
+    }
+}
