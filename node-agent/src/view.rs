@@ -531,6 +531,7 @@ mod tests {
             ],
             mesh: "default".into(),
             zone: "east".into(),
+            ..Default::default()
         }
     }
 
