@@ -47,6 +47,10 @@ pub struct Hub {
     /// The services last built per mesh: the base of the next set's delta,
     /// and reused whole when nothing in them changed.
     services: Mutex<HashMap<String, Arc<ServiceSet>>>,
+    /// Acks not yet written, the newest per agent (version, trusted CAs):
+    /// written together, so N agents acking one push cost one commit.
+    acks: Mutex<HashMap<String, (String, Vec<String>)>>,
+    acked: Notify,
 }
 
 impl Hub {
@@ -61,6 +65,8 @@ impl Hub {
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
             services: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            acked: Notify::new(),
         }
     }
 
@@ -133,6 +139,46 @@ impl Hub {
                 Err(error) => {
                     tracing::warn!(%error, agents = agents.len(), "cannot record the heartbeat")
                 }
+            }
+        }
+    }
+
+    /// Queues the record of an ack (see [`Hub::write_acks`]).
+    pub fn record_ack(&self, agent: &str, version: &str, trusted_cas: Vec<String>) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.to_owned(), (version.to_owned(), trusted_cas));
+        self.acked.notify_one();
+    }
+
+    /// Writes queued acks until `stop` turns true: each batch is what
+    /// arrived while the previous one was being written, in one
+    /// transaction.
+    pub async fn write_acks(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let stopping = tokio::select! {
+                () = self.acked.notified() => false,
+                _ = stop.changed() => true,
+            };
+            let batch: Vec<(String, String, Vec<String>)> =
+                std::mem::take(&mut *self.acks.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .map(|(agent, (version, cas))| (agent, version, cas))
+                    .collect();
+            if batch.is_empty() {
+                if stopping {
+                    return;
+                }
+                continue;
+            }
+            if let Err(error) = self.store.record_acks(&self.zone, &batch).await {
+                tracing::warn!(%error, acks = batch.len(), "cannot record acks; they are lost until the next ones");
+            } else {
+                tracing::debug!(acks = batch.len(), "acks recorded");
+            }
+            if stopping {
+                return;
             }
         }
     }

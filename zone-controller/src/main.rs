@@ -141,6 +141,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
     let heartbeat_task = tokio::spawn(hub.clone().heartbeats(replica.clone(), stop.clone()));
+    let acks_task = tokio::spawn(hub.clone().write_acks(stop.clone()));
     let leader_task = tokio::spawn(
         leader::Leader {
             store: store.clone(),
@@ -194,6 +195,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = leader_task.await;
         let _ = hub_task.await;
         let _ = heartbeat_task.await;
+        let _ = acks_task.await;
     })
     .await;
     if drained.is_err() {
