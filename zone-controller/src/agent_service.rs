@@ -28,6 +28,9 @@ use crate::zone_ca::ZoneCa;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Updates queued towards one agent (the hub keeps only the newest anyway).
 const OUTBOUND_QUEUE: usize = 4;
+/// How long a stream waits for the answer to a push before it sends a
+/// newer view anyway.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Versions sent on one stream whose CAs are kept for the acks.
 const SENT_KEPT: usize = 8;
 
@@ -686,6 +689,11 @@ impl AgentApi {
         let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
         // Whether the version the agent said it had was recorded as acked.
         let mut hello_recorded = false;
+        // Until when the answer to the last push is awaited before the next
+        // one goes out: one push in flight per stream, so a slow agent gets
+        // fewer, coalesced updates (the hub keeps only the newest view)
+        // instead of a queue of them in this replica's memory.
+        let mut awaiting: Option<tokio::time::Instant> = None;
         let mut stop = self.stop.clone();
         loop {
             tokio::select! {
@@ -698,6 +706,14 @@ impl AgentApi {
                             return Ok(());
                         }
                     };
+                    let answered = match &message.message {
+                        Some(pb::agent_message::Message::Ack(ack)) => ack.version == last_sent,
+                        Some(pb::agent_message::Message::Nack(nack)) => nack.version == last_sent,
+                        _ => false,
+                    };
+                    if answered {
+                        awaiting = None;
+                    }
                     let resend = match &message.message {
                         Some(pb::agent_message::Message::Nack(nack)) if nack.version == last_sent => {
                             // What the agent holds is uncertain now: the next
@@ -718,9 +734,14 @@ impl AgentApi {
                         }
                         base = Some(view.clone());
                         last_sent = view.version.clone();
+                        awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                     }
                 }
-                changed = views.changed() => {
+                () = tokio::time::sleep_until(awaiting.unwrap_or_else(tokio::time::Instant::now)), if awaiting.is_some() => {
+                    // No answer in time: push the newest view anyway.
+                    awaiting = None;
+                }
+                changed = views.changed(), if awaiting.is_none() => {
                     if changed.is_err() {
                         return Ok(());
                     }
@@ -730,10 +751,7 @@ impl AgentApi {
                         // reconnection): record what it trusts once.
                         if !hello_recorded {
                             hello_recorded = true;
-                            self.store
-                                .record_ack(&self.zone, agent, &view.version, &bundle_cas(&view.trust_bundle_pem))
-                                .await
-                                .map_err(store_status)?;
+                            self.hub.record_ack(agent, &view.version, bundle_cas(&view.trust_bundle_pem));
                             base = Some(view.clone());
                         }
                         continue;
@@ -744,6 +762,7 @@ impl AgentApi {
                     }
                     base = Some(view.clone());
                     last_sent = view.version.clone();
+                    awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                 }
                 () = outbound.closed() => return Ok(()),
                 _ = stop.changed() => return Ok(()),
