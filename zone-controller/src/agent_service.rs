@@ -626,6 +626,15 @@ impl AgentApi {
         let mesh = record.enrollment.mesh.clone();
         let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
         self.check_owners(agent, &workloads).await?;
+        let own: Vec<(String, String)> = workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.metadata.namespace.clone().unwrap_or_default(),
+                    w.metadata.name.clone(),
+                )
+            })
+            .collect();
         self.store_workloads(agent, workloads).await?;
         // What the agent does not repeat in its Hello is kept.
         let host = match hello.host.as_ref() {
@@ -642,7 +651,7 @@ impl AgentApi {
             .await
             .map_err(store_status)?;
         tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
-        let (id, views) = self.hub.register(agent, &mesh);
+        let (id, views) = self.hub.register(agent, &mesh, &own);
         let outcome = self
             .follow(
                 agent,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+use weft_api::proto::agent::v1 as pb;
 use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
@@ -34,6 +35,14 @@ struct Entry {
     view: watch::Sender<Option<Arc<AgentView>>>,
 }
 
+/// One mesh as last built for its agents.
+struct Built {
+    services: Arc<ServiceSet>,
+    /// The inbound rule every workload gets (the mesh's trust domain).
+    allow: String,
+    bundle: Arc<str>,
+}
+
 /// The streams of this replica and the task that feeds them.
 pub struct Hub {
     store: Store,
@@ -44,9 +53,10 @@ pub struct Hub {
     /// Meshes to recompute at the next wake-up, beyond what the feed says.
     dirty: Mutex<BTreeSet<String>>,
     wake: Notify,
-    /// The services last built per mesh: the base of the next set's delta,
-    /// and reused whole when nothing in them changed.
-    services: Mutex<HashMap<String, Arc<ServiceSet>>>,
+    /// What was last built per mesh: the base of the next service set's
+    /// delta (reused whole when nothing in it changed), and what a new
+    /// stream's first view is made of without waiting for a refresh.
+    built: Mutex<HashMap<String, Built>>,
     /// Acks not yet written, the newest per agent (version, trusted CAs):
     /// written together, so N agents acking one push cost one commit.
     acks: Mutex<HashMap<String, (String, Vec<String>)>>,
@@ -64,16 +74,27 @@ impl Hub {
             next_id: AtomicU64::new(1),
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
-            services: Mutex::new(HashMap::new()),
+            built: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             acked: Notify::new(),
         }
     }
 
     /// Registers a stream of `agent` (in `mesh`) and asks for its view.
-    pub fn register(&self, agent: &str, mesh: &str) -> (u64, ViewReceiver) {
+    /// `workloads` (namespace, name) are its own, for the inbound rules of
+    /// a first view made from what was last built, so that a new agent
+    /// need not wait for the refresh (which follows and corrects it).
+    pub fn register(
+        &self,
+        agent: &str,
+        mesh: &str,
+        workloads: &[(String, String)],
+    ) -> (u64, ViewReceiver) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (view, receiver) = watch::channel(None);
+        if let Some(first) = self.first_view(mesh, workloads) {
+            view.send_replace(Some(Arc::new(first)));
+        }
         self.lock_streams().insert(
             id,
             Entry {
@@ -84,6 +105,28 @@ impl Hub {
         );
         self.mark(mesh);
         (id, receiver)
+    }
+
+    /// A view from what was last built for `mesh`, if anything was.
+    fn first_view(&self, mesh: &str, workloads: &[(String, String)]) -> Option<AgentView> {
+        let built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        let base = built.get(mesh)?;
+        let mut own = workloads.to_vec();
+        own.sort();
+        let inbound = own
+            .into_iter()
+            .map(|(_, name)| pb::InboundRule {
+                workload: name,
+                allow: vec![base.allow.clone()],
+            })
+            .collect();
+        Some(AgentView::new(
+            base.services.clone(),
+            inbound,
+            mesh.to_owned(),
+            self.zone.clone(),
+            base.bundle.clone(),
+        ))
     }
 
     /// Forgets a stream.
@@ -265,7 +308,7 @@ impl Hub {
             return Ok(());
         };
         let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
-        let services = self.services_of(mesh, &snapshot);
+        let services = self.services_of(mesh, &snapshot, &bundle);
         let inbound = snapshot.inbound_by_agent();
         let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
@@ -295,15 +338,31 @@ impl Hub {
 
     /// The mesh's services: the previous set if nothing changed (so that
     /// streams see the same `Arc`), else a new one with its delta.
-    fn services_of(&self, mesh: &str, snapshot: &MeshSnapshot) -> Arc<ServiceSet> {
-        let mut sets = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = sets.get(mesh).cloned();
+    fn services_of(
+        &self,
+        mesh: &str,
+        snapshot: &MeshSnapshot,
+        bundle: &Arc<str>,
+    ) -> Arc<ServiceSet> {
+        let previous = self
+            .built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mesh)
+            .map(|b| b.services.clone());
         let set = snapshot.service_set(previous.as_deref());
         let set = match previous {
             Some(previous) if previous.digest == set.digest => previous,
             _ => Arc::new(set),
         };
-        sets.insert(mesh.to_owned(), set.clone());
+        self.built.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            mesh.to_owned(),
+            Built {
+                services: set.clone(),
+                allow: snapshot.allow_all(),
+                bundle: bundle.clone(),
+            },
+        );
         set
     }
 }

@@ -199,11 +199,16 @@ impl MeshSnapshot {
         ServiceSet::new(services, previous)
     }
 
+    /// The callers every workload of the mesh accepts: the whole mesh.
+    pub fn allow_all(&self) -> String {
+        format!("spiffe://{}/*", self.mesh.spec.trust_domain)
+    }
+
     /// Inbound rules per agent name, for every agent of the mesh at once.
     pub fn inbound_by_agent(&self) -> HashMap<&str, Vec<pb::InboundRule>> {
         // Every workload of the mesh may call (TrafficPermission will narrow
         // this in a later issue).
-        let allow_all = format!("spiffe://{}/*", self.mesh.spec.trust_domain);
+        let allow_all = self.allow_all();
         let mut rules: HashMap<&str, Vec<pb::InboundRule>> = HashMap::new();
         for w in &self.workloads {
             if let Some(agent) = w.metadata.labels.get(AGENT_LABEL) {
