@@ -225,9 +225,12 @@ impl MeshSnapshot {
     }
 }
 
-/// The bound on one ConfigUpdate's encoded size: well under the 4 MiB
-/// that gRPC peers accept by default, whatever the size of the mesh.
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The bound on one ConfigUpdate's encoded size: far under the 4 MiB
+/// that gRPC peers accept by default, whatever the size of the mesh. Small
+/// because each stream's encoder keeps a buffer as large as the largest
+/// message it sent: with 10,000 streams, 1 MiB messages would pin
+/// gigabytes (see docs/benchmarks.md).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// One service's view, with its key and content hash.
 #[derive(Debug)]
