@@ -793,9 +793,9 @@ impl AgentApi {
             sent.pop_front();
         }
         sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
-        let messages = view.messages(base);
-        let chunks = messages.len();
-        for update in messages {
+        let mut chunks = 0;
+        for update in view.messages(base) {
+            chunks += 1;
             let message = pb::ZoneMessage {
                 message: Some(pb::zone_message::Message::Config(update)),
             };

@@ -10,12 +10,6 @@ mod ca_rotation;
 mod ca_view;
 mod grpc;
 mod hub;
-
-/// mimalloc rather than glibc's allocator: views pushed to thousands of
-/// streams are many short-lived allocations on several threads, which
-/// glibc's per-thread arenas keep as resident memory.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod inspect;
 mod leader;
 mod mesh_ca;

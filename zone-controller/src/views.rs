@@ -418,19 +418,12 @@ impl AgentView {
         }
     }
 
-    /// A later chunk: the version only; services and removed keys follow.
-    fn continuation(&self) -> pb::ConfigUpdate {
-        pb::ConfigUpdate {
-            version: self.version.clone(),
-            ..Default::default()
-        }
-    }
-
     /// The messages that bring an agent holding `base` (`None`: nothing
     /// known, so the whole view) to this view, each under
     /// [`MAX_MESSAGE_BYTES`] (a single service larger than that still goes
-    /// alone in one message).
-    pub fn messages(&self, base: Option<&AgentView>) -> Vec<pb::ConfigUpdate> {
+    /// alone in one message). Built one at a time as they are sent, so a
+    /// stream holds one chunk, not a copy of the whole view.
+    pub fn messages<'a>(&'a self, base: Option<&'a AgentView>) -> Messages<'a> {
         let (base_version, delta) = match base {
             Some(base) if Arc::ptr_eq(&base.services, &self.services) => {
                 (base.version.as_str(), Cow::Owned(ServiceDelta::default()))
@@ -441,35 +434,71 @@ impl AgentView {
             ),
             None => ("", Cow::Owned(self.services.whole())),
         };
-        let mut messages = vec![self.head(base_version)];
-        let mut size = messages[0].encoded_len();
-        for key in &delta.removed {
+        Messages {
+            view: self,
+            base_version,
+            delta,
+            removed: 0,
+            changed: 0,
+            first: true,
+        }
+    }
+}
+
+/// The chunks of one update, built as they are asked for.
+pub struct Messages<'a> {
+    view: &'a AgentView,
+    base_version: &'a str,
+    delta: Cow<'a, ServiceDelta>,
+    removed: usize,
+    changed: usize,
+    first: bool,
+}
+
+impl Iterator for Messages<'_> {
+    type Item = pb::ConfigUpdate;
+
+    fn next(&mut self) -> Option<pb::ConfigUpdate> {
+        let (removed, changed) = (&self.delta.removed, &self.delta.changed);
+        let left = self.removed < removed.len() || self.changed < changed.len();
+        if !self.first && !left {
+            return None;
+        }
+        let mut message = if self.first {
+            self.view.head(self.base_version)
+        } else {
+            pb::ConfigUpdate {
+                version: self.view.version.clone(),
+                ..Default::default()
+            }
+        };
+        self.first = false;
+        let mut size = message.encoded_len();
+        let mut items = 0;
+        while let Some(key) = removed.get(self.removed) {
             let len = key.len() + 4;
-            if size + len > MAX_MESSAGE_BYTES {
-                messages.push(self.continuation());
-                size = 0;
+            if size + len > MAX_MESSAGE_BYTES && items > 0 {
+                break;
             }
             size += len;
-            if let Some(last) = messages.last_mut() {
-                last.removed_services.push(key.clone());
+            items += 1;
+            message.removed_services.push(key.clone());
+            self.removed += 1;
+        }
+        if self.removed == removed.len() {
+            while let Some(service) = changed.get(self.changed) {
+                let len = service.encoded_len() + 4;
+                if size + len > MAX_MESSAGE_BYTES && items > 0 {
+                    break;
+                }
+                size += len;
+                items += 1;
+                message.services.push((**service).clone());
+                self.changed += 1;
             }
         }
-        for service in &delta.changed {
-            let len = service.encoded_len() + 4;
-            if size + len > MAX_MESSAGE_BYTES && size > 0 {
-                messages.push(self.continuation());
-                size = 0;
-            }
-            size += len;
-            if let Some(last) = messages.last_mut() {
-                last.services.push((**service).clone());
-            }
-        }
-        let count = messages.len();
-        for (i, message) in messages.iter_mut().enumerate() {
-            message.more = i + 1 < count;
-        }
-        messages
+        message.more = self.removed < removed.len() || self.changed < changed.len();
+        Some(message)
     }
 }
 
@@ -539,7 +568,7 @@ mod tests {
             vec![service("a", 1), service("c", 2), service("d", 1)],
             Some(&v1.services),
         );
-        let messages = v2.messages(Some(&v1));
+        let messages: Vec<_> = v2.messages(Some(&v1)).collect();
         assert_eq!(messages.len(), 1);
         let delta = &messages[0];
         assert_eq!(delta.version, v2.version);
@@ -554,9 +583,9 @@ mod tests {
             vec![service("a", 1), service("b", 1), service("c", 1)],
             None,
         );
-        assert_eq!(v2.messages(Some(&v0))[0].services.len(), 2);
+        assert_eq!(v2.messages(Some(&v0)).next().unwrap().services.len(), 2);
         // Whole when nothing is known.
-        let whole = v2.messages(None);
+        let whole: Vec<_> = v2.messages(None).collect();
         assert!(whole[0].base_version.is_empty());
         assert_eq!(whole[0].services.len(), 3);
     }
@@ -568,7 +597,7 @@ mod tests {
             .map(|i| service(&format!("s{i:03}"), 100))
             .collect();
         let big = view(services, None);
-        let messages = big.messages(None);
+        let messages: Vec<_> = big.messages(None).collect();
         assert!(messages.len() > 1, "{} message(s)", messages.len());
         for (i, m) in messages.iter().enumerate() {
             assert!(
