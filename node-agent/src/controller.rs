@@ -33,7 +33,7 @@ use crate::grpc::{self, ChannelError, ZoneClient};
 use crate::metrics::Metrics;
 use crate::state::{self, key_and_chain, Enrolment, StateDir, StateError};
 use crate::tls::{self, Identity};
-use crate::view::{MeshView, SharedView};
+use crate::view::{resolve, Chunks, MeshView, SharedView};
 
 /// How long connecting to the zone may take, each stage.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -778,6 +778,7 @@ impl Controller {
         backoff.reset();
         let drained = drain.signaled();
         tokio::pin!(drained);
+        let mut chunks = Chunks::default();
         loop {
             let message = tokio::select! {
                 m = incoming.message() => m?,
@@ -796,8 +797,14 @@ impl Controller {
                 return Ok(());
             };
             match message.message {
-                Some(zone_message::Message::Config(update)) => {
-                    let answer = self.answer(&update);
+                Some(zone_message::Message::Config(chunk)) => {
+                    let version = chunk.version.clone();
+                    // Only the last chunk of a version is applied and answered.
+                    let answer = match chunks.push(chunk) {
+                        Ok(None) => continue,
+                        Ok(Some(update)) => self.answer(update),
+                        Err(error) => self.refuse(version, error.to_string()),
+                    };
                     if tx.send(answer).await.is_err() {
                         return Ok(());
                     }
@@ -807,38 +814,56 @@ impl Controller {
         }
     }
 
-    /// Applies an update and says how it went, for the zone.
-    fn answer(&self, update: &ConfigUpdate) -> AgentMessage {
+    /// Applies an update (whole, or a delta on the view in force) and says
+    /// how it went, for the zone.
+    fn answer(&self, update: ConfigUpdate) -> AgentMessage {
         let version = update.version.clone();
-        let message = match self.apply(update) {
+        let services = update.services.len();
+        let delta = !update.base_version.is_empty();
+        match self.apply(update) {
             Ok(()) => {
                 self.metrics.config_update(true);
-                info!(version = %version, services = update.services.len(), "config applied");
+                info!(version = %version, services, delta, "config applied");
                 self.status_mut().applied_version = version.clone();
-                agent_message::Message::Ack(Ack { version })
+                AgentMessage {
+                    message: Some(agent_message::Message::Ack(Ack { version })),
+                }
             }
-            Err(reason) => {
-                self.metrics.config_update(false);
-                warn!(version = %version, reason = %reason, "config refused, keeping the last good one");
-                self.status_mut().last_nack = Some(Refusal {
-                    version: version.clone(),
-                    reason: reason.clone(),
-                });
-                agent_message::Message::Nack(Nack { version, reason })
-            }
-        };
-        AgentMessage {
-            message: Some(message),
+            Err(reason) => self.refuse(version, reason),
         }
     }
 
-    /// Checks an update whole, persists it, then puts it in force: the view
-    /// and, when the bundle changed, the credentials. On error nothing
-    /// changed, and the reason names the field.
-    pub fn apply(&self, update: &ConfigUpdate) -> Result<(), String> {
-        let view = MeshView::from_update(update, &workload_name(&self.config))
-            .map_err(|e| e.to_string())?;
+    /// The Nack for an update that is not applied, recorded for the admin.
+    fn refuse(&self, version: String, reason: String) -> AgentMessage {
+        self.metrics.config_update(false);
+        warn!(version = %version, reason = %reason, "config refused, keeping the last good one");
+        self.status_mut().last_nack = Some(Refusal {
+            version: version.clone(),
+            reason: reason.clone(),
+        });
+        AgentMessage {
+            message: Some(agent_message::Message::Nack(Nack { version, reason })),
+        }
+    }
+
+    /// Checks an update whole (a delta once applied on the persisted view,
+    /// which must be its base), persists the resulting whole view, then
+    /// puts it in force: the view and, when the bundle changed, the
+    /// credentials. On error nothing changed, and the reason names the
+    /// field.
+    pub fn apply(&self, update: ConfigUpdate) -> Result<(), String> {
         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let update = if update.base_version.is_empty() {
+            update
+        } else {
+            let current = self.state.config().map_err(|e| e.to_string())?;
+            let serving = self.view.load();
+            // The persisted view is the base only if it is the one in force.
+            let current = current.filter(|c| c.version == serving.version);
+            resolve(current.as_ref(), update).map_err(|e| e.to_string())?
+        };
+        let view = MeshView::from_update(&update, &workload_name(&self.config))
+            .map_err(|e| e.to_string())?;
         let current = self.state.read(state::BUNDLE).map_err(|e| e.to_string())?;
         let bundle_changed = current.as_deref() != Some(update.trust_bundle_pem.as_bytes());
         if bundle_changed {
@@ -854,7 +879,7 @@ impl Controller {
             })?;
         }
         self.state
-            .save_config(update)
+            .save_config(&update)
             .map_err(|e| format!("persisting the update: {e}"))?;
         if bundle_changed {
             self.state

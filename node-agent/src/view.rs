@@ -4,7 +4,7 @@
 //! a zone's `ConfigUpdate`, checked whole before use, and swapped atomically
 //! so that every connection sees one consistent version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use weft_api::proto::agent::v1::ConfigUpdate;
+use weft_api::proto::agent::v1::{ConfigUpdate, ServiceView};
 use weft_api::{Endpoint, PeerMatch, SpiffeId};
 
 use crate::config::AgentConfig;
@@ -98,6 +98,96 @@ pub enum NameLookup {
     UnknownMeshName,
     /// Not a mesh name: forward it.
     NotMesh,
+}
+
+/// How a Nack for a delta on a version the agent does not serve starts:
+/// the zone answers it with the whole view.
+pub const BASE_MISMATCH: &str = "base version mismatch";
+
+/// Chunks of one version kept before the last arrives: a bound on what a
+/// zone can make the agent buffer (at 1 MiB per chunk, 1 GiB).
+const MAX_CHUNKS: usize = 1024;
+
+/// Reassembles the chunks of an update (all but the last have `more`).
+#[derive(Debug, Default)]
+pub struct Chunks {
+    pending: Option<ConfigUpdate>,
+    count: usize,
+}
+
+impl Chunks {
+    /// Adds a chunk; the whole update once its last chunk is in. A chunk of
+    /// another version drops what was pending (the zone moved on).
+    pub fn push(&mut self, chunk: ConfigUpdate) -> Result<Option<ConfigUpdate>, ViewError> {
+        let more = chunk.more;
+        let merged = match self.pending.take() {
+            Some(mut first) if first.version == chunk.version => {
+                self.count += 1;
+                if self.count > MAX_CHUNKS {
+                    self.count = 0;
+                    return Err(bad(
+                        "more",
+                        format!("version {} spans over {MAX_CHUNKS} chunks", chunk.version),
+                    ));
+                }
+                first.services.extend(chunk.services);
+                first.removed_services.extend(chunk.removed_services);
+                first
+            }
+            _ => {
+                self.count = 1;
+                chunk
+            }
+        };
+        if more {
+            self.pending = Some(merged);
+            return Ok(None);
+        }
+        self.count = 0;
+        Ok(Some(ConfigUpdate {
+            more: false,
+            ..merged
+        }))
+    }
+}
+
+/// The whole view an update leads to: itself if whole, else the delta
+/// applied on `current` (the view the agent serves), which must be the
+/// delta's base. Services keep the zone's order (by namespace, then name).
+pub fn resolve(
+    current: Option<&ConfigUpdate>,
+    update: ConfigUpdate,
+) -> Result<ConfigUpdate, ViewError> {
+    if update.base_version.is_empty() {
+        return Ok(update);
+    }
+    let serving = current.map(|c| c.version.as_str()).unwrap_or_default();
+    if serving != update.base_version {
+        return Err(bad(
+            "base_version",
+            format!(
+                "{BASE_MISMATCH}: the delta applies on {:?}, the agent serves {serving:?}",
+                update.base_version
+            ),
+        ));
+    }
+    let key = |s: &ServiceView| format!("{}/{}", s.namespace, s.name);
+    let mut services: BTreeMap<String, ServiceView> = current
+        .map(|c| c.services.iter().map(|s| (key(s), s.clone())).collect())
+        .unwrap_or_default();
+    for gone in &update.removed_services {
+        services.remove(gone);
+    }
+    for s in update.services {
+        services.insert(key(&s), s);
+    }
+    Ok(ConfigUpdate {
+        services: services.into_values().collect(),
+        base_version: String::new(),
+        removed_services: Vec::new(),
+        more: false,
+        ..update
+    })
 }
 
 /// The whole view at one version.
@@ -441,6 +531,7 @@ mod tests {
             ],
             mesh: "default".into(),
             zone: "east".into(),
+            ..Default::default()
         }
     }
 

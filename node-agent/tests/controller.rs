@@ -443,3 +443,94 @@ async fn the_binary_runs_in_controller_mode() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A version split over chunks, then deltas: the agent acks only the last
+/// chunk, applies a delta on the view it serves, persists the whole result,
+/// and refuses a delta on another base with `base version mismatch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_chunks_and_deltas_on_its_own_base_only() {
+    use weft_api::proto::agent::v1::{ConfigUpdate, ServiceView};
+
+    let mut zone = Zone::start(Script::default()).await;
+    let dir = TempDir::new("delta");
+    let path = zone.agent_config(dir.path());
+    let cfg = Arc::new(AgentConfig::load(&path).expect("config valid"));
+    let bundle = zone.state.mesh.pem();
+    zone.serve_initially("v1");
+    let (task, _ctl, view, _) = start(&cfg).await;
+    assert_eq!(hello_version(&zone.next_message().await), "");
+    match zone.next_message().await.message {
+        Some(agent_message::Message::Ack(a)) => assert_eq!(a.version, "v1"),
+        other => panic!("expected Ack v1, got {other:?}"),
+    }
+
+    // v2, whole, in two chunks: the first has the per-agent parts and api,
+    // the second adds db.
+    let mut first = update("v2", &bundle);
+    first.more = true;
+    let db = ServiceView {
+        name: "db".into(),
+        virtual_ip: "10.96.0.11".into(),
+        ..first.services[0].clone()
+    };
+    let second = ConfigUpdate {
+        version: "v2".into(),
+        services: vec![db],
+        ..Default::default()
+    };
+    zone.state.push.send(first).unwrap();
+    zone.state.push.send(second).unwrap();
+    match zone.next_message().await.message {
+        Some(agent_message::Message::Ack(a)) => assert_eq!(a.version, "v2"),
+        other => panic!("expected one Ack for v2, got {other:?}"),
+    }
+    assert_eq!(
+        view.load().lookup("db.mesh."),
+        NameLookup::Service("10.96.0.11".parse().unwrap())
+    );
+    assert_eq!(
+        view.load().lookup("api.mesh."),
+        NameLookup::Service("10.96.0.10".parse().unwrap())
+    );
+
+    // v3: a delta on v2 that removes api and changes nothing else.
+    let mut delta = update("v3", &bundle);
+    delta.services.clear();
+    delta.base_version = "v2".into();
+    delta.removed_services = vec!["default/api".into()];
+    zone.state.push.send(delta).unwrap();
+    match zone.next_message().await.message {
+        Some(agent_message::Message::Ack(a)) => assert_eq!(a.version, "v3"),
+        other => panic!("expected Ack v3, got {other:?}"),
+    }
+    assert_eq!(view.load().version, "v3");
+    assert_ne!(
+        view.load().lookup("api.mesh."),
+        NameLookup::Service("10.96.0.10".parse().unwrap())
+    );
+    // What is persisted is the whole resulting view.
+    let saved = state::StateDir::open(&dir.path().join("state"))
+        .unwrap()
+        .config()
+        .unwrap()
+        .expect("a saved view");
+    assert_eq!(saved.version, "v3");
+    assert!(saved.base_version.is_empty());
+    let names: Vec<&str> = saved.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["db"]);
+
+    // A delta on a version the agent does not serve: refused, nothing
+    // changes.
+    let mut foreign = update("v4", &bundle);
+    foreign.base_version = "v9".into();
+    zone.state.push.send(foreign).unwrap();
+    match zone.next_message().await.message {
+        Some(agent_message::Message::Nack(n)) => {
+            assert_eq!(n.version, "v4");
+            assert!(n.reason.contains("base version mismatch"), "{}", n.reason);
+        }
+        other => panic!("expected Nack v4, got {other:?}"),
+    }
+    assert_eq!(view.load().version, "v3");
+    task.abort();
+}

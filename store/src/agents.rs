@@ -9,11 +9,14 @@
 
 use sqlx::Row;
 
-use crate::backend::{on_pool, Store};
+use weft_api::Kind;
+
+use crate::backend::{on_pool, Db, Store};
 use crate::changes::{append_change, take_seq};
 use crate::clock::now_ms;
 use crate::columns::Columns;
 use crate::error::StoreError;
+use crate::resources::ResourceKey;
 
 /// The kind written in the change feed for inventory transitions; not a
 /// resource kind, so resource readers skip it.
@@ -260,6 +263,51 @@ impl Store {
         Ok(affected > 0)
     }
 
+    /// Marks the agents `names` seen now, those whose stream `replica`
+    /// still holds; not in the change feed. One statement per batch of
+    /// names, so that a replica's thousands of streams cost a handful of
+    /// writes per heartbeat period, not one each. Returns the names it
+    /// marked: the others are no longer this replica's (taken over
+    /// elsewhere, or removed after the agent grace).
+    pub async fn heartbeat_agents(
+        &self,
+        zone: &str,
+        replica: &str,
+        names: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        /// Names per statement: far under SQLite's bound on parameters.
+        const BATCH: usize = 500;
+        let now = now_ms();
+        let mut seen = Vec::with_capacity(names.len());
+        for batch in names.chunks(BATCH) {
+            let op = format!("heartbeat of {} agents", batch.len());
+            let placeholders = (0..batch.len())
+                .map(|i| format!("${}", i + 4))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE agents SET last_seen = $3 \
+                 WHERE zone = $1 AND connected_replica = $2 AND name IN ({placeholders}) \
+                 RETURNING name"
+            );
+            let rows = on_pool!(self, pool => {
+                let mut query = sqlx::query(&sql).bind(zone).bind(replica).bind(now);
+                for name in batch {
+                    query = query.bind(name);
+                }
+                query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(StoreError::db(&op))?
+                    .into_iter()
+                    .map(|row| row.try_get::<String, _>("name").map_err(StoreError::db(&op)))
+                    .collect::<Result<Vec<_>, _>>()?
+            });
+            seen.extend(rows);
+        }
+        Ok(seen)
+    }
+
     /// Marks an agent disconnected if `replica` still holds its stream (a
     /// newer stream on another replica is left alone). Returns whether it
     /// did.
@@ -462,6 +510,77 @@ impl Store {
             .map_err(StoreError::db(&op))?;
         });
         Ok(())
+    }
+
+    /// Records many acks (agent name, version, trusted CA fingerprints) in
+    /// one transaction: one commit for a whole push to thousands of agents,
+    /// instead of one each.
+    pub async fn record_acks(
+        &self,
+        zone: &str,
+        acks: &[(String, String, Vec<String>)],
+    ) -> Result<(), StoreError> {
+        let op = format!("record {} acks", acks.len());
+        let now = now_ms();
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            for (name, version, trusted_cas) in acks {
+                sqlx::query(
+                    "UPDATE agents SET applied_version = $3, last_seen = $4, applied_cas = $5 \
+                     WHERE zone = $1 AND name = $2",
+                )
+                .bind(zone)
+                .bind(name)
+                .bind(version)
+                .bind(now)
+                .bind(trusted_cas.join(" "))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(&op))?;
+            }
+            tx.commit().await.map_err(StoreError::db(&op))
+        }.await)?;
+        Ok(())
+    }
+
+    /// The keys of the Workloads whose label `label` is `agent` (the ones
+    /// an agent registered), in any mesh. The label is matched inside the
+    /// database, so that one agent's (re)connection does not decode every
+    /// Workload of the zone.
+    pub async fn labelled_workloads(
+        &self,
+        label: &str,
+        agent: &str,
+    ) -> Result<Vec<ResourceKey>, StoreError> {
+        let op = format!("list the workloads of agent {agent}");
+        let rows: Vec<(String, String, String)> = match &self.inner.db {
+            Db::Sqlite(pool) => sqlx::query_as(
+                "SELECT mesh, namespace, name FROM resources \
+                 WHERE kind = $1 AND json_extract(body, $2) = $3",
+            )
+            .bind(Kind::Workload.as_str())
+            .bind(format!("$.metadata.labels.\"{label}\""))
+            .bind(agent)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(&op))?,
+            Db::Postgres(pool) => sqlx::query_as(
+                "SELECT mesh, namespace, name FROM resources \
+                 WHERE kind = $1 AND body->'metadata'->'labels'->>$2 = $3",
+            )
+            .bind(Kind::Workload.as_str())
+            .bind(label)
+            .bind(agent)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(&op))?,
+        };
+        Ok(rows
+            .iter()
+            .map(|(mesh, namespace, name)| {
+                ResourceKey::namespaced(Kind::Workload, mesh, namespace, name)
+            })
+            .collect())
     }
 
     /// Records that an agent refused `version` for `reason`.

@@ -52,6 +52,7 @@ on_both_backends!(
     data_survives_reopen,
     ca_created_once,
     agent_inventory,
+    agent_batches,
     mesh_ca_first_created_once,
     mesh_ca_rotation,
     mesh_ca_rotation_races,
@@ -825,6 +826,89 @@ async fn agent_inventory(db: TestDb) {
         .all(|e| matches!(e, FeedEntry::Agent { zone, mesh, name, .. }
         if zone == "z1" && mesh == "default" && name == "vm-1")));
     assert!(store.changes_since(start).await.unwrap().is_empty());
+}
+
+/// What lets 10,000 agents cost a few writes: heartbeats and acks in
+/// batches, and an agent's workloads found by label inside the database.
+async fn agent_batches(db: TestDb) {
+    let store = db.open().await;
+    store.put(&mesh("default"), Expect::Any).await.unwrap();
+    for (name, agent) in [("w1", "vm-1"), ("w2", "vm-2"), ("w3", "vm-1")] {
+        let yaml = format!(
+            "apiVersion: weft.io/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  namespace: default
+  labels:
+    weft.io/agent: {agent}
+spec:
+  address: 10.0.0.9
+  service: payments
+  ports:
+  - port: 8080
+"
+        );
+        let resource = parse_yaml(&yaml).expect("valid workload").remove(0);
+        store.put(&resource, Expect::Any).await.unwrap();
+    }
+    let mut keys = store
+        .labelled_workloads("weft.io/agent", "vm-1")
+        .await
+        .unwrap();
+    keys.sort_by_key(|k| k.to_string());
+    assert_eq!(
+        keys,
+        [workload_key("w1", "default"), workload_key("w3", "default")]
+    );
+    assert!(store
+        .labelled_workloads("weft.io/agent", "nobody")
+        .await
+        .unwrap()
+        .is_empty());
+
+    for name in ["vm-1", "vm-2", "vm-3"] {
+        store
+            .enroll_agent(&AgentEnrollment {
+                name: name.to_owned(),
+                zone: "z1".to_owned(),
+                mesh: "default".to_owned(),
+                hbone_address: String::new(),
+                host_facts: serde_json::json!({}),
+                token_id: "t1".to_owned(),
+            })
+            .await
+            .unwrap();
+    }
+    for (name, replica) in [("vm-1", "r1"), ("vm-2", "r1"), ("vm-3", "r2")] {
+        store
+            .connect_agent("z1", name, replica, "", &serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    let names: Vec<String> = ["vm-1", "vm-2", "vm-3", "ghost"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // vm-3's stream is on r2: r1's heartbeat leaves it alone.
+    let mut seen = store.heartbeat_agents("z1", "r1", &names).await.unwrap();
+    seen.sort();
+    assert_eq!(seen, ["vm-1", "vm-2"]);
+    store
+        .record_acks(
+            "z1",
+            &[
+                ("vm-1".into(), "v1".into(), vec!["sha256:aa".into()]),
+                ("vm-2".into(), "v2".into(), vec![]),
+            ],
+        )
+        .await
+        .unwrap();
+    let vm1 = store.get_agent("z1", "vm-1").await.unwrap().unwrap();
+    assert_eq!(vm1.applied_version, "v1");
+    assert_eq!(vm1.applied_cas, ["sha256:aa"]);
+    let vm2 = store.get_agent("z1", "vm-2").await.unwrap().unwrap();
+    assert_eq!(vm2.applied_version, "v2");
 }
 
 fn new_ca(n: &str, not_after: i64) -> NewMeshCa {

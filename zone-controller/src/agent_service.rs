@@ -32,6 +32,9 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Updates queued towards one agent (the hub keeps only the newest anyway).
 const OUTBOUND_QUEUE: usize = 4;
+/// How long a stream waits for the answer to a push before it sends a
+/// newer view anyway.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Versions sent on one stream whose CAs are kept for the acks.
 const SENT_KEPT: usize = 8;
 
@@ -81,8 +84,6 @@ pub struct AgentApi {
     pub hub: Arc<Hub>,
     /// The streams to cut when their agent is revoked or loses a workload.
     pub cutoff: Arc<Cutoff>,
-    /// How often a stream marks its agent seen.
-    pub heartbeat: Duration,
     /// Turns true at shutdown: streams end.
     pub stop: watch::Receiver<bool>,
 }
@@ -287,14 +288,21 @@ impl AgentApi {
     /// Makes `workloads` the agent's whole set: writes the changed ones and
     /// removes those it no longer fronts (in any mesh).
     async fn store_workloads(&self, agent: &str, workloads: Vec<Workload>) -> Result<(), Status> {
-        let owned: Vec<_> = self
+        // Only this agent's workloads are read, not the zone's: an agent's
+        // (re)connection costs the same in a mesh of 10 or 10,000.
+        let mut owned = Vec::new();
+        for key in self
             .store
-            .list(Kind::Workload, None, None)
+            .labelled_workloads(AGENT_LABEL, agent)
             .await
             .map_err(store_status)?
-            .into_iter()
-            .filter(|s| owner_of(&s.resource) == Some(agent))
-            .collect();
+        {
+            if let Some(stored) = self.store.get(&key).await.map_err(store_status)? {
+                if owner_of(&stored.resource) == Some(agent) {
+                    owned.push(stored);
+                }
+            }
+        }
         let mut wanted = Vec::with_capacity(workloads.len());
         let mut writes = Vec::new();
         for w in workloads {
@@ -733,6 +741,15 @@ impl AgentApi {
         let mesh = record.enrollment.mesh.clone();
         let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
         let workloads = Self::without_withdrawn(agent, &record, workloads);
+        let own: Vec<(String, String)> = workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.metadata.namespace.clone().unwrap_or_default(),
+                    w.metadata.name.clone(),
+                )
+            })
+            .collect();
         self.register_workloads(agent, cut_id, workloads).await?;
         // What the agent does not repeat in its Hello is kept.
         let host = match hello.host.as_ref() {
@@ -752,7 +769,7 @@ impl AgentApi {
             tracing::info!(%agent, %mesh, "agent returned: back in the endpoint lists");
         }
         tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
-        let (id, views) = self.hub.register(agent, &mesh);
+        let (id, views) = self.hub.register(agent, &mesh, &own);
         let stream = Stream {
             agent,
             mesh: &mesh,
@@ -829,18 +846,24 @@ impl AgentApi {
         // cut-off registry before the Hello's checks, so a revocation
         // committed after them reaches `cut`.
         let mut last_sent = applied;
+        // The view the agent was last sent and is taken to hold: the base
+        // of the next delta (`None`: send the whole view).
+        let mut base: Option<Arc<crate::views::AgentView>> = None;
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow
         // pushes closely).
         let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
         // Whether the version the agent said it had was recorded as acked.
         let mut hello_recorded = false;
-        let mut heartbeat = tokio::time::interval(self.heartbeat);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Until when the answer to the last push is awaited before the next
+        // one goes out: one push in flight per stream, so a slow agent gets
+        // fewer, coalesced updates (the hub keeps only the newest view)
+        // instead of a queue of them in this replica's memory.
+        let mut awaiting: Option<tokio::time::Instant> = None;
         let mut stop = self.stop.clone();
         loop {
-            if let Some(reason) = cut.borrow_and_update().clone() {
-                return Err(Status::permission_denied(reason));
+            if let Some(cut) = cut.borrow_and_update().clone() {
+                return Err(cut.status());
             }
             tokio::select! {
                 message = inbound.message() => {
@@ -852,14 +875,47 @@ impl AgentApi {
                             return Ok(StreamEnd::Dropped);
                         }
                     };
+                    let answered = match &message.message {
+                        Some(pb::agent_message::Message::Ack(ack)) => ack.version == last_sent,
+                        Some(pb::agent_message::Message::Nack(nack)) => nack.version == last_sent,
+                        _ => false,
+                    };
+                    if answered {
+                        awaiting = None;
+                    }
+                    let resend = match &message.message {
+                        Some(pb::agent_message::Message::Nack(nack)) if nack.version == last_sent => {
+                            // What the agent holds is uncertain now: the next
+                            // push is whole. A refused delta is answered with
+                            // the whole view at once.
+                            let was_delta = base.is_some();
+                            base = None;
+                            was_delta
+                        }
+                        _ => false,
+                    };
                     self.on_message(stream, message, &sent).await?;
+                    if resend {
+                        let Some(view) = views.borrow().clone() else { continue };
+                        tracing::info!(%agent, version = %view.version, "delta refused; sending the whole view");
+                        if !self.push(agent, &view, None, &mut sent, outbound).await {
+                            return Ok(StreamEnd::Dropped);
+                        }
+                        base = Some(view.clone());
+                        last_sent = view.version.clone();
+                        awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
+                    }
                 }
                 changed = cut.changed() => {
                     if changed.is_err() {
                         return Ok(StreamEnd::Dropped);
                     }
                 }
-                changed = views.changed() => {
+                () = tokio::time::sleep_until(awaiting.unwrap_or_else(tokio::time::Instant::now)), if awaiting.is_some() => {
+                    // No answer in time: push the newest view anyway.
+                    awaiting = None;
+                }
+                changed = views.changed(), if awaiting.is_none() => {
                     if changed.is_err() {
                         return Ok(StreamEnd::Dropped);
                     }
@@ -869,42 +925,51 @@ impl AgentApi {
                         // reconnection): record what it trusts once.
                         if !hello_recorded {
                             hello_recorded = true;
-                            self.store
-                                .record_ack(&self.zone, agent, &view.version, &bundle_cas(&view.trust_bundle_pem))
-                                .await
-                                .map_err(store_status)?;
+                            self.hub.record_ack(agent, &view.version, bundle_cas(&view.trust_bundle_pem));
+                            base = Some(view.clone());
                         }
                         continue;
                     }
                     hello_recorded = true;
-                    if sent.len() == SENT_KEPT {
-                        sent.pop_front();
-                    }
-                    sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
-                    let message = pb::ZoneMessage {
-                        message: Some(pb::zone_message::Message::Config((*view).clone())),
-                    };
-                    if outbound.send(Ok(message)).await.is_err() {
+                    if !self.push(agent, &view, base.as_deref(), &mut sent, outbound).await {
                         return Ok(StreamEnd::Dropped);
                     }
-                    tracing::debug!(%agent, version = %view.version, "config pushed");
+                    base = Some(view.clone());
                     last_sent = view.version.clone();
-                }
-                _ = heartbeat.tick() => {
-                    match self.store.heartbeat_agent(&self.zone, agent, &self.replica).await {
-                        Ok(true) => {}
-                        // Removed for silence, or its stream taken over
-                        // elsewhere: a new Hello puts things right.
-                        Ok(false) => return Err(Status::unavailable(
-                            "this replica no longer holds the agent's stream (taken over, or removed after the agent grace); reconnect",
-                        )),
-                        Err(error) => tracing::warn!(%agent, %error, "cannot record the heartbeat"),
-                    }
+                    awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                 }
                 () = outbound.closed() => return Ok(StreamEnd::Dropped),
                 _ = stop.changed() => return Ok(StreamEnd::Dropped),
             }
         }
+    }
+
+    /// Sends `view` as a delta from `base` (whole without one), in chunks
+    /// of bounded size; false once the agent is gone.
+    async fn push(
+        &self,
+        agent: &str,
+        view: &crate::views::AgentView,
+        base: Option<&crate::views::AgentView>,
+        sent: &mut VecDeque<(String, Vec<String>)>,
+        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+    ) -> bool {
+        if sent.len() == SENT_KEPT {
+            sent.pop_front();
+        }
+        sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
+        let mut chunks = 0;
+        for update in view.messages(base) {
+            chunks += 1;
+            let message = pb::ZoneMessage {
+                message: Some(pb::zone_message::Message::Config(update)),
+            };
+            if outbound.send(Ok(message)).await.is_err() {
+                return false;
+            }
+        }
+        tracing::debug!(%agent, version = %view.version, delta = base.is_some(), chunks, "config pushed");
+        true
     }
 
     async fn on_message(
@@ -920,12 +985,11 @@ impl AgentApi {
                 let trusted = sent
                     .iter()
                     .find(|(version, _)| *version == ack.version)
-                    .map(|(_, cas)| cas.as_slice())
+                    .map(|(_, cas)| cas.clone())
                     .unwrap_or_default();
-                self.store
-                    .record_ack(&self.zone, agent, &ack.version, trusted)
-                    .await
-                    .map_err(store_status)
+                // Written in batches with other agents' acks.
+                self.hub.record_ack(agent, &ack.version, trusted);
+                Ok(())
             }
             Some(pb::agent_message::Message::Nack(nack)) => {
                 tracing::warn!(%agent, version = %nack.version, reason = %nack.reason, "config refused by the agent");

@@ -18,13 +18,35 @@ use weft_api::Kind;
 use weft_store::{ChangeEvent, FeedEntry, ResourceKey, Store, StoreError};
 
 /// Why a stream is cut; `None` while it may go on.
-pub type CutReceiver = watch::Receiver<Option<String>>;
+pub type CutReceiver = watch::Receiver<Option<Cut>>;
+
+/// Why a stream ends, and whether the agent may come straight back.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    /// Told to the agent in the stream's final status.
+    pub reason: String,
+    /// The agent may reconnect at once (UNAVAILABLE: its stream moved or
+    /// it was taken for vanished), rather than being refused
+    /// (PERMISSION_DENIED: revoked or deleted).
+    pub retry: bool,
+}
+
+impl Cut {
+    /// The stream's final status.
+    pub fn status(&self) -> tonic::Status {
+        if self.retry {
+            tonic::Status::unavailable(self.reason.clone())
+        } else {
+            tonic::Status::permission_denied(self.reason.clone())
+        }
+    }
+}
 
 struct Entry {
     agent: String,
     /// The Workloads the stream registered (`mesh/namespace/name`).
     workloads: BTreeSet<String>,
-    cut: watch::Sender<Option<String>>,
+    cut: watch::Sender<Option<Cut>>,
 }
 
 /// The streams of this replica that may have to be cut.
@@ -94,7 +116,22 @@ impl Cutoff {
     /// Cuts every local stream of `agent` for `reason`.
     fn cut_agent(&self, agent: &str, reason: &str) {
         for entry in self.lock().values().filter(|e| e.agent == agent) {
-            entry.cut.send_replace(Some(reason.to_owned()));
+            entry.cut.send_replace(Some(Cut {
+                reason: reason.to_owned(),
+                retry: false,
+            }));
+        }
+    }
+
+    /// Ends the local streams of `agent` that this replica no longer holds
+    /// in the inventory (taken over elsewhere, or removed after the agent
+    /// grace): the agent reconnects and registers again.
+    pub fn lose(&self, agent: &str) {
+        for entry in self.lock().values().filter(|e| e.agent == agent) {
+            entry.cut.send_replace(Some(Cut {
+                reason: "this replica no longer holds the agent's stream (taken over, or removed after the agent grace); reconnect".to_owned(),
+                retry: true,
+            }));
         }
     }
 
@@ -103,9 +140,12 @@ impl Cutoff {
         let mut cut = Vec::new();
         for entry in self.lock().values_mut() {
             if entry.workloads.remove(key) {
-                entry.cut.send_replace(Some(format!(
-                    "workload {key} was deleted by the operator; this agent may not serve it any more"
-                )));
+                entry.cut.send_replace(Some(Cut {
+                    reason: format!(
+                        "workload {key} was deleted by the operator; this agent may not serve it any more"
+                    ),
+                    retry: false,
+                }));
                 cut.push(entry.agent.clone());
             }
         }

@@ -18,18 +18,26 @@ use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
-use crate::views::MeshSnapshot;
+use crate::views::{AgentView, MeshSnapshot, ServiceSet};
 
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// The newest view of one stream (`None` until the first is computed).
-pub type ViewReceiver = watch::Receiver<Option<Arc<pb::ConfigUpdate>>>;
+pub type ViewReceiver = watch::Receiver<Option<Arc<AgentView>>>;
 
 struct Entry {
     agent: String,
     mesh: String,
-    view: watch::Sender<Option<Arc<pb::ConfigUpdate>>>,
+    view: watch::Sender<Option<Arc<AgentView>>>,
+}
+
+/// One mesh as last built for its agents.
+struct Built {
+    services: Arc<ServiceSet>,
+    /// The inbound rule every workload gets (the mesh's trust domain).
+    allow: String,
+    bundle: Arc<str>,
 }
 
 /// The streams of this replica and the task that feeds them.
@@ -42,6 +50,14 @@ pub struct Hub {
     /// Meshes to recompute at the next wake-up, beyond what the feed says.
     dirty: Mutex<BTreeSet<String>>,
     wake: Notify,
+    /// What was last built per mesh: the base of the next service set's
+    /// delta (reused whole when nothing in it changed), and what a new
+    /// stream's first view is made of without waiting for a refresh.
+    built: Mutex<HashMap<String, Built>>,
+    /// Acks not yet written, the newest per agent (version, trusted CAs):
+    /// written together, so N agents acking one push cost one commit.
+    acks: Mutex<HashMap<String, (String, Vec<String>)>>,
+    acked: Notify,
 }
 
 impl Hub {
@@ -55,13 +71,27 @@ impl Hub {
             next_id: AtomicU64::new(1),
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            built: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            acked: Notify::new(),
         }
     }
 
     /// Registers a stream of `agent` (in `mesh`) and asks for its view.
-    pub fn register(&self, agent: &str, mesh: &str) -> (u64, ViewReceiver) {
+    /// `workloads` (namespace, name) are its own, for the inbound rules of
+    /// a first view made from what was last built, so that a new agent
+    /// need not wait for the refresh (which follows and corrects it).
+    pub fn register(
+        &self,
+        agent: &str,
+        mesh: &str,
+        workloads: &[(String, String)],
+    ) -> (u64, ViewReceiver) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (view, receiver) = watch::channel(None);
+        if let Some(first) = self.first_view(mesh, workloads) {
+            view.send_replace(Some(Arc::new(first)));
+        }
         self.lock_streams().insert(
             id,
             Entry {
@@ -72,6 +102,28 @@ impl Hub {
         );
         self.mark(mesh);
         (id, receiver)
+    }
+
+    /// A view from what was last built for `mesh`, if anything was.
+    fn first_view(&self, mesh: &str, workloads: &[(String, String)]) -> Option<AgentView> {
+        let built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        let base = built.get(mesh)?;
+        let mut own = workloads.to_vec();
+        own.sort();
+        let inbound = own
+            .into_iter()
+            .map(|(_, name)| pb::InboundRule {
+                workload: name,
+                allow: vec![base.allow.clone()],
+            })
+            .collect();
+        Some(AgentView::new(
+            base.services.clone(),
+            inbound,
+            mesh.to_owned(),
+            self.zone.clone(),
+            base.bundle.clone(),
+        ))
     }
 
     /// Forgets a stream.
@@ -97,6 +149,100 @@ impl Hub {
             .values()
             .map(|e| e.mesh.clone())
             .collect()
+    }
+
+    /// Marks every agent with a stream here seen, every `period`, in a
+    /// few batched writes (not one per agent), until `stop` turns true.
+    /// Agents the store no longer gives to this replica (taken over
+    /// elsewhere, or removed after the agent grace) go to `lost`, which
+    /// ends their streams so that they reconnect and register again.
+    pub async fn heartbeats(
+        self: Arc<Self>,
+        replica: String,
+        period: Duration,
+        lost: impl Fn(&str),
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let agents: BTreeSet<String> = self
+                .lock_streams()
+                .values()
+                .map(|e| e.agent.clone())
+                .collect();
+            if agents.is_empty() {
+                continue;
+            }
+            let listed: Vec<String> = agents.iter().cloned().collect();
+            match self
+                .store
+                .heartbeat_agents(&self.zone, &replica, &listed)
+                .await
+            {
+                Ok(seen) => {
+                    tracing::debug!(
+                        agents = listed.len(),
+                        seen = seen.len(),
+                        "heartbeat recorded"
+                    );
+                    let seen: BTreeSet<String> = seen.into_iter().collect();
+                    // A stream registered after the list was taken is not
+                    // judged by it: only agents listed and not seen.
+                    for agent in agents.difference(&seen) {
+                        tracing::info!(%agent, "this replica no longer holds the agent's stream");
+                        lost(agent);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, agents = listed.len(), "cannot record the heartbeat")
+                }
+            }
+        }
+    }
+
+    /// Queues the record of an ack (see [`Hub::write_acks`]).
+    pub fn record_ack(&self, agent: &str, version: &str, trusted_cas: Vec<String>) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.to_owned(), (version.to_owned(), trusted_cas));
+        self.acked.notify_one();
+    }
+
+    /// Writes queued acks until `stop` turns true: each batch is what
+    /// arrived while the previous one was being written, in one
+    /// transaction.
+    pub async fn write_acks(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let stopping = tokio::select! {
+                () = self.acked.notified() => false,
+                _ = stop.changed() => true,
+            };
+            let batch: Vec<(String, String, Vec<String>)> =
+                std::mem::take(&mut *self.acks.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .map(|(agent, (version, cas))| (agent, version, cas))
+                    .collect();
+            if batch.is_empty() {
+                if stopping {
+                    return;
+                }
+                continue;
+            }
+            if let Err(error) = self.store.record_acks(&self.zone, &batch).await {
+                tracing::warn!(%error, acks = batch.len(), "cannot record acks; they are lost until the next ones");
+            } else {
+                tracing::debug!(acks = batch.len(), "acks recorded");
+            }
+            if stopping {
+                return;
+            }
+        }
     }
 
     /// Runs until `stop` turns true.
@@ -173,21 +319,31 @@ impl Hub {
         }
     }
 
-    /// Recomputes the views of every local stream in `mesh`.
+    /// Recomputes the views of every local stream in `mesh`: one read of
+    /// the store and one set of services for all of them.
     async fn refresh(&self, mesh: &str) -> anyhow::Result<()> {
         let Some(snapshot) = MeshSnapshot::load(&self.store, &self.zone, mesh).await? else {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
-        let bundle = self.cas.get(&snapshot.mesh).await?.bundle_pem;
-        let targets: Vec<(String, watch::Sender<Option<Arc<pb::ConfigUpdate>>>)> = self
+        let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
+        let services = self.services_of(mesh, &snapshot, &bundle);
+        let inbound = snapshot.inbound_by_agent();
+        let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
             .values()
             .filter(|e| e.mesh == mesh)
             .map(|e| (e.agent.clone(), e.view.clone()))
             .collect();
         for (agent, sender) in targets {
-            let view = snapshot.view_for(&agent, &self.zone, &bundle);
+            let rules = inbound.get(agent.as_str()).cloned().unwrap_or_default();
+            let view = AgentView::new(
+                services.clone(),
+                rules,
+                snapshot.mesh.metadata.name.clone(),
+                self.zone.clone(),
+                bundle.clone(),
+            );
             sender.send_if_modified(|current| {
                 let same = current.as_ref().is_some_and(|c| c.version == view.version);
                 if !same {
@@ -197,5 +353,35 @@ impl Hub {
             });
         }
         Ok(())
+    }
+
+    /// The mesh's services: the previous set if nothing changed (so that
+    /// streams see the same `Arc`), else a new one with its delta.
+    fn services_of(
+        &self,
+        mesh: &str,
+        snapshot: &MeshSnapshot,
+        bundle: &Arc<str>,
+    ) -> Arc<ServiceSet> {
+        let previous = self
+            .built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mesh)
+            .map(|b| b.services.clone());
+        let set = snapshot.service_set(previous.as_deref());
+        let set = match previous {
+            Some(previous) if previous.digest == set.digest => previous,
+            _ => Arc::new(set),
+        };
+        self.built.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            mesh.to_owned(),
+            Built {
+                services: set.clone(),
+                allow: snapshot.allow_all(),
+                bundle: bundle.clone(),
+            },
+        );
+        set
     }
 }

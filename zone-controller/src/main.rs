@@ -158,6 +158,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
     let cutoff = Arc::new(cutoff::Cutoff::new(store.clone(), args.zone.clone()));
     let cutoff_task = tokio::spawn(cutoff.clone().run(stop.clone()));
+    let heartbeat_task = {
+        let cutoff = cutoff.clone();
+        tokio::spawn(hub.clone().heartbeats(
+            replica.clone(),
+            agent_service::heartbeat_period(agent_grace),
+            move |agent| cutoff.lose(agent),
+            stop.clone(),
+        ))
+    };
+    let acks_task = tokio::spawn(hub.clone().write_acks(stop.clone()));
     let leader_task = tokio::spawn(
         leader::Leader {
             store: store.clone(),
@@ -177,7 +187,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cas: cas.clone(),
         hub: hub.clone(),
         cutoff,
-        heartbeat: agent_service::heartbeat_period(agent_grace),
         stop: stop.clone(),
     };
     let grpc_task = tokio::spawn(grpc::serve(
@@ -214,6 +223,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = leader_task.await;
         let _ = hub_task.await;
         let _ = cutoff_task.await;
+        let _ = heartbeat_task.await;
+        let _ = acks_task.await;
     })
     .await;
     if drained.is_err() {

@@ -385,7 +385,9 @@ async fn a_goodbye_leaves_every_endpoint_list_at_once() {
 
     // vm-2 stops: it closes its side of the stream cleanly (as the agent
     // does when it drains) and keeps reading until the zone ends it.
-    let ConfigStream { send, mut receive } = second;
+    let ConfigStream {
+        send, mut receive, ..
+    } = second;
     drop(send);
     // Well within the default 60 s grace: this is the goodbye, not silence.
     first

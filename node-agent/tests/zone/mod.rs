@@ -435,6 +435,7 @@ pub fn update(version: &str, bundle: &str) -> ConfigUpdate {
         }],
         mesh: "default".into(),
         zone: ZONE.into(),
+        ..Default::default()
     }
 }
 

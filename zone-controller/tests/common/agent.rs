@@ -225,6 +225,39 @@ pub struct ConfigStream {
     pub send: mpsc::Sender<pb::AgentMessage>,
     /// The zone's updates.
     pub receive: tonic::Streaming<pb::ZoneMessage>,
+    /// The whole view as last assembled, the base of the next delta.
+    pub current: Option<pb::ConfigUpdate>,
+}
+
+/// Applies a (reassembled) update on `current` as an agent does: a whole
+/// view replaces it; a delta must name its version as base.
+pub fn merge(current: Option<&pb::ConfigUpdate>, update: pb::ConfigUpdate) -> pb::ConfigUpdate {
+    if update.base_version.is_empty() {
+        return update;
+    }
+    let current = current.expect("a delta arrives only on top of a view");
+    assert_eq!(
+        current.version, update.base_version,
+        "a delta on top of the version last received"
+    );
+    let key = |s: &pb::ServiceView| format!("{}/{}", s.namespace, s.name);
+    let mut services: std::collections::BTreeMap<String, pb::ServiceView> = current
+        .services
+        .iter()
+        .map(|s| (key(s), s.clone()))
+        .collect();
+    for gone in &update.removed_services {
+        services.remove(gone);
+    }
+    for s in update.services {
+        services.insert(key(&s), s);
+    }
+    pb::ConfigUpdate {
+        services: services.into_values().collect(),
+        base_version: String::new(),
+        removed_services: Vec::new(),
+        ..update
+    }
 }
 
 impl ConfigStream {
@@ -247,19 +280,46 @@ impl ConfigStream {
             .await
             .expect("stream opened")
             .into_inner();
-        ConfigStream { send, receive }
+        ConfigStream {
+            send,
+            receive,
+            current: None,
+        }
     }
 
-    /// The next update within `within`, not acked.
+    /// The next update within `within` (chunks reassembled, a delta
+    /// applied on the last one: always the whole view), not acked.
     pub async fn next_update(&mut self, within: Duration) -> pb::ConfigUpdate {
-        let message = tokio::time::timeout(within, self.receive.message())
-            .await
-            .expect("an update within the deadline")
-            .expect("the stream is healthy")
-            .expect("the stream is open");
-        let Some(pb::zone_message::Message::Config(update)) = message.message else {
-            panic!("not a config update");
-        };
+        let deadline = Instant::now() + within;
+        let mut whole: Option<pb::ConfigUpdate> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.receive.message())
+                .await
+                .expect("an update within the deadline")
+                .expect("the stream is healthy")
+                .expect("the stream is open");
+            let Some(pb::zone_message::Message::Config(chunk)) = message.message else {
+                panic!("not a config update");
+            };
+            let more = chunk.more;
+            whole = Some(match whole {
+                None => chunk,
+                Some(mut first) => {
+                    assert_eq!(first.version, chunk.version, "chunks of one version");
+                    first.services.extend(chunk.services);
+                    first.removed_services.extend(chunk.removed_services);
+                    first
+                }
+            });
+            if !more {
+                break;
+            }
+        }
+        let mut update = whole.expect("at least one chunk");
+        update.more = false;
+        let update = merge(self.current.as_ref(), update);
+        self.current = Some(update.clone());
         update
     }
 
