@@ -118,6 +118,12 @@ impl MeshSnapshot {
             .and_then(|name| self.agents.get(name))
     }
 
+    /// The agent of a workload if it has not left (goodbye, revoked token,
+    /// vanished): only those workloads are in endpoint lists.
+    fn live_owner(&self, workload: &Workload) -> Option<&AgentRecord> {
+        self.owner(workload).filter(|a| a.left.is_none())
+    }
+
     /// Whether a workload's agent is online.
     pub fn ready(&self, workload: &Workload) -> bool {
         self.owner(workload).is_some_and(|a| online(a, self.now_ms))
@@ -135,7 +141,7 @@ impl MeshSnapshot {
                     && w.spec.service == service.metadata.name
             })
             .filter_map(|w| {
-                let agent = self.owner(w).filter(|a| a.left.is_none())?;
+                let agent = self.live_owner(w)?;
                 Some(ResolvedEndpoint {
                     address: w.spec.address.to_string(),
                     agent: agent.enrollment.name.clone(),
@@ -172,7 +178,7 @@ impl MeshSnapshot {
                     .unwrap_or_default()
                     .iter()
                     .filter_map(|w| {
-                        let agent = self.owner(w)?;
+                        let agent = self.live_owner(w)?;
                         Some(pb::Endpoint {
                             address: w.spec.address.to_string(),
                             agent: agent.enrollment.hbone_address.clone(),
