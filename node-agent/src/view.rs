@@ -61,17 +61,17 @@ impl Service {
     /// ready (a controller that just restarted may report every peer
     /// not-ready while they are in fact serving).
     pub fn pick(&self) -> Option<&Endpoint> {
-        let ready: Vec<&ServiceEndpoint> = self.endpoints.iter().filter(|e| e.ready).collect();
-        let pool: Vec<&ServiceEndpoint> = if ready.is_empty() {
-            self.endpoints.iter().collect()
-        } else {
-            ready
-        };
-        if pool.is_empty() {
-            return None;
-        }
+        // Counted, not collected: this runs for every captured connection.
+        let ready = self.endpoints.iter().filter(|e| e.ready).count();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(&pool[n % pool.len()].endpoint)
+        let picked = if ready > 0 {
+            self.endpoints.iter().filter(|e| e.ready).nth(n % ready)
+        } else if self.endpoints.is_empty() {
+            None
+        } else {
+            self.endpoints.get(n % self.endpoints.len())
+        };
+        picked.map(|e| &e.endpoint)
     }
 }
 
