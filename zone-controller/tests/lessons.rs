@@ -189,21 +189,51 @@ impl Drop for Relay {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_a_token_cuts_the_agent_at_once_and_refuses_its_renewal() {
-    let setup = ZoneWithMesh::start(MESH).await;
-    let zone = &setup.zone;
+/// Whether `web` has both endpoints, both ready.
+fn both_web_ready(u: &pb::ConfigUpdate) -> bool {
+    endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
+}
+
+/// vm-1 fronting web-1 (10.0.0.1) and vm-2 fronting web-2 (10.0.0.2),
+/// both of service `web`: enrolled, streaming (vm-2 through
+/// `second_via`), each having acked a view with both endpoints ready.
+struct WebPair {
+    secret1: String,
+    vm1: Identity,
+    web1: pb::Workload,
+    first: ConfigStream,
+    second: ConfigStream,
+}
+
+async fn web_pair(zone: &Zone, second_via: SocketAddr) -> WebPair {
     let web1 = workload("web-1", "web", "10.0.0.1", 8080);
     let web2 = workload("web-2", "web", "10.0.0.2", 8080);
     let (secret1, vm1) = enroll(zone, "vm-1", &web1).await;
     let (_, vm2) = enroll(zone, "vm-2", &web2).await;
     let mut first = open(zone, zone.grpc, &vm1, "vm-1", &web1).await;
-    let mut second = open(zone, zone.grpc, &vm2, "vm-2", &web2).await;
-    let both = |u: &pb::ConfigUpdate| {
-        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
-    };
-    first.until_acked(both).await;
-    second.until_acked(both).await;
+    let mut second = open(zone, second_via, &vm2, "vm-2", &web2).await;
+    first.until_acked(both_web_ready).await;
+    second.until_acked(both_web_ready).await;
+    WebPair {
+        secret1,
+        vm1,
+        web1,
+        first,
+        second,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_cuts_the_agent_at_once_and_refuses_its_renewal() {
+    let setup = ZoneWithMesh::start(MESH).await;
+    let zone = &setup.zone;
+    let WebPair {
+        secret1,
+        vm1,
+        web1,
+        mut first,
+        mut second,
+    } = web_pair(zone, zone.grpc).await;
     renew(zone, &vm1, "web-1")
         .await
         .expect("renewal before the revocation");
@@ -248,17 +278,13 @@ async fn revoking_a_token_cuts_the_agent_at_once_and_refuses_its_renewal() {
 async fn deleting_a_workload_cuts_its_agent_and_takes_it_out_of_every_view() {
     let setup = ZoneWithMesh::start(MESH).await;
     let zone = &setup.zone;
-    let web1 = workload("web-1", "web", "10.0.0.1", 8080);
-    let web2 = workload("web-2", "web", "10.0.0.2", 8080);
-    let (_, vm1) = enroll(zone, "vm-1", &web1).await;
-    let (_, vm2) = enroll(zone, "vm-2", &web2).await;
-    let mut first = open(zone, zone.grpc, &vm1, "vm-1", &web1).await;
-    let mut second = open(zone, zone.grpc, &vm2, "vm-2", &web2).await;
-    let both = |u: &pb::ConfigUpdate| {
-        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
-    };
-    first.until_acked(both).await;
-    second.until_acked(both).await;
+    let WebPair {
+        vm1,
+        web1,
+        mut first,
+        mut second,
+        ..
+    } = web_pair(zone, zone.grpc).await;
 
     let out = zone
         .ctl(&["delete", "workload", "web-1"], "")
@@ -377,11 +403,7 @@ async fn a_goodbye_leaves_every_endpoint_list_at_once() {
     let (_, vm2) = enroll(zone, "vm-2", &web2).await;
     let mut first = open(zone, zone.grpc, &vm1, "vm-1", &web1).await;
     let second = open(zone, zone.grpc, &vm2, "vm-2", &web2).await;
-    first
-        .until_acked(|u| {
-            endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
-        })
-        .await;
+    first.until_acked(both_web_ready).await;
 
     // vm-2 stops: it closes its side of the stream cleanly (as the agent
     // does when it drains) and keeps reading until the zone ends it.
@@ -486,11 +508,8 @@ async fn a_revocation_or_deletion_on_one_replica_cuts_streams_on_another() {
     let (_, vm2) = enroll_with_token(b.grpc, &pin_b, &secret2, "vm-2", vec![web2.clone()]).await;
     let mut first = open(&b, b.grpc, &vm1, "vm-1", &web1).await;
     let mut second = open(&b, b.grpc, &vm2, "vm-2", &web2).await;
-    let both = |u: &pb::ConfigUpdate| {
-        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
-    };
-    first.until_acked(both).await;
-    second.until_acked(both).await;
+    first.until_acked(both_web_ready).await;
+    second.until_acked(both_web_ready).await;
 
     a.ctl(&["token", "revoke", &token_id(&secret1)], "")
         .await
@@ -524,18 +543,13 @@ async fn a_silent_agent_is_found_by_keepalive_and_removed_after_the_grace() {
     zone.ctl(&["apply", "-f", "-"], MESH)
         .await
         .expect("apply the mesh");
-    let web1 = workload("web-1", "web", "10.0.0.1", 8080);
-    let web2 = workload("web-2", "web", "10.0.0.2", 8080);
-    let (_, vm1) = enroll(&zone, "vm-1", &web1).await;
-    let (_, vm2) = enroll(&zone, "vm-2", &web2).await;
-    let mut first = open(&zone, zone.grpc, &vm1, "vm-1", &web1).await;
     let relay = Relay::start(zone.grpc).await;
-    let mut second = open(&zone, relay.addr, &vm2, "vm-2", &web2).await;
-    let both = |u: &pb::ConfigUpdate| {
-        endpoints(u, "web").is_some_and(|e| e.len() == 2 && e.iter().all(|(_, r)| *r))
-    };
-    first.until_acked(both).await;
-    second.until_acked(both).await;
+    // vm-2's stream stays open (not dropped: that would be a goodbye).
+    let WebPair {
+        mut first,
+        second: _second,
+        ..
+    } = web_pair(&zone, relay.addr).await;
 
     // vm-2's host goes silent: no FIN, no RST, nothing. The zone's HTTP/2
     // keepalive (a ping every 20 s, 10 s to answer) finds the connection
