@@ -146,15 +146,17 @@ pub struct Shared {
     pub marker: Marker,
 }
 
-/// Opens the stream of `agent` and returns once its first update is
-/// acked; the stream then lives on in a task that acks every update and
-/// sends to `seen` (once) when the acked version carries the marker.
-pub async fn open_stream(
+/// Connects as `agent` (mTLS), opens its config stream and sends its
+/// Hello: the client (which holds the connection), the sender for acks and
+/// the incoming updates.
+async fn hello(
     target: &Target,
     agent: Enrolled,
-    shared: Arc<Shared>,
-    seen: mpsc::UnboundedSender<Instant>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(
+    grpc::ZoneClient,
+    mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::ZoneMessage>,
+)> {
     let mut client = grpc::connect(&target.grpc.to_string(), "weft-zone", agent.tls, STEP).await?;
     let (send, outgoing) = mpsc::channel(4);
     send.send(pb::AgentMessage {
@@ -168,11 +170,24 @@ pub async fn open_stream(
     })
     .await
     .context("queueing the Hello")?;
-    let mut incoming = client
+    let incoming = client
         .stream(ReceiverStream::new(outgoing))
         .await
         .with_context(|| format!("opening the stream of {}", agent.name))?
         .into_inner();
+    Ok((client, send, incoming))
+}
+
+/// Opens the stream of `agent` and returns once its first update is
+/// acked; the stream then lives on in a task that acks every update and
+/// sends to `seen` (once) when the acked version carries the marker.
+pub async fn open_stream(
+    target: &Target,
+    agent: Enrolled,
+    shared: Arc<Shared>,
+    seen: mpsc::UnboundedSender<Instant>,
+) -> anyhow::Result<()> {
+    let (client, send, mut incoming) = hello(target, agent).await?;
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut first = Some(first_tx);
@@ -240,23 +255,7 @@ pub async fn enrol_and_first_config(
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let agent = enrol(target, token, name, workload).await?;
-    let mut client = grpc::connect(&target.grpc.to_string(), "weft-zone", agent.tls, STEP).await?;
-    let (send, outgoing) = mpsc::channel(4);
-    send.send(pb::AgentMessage {
-        message: Some(pb::agent_message::Message::Hello(pb::Hello {
-            agent_id: agent.name.clone(),
-            applied_version: String::new(),
-            workloads: vec![agent.workload],
-            host: None,
-            hbone_address: String::new(),
-        })),
-    })
-    .await
-    .context("queueing the Hello")?;
-    let mut incoming = client
-        .stream(ReceiverStream::new(outgoing))
-        .await?
-        .into_inner();
+    let (_client, _send, mut incoming) = hello(target, agent).await?;
     loop {
         let message = tokio::time::timeout(STEP, incoming.message())
             .await
