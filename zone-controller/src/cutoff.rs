@@ -11,7 +11,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::watch;
 use weft_api::Kind;
@@ -183,17 +182,8 @@ impl Cutoff {
     /// Follows the change feed until `stop` turns true.
     pub async fn run(self: std::sync::Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut watch = self.store.watch();
-        let mut seq = loop {
-            match self.store.current_seq().await {
-                Ok(seq) => break seq,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the change sequence; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-            }
+        let Some(mut seq) = crate::feed::start(&self.store, &mut stop).await else {
+            return;
         };
         loop {
             tokio::select! {

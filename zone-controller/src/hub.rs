@@ -248,17 +248,8 @@ impl Hub {
     /// Runs until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut watch = self.store.watch();
-        let mut seq = loop {
-            match self.store.current_seq().await {
-                Ok(seq) => break seq,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the change sequence; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-            }
+        let Some(mut seq) = crate::feed::start(&self.store, &mut stop).await else {
+            return;
         };
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -9,6 +9,7 @@ mod apply;
 mod ca_rotation;
 mod ca_view;
 mod cutoff;
+mod feed;
 mod grpc;
 mod hub;
 mod inspect;
