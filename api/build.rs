@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = protox::compile(["weft/agent/v1/agent.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::ControlCodec")
         .compile_fds(files)?;
     Ok(())
 }

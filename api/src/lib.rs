@@ -4,6 +4,7 @@
 //! (`weft.io/v1alpha1`) that users apply and controllers store, with their
 //! validation and reference documentation.
 
+pub mod codec;
 pub mod docs;
 pub mod duration;
 pub mod identity;

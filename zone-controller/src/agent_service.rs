@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::proto::agent::v1 as pb;
 use weft_api::proto::agent::v1::agent_service_server::AgentService;
@@ -30,8 +29,33 @@ use crate::zone_ca::ZoneCa;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long an agent gets to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Updates queued towards one agent (the hub keeps only the newest anyway).
-const OUTBOUND_QUEUE: usize = 4;
+/// Messages queued towards one agent: one, so that a stream holds at most
+/// one chunk waiting for its encoder (the hub keeps only the newest view).
+const OUTBOUND_QUEUE: usize = 1;
+/// What a config stream's task queues for its agent, boxed so that the
+/// channel's slots are a pointer wide: a tokio channel allocates its slots
+/// 32 at a time, which unboxed cost 6 KiB per stream.
+type Queued = Box<Result<pb::ZoneMessage, Status>>;
+
+/// The sending half of a config stream.
+type Outbound = mpsc::Sender<Queued>;
+
+/// The response half of a config stream, as tonic polls it.
+pub struct Outgoing(mpsc::Receiver<Queued>);
+
+impl tokio_stream::Stream for Outgoing {
+    type Item = Result<pb::ZoneMessage, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0
+            .poll_recv(cx)
+            .map(|queued| queued.map(|boxed| *boxed))
+    }
+}
+
 /// How long a stream waits for the answer to a push before it sends a
 /// newer view anyway.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
@@ -630,7 +654,7 @@ impl AgentService for AgentApi {
         }))
     }
 
-    type StreamStream = ReceiverStream<Result<pb::ZoneMessage, Status>>;
+    type StreamStream = Outgoing;
 
     async fn stream(
         &self,
@@ -642,14 +666,15 @@ impl AgentService for AgentApi {
         let inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let api = self.clone();
-        tokio::spawn(async move {
+        let task = async move {
             if let Err(status) = api.run_stream(&agent, inbound, &outbound).await {
                 tracing::info!(%agent, code = ?status.code(), reason = status.message(), "config stream ended with an error");
                 // The agent may be gone already.
-                let _ = outbound.send(Err(status)).await;
+                let _ = outbound.send(Box::new(Err(status))).await;
             }
-        });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        };
+        tokio::spawn(task);
+        Ok(Response::new(Outgoing(receiver)))
     }
 }
 
@@ -661,7 +686,7 @@ impl AgentApi {
         &self,
         agent: &str,
         inbound: Streaming<pb::AgentMessage>,
-        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+        outbound: &Outbound,
     ) -> Result<(), Status> {
         // Registered before the checks, so that a revocation racing the
         // Hello still cuts the stream.
@@ -712,31 +737,15 @@ impl AgentApi {
         self.store_workloads(agent, workloads).await
     }
 
-    async fn hello_and_follow(
+    /// Checks a Hello against the agent's enrolment, registers its
+    /// workloads and records the connection: the stream's mesh, workload
+    /// scope and own workloads (namespace, name).
+    async fn admit(
         &self,
         agent: &str,
         cut_id: u64,
-        cut: CutReceiver,
-        mut inbound: Streaming<pb::AgentMessage>,
-        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
-    ) -> Result<(), Status> {
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s"))??;
-        let hello = match first.and_then(|m| m.message) {
-            Some(pb::agent_message::Message::Hello(hello)) => hello,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message on the stream must be a Hello",
-                ))
-            }
-        };
-        if hello.agent_id != agent {
-            return Err(Status::permission_denied(format!(
-                "hello.agent_id {:?} is not the agent of the client certificate ({agent:?})",
-                hello.agent_id
-            )));
-        }
+        hello: &pb::Hello,
+    ) -> Result<(String, WorkloadScope, Vec<(String, String)>), Status> {
         let (record, scope) = self.enrolled(agent).await?;
         let mesh = record.enrollment.mesh.clone();
         let workloads = check_workloads(&hello.workloads, &scope, &mesh, agent, "hello.workloads")?;
@@ -769,6 +778,38 @@ impl AgentApi {
             tracing::info!(%agent, %mesh, "agent returned: back in the endpoint lists");
         }
         tracing::info!(%agent, %mesh, applied = %hello.applied_version, "agent connected");
+        Ok((mesh, scope, own))
+    }
+
+    async fn hello_and_follow(
+        &self,
+        agent: &str,
+        cut_id: u64,
+        cut: CutReceiver,
+        mut inbound: Streaming<pb::AgentMessage>,
+        outbound: &Outbound,
+    ) -> Result<(), Status> {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(pb::agent_message::Message::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be a Hello",
+                ))
+            }
+        };
+        if hello.agent_id != agent {
+            return Err(Status::permission_denied(format!(
+                "hello.agent_id {:?} is not the agent of the client certificate ({agent:?})",
+                hello.agent_id
+            )));
+        }
+        // Boxed, as are the other store calls of a stream's task: the task
+        // lives as long as the stream, and its size is that of its largest
+        // await point (docs/benchmarks.md, memory per agent).
+        let (mesh, scope, own) = Box::pin(self.admit(agent, cut_id, &hello)).await?;
         let (id, views) = self.hub.register(agent, &mesh, &own);
         let stream = Stream {
             agent,
@@ -787,9 +828,16 @@ impl AgentApi {
             )
             .await;
         self.hub.unregister(id);
+        Box::pin(self.record_end(agent, &outcome)).await;
+        outcome.map(|_| ())
+    }
+
+    /// Records how a stream ended: the agent left (goodbye, or a
+    /// revocation that raced its Hello) or is disconnected.
+    async fn record_end(&self, agent: &str, outcome: &Result<StreamEnd, Status>) {
         // A revocation that raced the Hello was undone by its connection:
         // the agent leaves again, with the revocation's reason.
-        let revoked = match &outcome {
+        let revoked = match outcome {
             Err(status) if status.code() == tonic::Code::PermissionDenied => {
                 Cutoff::refusal(&self.store, &self.zone, agent)
                     .await
@@ -798,7 +846,7 @@ impl AgentApi {
             }
             _ => None,
         };
-        let recorded = match (&outcome, revoked) {
+        let recorded = match (outcome, revoked) {
             (Ok(StreamEnd::Goodbye), _) => {
                 self.store
                     .leave_agent(
@@ -820,14 +868,13 @@ impl AgentApi {
                     .await
             }
         };
-        match (&outcome, recorded) {
+        match (outcome, recorded) {
             (Ok(StreamEnd::Goodbye), Ok(_)) => {
                 tracing::info!(%agent, "agent said goodbye: its workloads left the endpoint lists")
             }
             (_, Ok(_)) => tracing::info!(%agent, "agent disconnected"),
             (_, Err(error)) => tracing::warn!(%agent, %error, "cannot record the disconnection"),
         }
-        outcome.map(|_| ())
     }
 
     /// The stream after Hello: push views, record acks, nacks and workload
@@ -837,7 +884,7 @@ impl AgentApi {
         stream: &Stream<'_>,
         applied: String,
         mut inbound: Streaming<pb::AgentMessage>,
-        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+        outbound: &Outbound,
         mut views: crate::hub::ViewReceiver,
         mut cut: CutReceiver,
     ) -> Result<StreamEnd, Status> {
@@ -894,11 +941,11 @@ impl AgentApi {
                         }
                         _ => false,
                     };
-                    self.on_message(stream, message, &sent).await?;
+                    Box::pin(self.on_message(stream, message, &sent)).await?;
                     if resend {
                         let Some(view) = views.borrow().clone() else { continue };
                         tracing::info!(%agent, version = %view.version, "delta refused; sending the whole view");
-                        if !self.push(agent, &view, None, &mut sent, outbound).await {
+                        if !Box::pin(self.push(agent, &view, None, &mut sent, outbound)).await {
                             return Ok(StreamEnd::Dropped);
                         }
                         base = Some(view.clone());
@@ -931,7 +978,7 @@ impl AgentApi {
                         continue;
                     }
                     hello_recorded = true;
-                    if !self.push(agent, &view, base.as_deref(), &mut sent, outbound).await {
+                    if !Box::pin(self.push(agent, &view, base.as_deref(), &mut sent, outbound)).await {
                         return Ok(StreamEnd::Dropped);
                     }
                     base = Some(view.clone());
@@ -952,7 +999,7 @@ impl AgentApi {
         view: &crate::views::AgentView,
         base: Option<&crate::views::AgentView>,
         sent: &mut VecDeque<(String, Vec<String>)>,
-        outbound: &mpsc::Sender<Result<pb::ZoneMessage, Status>>,
+        outbound: &Outbound,
     ) -> bool {
         if sent.len() == SENT_KEPT {
             sent.pop_front();
@@ -964,7 +1011,7 @@ impl AgentApi {
             let message = pb::ZoneMessage {
                 message: Some(pb::zone_message::Message::Config(update)),
             };
-            if outbound.send(Ok(message)).await.is_err() {
+            if outbound.send(Box::new(Ok(message))).await.is_err() {
                 return false;
             }
         }
