@@ -23,6 +23,16 @@ use crate::views::{AgentView, MeshSnapshot, ServiceSet};
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
 
+/// The least pause between two rounds of refreshes. Under churn (agents
+/// joining by the hundred, a controller restart) the changes of a pause
+/// are coalesced into one round instead of a round per change.
+const MIN_PAUSE: Duration = Duration::from_millis(50);
+
+/// The most a round's pause grows to: a round is followed by a pause as
+/// long as itself, so refreshing takes at most half of this replica's
+/// time however large the mesh.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
 /// The newest view of one stream (`None` until the first is computed).
 pub type ViewReceiver = watch::Receiver<Option<Arc<AgentView>>>;
 
@@ -302,10 +312,16 @@ impl Hub {
             } else {
                 local.intersection(&dirty).cloned().collect()
             };
+            let started = tokio::time::Instant::now();
             for mesh in meshes {
                 if let Err(error) = self.refresh(&mesh).await {
                     tracing::warn!(%mesh, %error, "cannot compute agent views");
                 }
+            }
+            let pause = started.elapsed().clamp(MIN_PAUSE, MAX_PAUSE);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => return,
             }
         }
     }
