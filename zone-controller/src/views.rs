@@ -546,10 +546,10 @@ impl Messages<'_> {
     }
 }
 
-/// Adds to `message` the items of `items` from `*next` on while the
-/// message stays under the bound (or the first item of an empty message,
-/// however large); `size` and `count` are the message's so far. True when
-/// every item is in.
+/// Pushes the items of `items` from `*next` on into a message while it
+/// stays under the bound (an item alone in a message goes however large);
+/// `size` and `count` are the message's so far. True when every item is
+/// in, so the next kind of item may start.
 fn fill<T>(
     items: &[T],
     next: &mut usize,
