@@ -8,6 +8,26 @@ pub mod agent {
         #![allow(missing_docs, clippy::all, clippy::pedantic)]
         tonic::include_proto!("weft.agent.v1");
     }
+
+    /// The order of a service's endpoints on both sides of the config
+    /// stream: by address, agent, SPIFFE ID, then readiness. The zone sorts
+    /// each service's endpoints this way and an agent applying a
+    /// `ServicePatch` sorts the result the same way, so a patched view is
+    /// the very view the zone would have sent whole (and hashed).
+    pub fn endpoint_order(a: &v1::Endpoint, b: &v1::Endpoint) -> std::cmp::Ordering {
+        (
+            a.address.as_str(),
+            a.agent.as_str(),
+            a.spiffe_id.as_str(),
+            a.ready,
+        )
+            .cmp(&(
+                b.address.as_str(),
+                b.agent.as_str(),
+                b.spiffe_id.as_str(),
+                b.ready,
+            ))
+    }
 }
 
 #[cfg(test)]

@@ -819,11 +819,12 @@ impl Controller {
     fn answer(&self, update: ConfigUpdate) -> AgentMessage {
         let version = update.version.clone();
         let services = update.services.len();
+        let patched = update.patched_services.len();
         let delta = !update.base_version.is_empty();
         match self.apply(update) {
             Ok(()) => {
                 self.metrics.config_update(true);
-                info!(version = %version, services, delta, "config applied");
+                info!(version = %version, services, patched, delta, "config applied");
                 self.status_mut().applied_version = version.clone();
                 AgentMessage {
                     message: Some(agent_message::Message::Ack(Ack { version })),
@@ -864,6 +865,8 @@ impl Controller {
         };
         let view = MeshView::from_update(&update, &workload_name(&self.config))
             .map_err(|e| e.to_string())?;
+        // A delta that left the bundle out (unchanged) carries the current
+        // one once resolved, so it does not count as a change here.
         let current = self.state.read(state::BUNDLE).map_err(|e| e.to_string())?;
         let bundle_changed = current.as_deref() != Some(update.trust_bundle_pem.as_bytes());
         if bundle_changed {

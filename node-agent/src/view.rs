@@ -4,6 +4,7 @@
 //! a zone's `ConfigUpdate`, checked whole before use, and swapped atomically
 //! so that every connection sees one consistent version.
 
+use std::cmp::Ordering as Order;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use weft_api::proto::agent::v1::{ConfigUpdate, ServiceView};
+use weft_api::proto::agent::endpoint_order;
+use weft_api::proto::agent::v1::{ConfigUpdate, Endpoint as PbEndpoint, ServiceView};
 use weft_api::{Endpoint, PeerMatch, SpiffeId};
 
 use crate::config::AgentConfig;
@@ -132,6 +134,7 @@ impl Chunks {
                 }
                 first.services.extend(chunk.services);
                 first.removed_services.extend(chunk.removed_services);
+                first.patched_services.extend(chunk.patched_services);
                 first
             }
             _ => {
@@ -153,7 +156,10 @@ impl Chunks {
 
 /// The whole view an update leads to: itself if whole, else the delta
 /// applied on `current` (the view the agent serves), which must be the
-/// delta's base. Services keep the zone's order (by namespace, then name).
+/// delta's base. Services keep the zone's order (by namespace, then name);
+/// a patched service's endpoints are sorted as the zone sorts them, so the
+/// result is the very view the zone would have sent whole. A delta's empty
+/// trust bundle means unchanged: the result carries the current one.
 pub fn resolve(
     current: Option<&ConfigUpdate>,
     update: ConfigUpdate,
@@ -161,33 +167,115 @@ pub fn resolve(
     if update.base_version.is_empty() {
         return Ok(update);
     }
-    let serving = current.map(|c| c.version.as_str()).unwrap_or_default();
-    if serving != update.base_version {
-        return Err(bad(
-            "base_version",
-            format!(
-                "{BASE_MISMATCH}: the delta applies on {:?}, the agent serves {serving:?}",
-                update.base_version
-            ),
-        ));
-    }
+    let current = match current {
+        Some(current) if current.version == update.base_version => current,
+        _ => {
+            let serving = current.map(|c| c.version.as_str()).unwrap_or_default();
+            return Err(bad(
+                "base_version",
+                format!(
+                    "{BASE_MISMATCH}: the delta applies on {:?}, the agent serves {serving:?}",
+                    update.base_version
+                ),
+            ));
+        }
+    };
     let key = |s: &ServiceView| format!("{}/{}", s.namespace, s.name);
     let mut services: BTreeMap<String, ServiceView> = current
-        .map(|c| c.services.iter().map(|s| (key(s), s.clone())).collect())
-        .unwrap_or_default();
+        .services
+        .iter()
+        .map(|s| (key(s), s.clone()))
+        .collect();
     for gone in &update.removed_services {
         services.remove(gone);
     }
     for s in update.services {
         services.insert(key(&s), s);
     }
+    for (i, patch) in update.patched_services.into_iter().enumerate() {
+        let field = format!("patched_services[{i}]");
+        let Some(now) = patch.service else {
+            return Err(bad(
+                format!("{field}.service"),
+                "missing: a patch names the service it changes",
+            ));
+        };
+        let Some(held) = services.get_mut(&key(&now)) else {
+            return Err(bad(
+                field,
+                format!(
+                    "patches service {}, which the base view {:?} does not hold",
+                    key(&now),
+                    update.base_version
+                ),
+            ));
+        };
+        let mut endpoints = without(
+            &field,
+            std::mem::take(&mut held.endpoints),
+            &patch.removed_endpoints,
+        )?;
+        endpoints.extend(now.endpoints);
+        endpoints.sort_by(endpoint_order);
+        // Every other field as the zone has it now.
+        *held = ServiceView { endpoints, ..now };
+    }
+    let trust_bundle_pem = if update.trust_bundle_pem.is_empty() {
+        current.trust_bundle_pem.clone()
+    } else {
+        update.trust_bundle_pem
+    };
     Ok(ConfigUpdate {
         services: services.into_values().collect(),
+        trust_bundle_pem,
         base_version: String::new(),
         removed_services: Vec::new(),
+        patched_services: Vec::new(),
         more: false,
         ..update
     })
+}
+
+/// `endpoints` less one equal endpoint (all four fields) per entry of
+/// `removed`, each of which must be there; `field` names the patch in the
+/// error. Both sorted, then one walk: a large service stays cheap to patch.
+fn without(
+    field: &str,
+    mut endpoints: Vec<PbEndpoint>,
+    removed: &[PbEndpoint],
+) -> Result<Vec<PbEndpoint>, ViewError> {
+    if removed.is_empty() {
+        return Ok(endpoints);
+    }
+    let absent = |j: usize| {
+        let e = &removed[j];
+        bad(
+            format!("{field}.removed_endpoints[{j}]"),
+            format!(
+                "{} (agent {}, {}, ready {}) is not an endpoint of the service in the base view",
+                e.address, e.agent, e.spiffe_id, e.ready
+            ),
+        )
+    };
+    endpoints.sort_by(endpoint_order);
+    let mut order: Vec<usize> = (0..removed.len()).collect();
+    order.sort_by(|&a, &b| endpoint_order(&removed[a], &removed[b]));
+    let mut gone = order.into_iter().peekable();
+    let mut kept = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        match gone.peek().map(|&j| (j, endpoint_order(&removed[j], &e))) {
+            // Smaller than every endpoint left and matched by none before.
+            Some((j, Order::Less)) => return Err(absent(j)),
+            Some((_, Order::Equal)) => {
+                gone.next();
+            }
+            _ => kept.push(e),
+        }
+    }
+    match gone.next() {
+        Some(j) => Err(absent(j)),
+        None => Ok(kept),
+    }
 }
 
 /// The whole view at one version.
@@ -228,6 +316,13 @@ impl MeshView {
             return Err(bad("version", "must not be empty"));
         }
         check_bundle(&update.trust_bundle_pem)?;
+        if !update.patched_services.is_empty() {
+            // Patches only make sense on a base: `resolve` applies them.
+            return Err(bad(
+                "patched_services",
+                "a whole view (no base_version) carries no patches",
+            ));
+        }
         let mut view = MeshView {
             version: update.version.clone(),
             mesh: update.mesh.clone(),
@@ -470,7 +565,7 @@ pub fn shared(view: MeshView) -> SharedView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::proto::agent::v1::{Endpoint as PbEndpoint, InboundRule, Port, ServiceView};
+    use weft_api::proto::agent::v1::{InboundRule, Port, ServicePatch, ServiceView};
 
     fn bundle() -> String {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -646,5 +741,188 @@ mod tests {
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().starts_with(field));
         }
+    }
+    /// A delta on `sample()` (version 7) to version 8.
+    fn delta() -> ConfigUpdate {
+        ConfigUpdate {
+            version: "8".into(),
+            base_version: "7".into(),
+            inbound: sample().inbound,
+            mesh: "default".into(),
+            zone: "east".into(),
+            ..Default::default()
+        }
+    }
+
+    fn patch(service: ServiceView, removed: Vec<PbEndpoint>) -> ServicePatch {
+        ServicePatch {
+            service: Some(service),
+            removed_endpoints: removed,
+        }
+    }
+
+    fn api_now(endpoints: Vec<PbEndpoint>) -> ServiceView {
+        ServiceView {
+            name: "api".into(),
+            namespace: "default".into(),
+            zone: "east".into(),
+            virtual_ip: "10.96.0.1".into(),
+            ports: vec![
+                Port {
+                    port: 8080,
+                    protocol: 0,
+                },
+                Port {
+                    port: 9001,
+                    protocol: 1,
+                },
+            ],
+            endpoints,
+        }
+    }
+
+    #[test]
+    fn a_patched_delta_resolves_to_the_whole_view_the_zone_would_send() {
+        let base = sample();
+        let mut update = delta();
+        // api: 10.0.0.2 turns ready, 10.0.0.3 goes, 10.0.0.10 and a
+        // second copy of 10.0.0.1 arrive, port 9001 is added.
+        update.patched_services = vec![patch(
+            api_now(vec![
+                endpoint("10.0.0.10", true),
+                endpoint("10.0.0.2", true),
+                endpoint("10.0.0.1", true),
+            ]),
+            vec![endpoint("10.0.0.3", true), endpoint("10.0.0.2", false)],
+        )];
+        update.removed_services = vec!["data/db".into()];
+        let cache = ServiceView {
+            name: "cache".into(),
+            namespace: "data".into(),
+            zone: "east".into(),
+            virtual_ip: "10.96.0.3".into(),
+            ports: vec![],
+            endpoints: vec![endpoint("10.0.2.1", true)],
+        };
+        update.services = vec![cache.clone()];
+        // What the zone sends whole at version 8: services by key,
+        // endpoints sorted by (address, agent, spiffe_id, ready).
+        let expected = ConfigUpdate {
+            version: "8".into(),
+            trust_bundle_pem: base.trust_bundle_pem.clone(),
+            services: vec![
+                cache,
+                api_now(vec![
+                    endpoint("10.0.0.1", true),
+                    endpoint("10.0.0.1", true),
+                    endpoint("10.0.0.10", true),
+                    endpoint("10.0.0.2", true),
+                ]),
+            ],
+            base_version: String::new(),
+            ..delta()
+        };
+        let resolved = resolve(Some(&base), update).unwrap();
+        assert_eq!(resolved, expected);
+        let view = MeshView::from_update(&resolved, "web").unwrap();
+        assert_eq!(view.version, "8");
+    }
+
+    #[test]
+    fn patches_that_do_not_fit_the_base_name_the_field() {
+        let base = sample();
+        let mut unknown = delta();
+        unknown.patched_services = vec![
+            patch(api_now(vec![]), vec![]),
+            patch(
+                ServiceView {
+                    name: "gone".into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                },
+                vec![],
+            ),
+        ];
+        let err = resolve(Some(&base), unknown).unwrap_err();
+        assert_eq!(err.field, "patched_services[1]", "{err}");
+        assert!(err.reason.contains("default/gone"), "{err}");
+
+        let mut absent = delta();
+        absent.patched_services = vec![patch(
+            api_now(vec![]),
+            vec![endpoint("10.0.0.1", true), endpoint("10.0.0.1", false)],
+        )];
+        let err = resolve(Some(&base), absent).unwrap_err();
+        assert_eq!(
+            err.field, "patched_services[0].removed_endpoints[1]",
+            "{err}"
+        );
+
+        // One removal per equal endpoint: a second one finds none left.
+        let mut twice = delta();
+        twice.patched_services = vec![patch(
+            api_now(vec![]),
+            vec![endpoint("10.0.0.3", true), endpoint("10.0.0.3", true)],
+        )];
+        let err = resolve(Some(&base), twice).unwrap_err();
+        assert_eq!(
+            err.field, "patched_services[0].removed_endpoints[1]",
+            "{err}"
+        );
+
+        let mut nameless = delta();
+        nameless.patched_services = vec![ServicePatch::default()];
+        let err = resolve(Some(&base), nameless).unwrap_err();
+        assert_eq!(err.field, "patched_services[0].service", "{err}");
+    }
+
+    #[test]
+    fn a_delta_without_a_bundle_keeps_the_current_one() {
+        let base = sample();
+        let resolved = resolve(Some(&base), delta()).unwrap();
+        assert_eq!(resolved.trust_bundle_pem, base.trust_bundle_pem);
+        assert!(MeshView::from_update(&resolved, "web").is_ok());
+        // A bundle in a delta replaces it.
+        let other = bundle();
+        let replaced = resolve(
+            Some(&base),
+            ConfigUpdate {
+                trust_bundle_pem: other.clone(),
+                ..delta()
+            },
+        )
+        .unwrap();
+        assert_eq!(replaced.trust_bundle_pem, other);
+    }
+
+    #[test]
+    fn a_whole_view_needs_its_bundle_and_no_patches() {
+        let mut whole = sample();
+        whole.trust_bundle_pem.clear();
+        let resolved = resolve(None, whole).unwrap();
+        let err = MeshView::from_update(&resolved, "web").unwrap_err();
+        assert_eq!(err.field, "trust_bundle_pem", "{err}");
+
+        let mut patched = sample();
+        patched.patched_services = vec![patch(api_now(vec![]), vec![])];
+        let err = MeshView::from_update(&patched, "web").unwrap_err();
+        assert_eq!(err.field, "patched_services", "{err}");
+    }
+
+    #[test]
+    fn chunks_gather_patches_too() {
+        let mut chunks = Chunks::default();
+        let mut first = delta();
+        first.more = true;
+        first.patched_services = vec![patch(api_now(vec![]), vec![])];
+        assert_eq!(chunks.push(first).unwrap(), None);
+        let last = ConfigUpdate {
+            version: "8".into(),
+            patched_services: vec![patch(api_now(vec![]), vec![])],
+            ..Default::default()
+        };
+        let whole = chunks.push(last).unwrap().expect("the last chunk");
+        assert_eq!(whole.patched_services.len(), 2);
+        assert_eq!(whole.base_version, "7");
     }
 }

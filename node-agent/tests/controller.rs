@@ -445,11 +445,12 @@ async fn the_binary_runs_in_controller_mode() {
 }
 
 /// A version split over chunks, then deltas: the agent acks only the last
-/// chunk, applies a delta on the view it serves, persists the whole result,
-/// and refuses a delta on another base with `base version mismatch`.
+/// chunk, applies a delta (patches and an omitted bundle included) on the
+/// view it serves, persists the whole result, and refuses a delta on
+/// another base with `base version mismatch`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applies_chunks_and_deltas_on_its_own_base_only() {
-    use weft_api::proto::agent::v1::{ConfigUpdate, ServiceView};
+    use weft_api::proto::agent::v1::{ConfigUpdate, ServicePatch, ServiceView};
 
     let mut zone = Zone::start(Script::default()).await;
     let dir = TempDir::new("delta");
@@ -493,11 +494,21 @@ async fn applies_chunks_and_deltas_on_its_own_base_only() {
         NameLookup::Service("10.96.0.10".parse().unwrap())
     );
 
-    // v3: a delta on v2 that removes api and changes nothing else.
-    let mut delta = update("v3", &bundle);
+    // v3: a delta on v2 that removes api and turns db's endpoint not
+    // ready (a patch), without the bundle (unchanged).
+    let mut delta = update("v3", "");
+    let mut db_now = delta.services[0].clone();
+    db_now.name = "db".into();
+    db_now.virtual_ip = "10.96.0.11".into();
+    let was = db_now.endpoints[0].clone();
+    db_now.endpoints[0].ready = false;
     delta.services.clear();
     delta.base_version = "v2".into();
     delta.removed_services = vec!["default/api".into()];
+    delta.patched_services = vec![ServicePatch {
+        service: Some(db_now),
+        removed_endpoints: vec![was],
+    }];
     zone.state.push.send(delta).unwrap();
     match zone.next_message().await.message {
         Some(agent_message::Message::Ack(a)) => assert_eq!(a.version, "v3"),
@@ -518,6 +529,10 @@ async fn applies_chunks_and_deltas_on_its_own_base_only() {
     assert!(saved.base_version.is_empty());
     let names: Vec<&str> = saved.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["db"]);
+    assert!(saved.patched_services.is_empty());
+    assert_eq!(saved.services[0].endpoints.len(), 1);
+    assert!(!saved.services[0].endpoints[0].ready);
+    assert_eq!(saved.trust_bundle_pem, bundle);
 
     // A delta on a version the agent does not serve: refused, nothing
     // changes.

@@ -9,13 +9,19 @@
 //! [`AgentView::new`]): the same content gets the same version on every
 //! replica and across restarts, so an agent is never re-sent what it
 //! already has. Streams send deltas against what they sent last, split
-//! into messages of bounded size ([`AgentView::messages`]).
+//! into messages of bounded size ([`AgentView::messages`]). A changed
+//! service goes as the difference of its endpoints ([`pb::ServicePatch`])
+//! when that is smaller than the service whole: when agents join, each
+//! stream then receives the new endpoints only, not every service's whole
+//! list again (which made a ramp-up of N agents cost O(N^2) bytes).
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
+use weft_api::proto::agent::endpoint_order;
 use weft_api::proto::agent::v1 as pb;
 use weft_api::{Kind, Mesh, Protocol, Resource, Service, Workload, WorkloadPort};
 use weft_store::{now_ms, AgentRecord, ResourceKey, Store, StoreError};
@@ -154,7 +160,9 @@ impl MeshSnapshot {
 
     /// The services of this mesh as every agent of it sees them, built
     /// once per change and shared by all its streams. `previous` is the
-    /// set the hub built last, so the set knows its delta from it.
+    /// set the hub built last, so the set knows its delta from it. Each
+    /// service's endpoints end up sorted ([`SharedService::new`]), which
+    /// the endpoint diff of [`ServiceSet::diff`] relies on.
     pub fn service_set(&self, previous: Option<&ServiceSet>) -> ServiceSet {
         // Index once: finding each service's workloads by scanning all of
         // them made a change cost O(services x workloads).
@@ -251,9 +259,13 @@ pub struct SharedService {
 }
 
 impl SharedService {
-    /// Keys and hashes a service view.
-    pub fn new(view: pb::ServiceView) -> Self {
+    /// Keys and hashes a service view, its endpoints sorted first (by
+    /// [`endpoint_order`]): the hash then follows the endpoints' content,
+    /// not the store's order, and two versions of a service can be
+    /// diffed endpoint by endpoint in one walk.
+    pub fn new(mut view: pb::ServiceView) -> Self {
         use sha2::{Digest, Sha256};
+        view.endpoints.sort_by(endpoint_order);
         SharedService {
             key: service_key(&view),
             hash: Sha256::digest(view.encode_to_vec()).into(),
@@ -270,10 +282,51 @@ pub fn service_key(view: &pb::ServiceView) -> String {
 /// What changed between two service sets.
 #[derive(Debug, Default, Clone)]
 pub struct ServiceDelta {
-    /// Added or changed services.
+    /// Added services, and changed ones whose patch would not be smaller.
     pub changed: Vec<Arc<pb::ServiceView>>,
+    /// Changed services as the difference of their endpoints, shared by
+    /// every stream that sends this delta.
+    pub patched: Vec<Arc<pb::ServicePatch>>,
     /// Keys of the services gone.
     pub removed: Vec<String>,
+}
+
+/// How `new` differs from `old` (the same service, both with sorted
+/// endpoints): `new`'s fields with only the endpoints it added, and the
+/// endpoints it lost. One walk over both lists; equal endpoints pair off
+/// one for one, so duplicates are counted.
+pub fn endpoint_patch(old: &pb::ServiceView, new: &pb::ServiceView) -> pb::ServicePatch {
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut before = old.endpoints.iter().peekable();
+    let mut after = new.endpoints.iter().peekable();
+    loop {
+        let order = match (before.peek(), after.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(b), Some(a)) => endpoint_order(b, a),
+        };
+        match order {
+            Ordering::Less => removed.extend(before.next().cloned()),
+            Ordering::Greater => added.extend(after.next().cloned()),
+            Ordering::Equal => {
+                before.next();
+                after.next();
+            }
+        }
+    }
+    pb::ServicePatch {
+        service: Some(pb::ServiceView {
+            name: new.name.clone(),
+            namespace: new.namespace.clone(),
+            zone: new.zone.clone(),
+            virtual_ip: new.virtual_ip.clone(),
+            ports: new.ports.clone(),
+            endpoints: added,
+        }),
+        removed_endpoints: removed,
+    }
 }
 
 /// A mesh's services at one moment, sorted by key, shared by every agent
@@ -310,9 +363,10 @@ impl ServiceSet {
         set
     }
 
-    /// What changed since `base`, by one walk over both sorted lists.
+    /// What changed since `base`, by one walk over both sorted lists. A
+    /// service in both with another hash goes as a patch when its encoding
+    /// is smaller than the service whole, else whole.
     pub fn diff(&self, base: &ServiceSet) -> ServiceDelta {
-        use std::cmp::Ordering;
         let mut delta = ServiceDelta::default();
         let mut old = base.services.iter().peekable();
         let mut new = self.services.iter().peekable();
@@ -337,7 +391,12 @@ impl ServiceSet {
                 Ordering::Equal => {
                     if let (Some(o), Some(n)) = (old.next(), new.next()) {
                         if o.hash != n.hash {
-                            delta.changed.push(n.view.clone());
+                            let patch = endpoint_patch(&o.view, &n.view);
+                            if patch.encoded_len() < n.view.encoded_len() {
+                                delta.patched.push(Arc::new(patch));
+                            } else {
+                                delta.changed.push(n.view.clone());
+                            }
                         }
                     }
                 }
@@ -359,6 +418,7 @@ impl ServiceSet {
     fn whole(&self) -> ServiceDelta {
         ServiceDelta {
             changed: self.services.iter().map(|s| s.view.clone()).collect(),
+            patched: Vec::new(),
             removed: Vec::new(),
         }
     }
@@ -405,16 +465,23 @@ impl AgentView {
         let mut hasher = Sha256::new();
         hasher.update(b"weft view v2\0");
         hasher.update(view.services.digest);
-        hasher.update(view.head("").encode_to_vec());
+        // Always with the bundle: the version is that of the whole view.
+        hasher.update(view.head("", true).encode_to_vec());
         view.version = hex(&hasher.finalize());
         view
     }
 
-    /// The per-agent parts as the head of an update (no services).
-    fn head(&self, base_version: &str) -> pb::ConfigUpdate {
+    /// The per-agent parts as the head of an update (no services); the
+    /// bundle left empty unless `with_bundle` (a delta on a base with the
+    /// same bundle: the agent keeps the one it has).
+    fn head(&self, base_version: &str, with_bundle: bool) -> pb::ConfigUpdate {
         pb::ConfigUpdate {
             version: self.version.clone(),
-            trust_bundle_pem: self.trust_bundle_pem.to_string(),
+            trust_bundle_pem: if with_bundle {
+                self.trust_bundle_pem.to_string()
+            } else {
+                String::new()
+            },
             services: Vec::new(),
             inbound: self.inbound.clone(),
             mesh: self.mesh.clone(),
@@ -422,15 +489,19 @@ impl AgentView {
             base_version: base_version.to_owned(),
             removed_services: Vec::new(),
             more: false,
+            patched_services: Vec::new(),
         }
     }
 
     /// The messages that bring an agent holding `base` (`None`: nothing
     /// known, so the whole view) to this view, each under
-    /// [`MAX_MESSAGE_BYTES`] (a single service larger than that still goes
-    /// alone in one message). Built one at a time as they are sent, so a
-    /// stream holds one chunk, not a copy of the whole view.
+    /// [`MAX_MESSAGE_BYTES`] (a single service or patch larger than that
+    /// still goes alone in one message). Built one at a time as they are
+    /// sent, so a stream holds one chunk, not a copy of the whole view. A
+    /// delta leaves the trust bundle out when the base had the same one.
     pub fn messages<'a>(&'a self, base: Option<&'a AgentView>) -> Messages<'a> {
+        // Compared by content: the hub builds a new Arc per view.
+        let with_bundle = base.is_none_or(|b| *b.trust_bundle_pem != *self.trust_bundle_pem);
         let (base_version, delta) = match base {
             Some(base) if Arc::ptr_eq(&base.services, &self.services) => {
                 (base.version.as_str(), Cow::Owned(ServiceDelta::default()))
@@ -444,9 +515,11 @@ impl AgentView {
         Messages {
             view: self,
             base_version,
+            with_bundle,
             delta,
             removed: 0,
             changed: 0,
+            patched: 0,
             first: true,
         }
     }
@@ -456,23 +529,59 @@ impl AgentView {
 pub struct Messages<'a> {
     view: &'a AgentView,
     base_version: &'a str,
+    with_bundle: bool,
     delta: Cow<'a, ServiceDelta>,
     removed: usize,
     changed: usize,
+    patched: usize,
     first: bool,
+}
+
+impl Messages<'_> {
+    /// Whether items of the delta are still to be sent.
+    fn left(&self) -> bool {
+        self.removed < self.delta.removed.len()
+            || self.changed < self.delta.changed.len()
+            || self.patched < self.delta.patched.len()
+    }
+}
+
+/// Pushes the items of `items` from `*next` on into a message while it
+/// stays under the bound (an item alone in a message goes however large);
+/// `size` and `count` are the message's so far. True when every item is
+/// in, so the next kind of item may start.
+fn fill<T>(
+    items: &[T],
+    next: &mut usize,
+    size: &mut usize,
+    count: &mut usize,
+    len: impl Fn(&T) -> usize,
+    mut push: impl FnMut(&T),
+) -> bool {
+    while let Some(item) = items.get(*next) {
+        // A repeated field's entry: tag, length, then the item itself.
+        let item_len = len(item);
+        let entry = 1 + prost::length_delimiter_len(item_len) + item_len;
+        if *size + entry > MAX_MESSAGE_BYTES && *count > 0 {
+            return false;
+        }
+        *size += entry;
+        *count += 1;
+        push(item);
+        *next += 1;
+    }
+    true
 }
 
 impl Iterator for Messages<'_> {
     type Item = pb::ConfigUpdate;
 
     fn next(&mut self) -> Option<pb::ConfigUpdate> {
-        let (removed, changed) = (&self.delta.removed, &self.delta.changed);
-        let left = self.removed < removed.len() || self.changed < changed.len();
-        if !self.first && !left {
+        if !self.first && !self.left() {
             return None;
         }
         let mut message = if self.first {
-            self.view.head(self.base_version)
+            self.view.head(self.base_version, self.with_bundle)
         } else {
             pb::ConfigUpdate {
                 version: self.view.version.clone(),
@@ -480,31 +589,35 @@ impl Iterator for Messages<'_> {
             }
         };
         self.first = false;
-        let mut size = message.encoded_len();
-        let mut items = 0;
-        while let Some(key) = removed.get(self.removed) {
-            let len = key.len() + 4;
-            if size + len > MAX_MESSAGE_BYTES && items > 0 {
-                break;
-            }
-            size += len;
-            items += 1;
-            message.removed_services.push(key.clone());
-            self.removed += 1;
-        }
-        if self.removed == removed.len() {
-            while let Some(service) = changed.get(self.changed) {
-                let len = service.encoded_len() + 4;
-                if size + len > MAX_MESSAGE_BYTES && items > 0 {
-                    break;
-                }
-                size += len;
-                items += 1;
-                message.services.push((**service).clone());
-                self.changed += 1;
-            }
-        }
-        message.more = self.removed < removed.len() || self.changed < changed.len();
+        // Room for `more` (tag and value), set once the chunk is full.
+        let mut size = message.encoded_len() + 2;
+        let mut count = 0;
+        let delta = &*self.delta;
+        // Removed keys, then whole services, then patches: each kind
+        // starts only once the one before is all in.
+        let done = fill(
+            &delta.removed,
+            &mut self.removed,
+            &mut size,
+            &mut count,
+            String::len,
+            |key| message.removed_services.push(key.clone()),
+        ) && fill(
+            &delta.changed,
+            &mut self.changed,
+            &mut size,
+            &mut count,
+            |service| service.encoded_len(),
+            |service| message.services.push((**service).clone()),
+        ) && fill(
+            &delta.patched,
+            &mut self.patched,
+            &mut size,
+            &mut count,
+            |patch| patch.encoded_len(),
+            |patch| message.patched_services.push((**patch).clone()),
+        );
+        message.more = !done;
         Some(message)
     }
 }
@@ -524,35 +637,65 @@ pub fn port_to_proto(port: &WorkloadPort) -> pb::Port {
 mod tests {
     use super::*;
 
-    fn service(name: &str, endpoints: usize) -> SharedService {
+    fn endpoint(i: usize, ready: bool) -> pb::Endpoint {
+        pb::Endpoint {
+            address: format!("10.0.{}.{}", i / 256, i % 256),
+            agent: format!("10.0.{}.{}:15008", i / 256, i % 256),
+            spiffe_id: format!("spiffe://t/ns/default/sa/sa-{i}"),
+            ready,
+        }
+    }
+
+    fn port(port: u32) -> pb::Port {
+        pb::Port { port, protocol: 0 }
+    }
+
+    fn service_with(
+        name: &str,
+        ports: Vec<pb::Port>,
+        endpoints: Vec<pb::Endpoint>,
+    ) -> SharedService {
         SharedService::new(pb::ServiceView {
             name: name.to_owned(),
             namespace: "default".to_owned(),
             zone: "z".to_owned(),
             virtual_ip: "240.240.0.1".to_owned(),
-            ports: vec![pb::Port {
-                port: 80,
-                protocol: 0,
-            }],
-            endpoints: (0..endpoints)
-                .map(|i| pb::Endpoint {
-                    address: format!("10.0.{}.{}", i / 256, i % 256),
-                    agent: format!("10.0.{}.{}:15008", i / 256, i % 256),
-                    spiffe_id: format!("spiffe://t/ns/default/sa/sa-{i}"),
-                    ready: true,
-                })
-                .collect(),
+            ports,
+            endpoints,
         })
     }
 
-    fn view(services: Vec<SharedService>, previous: Option<&ServiceSet>) -> AgentView {
+    fn service(name: &str, endpoints: usize) -> SharedService {
+        service_with(
+            name,
+            vec![port(80)],
+            (0..endpoints).map(|i| endpoint(i, true)).collect(),
+        )
+    }
+
+    fn view_with_bundle(
+        services: Vec<SharedService>,
+        previous: Option<&ServiceSet>,
+        bundle: &str,
+    ) -> AgentView {
         AgentView::new(
             Arc::new(ServiceSet::new(services, previous)),
             Vec::new(),
             "default".into(),
             "z".into(),
-            Arc::from("bundle"),
+            Arc::from(bundle),
         )
+    }
+
+    fn view(services: Vec<SharedService>, previous: Option<&ServiceSet>) -> AgentView {
+        view_with_bundle(services, previous, "bundle")
+    }
+
+    /// The one update `view` sends to an agent holding `base`.
+    fn single(view: &AgentView, base: &AgentView) -> pb::ConfigUpdate {
+        let mut messages: Vec<_> = view.messages(Some(base)).collect();
+        assert_eq!(messages.len(), 1);
+        messages.remove(0)
     }
 
     #[test]
@@ -581,20 +724,194 @@ mod tests {
         assert_eq!(delta.version, v2.version);
         assert_eq!(delta.base_version, v1.version);
         assert_eq!(delta.removed_services, ["default/b"]);
-        let changed: Vec<&str> = delta.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(changed, ["c", "d"]);
-        assert_eq!(delta.trust_bundle_pem, "bundle");
+        let whole: Vec<&str> = delta.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(whole, ["d"]);
+        // `c` gained one endpoint: cheaper as a patch than whole.
+        let patched: Vec<&str> = delta
+            .patched_services
+            .iter()
+            .filter_map(|p| p.service.as_ref())
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(patched, ["c"]);
+        // The same bundle as the base's: left out.
+        assert_eq!(delta.trust_bundle_pem, "");
         assert!(!delta.more);
         // The same delta without the cached one (a base further back).
         let v0 = view(
             vec![service("a", 1), service("b", 1), service("c", 1)],
             None,
         );
-        assert_eq!(v2.messages(Some(&v0)).next().unwrap().services.len(), 2);
+        let again = v2.messages(Some(&v0)).next().unwrap();
+        assert_eq!((again.services.len(), again.patched_services.len()), (1, 1));
         // Whole when nothing is known.
         let whole: Vec<_> = v2.messages(None).collect();
         assert!(whole[0].base_version.is_empty());
         assert_eq!(whole[0].services.len(), 3);
+        assert!(whole[0].patched_services.is_empty());
+        assert_eq!(whole[0].trust_bundle_pem, "bundle");
+    }
+
+    #[test]
+    fn endpoints_are_sorted_whatever_the_input_order() {
+        let forward = service_with("a", vec![], (0..20).map(|i| endpoint(i, true)).collect());
+        let backward = service_with(
+            "a",
+            vec![],
+            (0..20).rev().map(|i| endpoint(i, true)).collect(),
+        );
+        assert_eq!(forward.hash, backward.hash);
+        assert_eq!(forward.view, backward.view);
+        let addresses: Vec<&str> = forward
+            .view
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        let mut sorted = addresses.clone();
+        sorted.sort_unstable();
+        assert_eq!(addresses, sorted);
+    }
+
+    #[test]
+    fn a_new_endpoint_in_a_large_service_is_sent_alone() {
+        let v1 = view(vec![service("big", 1000)], None);
+        let v2 = view(vec![service("big", 1001)], Some(&v1.services));
+        let delta = single(&v2, &v1);
+        assert!(delta.services.is_empty());
+        assert_eq!(delta.patched_services.len(), 1);
+        let patch = &delta.patched_services[0];
+        assert!(patch.removed_endpoints.is_empty());
+        let added = &patch.service.as_ref().expect("the service").endpoints;
+        assert_eq!(added, &[endpoint(1000, true)]);
+        let whole = v2.services.services[0].view.encoded_len();
+        assert!(
+            delta.encoded_len() * 100 < whole,
+            "delta {} bytes, service whole {whole} bytes",
+            delta.encoded_len()
+        );
+    }
+
+    #[test]
+    fn removed_endpoints_and_flipped_readiness_are_removals_and_additions() {
+        let before: Vec<_> = (0..50).map(|i| endpoint(i, true)).collect();
+        let mut after = before.clone();
+        after.remove(7);
+        after[20].ready = false;
+        let v1 = view(vec![service_with("s", vec![port(80)], before)], None);
+        let v2 = view(
+            vec![service_with("s", vec![port(80)], after.clone())],
+            Some(&v1.services),
+        );
+        let delta = single(&v2, &v1);
+        let patch = &delta.patched_services[0];
+        let mut removed = patch.removed_endpoints.clone();
+        removed.sort_by(endpoint_order);
+        let mut expected = vec![endpoint(7, true), endpoint(21, true)];
+        expected.sort_by(endpoint_order);
+        assert_eq!(removed, expected);
+        let added = &patch.service.as_ref().expect("the service").endpoints;
+        assert_eq!(added, &[endpoint(21, false)]);
+        // Duplicates count: one of two equal endpoints going is one removal.
+        let twice = vec![endpoint(1, true), endpoint(1, true), endpoint(2, true)];
+        let once = vec![endpoint(1, true), endpoint(2, true)];
+        let patch = endpoint_patch(
+            &service_with("s", vec![], twice).view,
+            &service_with("s", vec![], once).view,
+        );
+        assert_eq!(patch.removed_endpoints, [endpoint(1, true)]);
+        assert!(patch.service.expect("the service").endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_patch_carries_the_service_fields_as_they_are_now() {
+        let v1 = view(
+            vec![service_with(
+                "s",
+                vec![port(80)],
+                (0..30).map(|i| endpoint(i, true)).collect(),
+            )],
+            None,
+        );
+        let v2 = view(
+            vec![service_with(
+                "s",
+                vec![port(80), port(9001)],
+                (0..31).map(|i| endpoint(i, true)).collect(),
+            )],
+            Some(&v1.services),
+        );
+        let delta = single(&v2, &v1);
+        assert!(delta.services.is_empty());
+        let service = delta.patched_services[0]
+            .service
+            .as_ref()
+            .expect("the service");
+        assert_eq!(service.ports, [port(80), port(9001)]);
+        assert_eq!(service.endpoints, [endpoint(30, true)]);
+    }
+
+    #[test]
+    fn a_service_whose_endpoints_all_changed_goes_whole() {
+        let v1 = view(vec![service("s", 10)], None);
+        let v2 = view(
+            vec![service_with(
+                "s",
+                vec![port(80)],
+                (100..110).map(|i| endpoint(i, true)).collect(),
+            )],
+            Some(&v1.services),
+        );
+        let delta = single(&v2, &v1);
+        assert!(delta.patched_services.is_empty());
+        assert_eq!(delta.services.len(), 1);
+        assert_eq!(delta.services[0], *v2.services.services[0].view);
+    }
+
+    #[test]
+    fn many_patches_are_chunked_under_the_bound() {
+        // 300 services of 100 endpoints, each gaining 5: about 1,500
+        // endpoints of patches, several chunks.
+        let v1 = view(
+            (0..300)
+                .map(|i| service(&format!("s{i:03}"), 100))
+                .collect(),
+            None,
+        );
+        let v2 = view(
+            (0..300)
+                .map(|i| service(&format!("s{i:03}"), 105))
+                .collect(),
+            Some(&v1.services),
+        );
+        let messages: Vec<_> = v2.messages(Some(&v1)).collect();
+        assert!(messages.len() > 1, "{} message(s)", messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            assert!(
+                m.encoded_len() <= MAX_MESSAGE_BYTES,
+                "chunk {i}: {}",
+                m.encoded_len()
+            );
+            assert_eq!(m.version, v2.version);
+            assert_eq!(m.more, i + 1 < messages.len());
+            assert!(m.services.is_empty());
+        }
+        assert_eq!(messages[0].base_version, v1.version);
+        let total: usize = messages.iter().map(|m| m.patched_services.len()).sum();
+        assert_eq!(total, 300);
+    }
+
+    #[test]
+    fn the_bundle_is_left_out_of_a_delta_only_when_unchanged() {
+        let v1 = view_with_bundle(vec![service("a", 1)], None, "old");
+        // Equal content in another Arc: still unchanged.
+        let v2 = view_with_bundle(vec![service("a", 2)], Some(&v1.services), "old");
+        assert_eq!(single(&v2, &v1).trust_bundle_pem, "");
+        let v3 = view_with_bundle(vec![service("a", 2)], Some(&v2.services), "new");
+        assert_ne!(v3.version, v2.version);
+        assert_eq!(single(&v3, &v2).trust_bundle_pem, "new");
+        // A whole view always carries it.
+        assert_eq!(v2.messages(None).next().unwrap().trust_bundle_pem, "old");
     }
 
     #[test]

@@ -128,10 +128,18 @@ pub struct Marker {
 }
 
 impl Marker {
+    /// Whether a chunk carries the marker service with the marker port,
+    /// sent whole or as a patch (whose service holds the ports as they are
+    /// now, whatever its endpoints).
     fn in_update(&self, update: &pb::ConfigUpdate) -> bool {
+        let patched = update
+            .patched_services
+            .iter()
+            .filter_map(|p| p.service.as_ref());
         update
             .services
             .iter()
+            .chain(patched)
             .any(|s| s.name == self.service && s.ports.iter().any(|p| p.port == self.port))
     }
 }
@@ -266,5 +274,51 @@ pub async fn enrol_and_first_config(
                 return Ok(start.elapsed());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(ports: &[u32]) -> pb::ServiceView {
+        pb::ServiceView {
+            name: "bench-target".into(),
+            ports: ports
+                .iter()
+                .map(|&port| pb::Port { port, protocol: 0 })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_marker_is_seen_whole_or_patched() {
+        let marker = Marker {
+            service: "bench-target".into(),
+            port: 9001,
+        };
+        let whole = pb::ConfigUpdate {
+            services: vec![target(&[80, 9001])],
+            ..Default::default()
+        };
+        assert!(marker.in_update(&whole));
+        let patched = pb::ConfigUpdate {
+            patched_services: vec![pb::ServicePatch {
+                service: Some(target(&[80, 9001])),
+                removed_endpoints: Vec::new(),
+            }],
+            ..Default::default()
+        };
+        assert!(marker.in_update(&patched));
+        let without = pb::ConfigUpdate {
+            services: vec![target(&[80])],
+            patched_services: vec![pb::ServicePatch {
+                service: Some(target(&[80])),
+                removed_endpoints: Vec::new(),
+            }],
+            ..Default::default()
+        };
+        assert!(!marker.in_update(&without));
     }
 }

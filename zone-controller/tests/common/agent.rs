@@ -230,7 +230,8 @@ pub struct ConfigStream {
 }
 
 /// Applies a (reassembled) update on `current` as an agent does: a whole
-/// view replaces it; a delta must name its version as base.
+/// view replaces it; a delta must name its version as base, may leave the
+/// bundle out (unchanged) and patch services' endpoints.
 pub fn merge(current: Option<&pb::ConfigUpdate>, update: pb::ConfigUpdate) -> pb::ConfigUpdate {
     if update.base_version.is_empty() {
         return update;
@@ -252,10 +253,34 @@ pub fn merge(current: Option<&pb::ConfigUpdate>, update: pb::ConfigUpdate) -> pb
     for s in update.services {
         services.insert(key(&s), s);
     }
+    for patch in update.patched_services {
+        let now = patch.service.expect("a patch names its service");
+        let held = services
+            .get_mut(&key(&now))
+            .expect("a patch applies on a service of the base");
+        let mut endpoints = std::mem::take(&mut held.endpoints);
+        for gone in &patch.removed_endpoints {
+            let at = endpoints
+                .iter()
+                .position(|e| e == gone)
+                .expect("a removed endpoint is in the base");
+            endpoints.remove(at);
+        }
+        endpoints.extend(now.endpoints.iter().cloned());
+        endpoints.sort_by(weft_api::proto::agent::endpoint_order);
+        *held = pb::ServiceView { endpoints, ..now };
+    }
+    let trust_bundle_pem = if update.trust_bundle_pem.is_empty() {
+        current.trust_bundle_pem.clone()
+    } else {
+        update.trust_bundle_pem
+    };
     pb::ConfigUpdate {
         services: services.into_values().collect(),
         base_version: String::new(),
         removed_services: Vec::new(),
+        patched_services: Vec::new(),
+        trust_bundle_pem,
         ..update
     }
 }
@@ -309,6 +334,7 @@ impl ConfigStream {
                     assert_eq!(first.version, chunk.version, "chunks of one version");
                     first.services.extend(chunk.services);
                     first.removed_services.extend(chunk.removed_services);
+                    first.patched_services.extend(chunk.patched_services);
                     first
                 }
             });
