@@ -244,8 +244,9 @@ impl MeshSnapshot {
 /// that gRPC peers accept by default, whatever the size of the mesh. Small
 /// because each stream's encoder keeps a buffer as large as the largest
 /// message it sent: with 10,000 streams, 1 MiB messages would pin
-/// gigabytes (see docs/benchmarks.md).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+/// gigabytes, and 16 KiB ones 25 KiB per stream (see docs/benchmarks.md).
+/// A whole view of 10,000 endpoints is then about 200 messages.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// One service's view, with its key and content hash.
 #[derive(Debug)]
