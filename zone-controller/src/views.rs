@@ -917,10 +917,9 @@ mod tests {
 
     #[test]
     fn large_views_are_chunked_under_the_bound() {
-        // 200 services of 100 endpoints: about 2.6 MB in all.
-        let services = (0..200)
-            .map(|i| service(&format!("s{i:03}"), 100))
-            .collect();
+        // 200 services of 20 endpoints (each under the bound): about
+        // 500 KB in all.
+        let services = (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect();
         let big = view(services, None);
         let messages: Vec<_> = big.messages(None).collect();
         assert!(messages.len() > 1, "{} message(s)", messages.len());
@@ -936,5 +935,22 @@ mod tests {
         assert_eq!(messages[0].trust_bundle_pem, "bundle");
         let total: usize = messages.iter().map(|m| m.services.len()).sum();
         assert_eq!(total, 200);
+    }
+
+    #[test]
+    fn a_service_over_the_bound_goes_alone() {
+        let big = view(
+            vec![service("a", 1), service("b", 200), service("c", 1)],
+            None,
+        );
+        let messages: Vec<_> = big.messages(None).collect();
+        let alone = messages
+            .iter()
+            .find(|m| m.services.iter().any(|s| s.name == "b"))
+            .unwrap();
+        assert_eq!(alone.services.len(), 1);
+        assert!(alone.encoded_len() > MAX_MESSAGE_BYTES);
+        let total: usize = messages.iter().map(|m| m.services.len()).sum();
+        assert_eq!(total, 3);
     }
 }
