@@ -895,7 +895,7 @@ impl AgentApi {
         let mut last_sent = applied;
         // The view the agent was last sent and is taken to hold: the base
         // of the next delta (`None`: send the whole view).
-        let mut base: Option<Arc<crate::views::AgentView>> = None;
+        let mut base: Option<crate::views::Sent> = None;
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow
         // pushes closely).
@@ -948,7 +948,7 @@ impl AgentApi {
                         if !Box::pin(self.push(agent, &view, None, &mut sent, outbound)).await {
                             return Ok(StreamEnd::Dropped);
                         }
-                        base = Some(view.clone());
+                        base = Some(view.sent());
                         last_sent = view.version.clone();
                         awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                     }
@@ -973,15 +973,15 @@ impl AgentApi {
                         if !hello_recorded {
                             hello_recorded = true;
                             self.hub.record_ack(agent, &view.version, bundle_cas(&view.trust_bundle_pem));
-                            base = Some(view.clone());
+                            base = Some(view.sent());
                         }
                         continue;
                     }
                     hello_recorded = true;
-                    if !Box::pin(self.push(agent, &view, base.as_deref(), &mut sent, outbound)).await {
+                    if !Box::pin(self.push(agent, &view, base.as_ref(), &mut sent, outbound)).await {
                         return Ok(StreamEnd::Dropped);
                     }
-                    base = Some(view.clone());
+                    base = Some(view.sent());
                     last_sent = view.version.clone();
                     awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                 }
@@ -997,7 +997,7 @@ impl AgentApi {
         &self,
         agent: &str,
         view: &crate::views::AgentView,
-        base: Option<&crate::views::AgentView>,
+        base: Option<&crate::views::Sent>,
         sent: &mut VecDeque<(String, Vec<String>)>,
         outbound: &Outbound,
     ) -> bool {

@@ -7,7 +7,7 @@
 //! the latest view through a `watch` channel: one slot, so a slow agent
 //! only ever has the newest view waiting.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
-use crate::views::{AgentView, MeshSnapshot, ServiceSet};
+use crate::views::{AgentView, MeshSnapshot, ServiceSet, HISTORY};
 
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -45,6 +45,9 @@ struct Entry {
 /// One mesh as last built for its agents.
 struct Built {
     services: Arc<ServiceSet>,
+    /// The sets built before, newest last: what keeps them alive for the
+    /// deltas of streams a few versions behind (views::HISTORY).
+    history: VecDeque<Arc<ServiceSet>>,
     /// The inbound rule every workload gets (the mesh's trust domain).
     allow: String,
     bundle: Arc<str>,
@@ -370,21 +373,30 @@ impl Hub {
         snapshot: &MeshSnapshot,
         bundle: &Arc<str>,
     ) -> Arc<ServiceSet> {
-        let previous = self
+        let (previous, mut history) = self
             .built
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(mesh)
-            .map(|b| b.services.clone());
+            .map(|b| (Some(b.services.clone()), b.history.clone()))
+            .unwrap_or_default();
         let set = snapshot.service_set(previous.as_deref());
         let set = match previous {
             Some(previous) if previous.digest == set.digest => previous,
-            _ => Arc::new(set),
+            Some(previous) => {
+                if history.len() == HISTORY {
+                    history.pop_front();
+                }
+                history.push_back(previous);
+                Arc::new(set)
+            }
+            None => Arc::new(set),
         };
         self.built.lock().unwrap_or_else(|p| p.into_inner()).insert(
             mesh.to_owned(),
             Built {
                 services: set.clone(),
+                history,
                 allow: snapshot.allow_all(),
                 bundle: bundle.clone(),
             },

@@ -15,10 +15,9 @@
 //! stream then receives the new endpoints only, not every service's whole
 //! list again (which made a ramp-up of N agents cost O(N^2) bytes).
 
-use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 use weft_api::proto::agent::endpoint_order;
@@ -338,30 +337,50 @@ pub struct ServiceSet {
     pub services: Vec<SharedService>,
     /// SHA-256 over every key and hash, in order.
     pub digest: [u8; 32],
-    /// The delta from the set built before this one (and that set's
-    /// digest), computed once for all the streams that had it.
-    since_previous: Option<([u8; 32], ServiceDelta)>,
+    /// Deltas from recent sets (by their digest), each computed once for
+    /// all the streams that had that set: the set built before this one
+    /// from the start, others as lagging streams ask for them.
+    since: Mutex<VecDeque<([u8; 32], Arc<ServiceDelta>)>>,
 }
+
+/// Deltas a set keeps, from as many earlier sets: the hub keeps as many
+/// sets alive ([`HISTORY`]).
+const SINCE_KEPT: usize = HISTORY;
+
+/// Sets of a mesh the hub keeps alive after newer ones were built, so that
+/// a stream a few versions behind still gets a delta; a stream further
+/// behind gets the whole view. Bounds the sets in memory whatever the
+/// number of streams (each stream only keeps a weak reference, see
+/// [`Sent`]).
+pub const HISTORY: usize = 8;
 
 impl ServiceSet {
     /// A set from sorted services, with its delta from `previous`.
-    pub fn new(services: Vec<SharedService>, previous: Option<&ServiceSet>) -> Self {
+    pub fn new(mut services: Vec<SharedService>, previous: Option<&ServiceSet>) -> Self {
         use sha2::{Digest, Sha256};
+        if let Some(previous) = previous {
+            share_unchanged(&mut services, previous);
+        }
         let mut hasher = Sha256::new();
         for s in &services {
             hasher.update(s.key.as_bytes());
             hasher.update([0]);
             hasher.update(s.hash);
         }
-        let mut set = ServiceSet {
+        let set = ServiceSet {
             services,
             digest: hasher.finalize().into(),
-            since_previous: None,
+            since: Mutex::new(VecDeque::with_capacity(SINCE_KEPT)),
         };
         if let Some(previous) = previous {
-            set.since_previous = Some((previous.digest, set.diff(previous)));
+            let delta = Arc::new(set.diff(previous));
+            set.lock_since().push_back((previous.digest, delta));
         }
         set
+    }
+
+    fn lock_since(&self) -> std::sync::MutexGuard<'_, VecDeque<([u8; 32], Arc<ServiceDelta>)>> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What changed since `base`, by one walk over both sorted lists. A
@@ -406,13 +425,20 @@ impl ServiceSet {
         delta
     }
 
-    /// The delta since `base`, reusing the one computed at build time when
-    /// `base` is the set built just before.
-    fn delta_since(&self, base: &ServiceSet) -> Cow<'_, ServiceDelta> {
-        match &self.since_previous {
-            Some((digest, delta)) if *digest == base.digest => Cow::Borrowed(delta),
-            _ => Cow::Owned(self.diff(base)),
+    /// The delta since `base`, computed once per base for every stream
+    /// (held under the lock, so that streams asking at once wait for one
+    /// computation instead of each making its own).
+    fn delta_since(&self, base: &ServiceSet) -> Arc<ServiceDelta> {
+        let mut since = self.lock_since();
+        if let Some((_, delta)) = since.iter().find(|(digest, _)| *digest == base.digest) {
+            return delta.clone();
         }
+        let delta = Arc::new(self.diff(base));
+        if since.len() == SINCE_KEPT {
+            since.pop_front();
+        }
+        since.push_back((base.digest, delta.clone()));
+        delta
     }
 
     /// Every service, as a delta from nothing.
@@ -423,6 +449,33 @@ impl ServiceSet {
             removed: Vec::new(),
         }
     }
+}
+
+/// Makes services unchanged since `previous` (same key and hash) share
+/// its copy, so that the sets the hub and the streams keep differ only by
+/// what changed.
+fn share_unchanged(services: &mut [SharedService], previous: &ServiceSet) {
+    let mut old = previous.services.iter().peekable();
+    for service in services.iter_mut() {
+        while old.next_if(|o| o.key < service.key).is_some() {}
+        if let Some(o) = old.peek() {
+            if o.key == service.key && o.hash == service.hash {
+                service.view = o.view.clone();
+            }
+        }
+    }
+}
+
+/// What a stream keeps of the view it last sent: enough to build the next
+/// delta, without keeping that view's services alive.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The version the agent is taken to hold.
+    pub version: String,
+    bundle: Arc<str>,
+    /// Gone once the hub no longer keeps the set (see [`HISTORY`]): the
+    /// next push is then whole.
+    services: Weak<ServiceSet>,
 }
 
 /// One agent's view at one version: the mesh's shared services and its own
@@ -472,6 +525,15 @@ impl AgentView {
         view
     }
 
+    /// What a stream keeps once it sent this view.
+    pub fn sent(&self) -> Sent {
+        Sent {
+            version: self.version.clone(),
+            bundle: self.trust_bundle_pem.clone(),
+            services: Arc::downgrade(&self.services),
+        }
+    }
+
     /// The per-agent parts as the head of an update (no services); the
     /// bundle left empty unless `with_bundle` (a delta on a base with the
     /// same bundle: the agent keeps the one it has).
@@ -500,18 +562,18 @@ impl AgentView {
     /// still goes alone in one message). Built one at a time as they are
     /// sent, so a stream holds one chunk, not a copy of the whole view. A
     /// delta leaves the trust bundle out when the base had the same one.
-    pub fn messages<'a>(&'a self, base: Option<&'a AgentView>) -> Messages<'a> {
+    pub fn messages<'a>(&'a self, base: Option<&'a Sent>) -> Messages<'a> {
+        let base = base.and_then(|b| Some((b, b.services.upgrade()?)));
         // Compared by content: the hub builds a new Arc per view.
-        let with_bundle = base.is_none_or(|b| *b.trust_bundle_pem != *self.trust_bundle_pem);
+        let with_bundle = base
+            .as_ref()
+            .is_none_or(|(b, _)| *b.bundle != *self.trust_bundle_pem);
         let (base_version, delta) = match base {
-            Some(base) if Arc::ptr_eq(&base.services, &self.services) => {
-                (base.version.as_str(), Cow::Owned(ServiceDelta::default()))
+            Some((base, set)) if Arc::ptr_eq(&set, &self.services) => {
+                (base.version.as_str(), Arc::new(ServiceDelta::default()))
             }
-            Some(base) => (
-                base.version.as_str(),
-                self.services.delta_since(&base.services),
-            ),
-            None => ("", Cow::Owned(self.services.whole())),
+            Some((base, set)) => (base.version.as_str(), self.services.delta_since(&set)),
+            None => ("", Arc::new(self.services.whole())),
         };
         Messages {
             view: self,
@@ -531,7 +593,7 @@ pub struct Messages<'a> {
     view: &'a AgentView,
     base_version: &'a str,
     with_bundle: bool,
-    delta: Cow<'a, ServiceDelta>,
+    delta: Arc<ServiceDelta>,
     removed: usize,
     changed: usize,
     patched: usize,
@@ -694,7 +756,7 @@ mod tests {
 
     /// The one update `view` sends to an agent holding `base`.
     fn single(view: &AgentView, base: &AgentView) -> pb::ConfigUpdate {
-        let mut messages: Vec<_> = view.messages(Some(base)).collect();
+        let mut messages: Vec<_> = view.messages(Some(&base.sent())).collect();
         assert_eq!(messages.len(), 1);
         messages.remove(0)
     }
@@ -719,7 +781,7 @@ mod tests {
             vec![service("a", 1), service("c", 2), service("d", 1)],
             Some(&v1.services),
         );
-        let messages: Vec<_> = v2.messages(Some(&v1)).collect();
+        let messages: Vec<_> = v2.messages(Some(&v1.sent())).collect();
         assert_eq!(messages.len(), 1);
         let delta = &messages[0];
         assert_eq!(delta.version, v2.version);
@@ -743,7 +805,7 @@ mod tests {
             vec![service("a", 1), service("b", 1), service("c", 1)],
             None,
         );
-        let again = v2.messages(Some(&v0)).next().unwrap();
+        let again = v2.messages(Some(&v0.sent())).next().unwrap();
         assert_eq!((again.services.len(), again.patched_services.len()), (1, 1));
         // Whole when nothing is known.
         let whole: Vec<_> = v2.messages(None).collect();
@@ -885,7 +947,7 @@ mod tests {
                 .collect(),
             Some(&v1.services),
         );
-        let messages: Vec<_> = v2.messages(Some(&v1)).collect();
+        let messages: Vec<_> = v2.messages(Some(&v1.sent())).collect();
         assert!(messages.len() > 1, "{} message(s)", messages.len());
         for (i, m) in messages.iter().enumerate() {
             assert!(
@@ -952,5 +1014,32 @@ mod tests {
         assert!(alone.encoded_len() > MAX_MESSAGE_BYTES);
         let total: usize = messages.iter().map(|m| m.services.len()).sum();
         assert_eq!(total, 3);
+    }
+
+    #[test]
+    fn a_base_no_longer_kept_gets_the_whole_view() {
+        let v1 = view(vec![service("a", 1), service("b", 1)], None);
+        let sent = v1.sent();
+        let v2 = view(vec![service("a", 2), service("b", 1)], Some(&v1.services));
+        assert_eq!(single(&v2, &v1).patched_services.len(), 1);
+        drop(v1);
+        let update = v2.messages(Some(&sent)).next().unwrap();
+        assert!(update.base_version.is_empty(), "a delta on a dropped base");
+        assert_eq!(update.services.len(), 2);
+        assert_eq!(update.trust_bundle_pem, "bundle");
+    }
+
+    #[test]
+    fn unchanged_services_are_shared_with_the_previous_set_and_deltas_cached() {
+        let v1 = view(vec![service("a", 1), service("b", 3)], None);
+        let v2 = view(vec![service("a", 2), service("b", 3)], Some(&v1.services));
+        let (a1, b1) = (&v1.services.services[0], &v1.services.services[1]);
+        let (a2, b2) = (&v2.services.services[0], &v2.services.services[1]);
+        assert!(Arc::ptr_eq(&b1.view, &b2.view));
+        assert!(!Arc::ptr_eq(&a1.view, &a2.view));
+        let v0 = view(vec![service("b", 3)], None);
+        let first = v2.services.delta_since(&v0.services);
+        let again = v2.services.delta_since(&v0.services);
+        assert!(Arc::ptr_eq(&first, &again));
     }
 }
