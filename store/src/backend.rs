@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     pub(crate) changed: broadcast::Sender<()>,
     /// Leaderships held in this process (the SQLite backend's election).
     pub(crate) local_leases: Arc<Mutex<HashSet<String>>>,
+    /// Resources as last decoded (see [`crate::decoded`]).
+    pub(crate) decoded: crate::decoded::Decoded,
     listener: Option<JoinHandle<()>>,
 }
 
@@ -197,6 +199,7 @@ impl Store {
                 url: shown,
                 changed,
                 local_leases: Arc::default(),
+                decoded: Default::default(),
                 listener,
             }),
         })

@@ -19,6 +19,7 @@ mod ca;
 mod changes;
 mod clock;
 mod columns;
+mod decoded;
 mod error;
 mod leader;
 mod mesh_cas;

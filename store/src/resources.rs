@@ -154,6 +154,36 @@ where
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Json<serde_json::Value>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
+    let head = decode_head(row)?;
+    let resource = decode_body(row, &head.key)?;
+    Ok(head.with(resource))
+}
+
+/// A row's key, version and sequence: what tells whether its body is
+/// already known.
+struct Head {
+    key: ResourceKey,
+    version: u64,
+    seq: u64,
+}
+
+impl Head {
+    fn with(self, resource: Resource) -> StoredResource {
+        StoredResource {
+            resource,
+            version: self.version,
+            seq: self.seq,
+        }
+    }
+}
+
+fn decode_head<R>(row: &R) -> Result<Head, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
     let cols = Columns::new(row, "resources");
     let kind: String = cols.get("kind")?;
     let mesh: String = cols.get("mesh")?;
@@ -162,20 +192,70 @@ where
     let key = ResourceKey::from_columns(&kind, mesh, namespace, name)?;
     let version: i64 = cols.get("version")?;
     let seq: i64 = cols.get("seq")?;
+    Ok(Head {
+        key,
+        version: to_u64(version, "resources.version")?,
+        seq: to_u64(seq, "resources.seq")?,
+    })
+}
+
+fn decode_body<R>(row: &R, key: &ResourceKey) -> Result<Resource, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> Json<serde_json::Value>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let cols = Columns::new(row, "resources");
     let Json(body): Json<serde_json::Value> = cols.get("body")?;
     let resource =
         Resource::from_json_value(body).map_err(StoreError::corrupt(format!("body of {key}")))?;
-    if ResourceKey::of(&resource) != key {
+    if ResourceKey::of(&resource) != *key {
         return Err(StoreError::Corrupt {
             what: format!("body of {key}"),
             reason: format!("it holds {}", ResourceKey::of(&resource)),
         });
     }
-    Ok(StoredResource {
-        resource,
-        version: to_u64(version, "resources.version")?,
-        seq: to_u64(seq, "resources.seq")?,
-    })
+    Ok(resource)
+}
+
+/// Decodes listed rows, taking the bodies of rows unchanged since they
+/// were last decoded from the cache; a listing of a whole kind also drops
+/// the cached resources it did not return.
+fn decode_listed<R>(
+    store: &Store,
+    kind: Kind,
+    whole_kind: bool,
+    rows: &[R],
+) -> Result<Vec<StoredResource>, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Json<serde_json::Value>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut cache = store.inner.decoded.lock();
+    let mut listed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let head = decode_head(row)?;
+        let resource = match cache.get(&head.key) {
+            Some((seq, resource)) if *seq == head.seq => resource.clone(),
+            _ => {
+                let resource = decode_body(row, &head.key)?;
+                cache.insert(head.key.clone(), (head.seq, resource.clone()));
+                resource
+            }
+        };
+        listed.push(head.with(resource));
+    }
+    if whole_kind {
+        let live = listed
+            .iter()
+            .map(|s| ResourceKey::of(&s.resource))
+            .collect();
+        crate::decoded::forget_others(&mut cache, kind, &live);
+    }
+    Ok(listed)
 }
 
 const SELECT_RESOURCE: &str =
@@ -313,7 +393,7 @@ impl Store {
             .fetch_all(pool)
             .await
             .map_err(StoreError::db(&op))?;
-            rows.iter().map(decode_row).collect()
+            decode_listed(self, kind, mesh.is_none() && namespace.is_none(), &rows)
         })
     }
 

@@ -39,6 +39,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     put_get_list_delete,
+    lists_see_every_write_through_the_decoded_cache,
     invalid_resources_are_refused,
     put_many_is_all_or_nothing,
     concurrent_puts_with_expected_versions,
@@ -92,6 +93,56 @@ spec:
 
 fn workload_key(name: &str, namespace: &str) -> ResourceKey {
     ResourceKey::namespaced(Kind::Workload, "default", namespace, name)
+}
+
+/// Lists take unchanged bodies from a cache: a write on this handle or on
+/// another one (a replica), a deletion, and a deletion followed by a new
+/// resource under the same name (its version starts again at 1) all show.
+async fn lists_see_every_write_through_the_decoded_cache(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    store.put(&mesh("default"), Expect::Absent).await.unwrap();
+    let addresses = |v: Vec<weft_store::StoredResource>| -> Vec<String> {
+        v.into_iter()
+            .map(|s| match s.resource {
+                Resource::Workload(w) => format!("{}={}", w.metadata.name, w.spec.address),
+                other => other.name().to_owned(),
+            })
+            .collect()
+    };
+    store
+        .put(&workload("a", "ns", "10.0.0.1"), Expect::Any)
+        .await
+        .unwrap();
+    store
+        .put(&workload("b", "ns", "10.0.0.2"), Expect::Any)
+        .await
+        .unwrap();
+    let listed = addresses(store.list(Kind::Workload, None, None).await.unwrap());
+    assert_eq!(listed, ["a=10.0.0.1", "b=10.0.0.2"]);
+    // Written by the replica: this handle's cache must not hide it.
+    replica
+        .put(&workload("a", "ns", "10.0.0.9"), Expect::Any)
+        .await
+        .unwrap();
+    let listed = addresses(store.list(Kind::Workload, None, None).await.unwrap());
+    assert_eq!(listed, ["a=10.0.0.9", "b=10.0.0.2"]);
+    // Deleted, then made again with version 1 and another body.
+    let key = workload_key("b", "ns");
+    assert!(replica.delete(&key, Expect::Any).await.unwrap());
+    let listed = addresses(store.list(Kind::Workload, None, None).await.unwrap());
+    assert_eq!(listed, ["a=10.0.0.9"]);
+    replica
+        .put(&workload("b", "ns", "10.0.0.7"), Expect::Absent)
+        .await
+        .unwrap();
+    let listed = addresses(
+        store
+            .list(Kind::Workload, Some("default"), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(listed, ["a=10.0.0.9", "b=10.0.0.7"]);
 }
 
 async fn put_get_list_delete(db: TestDb) {
