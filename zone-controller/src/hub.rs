@@ -347,6 +347,17 @@ impl Hub {
             .collect();
         for (agent, sender) in targets {
             let rules = inbound.get(agent.as_str()).cloned().unwrap_or_default();
+            // Most rounds (the periodic recheck, a change in another part of
+            // the mesh) leave most views as they were: checked by identity
+            // and equality before hashing a new view per agent.
+            let unchanged = sender.borrow().as_ref().is_some_and(|current| {
+                Arc::ptr_eq(&current.services, &services)
+                    && *current.trust_bundle_pem == *bundle
+                    && current.inbound == rules
+            });
+            if unchanged {
+                continue;
+            }
             let view = AgentView::new(
                 services.clone(),
                 rules,

@@ -948,17 +948,8 @@ mod tests {
             Some(&v1.services),
         );
         let messages: Vec<_> = v2.messages(Some(&v1.sent())).collect();
-        assert!(messages.len() > 1, "{} message(s)", messages.len());
-        for (i, m) in messages.iter().enumerate() {
-            assert!(
-                m.encoded_len() <= MAX_MESSAGE_BYTES,
-                "chunk {i}: {}",
-                m.encoded_len()
-            );
-            assert_eq!(m.version, v2.version);
-            assert_eq!(m.more, i + 1 < messages.len());
-            assert!(m.services.is_empty());
-        }
+        assert_chunked(&messages, &v2.version);
+        assert!(messages.iter().all(|m| m.services.is_empty()));
         assert_eq!(messages[0].base_version, v1.version);
         let total: usize = messages.iter().map(|m| m.patched_services.len()).sum();
         assert_eq!(total, 300);
@@ -977,13 +968,9 @@ mod tests {
         assert_eq!(v2.messages(None).next().unwrap().trust_bundle_pem, "old");
     }
 
-    #[test]
-    fn large_views_are_chunked_under_the_bound() {
-        // 200 services of 20 endpoints (each under the bound): about
-        // 500 KB in all.
-        let services = (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect();
-        let big = view(services, None);
-        let messages: Vec<_> = big.messages(None).collect();
+    /// Several messages of `version`, each under the bound, all but the
+    /// last marked `more`.
+    fn assert_chunked(messages: &[pb::ConfigUpdate], version: &str) {
         assert!(messages.len() > 1, "{} message(s)", messages.len());
         for (i, m) in messages.iter().enumerate() {
             assert!(
@@ -991,9 +978,19 @@ mod tests {
                 "chunk {i}: {}",
                 m.encoded_len()
             );
-            assert_eq!(m.version, big.version);
+            assert_eq!(m.version, version);
             assert_eq!(m.more, i + 1 < messages.len());
         }
+    }
+
+    #[test]
+    fn large_views_are_chunked_under_the_bound() {
+        // 200 services of 20 endpoints (each under the bound): about
+        // 500 KB in all.
+        let services = (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect();
+        let big = view(services, None);
+        let messages: Vec<_> = big.messages(None).collect();
+        assert_chunked(&messages, &big.version);
         assert_eq!(messages[0].trust_bundle_pem, "bundle");
         let total: usize = messages.iter().map(|m| m.services.len()).sum();
         assert_eq!(total, 200);
