@@ -9,6 +9,10 @@ pub mod agent {
         tonic::include_proto!("weft.agent.v1");
     }
 
+    /// The Hello feature of agents that apply `ServicePatch`es and keep
+    /// the bundle a delta leaves out (see `Hello.features`).
+    pub const ENDPOINT_PATCHES: &str = "endpoint-patches";
+
     /// The order of a service's endpoints on both sides of the config
     /// stream: by address, agent, SPIFFE ID, then readiness. The zone sorts
     /// each service's endpoints this way and an agent applying a

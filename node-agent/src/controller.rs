@@ -760,6 +760,7 @@ impl Controller {
                 workloads: vec![workload_proto(&self.config)],
                 host: Some(host_facts()),
                 hbone_address: self.config.hbone_address().to_string(),
+                features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
             })),
         }
     }

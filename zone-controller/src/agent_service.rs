@@ -493,6 +493,8 @@ struct Stream<'a> {
     scope: &'a WorkloadScope,
     /// Its entry in the cut-off registry.
     cut_id: u64,
+    /// Whether the agent applies endpoint patches (Hello.features).
+    patches: bool,
 }
 
 fn issue_status(field: &str, error: IssueError) -> Status {
@@ -816,6 +818,10 @@ impl AgentApi {
             mesh: &mesh,
             scope: &scope,
             cut_id,
+            patches: hello
+                .features
+                .iter()
+                .any(|f| f == weft_api::proto::agent::ENDPOINT_PATCHES),
         };
         let outcome = self
             .follow(
@@ -945,7 +951,7 @@ impl AgentApi {
                     if resend {
                         let Some(view) = views.borrow().clone() else { continue };
                         tracing::info!(%agent, version = %view.version, "delta refused; sending the whole view");
-                        if !Box::pin(self.push(agent, &view, None, &mut sent, outbound)).await {
+                        if !Box::pin(self.push(stream, &view, None, &mut sent, outbound)).await {
                             return Ok(StreamEnd::Dropped);
                         }
                         base = Some(view.sent());
@@ -978,7 +984,7 @@ impl AgentApi {
                         continue;
                     }
                     hello_recorded = true;
-                    if !Box::pin(self.push(agent, &view, base.as_ref(), &mut sent, outbound)).await {
+                    if !Box::pin(self.push(stream, &view, base.as_ref(), &mut sent, outbound)).await {
                         return Ok(StreamEnd::Dropped);
                     }
                     base = Some(view.sent());
@@ -995,7 +1001,7 @@ impl AgentApi {
     /// of bounded size; false once the agent is gone.
     async fn push(
         &self,
-        agent: &str,
+        stream: &Stream<'_>,
         view: &crate::views::AgentView,
         base: Option<&crate::views::Sent>,
         sent: &mut VecDeque<(String, Vec<String>)>,
@@ -1005,8 +1011,9 @@ impl AgentApi {
             sent.pop_front();
         }
         sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
+        let agent = stream.agent;
         let mut chunks = 0;
-        for update in view.messages(base) {
+        for update in view.messages(base, stream.patches) {
             chunks += 1;
             let message = pb::ZoneMessage {
                 message: Some(pb::zone_message::Message::Config(update)),

@@ -329,6 +329,28 @@ pub fn endpoint_patch(old: &pb::ServiceView, new: &pb::ServiceView) -> pb::Servi
     }
 }
 
+impl ServiceDelta {
+    /// The same delta with patched services sent whole, from `set`, for
+    /// agents that do not apply patches.
+    fn without_patches(&self, set: &ServiceSet) -> ServiceDelta {
+        let mut changed = self.changed.clone();
+        for patch in &self.patched {
+            let Some(service) = &patch.service else {
+                continue;
+            };
+            let key = service_key(service);
+            if let Ok(i) = set.services.binary_search_by(|s| s.key.cmp(&key)) {
+                changed.push(set.services[i].view.clone());
+            }
+        }
+        ServiceDelta {
+            changed,
+            patched: Vec::new(),
+            removed: self.removed.clone(),
+        }
+    }
+}
+
 /// A mesh's services at one moment, sorted by key, shared by every agent
 /// view of the mesh (one copy whatever the number of agents).
 #[derive(Debug)]
@@ -562,18 +584,25 @@ impl AgentView {
     /// still goes alone in one message). Built one at a time as they are
     /// sent, so a stream holds one chunk, not a copy of the whole view. A
     /// delta leaves the trust bundle out when the base had the same one.
-    pub fn messages<'a>(&'a self, base: Option<&'a Sent>) -> Messages<'a> {
+    pub fn messages<'a>(&'a self, base: Option<&'a Sent>, patches: bool) -> Messages<'a> {
         let base = base.and_then(|b| Some((b, b.services.upgrade()?)));
-        // Compared by content: the hub builds a new Arc per view.
-        let with_bundle = base
-            .as_ref()
-            .is_none_or(|(b, _)| *b.bundle != *self.trust_bundle_pem);
+        // Compared by content: the hub builds a new Arc per view. An agent
+        // without patches reads an empty bundle as no bundle.
+        let with_bundle = !patches
+            || base
+                .as_ref()
+                .is_none_or(|(b, _)| *b.bundle != *self.trust_bundle_pem);
         let (base_version, delta) = match base {
             Some((base, set)) if Arc::ptr_eq(&set, &self.services) => {
                 (base.version.as_str(), Arc::new(ServiceDelta::default()))
             }
             Some((base, set)) => (base.version.as_str(), self.services.delta_since(&set)),
             None => ("", Arc::new(self.services.whole())),
+        };
+        let delta = if patches || delta.patched.is_empty() {
+            delta
+        } else {
+            Arc::new(delta.without_patches(&self.services))
         };
         Messages {
             view: self,
@@ -756,7 +785,7 @@ mod tests {
 
     /// The one update `view` sends to an agent holding `base`.
     fn single(view: &AgentView, base: &AgentView) -> pb::ConfigUpdate {
-        let mut messages: Vec<_> = view.messages(Some(&base.sent())).collect();
+        let mut messages: Vec<_> = view.messages(Some(&base.sent()), true).collect();
         assert_eq!(messages.len(), 1);
         messages.remove(0)
     }
@@ -781,7 +810,7 @@ mod tests {
             vec![service("a", 1), service("c", 2), service("d", 1)],
             Some(&v1.services),
         );
-        let messages: Vec<_> = v2.messages(Some(&v1.sent())).collect();
+        let messages: Vec<_> = v2.messages(Some(&v1.sent()), true).collect();
         assert_eq!(messages.len(), 1);
         let delta = &messages[0];
         assert_eq!(delta.version, v2.version);
@@ -805,10 +834,10 @@ mod tests {
             vec![service("a", 1), service("b", 1), service("c", 1)],
             None,
         );
-        let again = v2.messages(Some(&v0.sent())).next().unwrap();
+        let again = v2.messages(Some(&v0.sent()), true).next().unwrap();
         assert_eq!((again.services.len(), again.patched_services.len()), (1, 1));
         // Whole when nothing is known.
-        let whole: Vec<_> = v2.messages(None).collect();
+        let whole: Vec<_> = v2.messages(None, true).collect();
         assert!(whole[0].base_version.is_empty());
         assert_eq!(whole[0].services.len(), 3);
         assert!(whole[0].patched_services.is_empty());
@@ -947,12 +976,26 @@ mod tests {
                 .collect(),
             Some(&v1.services),
         );
-        let messages: Vec<_> = v2.messages(Some(&v1.sent())).collect();
+        let messages: Vec<_> = v2.messages(Some(&v1.sent()), true).collect();
         assert_chunked(&messages, &v2.version);
         assert!(messages.iter().all(|m| m.services.is_empty()));
         assert_eq!(messages[0].base_version, v1.version);
         let total: usize = messages.iter().map(|m| m.patched_services.len()).sum();
         assert_eq!(total, 300);
+    }
+
+    #[test]
+    fn agents_without_patches_get_changed_services_whole_with_the_bundle() {
+        let v1 = view(vec![service("a", 30), service("b", 1)], None);
+        let v2 = view(vec![service("a", 31), service("b", 1)], Some(&v1.services));
+        assert_eq!(single(&v2, &v1).patched_services.len(), 1);
+        let old: Vec<_> = v2.messages(Some(&v1.sent()), false).collect();
+        assert_eq!(old.len(), 1);
+        assert!(old[0].patched_services.is_empty());
+        assert_eq!(old[0].services.len(), 1);
+        assert_eq!(old[0].services[0].endpoints.len(), 31);
+        assert_eq!(old[0].base_version, v1.version);
+        assert_eq!(old[0].trust_bundle_pem, "bundle");
     }
 
     #[test]
@@ -965,7 +1008,10 @@ mod tests {
         assert_ne!(v3.version, v2.version);
         assert_eq!(single(&v3, &v2).trust_bundle_pem, "new");
         // A whole view always carries it.
-        assert_eq!(v2.messages(None).next().unwrap().trust_bundle_pem, "old");
+        assert_eq!(
+            v2.messages(None, true).next().unwrap().trust_bundle_pem,
+            "old"
+        );
     }
 
     /// Several messages of `version`, each under the bound, all but the
@@ -989,7 +1035,7 @@ mod tests {
         // 500 KB in all.
         let services = (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect();
         let big = view(services, None);
-        let messages: Vec<_> = big.messages(None).collect();
+        let messages: Vec<_> = big.messages(None, true).collect();
         assert_chunked(&messages, &big.version);
         assert_eq!(messages[0].trust_bundle_pem, "bundle");
         let total: usize = messages.iter().map(|m| m.services.len()).sum();
@@ -1002,7 +1048,7 @@ mod tests {
             vec![service("a", 1), service("b", 200), service("c", 1)],
             None,
         );
-        let messages: Vec<_> = big.messages(None).collect();
+        let messages: Vec<_> = big.messages(None, true).collect();
         let alone = messages
             .iter()
             .find(|m| m.services.iter().any(|s| s.name == "b"))
@@ -1020,7 +1066,7 @@ mod tests {
         let v2 = view(vec![service("a", 2), service("b", 1)], Some(&v1.services));
         assert_eq!(single(&v2, &v1).patched_services.len(), 1);
         drop(v1);
-        let update = v2.messages(Some(&sent)).next().unwrap();
+        let update = v2.messages(Some(&sent), true).next().unwrap();
         assert!(update.base_version.is_empty(), "a delta on a dropped base");
         assert_eq!(update.services.len(), 2);
         assert_eq!(update.trust_bundle_pem, "bundle");

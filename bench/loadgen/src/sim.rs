@@ -174,6 +174,7 @@ async fn hello(
             workloads: vec![agent.workload],
             host: None,
             hbone_address: String::new(),
+            features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
         })),
     })
     .await

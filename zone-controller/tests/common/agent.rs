@@ -197,6 +197,7 @@ pub fn hello(agent: &str, workloads: Vec<pb::Workload>) -> pb::Hello {
         workloads,
         host: None,
         hbone_address: HBONE.to_owned(),
+        features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
     }
 }
 
