@@ -230,62 +230,6 @@ pub struct ConfigStream {
     pub current: Option<pb::ConfigUpdate>,
 }
 
-/// Applies a (reassembled) update on `current` as an agent does: a whole
-/// view replaces it; a delta must name its version as base, may leave the
-/// bundle out (unchanged) and patch services' endpoints.
-pub fn merge(current: Option<&pb::ConfigUpdate>, update: pb::ConfigUpdate) -> pb::ConfigUpdate {
-    if update.base_version.is_empty() {
-        return update;
-    }
-    let current = current.expect("a delta arrives only on top of a view");
-    assert_eq!(
-        current.version, update.base_version,
-        "a delta on top of the version last received"
-    );
-    let key = |s: &pb::ServiceView| format!("{}/{}", s.namespace, s.name);
-    let mut services: std::collections::BTreeMap<String, pb::ServiceView> = current
-        .services
-        .iter()
-        .map(|s| (key(s), s.clone()))
-        .collect();
-    for gone in &update.removed_services {
-        services.remove(gone);
-    }
-    for s in update.services {
-        services.insert(key(&s), s);
-    }
-    for patch in update.patched_services {
-        let now = patch.service.expect("a patch names its service");
-        let held = services
-            .get_mut(&key(&now))
-            .expect("a patch applies on a service of the base");
-        let mut endpoints = std::mem::take(&mut held.endpoints);
-        for gone in &patch.removed_endpoints {
-            let at = endpoints
-                .iter()
-                .position(|e| e == gone)
-                .expect("a removed endpoint is in the base");
-            endpoints.remove(at);
-        }
-        endpoints.extend(now.endpoints.iter().cloned());
-        endpoints.sort_by(weft_api::proto::agent::endpoint_order);
-        *held = pb::ServiceView { endpoints, ..now };
-    }
-    let trust_bundle_pem = if update.trust_bundle_pem.is_empty() {
-        current.trust_bundle_pem.clone()
-    } else {
-        update.trust_bundle_pem
-    };
-    pb::ConfigUpdate {
-        services: services.into_values().collect(),
-        base_version: String::new(),
-        removed_services: Vec::new(),
-        patched_services: Vec::new(),
-        trust_bundle_pem,
-        ..update
-    }
-}
-
 impl ConfigStream {
     /// Opens the stream at `addr` as `identity` and sends `hello`.
     pub async fn open(
@@ -345,7 +289,10 @@ impl ConfigStream {
         }
         let mut update = whole.expect("at least one chunk");
         update.more = false;
-        let update = merge(self.current.as_ref(), update);
+        // The agent's own code applies it (a delta must be on the view
+        // last received).
+        let update = weft_agent::view::resolve(self.current.as_ref(), update)
+            .expect("the update applies on the view last received");
         self.current = Some(update.clone());
         update
     }
