@@ -11,6 +11,7 @@ pub mod identity;
 pub mod kinds;
 pub mod mesh;
 pub mod parse;
+pub mod policy;
 pub mod proto;
 pub mod resource;
 pub mod validation;

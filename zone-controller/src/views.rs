@@ -575,6 +575,7 @@ impl AgentView {
             removed_services: Vec::new(),
             more: false,
             patched_services: Vec::new(),
+            policy_json: String::new(),
         }
     }
 

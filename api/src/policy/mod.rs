@@ -1,0 +1,13 @@
+//! Policies: the resources that shape traffic (TrafficPermission,
+//! HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing,
+//! AccessLog), in the targetRef model of DESIGN.md.
+//!
+//! - [`target`]: what a policy selects (`targetRef`, `to[].targetRef`,
+//!   `rules[].from`).
+//! - [`conf`]: the `default` blocks, and how they merge.
+//! - [`compiled`]: what the zone pushes to an agent, per workload: only the
+//!   policies that concern it, selected and merged.
+
+pub mod compiled;
+pub mod conf;
+pub mod target;
