@@ -97,6 +97,12 @@ pub struct AgentConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub redirect: RedirectConfig,
+    /// Static mode only: the workload's policies in the form the zone
+    /// pushes (`weft_api::policy::compiled::WorkloadPolicy`). Set, inbound
+    /// goes by its TrafficPermission rules (default deny) instead of
+    /// `inbound.allow`.
+    #[serde(default)]
+    pub policy: Option<weft_api::policy::compiled::WorkloadPolicy>,
     /// Threads carrying traffic. One (the default) runs the agent on a
     /// single-threaded runtime: measured faster and smaller for a sidecar.
     #[serde(default = "defaults::worker_threads")]
@@ -441,6 +447,10 @@ impl AgentConfig {
 
     /// Checks what types alone cannot: modes, ranges, references, files.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(policy) = &self.policy {
+            crate::l7::policy::Policy::compile(policy, &crate::l7::access_log::FILES)
+                .map_err(|e| invalid(format!("policy.{}", e.field), e.reason))?;
+        }
         match self.mode {
             Mode::Sidecar => {}
             Mode::Node | Mode::Gateway => {
@@ -466,6 +476,12 @@ impl AgentConfig {
                     return Err(invalid(
                         "inbound.allow",
                         "not used in controller mode (the zone sends who may call the workload); remove it",
+                    ));
+                }
+                if self.policy.is_some() {
+                    return Err(invalid(
+                        "policy",
+                        "not used in controller mode (the zone sends the workload's policies); remove it",
                     ));
                 }
             }
@@ -609,6 +625,15 @@ impl AgentConfig {
     /// Whether `port` is one of the workload's own ports.
     pub fn serves_port(&self, port: u16) -> bool {
         self.workload.ports.iter().any(|p| p.port == port)
+    }
+
+    /// Whether the workload's `port` is declared HTTP: the agent then parses
+    /// each request (L7 policy) instead of passing bytes.
+    pub fn is_http_port(&self, port: u16) -> bool {
+        self.workload
+            .ports
+            .iter()
+            .any(|p| p.port == port && p.protocol == weft_api::Protocol::Http)
     }
 }
 
@@ -761,6 +786,7 @@ const SECTIONS: &[&str] = &[
     "metrics",
     "log",
     "redirect",
+    "policy",
     "worker_threads",
     "drain_timeout",
 ];

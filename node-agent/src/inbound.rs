@@ -19,6 +19,8 @@ use weft_api::SpiffeId;
 use crate::config::{AgentConfig, MtlsMode};
 use crate::credentials::Credentials;
 use crate::drain::Drain;
+use crate::l7::tunnel_io::TunnelIo;
+use crate::l7::upstream::Upstreams;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
 use crate::socket::reset;
@@ -35,6 +37,10 @@ pub struct Inbound {
     view: SharedView,
     /// The workload's own SPIFFE ID, for metrics labels.
     local_id: SpiffeId,
+    /// The workload's name, the destination in L7 metrics and logs.
+    workload: String,
+    /// Pooled L7 connections to the workload.
+    upstreams: Arc<Upstreams>,
 }
 
 /// One authenticated peer connection, shared by its streams.
@@ -55,6 +61,11 @@ impl Inbound {
         view: SharedView,
     ) -> Self {
         let local_id = credentials.id();
+        let workload = config
+            .workload
+            .name
+            .clone()
+            .unwrap_or_else(|| local_id.as_str().to_owned());
         Inbound {
             config,
             credentials,
@@ -62,7 +73,34 @@ impl Inbound {
             drain,
             view,
             local_id,
+            workload,
+            upstreams: Arc::default(),
         }
+    }
+
+    /// The view in force.
+    pub(crate) fn view(&self) -> &SharedView {
+        &self.view
+    }
+
+    /// The agent's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The local workload's name.
+    pub(crate) fn workload_name(&self) -> &str {
+        &self.workload
+    }
+
+    /// How long connecting to the workload may take.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.config.tunnel.connect_timeout
+    }
+
+    /// Pooled L7 connections to the workload.
+    pub(crate) fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
     }
 
     /// Accepts connections until draining begins.
@@ -229,18 +267,36 @@ impl Inbound {
         gauge.dec();
     }
 
-    /// Whether a caller may reach the workload: strict mode denies by
-    /// default; permissive mode, which already lets plaintext in, admits any
-    /// authenticated peer unless an allow-list is given.
-    /// The allow list is the one in force when the stream arrives, so a
-    /// caller removed from it gets no new stream on an old connection.
-    fn admits(&self, id: &SpiffeId) -> bool {
+    /// Whether a caller may reach the workload's `port`. With policies
+    /// (from the zone, or `policy` in a static config) TrafficPermission
+    /// decides: deny wins, and what nothing allows is refused; on an HTTP
+    /// port each request is decided again. Without, strict mode denies by
+    /// default and permissive mode, which already lets plaintext in, admits
+    /// any authenticated peer unless an allow-list is given.
+    /// The rules are the ones in force when the stream arrives, so a
+    /// caller removed from them gets no new stream on an old connection.
+    fn admits(&self, id: &SpiffeId, port: u16) -> Result<(), String> {
         let view = self.view.load();
-        let allow = view.allow();
-        if allow.is_empty() {
-            return self.config.inbound.mtls == MtlsMode::Permissive;
+        if let Some(policy) = view.policy() {
+            let verdict = policy
+                .inbound
+                .connection(id, self.config.is_http_port(port));
+            if verdict.allowed() {
+                return Ok(());
+            }
+            return Err(verdict.policy().to_owned());
         }
-        allow.iter().any(|m| m.matches(id))
+        let allow = view.allow();
+        let allowed = if allow.is_empty() {
+            self.config.inbound.mtls == MtlsMode::Permissive
+        } else {
+            allow.iter().any(|m| m.matches(id))
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(String::new())
+        }
     }
 
     /// Decides whether a CONNECT may proceed: the status to refuse it with,
@@ -258,20 +314,21 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse().ok())
             .ok_or((StatusCode::BAD_REQUEST, "bad_authority"))?;
-        if !self.admits(&peer.id) {
-            return Err((StatusCode::FORBIDDEN, "not_allowed"));
-        }
         if target.ip() != self.config.workload.address {
             return Err((StatusCode::FORBIDDEN, "address_not_local"));
         }
         if !self.config.serves_port(target.port()) {
             return Err((StatusCode::FORBIDDEN, "port_not_served"));
         }
+        if let Err(policy) = self.admits(&peer.id, target.port()) {
+            info!(peer = %peer.id, port = target.port(), policy, "connection denied by TrafficPermission");
+            return Err((StatusCode::FORBIDDEN, "not_allowed"));
+        }
         Ok(target)
     }
 
     async fn stream(
-        &self,
+        self: &Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         peer: &Peer,
@@ -284,6 +341,9 @@ impl Inbound {
                 return reply(&mut respond, status);
             }
         };
+        if self.config.is_http_port(target.port()) {
+            return self.http_stream(request, respond, peer, target).await;
+        }
         let connect = tokio::time::timeout(
             self.config.tunnel.connect_timeout,
             TcpStream::connect(target),
@@ -314,6 +374,28 @@ impl Inbound {
         if let Err(e) = splice(&mut app, request.into_body(), tx, counters).await {
             debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");
         }
+    }
+}
+
+impl Inbound {
+    /// An HTTP port: the stream is accepted at once and its requests are
+    /// served one by one, each authorized on its own.
+    async fn http_stream(
+        self: &Arc<Self>,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: &Peer,
+        target: SocketAddr,
+    ) {
+        let tx = match respond.send_response(Response::new(()), false) {
+            Ok(tx) => tx,
+            Err(e) => {
+                return debug!(peer = %peer.id, error = %e, "stream reset before it was answered")
+            }
+        };
+        let _open = ConnectionGuard::open(&peer.counters);
+        let io = TunnelIo::new(request.into_body(), tx);
+        crate::l7::inbound::serve(self.clone(), io, peer.id.clone(), target).await;
     }
 }
 

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod drain;
 pub mod grpc;
 pub mod inbound;
+pub mod l7;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

@@ -8,6 +8,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::tls::HandshakeFailure;
@@ -82,6 +83,44 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    direction: Direction,
+    source_identity: String,
+    destination: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpDurationLabels {
+    direction: Direction,
+    destination: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLocalLabels {
+    direction: Direction,
+    flag: &'static str,
+    policy: String,
+}
+
+/// One HTTP request as the RED metrics count it.
+pub struct HttpRequest<'a> {
+    /// Calls in or out.
+    pub direction: Direction,
+    /// The caller's identity.
+    pub source: &'a str,
+    /// The service (outbound) or local workload (inbound).
+    pub destination: &'a str,
+    /// The HTTPRoute that took it, or empty.
+    pub route: &'a str,
+    /// The response status; 0 when no response came.
+    pub status: u16,
+    /// Start to response headers, in seconds.
+    pub seconds: f64,
+}
+
 /// Every metric the agent exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -102,6 +141,9 @@ pub struct Metrics {
     controller_connected: Gauge,
     certificate_renewals: Family<ResultLabels, Counter>,
     dns_queries: Family<ResultLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<HttpDurationLabels, Histogram>,
+    http_local: Family<HttpLocalLabels, Counter>,
 }
 
 /// The counters of one (direction, source, destination, transport), cloned
@@ -145,6 +187,14 @@ impl Metrics {
             controller_connected: Gauge::default(),
             certificate_renewals: Family::default(),
             dns_queries: Family::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(|| {
+                // 0.5 ms to about 16 s: mesh-local calls are sub-millisecond.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.0005, 2.0, 16,
+                ))
+            }),
+            http_local: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,7 +282,52 @@ impl Metrics {
             "DNS queries to the proxy, by result: mesh, nxdomain, nodata, forwarded, servfail, formerr, dropped",
             m.dns_queries.clone(),
         );
+        registry.register(
+            "http_requests",
+            "HTTP and gRPC requests, by direction, caller, destination, route and status (0: no response)",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from an HTTP request to its response headers",
+            m.http_duration.clone(),
+        );
+        registry.register(
+            "http_local_responses",
+            "Requests the agent answered itself, by why (denied, rate_limited, fault_abort, timeout, no_endpoints, upstream_failed, redirect) and policy",
+            m.http_local.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts an HTTP request and observes its duration.
+    pub fn http_request(&self, r: &HttpRequest<'_>) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                direction: r.direction,
+                source_identity: r.source.to_owned(),
+                destination: r.destination.to_owned(),
+                route: r.route.to_owned(),
+                status: r.status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&HttpDurationLabels {
+                direction: r.direction,
+                destination: r.destination.to_owned(),
+            })
+            .observe(r.seconds);
+    }
+
+    /// Counts a request the agent answered itself.
+    pub fn http_local(&self, direction: Direction, flag: &'static str, policy: &str) {
+        self.http_local
+            .get_or_create(&HttpLocalLabels {
+                direction,
+                flag,
+                policy: policy.to_owned(),
+            })
+            .inc();
     }
 
     /// Renders the Prometheus text exposition.

@@ -15,6 +15,9 @@ use weft_api::Endpoint;
 
 use crate::config::{AgentConfig, UnknownDestination};
 use crate::drain::Drain;
+use crate::l7::outbound::Dialled;
+use crate::l7::policy::Policy;
+use crate::l7::upstream::Upstreams;
 use crate::listen::accept_next;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
 use crate::pool::{Checkout, ConnectError, Pool};
@@ -46,15 +49,29 @@ pub enum Target {
     Captured,
 }
 
+/// What an accepted connection turns into, decided from the view.
+enum Next {
+    Tunnel(Endpoint, SocketAddr),
+    Http(Dialled),
+    Refuse(&'static str),
+    Outside,
+}
+
 /// What every outbound connection shares.
 pub struct Outbound {
     config: Arc<AgentConfig>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     drain: Drain,
     pool: Arc<Pool>,
-    view: SharedView,
+    pub(crate) view: SharedView,
     passthrough: PeerCounters,
     limit: Arc<Semaphore>,
+    /// The local workload's identity, the source in L7 metrics and logs.
+    pub(crate) local_id: String,
+    /// L7 connections to peer workloads, through tunnels.
+    pub(crate) upstreams: Arc<Upstreams>,
+    /// Outbound settings when no policy is known.
+    pub(crate) unconfigured: Arc<Policy>,
 }
 
 impl Outbound {
@@ -78,6 +95,9 @@ impl Outbound {
             view,
             passthrough,
             limit,
+            local_id: source.to_owned(),
+            upstreams: Arc::default(),
+            unconfigured: Arc::new(Policy::unconfigured()),
         }
     }
 
@@ -94,13 +114,19 @@ impl Outbound {
             let this = self.clone();
             let tracked = self.drain.track();
             tokio::spawn(async move {
-                this.connection(tcp, target, permit).await;
+                this.connection(tcp, remote, target, permit).await;
                 drop(tracked);
             });
         }
     }
 
-    async fn connection(&self, mut tcp: TcpStream, target: Target, _permit: OwnedSemaphorePermit) {
+    async fn connection(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        client: SocketAddr,
+        target: Target,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let _ = tcp.set_nodelay(true);
         let dst = match target {
             Target::Fixed(dst) => dst,
@@ -113,31 +139,38 @@ impl Outbound {
             },
         };
         // The view is read once; the connection keeps the endpoint it got
-        // even if a new view arrives meanwhile.
-        let route = {
+        // even if a new view arrives meanwhile (an HTTP connection instead
+        // reads the view in force at each request).
+        let next = {
             let view = self.view.load();
             match view.route(dst) {
+                Route::Http { service, port } => Next::Http(Dialled {
+                    key: format!("{}/{}", service.namespace, service.name),
+                    port,
+                    client,
+                }),
                 Route::Tunnel {
                     endpoint,
                     authority,
-                } => Ok((endpoint.clone(), authority)),
-                Route::Refuse(reason) => Err(Some(reason)),
-                Route::Outside => Err(None),
+                } => Next::Tunnel(endpoint.clone(), authority),
+                Route::Refuse(reason) => Next::Refuse(reason),
+                Route::Outside => Next::Outside,
             }
         };
-        match route {
-            Ok((endpoint, authority)) => {
+        match next {
+            Next::Tunnel(endpoint, authority) => {
                 if let Err(e) = self.tunnel(&mut tcp, authority, &endpoint).await {
                     info!(%dst, %authority, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
                     reset(&tcp);
                 }
             }
-            Err(Some(reason)) => {
+            Next::Http(dialled) => crate::l7::outbound::serve(self, tcp, dialled).await,
+            Next::Refuse(reason) => {
                 info!(%dst, reason, "mesh destination cannot be served, refusing");
                 self.metrics.connection_refused(Direction::Outbound, reason);
                 reset(&tcp);
             }
-            Err(None) => self.outside_mesh(&mut tcp, dst).await,
+            Next::Outside => self.outside_mesh(&mut tcp, dst).await,
         }
     }
 
@@ -168,7 +201,7 @@ impl Outbound {
     /// connection that died or got GOAWAY since checkout (retried on another
     /// connection), and REFUSED_STREAM, which the peer sends only for
     /// streams it did not process.
-    async fn open_stream(
+    pub(crate) async fn open_stream(
         &self,
         dst: SocketAddr,
         endpoint: &Endpoint,

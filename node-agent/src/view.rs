@@ -13,11 +13,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use weft_api::policy::compiled::WorkloadPolicy;
+use weft_api::policy::conf::{Algorithm, HashOn};
 use weft_api::proto::agent::endpoint_order;
 use weft_api::proto::agent::v1::{ConfigUpdate, Endpoint as PbEndpoint, ServiceView};
 use weft_api::{Endpoint, PeerMatch, SpiffeId};
 
 use crate::config::AgentConfig;
+use crate::l7::policy::Policy;
 
 /// The view in force, shared by every part of the agent.
 pub type SharedView = Arc<ArcSwap<MeshView>>;
@@ -54,8 +57,12 @@ pub struct Service {
     pub virtual_ip: IpAddr,
     /// Ports the service declares; empty means any port.
     pub ports: Vec<u16>,
+    /// Those of `ports` declared HTTP: served by the L7 proxy.
+    pub http_ports: Vec<u16>,
     pub endpoints: Vec<ServiceEndpoint>,
     next: AtomicUsize,
+    /// Requests in flight per endpoint (same order), for least-request.
+    load: Vec<std::sync::atomic::AtomicU32>,
 }
 
 impl Service {
@@ -75,11 +82,111 @@ impl Service {
         };
         picked.map(|e| &e.endpoint)
     }
+
+    /// Picks an endpoint for one HTTP request by the LoadBalancing
+    /// algorithm, among the ready ones (all of them when none is ready).
+    pub fn pick_with(
+        &self,
+        algorithm: &Algorithm,
+        req: &http::request::Parts,
+        client: IpAddr,
+    ) -> Option<&Endpoint> {
+        let index = match algorithm {
+            Algorithm::RoundRobin => return self.pick(),
+            Algorithm::Random => self.random_index(),
+            Algorithm::LeastRequest => {
+                // Power of two choices: near-best balance at O(1) cost.
+                let (a, b) = (self.random_index()?, self.random_index()?);
+                let load = |i: usize| self.load[i].load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { b } else { a })
+            }
+            Algorithm::ConsistentHash { hash_on } => match hash_key(hash_on, req, client) {
+                Some(key) => self.rendezvous(key),
+                None => self.random_index(),
+            },
+        }?;
+        self.endpoints.get(index).map(|e| &e.endpoint)
+    }
+
+    fn usable(&self) -> impl Iterator<Item = (usize, &ServiceEndpoint)> {
+        let any_ready = self.endpoints.iter().any(|e| e.ready);
+        self.endpoints
+            .iter()
+            .enumerate()
+            .filter(move |(_, e)| e.ready || !any_ready)
+    }
+
+    fn random_index(&self) -> Option<usize> {
+        let n = self.usable().count();
+        if n == 0 {
+            return None;
+        }
+        self.usable().nth(fastrand::usize(0..n)).map(|(i, _)| i)
+    }
+
+    /// Rendezvous hashing: the same key keeps its endpoint while that
+    /// endpoint stays, and only its keys move when one goes.
+    fn rendezvous(&self, key: u64) -> Option<usize> {
+        self.usable()
+            .max_by_key(|(_, e)| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                e.endpoint.address.hash(&mut h);
+                h.finish()
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Counts a request in flight to `endpoint` until the guard drops.
+    pub fn track(&self, endpoint: &Endpoint) -> Option<InFlight<'_>> {
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| e.endpoint.address == endpoint.address)?;
+        self.load[i].fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(&self.load[i]))
+    }
+}
+
+/// A request in flight to one endpoint (see [`Service::track`]).
+pub struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn hash_key(hash_on: &HashOn, req: &http::request::Parts, client: IpAddr) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match hash_on {
+        HashOn::Header { name } => req.headers.get(name.as_str())?.as_bytes().hash(&mut h),
+        HashOn::Cookie { name } => {
+            let cookies = req.headers.get_all(http::header::COOKIE);
+            let value = cookies
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|line| {
+                    line.split(';').find_map(|kv| {
+                        let (k, v) = kv.trim().split_once('=')?;
+                        (k == name).then_some(v)
+                    })
+                })?;
+            value.hash(&mut h);
+        }
+        HashOn::SourceIp => client.hash(&mut h),
+    }
+    Some(h.finish())
 }
 
 /// Where a captured connection goes.
 #[derive(Debug)]
 pub enum Route<'a> {
+    /// To a service's HTTP port: served request by request by the L7
+    /// proxy, each request picking its own endpoint.
+    Http { service: &'a Service, port: u16 },
     /// Through a tunnel to `endpoint`'s agent, CONNECT to `authority`.
     Tunnel {
         endpoint: &'a Endpoint,
@@ -288,7 +395,12 @@ pub struct MeshView {
     endpoints: HashMap<IpAddr, Endpoint>,
     services: HashMap<IpAddr, Arc<Service>>,
     names: HashMap<String, IpAddr>,
+    /// Services by `<namespace>/<name>`, for HTTPRoute backends.
+    by_key: HashMap<String, IpAddr>,
     allow: Vec<PeerMatch>,
+    /// The local workload's policies; `None`: none known (a static config
+    /// without `policy`), so inbound goes by `allow`.
+    policy: Option<Arc<Policy>>,
 }
 
 /// The DNS suffix of mesh names.
@@ -305,6 +417,12 @@ impl MeshView {
                 .map(|e| (e.address, e.clone()))
                 .collect(),
             allow: config.inbound.allow.clone(),
+            // Checked when the config was loaded.
+            policy: config
+                .policy
+                .as_ref()
+                .and_then(|p| Policy::compile(p, &crate::l7::access_log::FILES).ok())
+                .map(Arc::new),
             ..MeshView::default()
         }
     }
@@ -359,8 +477,11 @@ impl MeshView {
                     }
                 }
             }
+            view.by_key
+                .insert(format!("{}/{}", service.namespace, service.name), vip);
             view.services.insert(vip, Arc::new(service));
         }
+        view.policy = policy_of(&update.policy_json, local_workload)?;
         for (i, rule) in update.inbound.iter().enumerate() {
             let mut allow = Vec::with_capacity(rule.allow.len());
             for (j, m) in rule.allow.iter().enumerate() {
@@ -390,6 +511,12 @@ impl MeshView {
         if !service.ports.is_empty() && !service.ports.contains(&dst.port()) {
             return Route::Refuse("port_not_in_service");
         }
+        if service.http_ports.contains(&dst.port()) {
+            return Route::Http {
+                service,
+                port: dst.port(),
+            };
+        }
         match service.pick() {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
@@ -410,6 +537,19 @@ impl MeshView {
         } else {
             NameLookup::NotMesh
         }
+    }
+
+    /// The local workload's policies, if any are known.
+    pub fn policy(&self) -> Option<&Arc<Policy>> {
+        self.policy.as_ref()
+    }
+
+    /// A service by `<namespace>/<name>`.
+    pub fn service_by_key(&self, key: &str) -> Option<&Service> {
+        self.by_key
+            .get(key)
+            .and_then(|vip| self.services.get(vip))
+            .map(|s| &**s)
     }
 
     /// Callers allowed into the local workload.
@@ -488,9 +628,15 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
         ip
     };
     let mut ports = Vec::with_capacity(s.ports.len());
+    let mut http_ports = Vec::new();
     for (j, p) in s.ports.iter().enumerate() {
         match u16::try_from(p.port) {
-            Ok(port) if port != 0 => ports.push(port),
+            Ok(port) if port != 0 => {
+                ports.push(port);
+                if p.protocol == weft_api::proto::agent::v1::Protocol::Http as i32 {
+                    http_ports.push(port);
+                }
+            }
             _ => {
                 return Err(bad(
                     format!("{field}.ports[{j}].port"),
@@ -536,9 +682,40 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
         zone: s.zone.clone(),
         virtual_ip,
         ports,
+        http_ports,
+        load: endpoints.iter().map(|_| Default::default()).collect(),
         endpoints,
         next: AtomicUsize::new(0),
     })
+}
+
+/// The local workload's compiled policy from a zone's `policy_json`; an
+/// empty field is a zone that predates policies (inbound then goes by the
+/// `inbound` allow lists).
+fn policy_of(json: &str, local_workload: &str) -> Result<Option<Arc<Policy>>, ViewError> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    let all: Vec<WorkloadPolicy> = serde_json::from_str(json).map_err(|e| {
+        bad(
+            "policy_json",
+            format!("not a list of workload policies: {e}"),
+        )
+    })?;
+    let Some((i, mine)) = all
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.workload == local_workload)
+    else {
+        // No policy for this workload: strict default deny, nothing routed.
+        return Ok(Some(Arc::new(
+            Policy::compile(&WorkloadPolicy::default(), &crate::l7::access_log::FILES)
+                .map_err(|e| bad("policy_json", e.to_string()))?,
+        )));
+    };
+    let compiled = Policy::compile(mine, &crate::l7::access_log::FILES)
+        .map_err(|e| bad(format!("policy_json[{i}].{}", e.field), e.reason))?;
+    Ok(Some(Arc::new(compiled)))
 }
 
 /// The bundle must hold at least one certificate, and each must parse.

@@ -294,6 +294,20 @@ impl VmZone {
             .context("running curl (is it installed?)")
     }
 
+    /// Runs `curl` on VM `i` for `url` and returns the HTTP status (0 when
+    /// no response came: refused, reset, timed out) and the body.
+    pub fn curl_status(&self, i: usize, url: &str) -> Result<(u16, String)> {
+        let out = self.vms[i]
+            .host
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
+            .output()
+            .context("running curl (is it installed?)")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
     /// Like [`VmZone::curl`], failing with its output unless it succeeds,
     /// and returning the body.
     pub fn curl_ok(&self, i: usize, url: &str) -> Result<String> {

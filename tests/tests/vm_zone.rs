@@ -38,6 +38,21 @@ fn enrolled_services_call_each_other_by_dns_name() -> Result<()> {
             }
         }
     }
+    // HTTP ports are served by the agents' L7 proxies on both sides.
+    up.agents[0].wait_metric(
+        "weft_http_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("destination", "default/payments"),
+            ("status", "200"),
+        ],
+        3.0,
+    )?;
+    up.agents[1].wait_metric(
+        "weft_http_requests_total",
+        &[("direction", "inbound"), ("status", "200")],
+        3.0,
+    )?;
     // TCP through the virtual IP too, and the bytes went through tunnels.
     let services = up.controller.inspect("services")?;
     let vip: IpAddr = service_vip(&services, "payments")

@@ -1,0 +1,201 @@
+//! The destination's side of L7: a caller's HBONE stream to an HTTP port,
+//! served request by request. Each request is authorized against the
+//! TrafficPermission rules for the caller's proven identity (deny wins,
+//! default deny), rate limited, then handed to the workload on a pooled
+//! connection, and counted and logged.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+use weft_api::SpiffeId;
+
+use super::access_log::Entry;
+use super::outbound::{strip_hop_by_hop, ResponseBody};
+use super::response::{denied, local, rate_limited};
+use super::tunnel_io::TunnelIo;
+use super::upstream::{is_h2, Key, SendError};
+use crate::inbound::Inbound;
+use crate::metrics::{Direction, HttpRequest};
+
+/// The caller's identity, as the workload may read it: set by the agent
+/// from the caller's certificate (a value sent by the caller is replaced).
+pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+
+/// Serves one caller's stream until it ends.
+pub async fn serve(inbound: Arc<Inbound>, io: TunnelIo, peer: SpiffeId, target: SocketAddr) {
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let inbound = inbound.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(handle(&inbound, req, &peer, target).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        debug!(error = %e, "inbound HTTP stream ended with an error");
+    }
+}
+
+async fn handle(
+    i: &Arc<Inbound>,
+    req: Request<Incoming>,
+    peer: &SpiffeId,
+    target: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let view = i.view().load_full();
+    let mut flag = "";
+    let mut policy_name = String::new();
+    let mut response = None;
+    if let Some(policy) = view.policy() {
+        let verdict = policy.inbound.request(peer, &parts);
+        if !verdict.allowed() {
+            info!(peer = %peer, method = %parts.method, path = parts.uri.path(), policy = verdict.policy(), "request denied");
+            flag = "denied";
+            policy_name = verdict.policy().to_owned();
+            response = Some(denied(verdict.policy()));
+        } else if let Some(limit) = policy.inbound.limit(peer) {
+            if let Some(http) = &limit.http {
+                if let Err(wait) = http.bucket.take() {
+                    info!(peer = %peer, policy = %limit.policy, "request over the RateLimit");
+                    flag = "rate_limited";
+                    policy_name = limit.policy.clone();
+                    response = Some(rate_limited(http, wait));
+                }
+            }
+        }
+    }
+    let method = parts.method.clone();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(String::new, |p| p.as_str().to_owned());
+    let response = match response {
+        Some(r) => r,
+        None => {
+            strip_hop_by_hop(&mut parts.headers);
+            if let Ok(value) = http::HeaderValue::from_str(peer.as_str()) {
+                parts.headers.insert(PEER_IDENTITY_HEADER, value);
+            }
+            match forward(
+                i,
+                Request::from_parts(parts.clone(), Either::Left(body)),
+                target,
+            )
+            .await
+            {
+                Ok(r) => r.map(Either::Left),
+                Err(e) => {
+                    info!(peer = %peer, %target, error = %e, "workload did not answer");
+                    flag = "upstream_failed";
+                    local(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_failed",
+                        "the workload did not answer",
+                    )
+                }
+            }
+        }
+    };
+    let status = response.status().as_u16();
+    let seconds = started.elapsed().as_secs_f64();
+    let destination = i.workload_name();
+    let metrics = i.metrics();
+    metrics.http_request(&HttpRequest {
+        direction: Direction::Inbound,
+        source: peer.as_str(),
+        destination,
+        route: "",
+        status,
+        seconds,
+    });
+    if !flag.is_empty() {
+        metrics.http_local(Direction::Inbound, flag, &policy_name);
+    }
+    if let Some(log) = view.policy().and_then(|p| p.inbound.access_log.as_ref()) {
+        log.record(&Entry {
+            direction: "inbound",
+            start_time: rfc3339_now(),
+            source: peer.as_str(),
+            destination,
+            route: "",
+            method: method.as_str(),
+            path: &path,
+            authority: parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or(parts.uri.authority().map(|a| a.as_str()))
+                .unwrap_or(""),
+            protocol: if parts.version == http::Version::HTTP_2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            status,
+            duration_ms: seconds * 1000.0,
+            upstream: "",
+            flag,
+        });
+    }
+    response
+}
+
+/// Hands a request to the local workload on a pooled connection.
+async fn forward(
+    i: &Arc<Inbound>,
+    req: Request<super::Body>,
+    target: SocketAddr,
+) -> Result<Response<super::upstream::PooledBody>, SendError> {
+    let key = Key {
+        authority: target,
+        agent: None,
+        h2: is_h2(req.version()),
+    };
+    let timeout = i.connect_timeout();
+    let connect = || async move {
+        match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connecting to the workload timed out".to_owned()),
+        }
+    };
+    i.upstreams().send(key, req, connect).await
+}
+
+/// The time now as RFC 3339 in UTC with milliseconds, for access logs.
+pub fn rfc3339_now() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
