@@ -54,9 +54,18 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let capture = bind("outbound.capture_listen", config.outbound.capture_listen)?;
     let mut explicit = Vec::new();
     for (i, l) in config.outbound.listeners.iter().enumerate() {
+        let target = match (&l.service, l.protocol) {
+            (Some(key), weft_api::Protocol::Http) if config.controller.is_none() => {
+                Target::Service {
+                    key: key.clone().into(),
+                    port: l.target.port(),
+                }
+            }
+            _ => Target::Fixed(l.target),
+        };
         explicit.push((
             bind(format!("outbound.listeners[{i}].listen"), l.listen)?,
-            l.target,
+            target,
         ));
     }
     let dns_sockets = if config.dns_enabled() {
@@ -117,7 +126,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     tokio::spawn(plain.serve(plaintext));
     tokio::spawn(outbound.clone().serve(capture, Target::Captured));
     for (listener, target) in explicit {
-        tokio::spawn(outbound.clone().serve(listener, Target::Fixed(target)));
+        tokio::spawn(outbound.clone().serve(listener, target));
     }
     tokio::spawn(admin::serve(
         admin_listener,

@@ -233,6 +233,14 @@ pub struct OutboundListener {
     pub listen: SocketAddr,
     /// The destination workload's `ip:port`; its IP must be an endpoint.
     pub target: SocketAddr,
+    /// `http`: the agent serves the listener's connections request by
+    /// request, with the outbound policies of `service` (static mode).
+    #[serde(default)]
+    pub protocol: weft_api::Protocol,
+    /// Static mode, `protocol: http`: the service (`<namespace>/<name>`)
+    /// the target stands for, the key of `policy.outbound`.
+    #[serde(default)]
+    pub service: Option<String>,
 }
 
 /// Limits and tuning of the HBONE tunnels.
@@ -541,6 +549,18 @@ impl AgentConfig {
                         "{} is not the address of any outbound.endpoints entry",
                         l.target.ip()
                     ),
+                ));
+            }
+            let service_ok = l.service.as_deref().is_some_and(|s| {
+                s.split_once('/').is_some_and(|(ns, name)| {
+                    weft_api::validation::dns1123_label(ns).is_ok()
+                        && weft_api::validation::dns1123_label(name).is_ok()
+                })
+            });
+            if self.controller.is_none() && l.protocol == weft_api::Protocol::Http && !service_ok {
+                return Err(invalid(
+                    format!("outbound.listeners[{i}].service"),
+                    "an http listener names the service it reaches as <namespace>/<name>",
                 ));
             }
         }

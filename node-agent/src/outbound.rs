@@ -41,10 +41,13 @@ pub enum TunnelError {
 }
 
 /// Where an accepted connection goes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Target {
     /// An explicit listener's fixed destination.
     Fixed(SocketAddr),
+    /// A static HTTP listener: the service (`<namespace>/<name>`) and port
+    /// its requests go to, through the L7 proxy.
+    Service { key: Arc<str>, port: u16 },
     /// The destination the application dialled, recovered from nftables.
     Captured,
 }
@@ -113,6 +116,7 @@ impl Outbound {
             };
             let this = self.clone();
             let tracked = self.drain.track();
+            let target = target.clone();
             tokio::spawn(async move {
                 this.connection(tcp, remote, target, permit).await;
                 drop(tracked);
@@ -130,6 +134,14 @@ impl Outbound {
         let _ = tcp.set_nodelay(true);
         let dst = match target {
             Target::Fixed(dst) => dst,
+            Target::Service { key, port } => {
+                let dialled = Dialled {
+                    key: key.to_string(),
+                    port,
+                    client,
+                };
+                return crate::l7::outbound::serve(self, tcp, dialled).await;
+            }
             Target::Captured => match original_dst(&tcp) {
                 Ok(dst) => dst,
                 Err(e) => {

@@ -396,7 +396,7 @@ pub struct MeshView {
     services: HashMap<IpAddr, Arc<Service>>,
     names: HashMap<String, IpAddr>,
     /// Services by `<namespace>/<name>`, for HTTPRoute backends.
-    by_key: HashMap<String, IpAddr>,
+    by_key: HashMap<String, Arc<Service>>,
     allow: Vec<PeerMatch>,
     /// The local workload's policies; `None`: none known (a static config
     /// without `policy`), so inbound goes by `allow`.
@@ -409,7 +409,42 @@ pub const MESH_SUFFIX: &str = "mesh";
 impl MeshView {
     /// The view a static config spells out: endpoints and the allow list.
     pub fn from_static(config: &AgentConfig) -> Self {
+        // A static HTTP listener stands for a service of the endpoints at
+        // its target's address.
+        let by_key = config
+            .outbound
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == weft_api::Protocol::Http)
+            .filter_map(|l| {
+                let key = l.service.as_ref()?;
+                let (namespace, name) = key.split_once('/')?;
+                let endpoints: Vec<ServiceEndpoint> = config
+                    .outbound
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.address == l.target.ip())
+                    .map(|e| ServiceEndpoint {
+                        endpoint: e.clone(),
+                        ready: true,
+                    })
+                    .collect();
+                let service = Service {
+                    name: name.to_owned(),
+                    namespace: namespace.to_owned(),
+                    zone: String::new(),
+                    virtual_ip: IpAddr::from([0, 0, 0, 0]),
+                    ports: vec![l.target.port()],
+                    http_ports: vec![l.target.port()],
+                    load: endpoints.iter().map(|_| Default::default()).collect(),
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                };
+                Some((key.clone(), Arc::new(service)))
+            })
+            .collect();
         MeshView {
+            by_key,
             endpoints: config
                 .outbound
                 .endpoints
@@ -477,9 +512,12 @@ impl MeshView {
                     }
                 }
             }
-            view.by_key
-                .insert(format!("{}/{}", service.namespace, service.name), vip);
-            view.services.insert(vip, Arc::new(service));
+            let service = Arc::new(service);
+            view.by_key.insert(
+                format!("{}/{}", service.namespace, service.name),
+                service.clone(),
+            );
+            view.services.insert(vip, service);
         }
         view.policy = policy_of(&update.policy_json, local_workload)?;
         for (i, rule) in update.inbound.iter().enumerate() {
@@ -546,10 +584,7 @@ impl MeshView {
 
     /// A service by `<namespace>/<name>`.
     pub fn service_by_key(&self, key: &str) -> Option<&Service> {
-        self.by_key
-            .get(key)
-            .and_then(|vip| self.services.get(vip))
-            .map(|s| &**s)
+        self.by_key.get(key).map(|s| &**s)
     }
 
     /// Callers allowed into the local workload.

@@ -41,12 +41,27 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response> 
 
 /// Sends one request without a body and reads the whole response.
 pub fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<Response> {
+    request_with(addr, method, path, &[], timeout)
+}
+
+/// Like [`request`], with extra request headers.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\nUser-Agent: weft-e2e\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\nUser-Agent: weft-e2e\r\n{extra}\r\n"
     );
     stream
         .write_all(head.as_bytes())

@@ -94,7 +94,12 @@ pub struct HttpIdentity {
 }
 
 /// Serves HTTP/1.1 on `listener` forever; each answer is `200` with a body
-/// naming the server, its marker, the path, the caller and a request count.
+/// naming the server, its marker, the path, the caller and a request count,
+/// followed by the request's headers (one per line, as received). Two paths
+/// misbehave on purpose, for retry and routing tests: `/status/<code>`
+/// answers `<code>`, `/delay/<ms>` waits that long first, and `/flaky...`
+/// answers 503 to every odd-numbered
+/// request it gets.
 pub fn serve_http(listener: TcpListener, who: HttpIdentity) {
     let who = Arc::new(who);
     let count = Arc::new(AtomicU64::new(0));
@@ -120,12 +125,28 @@ fn answer(mut conn: TcpStream, who: &HttpIdentity, count: &AtomicU64) -> Result<
     let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+    let headers: String = head
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("header {l}\n"))
+        .collect();
     let body = format!(
-        "hello from {} (request #{n} for {path}, caller {peer}) marker={}\n",
+        "hello from {} (request #{n} for {path}, caller {peer}) marker={}\n{headers}",
         who.name, who.marker
     );
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|ms| ms.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let status = if let Some(code) = path.strip_prefix("/status/") {
+        code.parse::<u16>().unwrap_or(200)
+    } else if path.starts_with("/flaky") && n % 2 == 1 {
+        503
+    } else {
+        200
+    };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(resp.as_bytes())?;
