@@ -22,7 +22,7 @@ use crate::drain::Drain;
 use crate::l7::tunnel_io::TunnelIo;
 use crate::l7::upstream::Upstreams;
 use crate::listen::accept_next;
-use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
+use crate::metrics::{ConnectionGuard, Direction, Label, Metrics, PeerCounters, Transport};
 use crate::socket::reset;
 use crate::splice::{splice, SpliceCounters};
 use crate::tls::{self, HandshakeFailure};
@@ -38,7 +38,7 @@ pub struct Inbound {
     /// The workload's own SPIFFE ID, for metrics labels.
     local_id: SpiffeId,
     /// The workload's name, the destination in L7 metrics and logs.
-    workload: String,
+    workload: Label,
     /// Pooled L7 connections to the workload.
     upstreams: Arc<Upstreams>,
 }
@@ -64,8 +64,9 @@ impl Inbound {
         let workload = config
             .workload
             .name
-            .clone()
-            .unwrap_or_else(|| local_id.as_str().to_owned());
+            .as_deref()
+            .unwrap_or(local_id.as_str())
+            .into();
         Inbound {
             config,
             credentials,
@@ -88,8 +89,8 @@ impl Inbound {
         &self.metrics
     }
 
-    /// The local workload's name.
-    pub(crate) fn workload_name(&self) -> &str {
+    /// The local workload's name, as a metrics label.
+    pub(crate) fn workload_label(&self) -> &Label {
         &self.workload
     }
 

@@ -83,19 +83,50 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// A label value shared rather than copied: the per-request metrics build
+/// their label sets from these without allocating.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct Label(pub std::sync::Arc<str>);
+
+impl Label {
+    /// The empty value (no route, no policy).
+    pub fn empty() -> Label {
+        static EMPTY: std::sync::LazyLock<Label> =
+            std::sync::LazyLock::new(|| Label(std::sync::Arc::from("")));
+        EMPTY.clone()
+    }
+
+    /// The value as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label(std::sync::Arc::from(s))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
     direction: Direction,
-    source_identity: String,
-    destination: String,
-    route: String,
+    source_identity: Label,
+    destination: Label,
+    route: Label,
     status: u16,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpDurationLabels {
     direction: Direction,
-    destination: String,
+    destination: Label,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,11 +141,11 @@ pub struct HttpRequest<'a> {
     /// Calls in or out.
     pub direction: Direction,
     /// The caller's identity.
-    pub source: &'a str,
+    pub source: &'a Label,
     /// The service (outbound) or local workload (inbound).
-    pub destination: &'a str,
+    pub destination: &'a Label,
     /// The HTTPRoute that took it, or empty.
-    pub route: &'a str,
+    pub route: &'a Label,
     /// The response status; 0 when no response came.
     pub status: u16,
     /// Start to response headers, in seconds.
@@ -305,16 +336,16 @@ impl Metrics {
         self.http_requests
             .get_or_create(&HttpLabels {
                 direction: r.direction,
-                source_identity: r.source.to_owned(),
-                destination: r.destination.to_owned(),
-                route: r.route.to_owned(),
+                source_identity: r.source.clone(),
+                destination: r.destination.clone(),
+                route: r.route.clone(),
                 status: r.status,
             })
             .inc();
         self.http_duration
             .get_or_create(&HttpDurationLabels {
                 direction: r.direction,
-                destination: r.destination.to_owned(),
+                destination: r.destination.clone(),
             })
             .observe(r.seconds);
     }

@@ -19,7 +19,7 @@ use crate::l7::outbound::Dialled;
 use crate::l7::policy::Policy;
 use crate::l7::upstream::Upstreams;
 use crate::listen::accept_next;
-use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
+use crate::metrics::{ConnectionGuard, Direction, Label, Metrics, PeerCounters, Transport};
 use crate::pool::{Checkout, ConnectError, Pool};
 use crate::socket::{original_dst, reset};
 use crate::splice::{copy_plain, splice, SpliceCounters};
@@ -70,7 +70,7 @@ pub struct Outbound {
     passthrough: PeerCounters,
     limit: Arc<Semaphore>,
     /// The local workload's identity, the source in L7 metrics and logs.
-    pub(crate) local_id: String,
+    pub(crate) local_id: Label,
     /// L7 connections to peer workloads, through tunnels.
     pub(crate) upstreams: Arc<Upstreams>,
     /// Outbound settings when no policy is known.
@@ -98,7 +98,7 @@ impl Outbound {
             view,
             passthrough,
             limit,
-            local_id: source.to_owned(),
+            local_id: source.into(),
             upstreams: Arc::default(),
             unconfigured: Arc::new(Policy::unconfigured()),
         }
@@ -136,7 +136,7 @@ impl Outbound {
             Target::Fixed(dst) => dst,
             Target::Service { key, port } => {
                 let dialled = Dialled {
-                    key: key.to_string(),
+                    key: crate::metrics::Label(key),
                     port,
                     client,
                 };
@@ -157,7 +157,7 @@ impl Outbound {
             let view = self.view.load();
             match view.route(dst) {
                 Route::Http { service, port } => Next::Http(Dialled {
-                    key: format!("{}/{}", service.namespace, service.name),
+                    key: service.key.clone(),
                     port,
                     client,
                 }),

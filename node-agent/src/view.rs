@@ -53,6 +53,8 @@ pub struct ServiceEndpoint {
 pub struct Service {
     pub name: String,
     pub namespace: String,
+    /// `<namespace>/<name>`, the destination label of L7 metrics.
+    pub key: crate::metrics::Label,
     pub zone: String,
     pub virtual_ip: IpAddr,
     /// Ports the service declares; empty means any port.
@@ -432,6 +434,7 @@ impl MeshView {
                 let service = Service {
                     name: name.to_owned(),
                     namespace: namespace.to_owned(),
+                    key: key.as_str().into(),
                     zone: String::new(),
                     virtual_ip: IpAddr::from([0, 0, 0, 0]),
                     ports: vec![l.target.port()],
@@ -714,6 +717,7 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
     Ok(Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
+        key: format!("{}/{}", s.namespace, s.name).as_str().into(),
         zone: s.zone.clone(),
         virtual_ip,
         ports,

@@ -18,12 +18,12 @@ use tracing::{debug, info};
 use weft_api::SpiffeId;
 
 use super::access_log::Entry;
-use super::outbound::{strip_hop_by_hop, ResponseBody};
+use super::outbound::{strip_hop_by_hop, LogHead, ResponseBody};
 use super::response::{denied, local, rate_limited};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, SendError};
 use crate::inbound::Inbound;
-use crate::metrics::{Direction, HttpRequest};
+use crate::metrics::{Direction, HttpRequest, Label};
 
 /// The caller's identity, as the workload may read it: set by the agent
 /// from the caller's certificate (a value sent by the caller is replaced).
@@ -31,11 +31,15 @@ pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
 
 /// Serves one caller's stream until it ends.
 pub async fn serve(inbound: Arc<Inbound>, io: TunnelIo, peer: SpiffeId, target: SocketAddr) {
-    let peer = Arc::new(peer);
+    let caller = Arc::new(Caller {
+        label: peer.as_str().into(),
+        header: http::HeaderValue::from_str(peer.as_str()).ok(),
+        id: peer,
+    });
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let inbound = inbound.clone();
-        let peer = peer.clone();
-        async move { Ok::<_, Infallible>(handle(&inbound, req, &peer, target).await) }
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(handle(&inbound, req, &caller, target).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
@@ -43,55 +47,57 @@ pub async fn serve(inbound: Arc<Inbound>, io: TunnelIo, peer: SpiffeId, target: 
     }
 }
 
+/// The caller of a stream, in the forms each request needs.
+struct Caller {
+    id: SpiffeId,
+    label: Label,
+    header: Option<http::HeaderValue>,
+}
+
 async fn handle(
     i: &Arc<Inbound>,
     req: Request<Incoming>,
-    peer: &SpiffeId,
+    caller: &Caller,
     target: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
+    let peer = &caller.id;
     let (mut parts, body) = req.into_parts();
     let view = i.view().load_full();
+    let policy = view.policy();
+    let head = policy
+        .and_then(|p| p.inbound.access_log.as_ref())
+        .map(|_| LogHead::of(&parts));
     let mut flag = "";
-    let mut policy_name = String::new();
-    let mut response = None;
-    if let Some(policy) = view.policy() {
+    let mut policy_name = "";
+    let mut refused = None;
+    if let Some(policy) = policy {
         let verdict = policy.inbound.request(peer, &parts);
         if !verdict.allowed() {
             info!(peer = %peer, method = %parts.method, path = parts.uri.path(), policy = verdict.policy(), "request denied");
             flag = "denied";
-            policy_name = verdict.policy().to_owned();
-            response = Some(denied(verdict.policy()));
+            policy_name = verdict.policy();
+            refused = Some(denied(verdict.policy()));
         } else if let Some(limit) = policy.inbound.limit(peer) {
             if let Some(http) = &limit.http {
                 if let Err(wait) = http.bucket.take() {
                     info!(peer = %peer, policy = %limit.policy, "request over the RateLimit");
                     flag = "rate_limited";
-                    policy_name = limit.policy.clone();
-                    response = Some(rate_limited(http, wait));
+                    policy_name = &limit.policy;
+                    refused = Some(rate_limited(http, wait));
                 }
             }
         }
     }
-    let method = parts.method.clone();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or_else(String::new, |p| p.as_str().to_owned());
-    let response = match response {
+    let response = match refused {
         Some(r) => r,
         None => {
             strip_hop_by_hop(&mut parts.headers);
-            if let Ok(value) = http::HeaderValue::from_str(peer.as_str()) {
-                parts.headers.insert(PEER_IDENTITY_HEADER, value);
-            }
-            match forward(
-                i,
-                Request::from_parts(parts.clone(), Either::Left(body)),
-                target,
-            )
-            .await
-            {
+            match &caller.header {
+                Some(value) => parts.headers.insert(PEER_IDENTITY_HEADER, value.clone()),
+                None => parts.headers.remove(PEER_IDENTITY_HEADER),
+            };
+            match forward(i, Request::from_parts(parts, Either::Left(body)), target).await {
                 Ok(r) => r.map(Either::Left),
                 Err(e) => {
                     info!(peer = %peer, %target, error = %e, "workload did not answer");
@@ -107,35 +113,29 @@ async fn handle(
     };
     let status = response.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
-    let destination = i.workload_name();
     let metrics = i.metrics();
     metrics.http_request(&HttpRequest {
         direction: Direction::Inbound,
-        source: peer.as_str(),
-        destination,
-        route: "",
+        source: &caller.label,
+        destination: i.workload_label(),
+        route: &Label::empty(),
         status,
         seconds,
     });
     if !flag.is_empty() {
-        metrics.http_local(Direction::Inbound, flag, &policy_name);
+        metrics.http_local(Direction::Inbound, flag, policy_name);
     }
-    if let Some(log) = view.policy().and_then(|p| p.inbound.access_log.as_ref()) {
+    if let (Some(log), Some(head)) = (policy.and_then(|p| p.inbound.access_log.as_ref()), head) {
         log.record(&Entry {
             direction: "inbound",
             start_time: rfc3339_now(),
             source: peer.as_str(),
-            destination,
+            destination: i.workload_label().as_str(),
             route: "",
-            method: method.as_str(),
-            path: &path,
-            authority: parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or(parts.uri.authority().map(|a| a.as_str()))
-                .unwrap_or(""),
-            protocol: if parts.version == http::Version::HTTP_2 {
+            method: head.method.as_str(),
+            path: &head.path,
+            authority: &head.authority,
+            protocol: if head.version == http::Version::HTTP_2 {
                 "HTTP/2"
             } else {
                 "HTTP/1.1"

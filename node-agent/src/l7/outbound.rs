@@ -28,7 +28,7 @@ use super::response::{local, rate_limited};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, PooledBody, SendError};
 use super::Body;
-use crate::metrics::{Direction, HttpRequest};
+use crate::metrics::{Direction, HttpRequest, Label};
 use crate::outbound::Outbound;
 use crate::view::{MeshView, Service};
 
@@ -43,7 +43,7 @@ const MAX_RETRY_BODY: u64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Dialled {
     /// `<namespace>/<name>`.
-    pub key: String,
+    pub key: Label,
     /// The port dialled.
     pub port: u16,
     /// The application's address (for `SourceIp` hashing and logs).
@@ -75,46 +75,38 @@ async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Respo
     let started = Instant::now();
     let view = o.view.load_full();
     let policy = view.policy().unwrap_or(&o.unconfigured);
-    let out = policy.outbound(&d.key).clone();
-    let (mut parts, body) = req.into_parts();
+    let out = policy.outbound(d.key.as_str()).clone();
+    let (parts, body) = req.into_parts();
     let route = out.route(&parts);
-    let route_name = route.map_or("", |r| r.policy.as_str());
-    let method = parts.method.clone();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or_else(String::new, |p| p.as_str().to_owned());
-    let (response, outcome) = routed(o, &view, &out, route, &mut parts, body, d).await;
+    let route_name = route.map_or_else(Label::empty, |r| r.policy.clone());
+    // Copied only when a log will be written: the request itself moves on.
+    let head = out.access_log.as_ref().map(|_| LogHead::of(&parts));
+    let (response, outcome) = routed(o, &view, &out, route, parts, body, d).await;
     let seconds = started.elapsed().as_secs_f64();
     o.metrics.http_request(&HttpRequest {
         direction: Direction::Outbound,
-        source: o.local_id.as_str(),
+        source: &o.local_id,
         destination: &d.key,
-        route: route_name,
+        route: &route_name,
         status: outcome.status,
         seconds,
     });
     if !outcome.flag.is_empty() {
         o.metrics
-            .http_local(Direction::Outbound, outcome.flag, route_name);
+            .http_local(Direction::Outbound, outcome.flag, route_name.as_str());
     }
-    if let Some(log) = &out.access_log {
+    if let (Some(log), Some(head)) = (&out.access_log, head) {
         let upstream = outcome.upstream.map(|u| u.to_string()).unwrap_or_default();
         log.record(&Entry {
             direction: "outbound",
             start_time: super::inbound::rfc3339_now(),
             source: o.local_id.as_str(),
-            destination: &d.key,
-            route: route_name,
-            method: method.as_str(),
-            path: &path,
-            authority: parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or(parts.uri.authority().map(|a| a.as_str()))
-                .unwrap_or(""),
-            protocol: version_name(parts.version),
+            destination: d.key.as_str(),
+            route: route_name.as_str(),
+            method: head.method.as_str(),
+            path: &head.path,
+            authority: &head.authority,
+            protocol: version_name(head.version),
             status: outcome.status,
             duration_ms: seconds * 1000.0,
             upstream: &upstream,
@@ -124,16 +116,51 @@ async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Respo
     response
 }
 
+/// What an access log entry needs of a request, taken before the request
+/// moves on.
+pub struct LogHead {
+    /// The method.
+    pub method: http::Method,
+    /// Path and query.
+    pub path: String,
+    /// `Host` or the URI's authority.
+    pub authority: String,
+    /// The HTTP version.
+    pub version: Version,
+}
+
+impl LogHead {
+    /// Copies the parts a log entry shows.
+    pub fn of(parts: &Parts) -> Self {
+        LogHead {
+            method: parts.method.clone(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(String::new, |p| p.as_str().to_owned()),
+            authority: parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or(parts.uri.authority().map(|a| a.as_str()))
+                .unwrap_or("")
+                .to_owned(),
+            version: parts.version,
+        }
+    }
+}
+
 /// Routing, limits, faults and the attempts, in that order.
 async fn routed(
     o: &Arc<Outbound>,
     view: &MeshView,
     out: &Policy,
     route: Option<&super::policy::Route>,
-    parts: &mut Parts,
+    mut request: Parts,
     body: Incoming,
     d: &Dialled,
 ) -> (Response<ResponseBody>, Outcome) {
+    let parts = &mut request;
     let mut key = d.key.as_str();
     let mut port = d.port;
     let mut response_edits = None;
@@ -238,7 +265,7 @@ async fn routed(
             },
         );
     };
-    let attempts = attempts(o, out, service, port, parts, body, d);
+    let attempts = attempts(o, out, service, port, request, body, d);
     let result = match out.request_timeout {
         Some(limit) => tokio::time::timeout(limit, attempts).await.ok(),
         None => Some(attempts.await),
@@ -317,7 +344,7 @@ async fn attempts(
     out: &Policy,
     service: &Service,
     port: u16,
-    parts: &mut Parts,
+    mut parts: Parts,
     body: Incoming,
     d: &Dialled,
 ) -> Result<(Response<PooledBody>, SocketAddr), Failure> {
@@ -325,7 +352,7 @@ async fn attempts(
     let _in_flight = scopeguard(|| {
         out.in_flight.fetch_sub(1, Ordering::Relaxed);
     });
-    prepare(parts);
+    prepare(&mut parts);
     let retry = out.retry.as_ref();
     let replayable = retry.is_some()
         && body
@@ -333,9 +360,9 @@ async fn attempts(
             .upper()
             .is_some_and(|n| n <= MAX_RETRY_BODY);
     if !replayable {
-        let endpoint = pick(service, out, parts, d).ok_or(Failure::NoEndpoints)?;
+        let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
-        let req = Request::from_parts(parts.clone(), Either::Left(body));
+        let req = Request::from_parts(parts, Either::Left(body));
         return send(
             o,
             endpoint,
@@ -351,7 +378,7 @@ async fn attempts(
     };
     let mut attempt = 0;
     loop {
-        let endpoint = pick(service, out, parts, d).ok_or(Failure::NoEndpoints)?;
+        let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
         let result = send(o, endpoint, port, req, retry.per_try_timeout).await;

@@ -47,14 +47,14 @@ pub enum Verdict<'a> {
     NoMatch,
 }
 
-impl Verdict<'_> {
+impl<'a> Verdict<'a> {
     /// Whether the call goes on.
     pub fn allowed(&self) -> bool {
         matches!(self, Verdict::Allow(_))
     }
 
     /// The policy behind the decision, for logs and metrics.
-    pub fn policy(&self) -> &str {
+    pub fn policy(self) -> &'a str {
         match self {
             Verdict::Allow(p) | Verdict::Deny(p) => p,
             Verdict::NoMatch => "",
@@ -167,8 +167,8 @@ pub struct Backend {
 
 /// A compiled HTTPRoute rule.
 pub struct Route {
-    /// The HTTPRoute's name.
-    pub policy: String,
+    /// The HTTPRoute's name, the `route` label of metrics.
+    pub policy: crate::metrics::Label,
     /// Any of these matches the request (none: every request).
     pub matches: Vec<RequestMatch>,
     /// Filters, in order.
@@ -435,7 +435,7 @@ fn compile_outbound(
             })
             .collect();
         routes.push(Route {
-            policy: policy.clone(),
+            policy: policy.as_str().into(),
             matches: compile_matches(&rule.matches, &format!("{at}.matches"))?,
             filters: rule
                 .default
