@@ -68,3 +68,26 @@ pub fn start_sink(
     }
     Ok(proc)
 }
+
+/// Runs `weft-echo serve --h2 addr` in `ns` (as root): an HTTP/2 server
+/// answering like gRPC (see [`crate::h2app`]); returns once it accepts
+/// connections.
+pub fn start_h2(
+    ns: &Netns,
+    echo_bin: &Path,
+    log_dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    marker: &str,
+) -> Result<Proc> {
+    let mut cmd = ns.command(echo_bin);
+    cmd.arg("serve")
+        .args(["--h2", &addr.to_string()])
+        .args(["--marker", marker]);
+    let mut proc = Proc::spawn(name, cmd, log_dir)?;
+    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
+        proc.kill();
+        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
+    }
+    Ok(proc)
+}

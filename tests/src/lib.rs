@@ -10,6 +10,7 @@ pub mod apps;
 pub mod binaries;
 pub mod capture;
 pub mod client;
+pub mod h2app;
 pub mod hbone;
 pub mod http;
 pub mod meshca;

@@ -273,3 +273,70 @@ fn rate_limits_and_faults_answer_as_configured() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn http2_and_grpc_trailers_cross_both_agents() -> Result<()> {
+    const H2_PORT: u16 = 8082;
+    let h2_listener: std::net::SocketAddr = "127.0.0.1:9002".parse()?;
+    let pair = Pair::new(echo_bin!())?;
+    let marker = unique_marker("h2");
+    let _app = weft_e2e::apps::start_h2(
+        &pair.server,
+        &echo_bin!(),
+        pair.dir.path(),
+        "server-h2",
+        server(H2_PORT),
+        &marker,
+    )?;
+    let client_id = spiffe_id("client");
+    let mut s = pair.server_spec(&pair.identity("server")?);
+    s.push("workload.ports", json!({"port": H2_PORT, "protocol": "http"}))
+        .set(
+            "policy",
+            json!({"workload": "server", "inbound": {"permissions": [
+                {"policy": "grpc-calls", "from": [client_id], "action": "Allow",
+                 "http": [{"method": "POST", "path": {"type": "PathPrefix", "value": "/weft.Test"}}]}]}}),
+        );
+    let server_agent = pair.start_server_agent(&s, None)?;
+    let mut c = pair.client_spec(&pair.identity("client")?);
+    c.set(
+        "outbound.listeners",
+        json!([{"listen": h2_listener.to_string(), "target": server(H2_PORT).to_string(),
+                "protocol": "http", "service": "default/server"}]),
+    )
+    .set("policy", json!({"workload": "client"}));
+    let _client_agent = pair.start_client_agent(&c, None)?;
+
+    let answer = pair
+        .client
+        .enter(|| weft_e2e::h2app::call(h2_listener, "/weft.Test/Call", "ping", T))?;
+    ensure!(answer.status == 200, "{answer:?}");
+    ensure!(
+        answer.body == format!("{marker} /weft.Test/Call ping"),
+        "{answer:?}"
+    );
+    let trailers = answer
+        .trailers
+        .ok_or_else(|| anyhow::anyhow!("no trailers came back"))?;
+    ensure!(
+        trailers.get("grpc-status").is_some_and(|v| v == "0"),
+        "{trailers:?}"
+    );
+    ensure!(
+        trailers
+            .get("x-marker")
+            .is_some_and(|v| v == marker.as_str()),
+        "{trailers:?}"
+    );
+    // Another method on the same port is not allowed.
+    let denied = pair
+        .client
+        .enter(|| weft_e2e::h2app::call(h2_listener, "/other.Service/Call", "ping", T))?;
+    ensure!(denied.status == 403, "{denied:?}");
+    server_agent.wait_metric(
+        "weft_http_requests_total",
+        &[("direction", "inbound"), ("status", "200")],
+        1.0,
+    )?;
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! namespaces.
 //!
 //! ```text
-//! weft-echo serve [--echo ADDR] [--http ADDR] [--name NAME] [--marker STR]
+//! weft-echo serve [--echo ADDR] [--http ADDR] [--h2 ADDR] [--name NAME] [--marker STR]
 //!                 [--sink ADDR [--stall-until-file PATH]]  # see servers::serve_sink
 //! weft-echo client ADDR [--bytes N] [--marker STR]     # echo round trip, exit 0 if intact
 //! weft-echo http-get ADDR [PATH]                        # prints status and body, exit 0 on 2xx
@@ -53,12 +53,13 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
         "serve" => {
             let echo = option(&mut args, "--echo")?;
             let http_addr = option(&mut args, "--http")?;
+            let h2_addr = option(&mut args, "--h2")?;
             let name = option(&mut args, "--name")?.unwrap_or_else(|| "weft-echo".into());
             let marker = option(&mut args, "--marker")?.unwrap_or_default();
             let sink = option(&mut args, "--sink")?;
             let stall = option(&mut args, "--stall-until-file")?.map(PathBuf::from);
-            if echo.is_none() && http_addr.is_none() && sink.is_none() {
-                bail!("serve needs --echo ADDR, --http ADDR and/or --sink ADDR");
+            if echo.is_none() && http_addr.is_none() && h2_addr.is_none() && sink.is_none() {
+                bail!("serve needs --echo ADDR, --http ADDR, --h2 ADDR and/or --sink ADDR");
             }
             if stall.is_some() && sink.is_none() {
                 bail!("--stall-until-file applies to --sink");
@@ -73,6 +74,15 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
             if let Some(a) = echo {
                 let listener = servers::bind(addr(&a)?)?;
                 threads.push(std::thread::spawn(move || servers::serve_echo(listener)));
+            }
+            if let Some(a) = h2_addr {
+                let a = addr(&a)?;
+                let marker = marker.clone();
+                threads.push(std::thread::spawn(move || {
+                    if let Err(e) = weft_e2e::h2app::serve(a, marker) {
+                        eprintln!("weft-echo: HTTP/2 server: {e:#}");
+                    }
+                }));
             }
             if let Some(a) = http_addr {
                 let listener = servers::bind(addr(&a)?)?;

@@ -1,0 +1,215 @@
+//! Policies applied to a VM zone and enforced by the agents themselves, on
+//! both sides of each call: TrafficPermission (default deny once the
+//! initial allow-all is gone, deny wins, 403 at L7 and a reset at L4),
+//! HTTPRoute (header match, weighted split across services), Retry and
+//! Timeout, and `weftctl inspect policies`. Real controller, real agents,
+//! DNS names through transparent capture.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, ECHO_PORT, HTTP_PORT};
+use weft_e2e::{client, echo_bin, wait};
+
+const T: Duration = Duration::from_secs(30);
+
+fn url(service: &str, path: &str) -> String {
+    format!("http://{service}.mesh:{HTTP_PORT}{path}")
+}
+
+#[test]
+fn permissions_routes_and_resilience_from_the_zone() -> Result<()> {
+    let up = bring_up(echo_bin!(), &["web", "payments", "orders"], "24h")?;
+    let zone = &up.zone;
+    let (web, payments, orders) = (0, 1, 2);
+    // The new mesh's initial allow-all lets every workload in.
+    wait_curl(
+        zone,
+        orders,
+        &url("payments", "/private"),
+        &up.markers[payments],
+    )?;
+
+    // Replace it: payments takes GETs under /public, /flaky and /delay from
+    // web only, and nobody may reach /public/admin; orders is open to the
+    // mesh.
+    up.controller.apply(
+        &zone.path().join("permissions.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata: { name: payments-callers, mesh: default }
+spec:
+  targetRef: { kind: Service, name: payments }
+  rules:
+  - from: { kind: Service, name: web }
+    default:
+      action: Allow
+      http:
+      - { method: GET, path: { type: PathPrefix, value: /public } }
+      - { method: GET, path: { type: PathPrefix, value: /flaky } }
+      - { method: GET, path: { type: PathPrefix, value: /delay } }
+  - from: { kind: Mesh }
+    default:
+      action: Deny
+      http: [ { path: { type: PathPrefix, value: /public/admin } } ]
+---
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata: { name: orders-open, mesh: default }
+spec:
+  targetRef: { kind: Service, name: orders }
+  rules: [ { from: { kind: Mesh }, default: { action: Allow } } ]
+",
+    )?;
+    up.controller
+        .weftctl_ok(&["delete", "TrafficPermission", "allow-all"])?;
+
+    // Default deny: what no rule allows gets 403 from payments' agent.
+    wait::until("payments to refuse web's /private", T, || {
+        let (status, _) = zone.curl_status(web, &url("payments", "/private"))?;
+        Ok((status == 403).then_some(()))
+    })?;
+    let (status, body) = zone.curl_status(web, &url("payments", "/public/hello"))?;
+    ensure!(
+        status == 200 && body.contains(&up.markers[payments]),
+        "{status} {body}"
+    );
+    // Deny wins over web's allow.
+    let (status, body) = zone.curl_status(web, &url("payments", "/public/admin"))?;
+    ensure!(
+        status == 403 && body.contains("payments-callers"),
+        "{status} {body}"
+    );
+    // orders is not web: refused, while orders itself is open to web.
+    let (status, _) = zone.curl_status(orders, &url("payments", "/public/hello"))?;
+    ensure!(status == 403, "orders got {status} from payments");
+    wait_curl(zone, web, &url("orders", "/anything"), &up.markers[orders])?;
+    // At L4: payments' TCP port has no rule without `http`: web's
+    // connection is reset.
+    let services = up.controller.inspect("services")?;
+    let vip: std::net::IpAddr = service_vip(&services, "payments")
+        .ok_or_else(|| anyhow::anyhow!("no VIP: {services:#}"))?
+        .parse()?;
+    let data = client::payload("denied", 4096);
+    let echo = zone.vms[web].host.enter(|| {
+        client::echo_roundtrip(
+            std::net::SocketAddr::new(vip, ECHO_PORT),
+            &data,
+            Duration::from_secs(5),
+        )
+    });
+    ensure!(echo.is_err(), "a TCP connection nothing allows got through");
+    up.agents[payments].wait_metric(
+        "weft_http_local_responses_total",
+        &[
+            ("direction", "inbound"),
+            ("flag", "denied"),
+            ("policy", "payments-callers"),
+        ],
+        1.0,
+    )?;
+    up.agents[payments].wait_metric(
+        "weft_denied_streams_total",
+        &[("reason", "not_allowed")],
+        1.0,
+    )?;
+
+    // Routing on web's side: calls to orders carrying `x-canary: yes` go
+    // to payments; the others are split evenly between the two.
+    up.controller.apply(
+        &zone.path().join("routes.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: HTTPRoute
+metadata: { name: orders-canary, mesh: default }
+spec:
+  targetRef: { kind: Service, name: web }
+  to:
+  - targetRef: { kind: Service, name: orders }
+    rules:
+    - matches: [ { headers: [ { type: Exact, name: x-canary, value: 'yes' } ] } ]
+      default:
+        backendRefs: [ { name: payments } ]
+    - default:
+        backendRefs: [ { name: orders, weight: 1 }, { name: payments, weight: 1 } ]
+---
+apiVersion: weft.io/v1alpha1
+kind: Retry
+metadata: { name: payments-retries, mesh: default }
+spec:
+  to:
+  - targetRef: { kind: Service, name: payments }
+    default: { numRetries: 2, retryOn: [ 5xx ] }
+---
+apiVersion: weft.io/v1alpha1
+kind: Timeout
+metadata: { name: payments-timeout, mesh: default }
+spec:
+  to:
+  - targetRef: { kind: Service, name: payments }
+    default: { requestTimeout: 700ms }
+",
+    )?;
+    let canary = wait::until("the canary header to reach payments", T, || {
+        let out = zone.vms[web]
+            .host
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                "x-canary: yes",
+                &url("orders", "/public/canary"),
+            ])
+            .output()?;
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(body.contains(&up.markers[payments]).then_some(body))
+    })?;
+    ensure!(canary.contains("/public/canary"), "{canary}");
+    let (mut to_orders, mut to_payments) = (0, 0);
+    for i in 0..40 {
+        let (status, body) =
+            zone.curl_status(web, &url("orders", &format!("/public/split-{i}")))?;
+        ensure!(status == 200, "split request {i}: {status} {body}");
+        if body.contains(&up.markers[orders]) {
+            to_orders += 1;
+        } else if body.contains(&up.markers[payments]) {
+            to_payments += 1;
+        }
+    }
+    ensure!(
+        to_orders >= 8 && to_payments >= 8 && to_orders + to_payments == 40,
+        "an even split gave orders {to_orders}, payments {to_payments}"
+    );
+
+    // Every other /flaky answer is a 503: web's retries hide them.
+    wait::until("web's retry policy", T, || {
+        let ok = (0..6).all(|_| {
+            zone.curl_status(web, &url("payments", "/flaky"))
+                .is_ok_and(|(status, _)| status == 200)
+        });
+        Ok(ok.then_some(()))
+    })?;
+    // Slower than the 700ms request timeout: 504 from web's agent.
+    let (status, body) = zone.curl_status(web, &url("payments", "/delay/3000"))?;
+    ensure!(status == 504, "{status} {body}");
+
+    // What applies to web, and why.
+    let shown = up.controller.weftctl_ok(&[
+        "inspect",
+        "policies",
+        "--workload",
+        "default/web",
+        "-o",
+        "json",
+    ])?;
+    for name in ["orders-canary", "payments-retries", "payments-timeout"] {
+        ensure!(
+            shown.contains(name),
+            "inspect policies lacks {name}: {shown}"
+        );
+    }
+    Ok(())
+}
