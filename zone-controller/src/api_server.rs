@@ -311,6 +311,9 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
             }),
         ),
         (["v1", "inspect", what], &Method::GET) => inspect(state, what).await,
+        (["v1", "inspect", "workloads", mesh, namespace, name, "policies"], &Method::GET) => {
+            workload_policies(state, mesh, namespace, name).await
+        }
         (["v1", "meshes", mesh, "ca"], &Method::GET) => mesh_ca(state, mesh).await,
         (["v1", "meshes", mesh, "ca", "rotate"], &Method::POST) => rotate_ca(state, mesh).await,
         (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
@@ -319,6 +322,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         (["healthz" | "ready"], _)
         | (["v1", "zone"], _)
         | (["v1", "inspect", _], _)
+        | (["v1", "inspect", "workloads", _, _, _, "policies"], _)
         | (["v1", "meshes", _, "ca"], _)
         | (["v1", "meshes", _, "ca", "rotate"], _)
         | (["v1", "tokens"], _)
@@ -331,7 +335,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate] and /v1/inspect/{{agents,services,workloads}}"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate], /v1/inspect/{{agents,services,workloads}} and /v1/inspect/workloads/{{mesh}}/{{namespace}}/{{name}}/policies"
         ))
         .into(),
     }
@@ -509,6 +513,20 @@ async fn inspect(state: &AppState, what: &str) -> Answer {
         }
     };
     answer.unwrap_or_else(|error| ApiError::from(error).into())
+}
+
+/// `GET /v1/inspect/workloads/{mesh}/{namespace}/{name}/policies`: the
+/// policies that apply to the workload in merge order, and what its agent
+/// is sent for it.
+async fn workload_policies(state: &AppState, mesh: &str, namespace: &str, name: &str) -> Answer {
+    match crate::inspect::workload_policies(&state.store, &state.zone, mesh, namespace, name).await
+    {
+        Ok(Some(view)) => to_json(StatusCode::OK, &view),
+        Ok(None) => {
+            ApiError::not_found(format!("no workload {namespace}/{name} in mesh {mesh:?}")).into()
+        }
+        Err(error) => ApiError::from(error).into(),
+    }
 }
 
 /// The Mesh named in a URL, or 404.

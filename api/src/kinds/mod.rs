@@ -31,6 +31,6 @@ pub use rate_limit::RateLimitSpec;
 pub use retry::RetrySpec;
 pub use service::{ServiceSpec, ServiceStatus};
 pub use timeout::TimeoutSpec;
-pub use traffic_permission::TrafficPermissionSpec;
+pub use traffic_permission::{TrafficPermissionSpec, ALLOW_ALL};
 pub use workload::WorkloadSpec;
 pub use zone::{ZoneBackend, ZoneSpec};

@@ -27,6 +27,36 @@ pub struct TrafficPermissionSpec {
     pub rules: Vec<PolicyRule<PermissionConf>>,
 }
 
+/// The name of the TrafficPermission a new mesh gets.
+pub const ALLOW_ALL: &str = "allow-all";
+
+impl TrafficPermissionSpec {
+    /// What a new mesh starts with (as Kuma does): every workload of the
+    /// mesh may call every other, although agents deny by default. Delete
+    /// or narrow it to lock the mesh down.
+    pub fn allow_all() -> Self {
+        TrafficPermissionSpec {
+            target_ref: TargetRef::Mesh,
+            rules: vec![PolicyRule {
+                from: crate::policy::target::PeerRef::Mesh,
+                default: PermissionConf {
+                    action: crate::policy::conf::Action::Allow,
+                    http: Vec::new(),
+                },
+            }],
+        }
+    }
+
+    /// The `allow-all` TrafficPermission of a new mesh.
+    pub fn allow_all_in(mesh: &str) -> Object<Self> {
+        let metadata = ObjectMeta {
+            mesh: Some(mesh.to_owned()),
+            ..ObjectMeta::named(ALLOW_ALL)
+        };
+        Object::new(metadata, Self::allow_all())
+    }
+}
+
 impl Spec for TrafficPermissionSpec {
     const KIND: Kind = Kind::TrafficPermission;
     type Status = NoStatus;
