@@ -303,7 +303,9 @@ pub(crate) fn refine(mut error: FieldError) -> FieldError {
     // Rust type names mean nothing to the person writing YAML.
     error.reason = error
         .reason
-        .replace("expected u16", "expected an integer from 0 to 65535");
+        .replace("expected u16", "expected an integer from 0 to 65535")
+        .replace("expected u8", "expected an integer from 0 to 255")
+        .replace("expected u32", "expected an integer from 0 to 4294967295");
     error
 }
 

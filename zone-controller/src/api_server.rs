@@ -353,6 +353,10 @@ fn parse_kind(text: &str) -> Result<Kind, ApiError> {
                     .into_iter()
                     .flatten()
                     .any(|singular| name.eq_ignore_ascii_case(singular))
+                // `retries`
+                || lower
+                    .strip_suffix("ies")
+                    .is_some_and(|stem| name.eq_ignore_ascii_case(&format!("{stem}y")))
         })
         .ok_or_else(|| {
             ApiError::not_found(format!(
@@ -705,11 +709,11 @@ async fn delete_one(state: &AppState, kind: Kind, name: &str, query: &Query) -> 
     };
     if let Resource::Mesh(_) = &stored.resource {
         match resources_in_mesh(&state.store, name).await {
-            Ok(0) => {}
-            Ok(count) => {
+            Ok(held) if held.is_empty() => {}
+            Ok(held) => {
                 return ApiError::new(
                     StatusCode::CONFLICT,
-                    format!("mesh {name:?} still holds {count} resource(s); delete them first"),
+                    format!("mesh {name:?} still holds {held}; delete them first (its policies too, such as the allow-all TrafficPermission it was created with)"),
                 )
                 .into()
             }
@@ -760,12 +764,17 @@ async fn withdraw_from_agent(state: &AppState, resource: &Resource, key: &Resour
     }
 }
 
-async fn resources_in_mesh(store: &Store, mesh: &str) -> Result<usize, StoreError> {
-    let mut count = 0;
+/// What a mesh still holds, as `3 Workload, 1 TrafficPermission` (empty
+/// when nothing), so that the refusal to delete it says what to delete.
+async fn resources_in_mesh(store: &Store, mesh: &str) -> Result<String, StoreError> {
+    let mut held = Vec::new();
     for kind in Kind::ALL.into_iter().filter(|k| k.in_mesh()) {
-        count += store.list(kind, Some(mesh), None).await?.len();
+        let count = store.list(kind, Some(mesh), None).await?.len();
+        if count > 0 {
+            held.push(format!("{count} {kind}"));
+        }
     }
-    Ok(count)
+    Ok(held.join(", "))
 }
 
 #[cfg(test)]
@@ -781,6 +790,12 @@ mod tests {
         assert_eq!(
             parse_kind("externalservices").ok(),
             Some(Kind::ExternalService)
+        );
+        assert_eq!(parse_kind("retries").ok(), Some(Kind::Retry));
+        assert_eq!(parse_kind("httproutes").ok(), Some(Kind::HttpRoute));
+        assert_eq!(
+            parse_kind("TrafficPermissions").ok(),
+            Some(Kind::TrafficPermission)
         );
         assert!(parse_kind("Gadget").is_err());
     }

@@ -905,6 +905,37 @@ mod tests {
     }
 
     #[test]
+    fn policies_are_part_of_the_version_and_of_every_first_chunk() {
+        let set = Arc::new(ServiceSet::new(
+            (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect(),
+            None,
+        ));
+        let with = |json: &str| {
+            AgentView::new(
+                set.clone(),
+                Vec::new(),
+                Arc::from(json),
+                "default".into(),
+                "z".into(),
+                Arc::from("bundle"),
+            )
+        };
+        let none = with("[]");
+        let some = with(r#"[{"workload":"web-1"}]"#);
+        assert_ne!(none.version, some.version);
+        assert_eq!(with("[]").version, none.version);
+        let messages: Vec<_> = some.messages(None, true).collect();
+        assert!(messages.len() > 1);
+        assert_eq!(messages[0].policy_json, r#"[{"workload":"web-1"}]"#);
+        // Later chunks of the version do not repeat it.
+        assert!(messages[1..].iter().all(|m| m.policy_json.is_empty()));
+        // A delta carries it whole too: it is per agent, not diffed.
+        let delta = some.messages(Some(&none.sent()), true).next().unwrap();
+        assert_eq!(delta.base_version, none.version);
+        assert_eq!(delta.policy_json, r#"[{"workload":"web-1"}]"#);
+    }
+
+    #[test]
     fn versions_follow_content_not_history() {
         let a = view(vec![service("a", 1), service("b", 1)], None);
         let b = view(vec![service("a", 1), service("b", 1)], Some(&a.services));

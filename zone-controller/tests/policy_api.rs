@@ -189,3 +189,69 @@ async fn policies_reach_agents_and_changes_make_new_versions() {
     let back = stream.until_acked(|u| permissions(u).len() == 1).await;
     assert_eq!(permissions(&back), permissions(&first));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_new_mesh_gets_allow_all_and_its_own_wins() {
+    let setup = ZoneWithMesh::start(MESH).await;
+    let zone = &setup.zone;
+    zone.ctl(
+        &[
+            "delete",
+            "trafficpermission",
+            "allow-all",
+            "--mesh",
+            "default",
+        ],
+        "",
+    )
+    .await
+    .expect("delete allow-all");
+    // Applying the existing mesh again does not bring it back.
+    zone.ctl(&["apply", "-f", "-"], MESH)
+        .await
+        .expect("apply the mesh again");
+    let listed = zone
+        .ctl(&["get", "trafficpermissions", "--mesh", "default"], "")
+        .await
+        .expect("get");
+    assert!(!listed.contains("allow-all"), "{listed}");
+
+    // A new mesh applied with its own allow-all keeps it as written.
+    let own = "\
+apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata:
+  name: strict
+spec:
+  trustDomain: strict.test
+---
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata:
+  name: allow-all
+  mesh: strict
+spec:
+  rules:
+  - from:
+      kind: SpiffeIdPrefix
+      value: spiffe://strict.test/ns/front/
+    default:
+      action: Allow
+";
+    let applied = zone.ctl(&["apply", "-f", "-"], own).await.expect("apply");
+    assert_eq!(applied.matches("TrafficPermission").count(), 1, "{applied}");
+    let stored = zone
+        .get_json("/v1/resources/trafficpermissions/allow-all?mesh=strict")
+        .await;
+    assert_eq!(
+        stored["resource"]["spec"]["rules"][0]["from"]["kind"],
+        "SpiffeIdPrefix"
+    );
+
+    // A mesh is deleted only once its policies are.
+    let refused = zone.ctl(&["delete", "mesh", "strict"], "").await;
+    let message = refused
+        .expect_err("the mesh still holds a policy")
+        .to_string();
+    assert!(message.contains("1 TrafficPermission"), "{message}");
+}
