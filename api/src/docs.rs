@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 
 use crate::duration::Duration;
 use crate::kinds::{
-    CaSpec, ExternalServiceSpec, MeshSpec, ServiceSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, CaSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
+    LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 use crate::mesh::{Protocol, WorkloadPort};
 use crate::resource::{Kind, Object, ObjectMeta, Resource, Spec, API_VERSION};
@@ -45,6 +47,14 @@ pub fn fields(kind: Kind) -> Vec<FieldDoc> {
         Kind::Workload => fields_of::<WorkloadSpec>(),
         Kind::Service => fields_of::<ServiceSpec>(),
         Kind::ExternalService => fields_of::<ExternalServiceSpec>(),
+        Kind::TrafficPermission => fields_of::<TrafficPermissionSpec>(),
+        Kind::HttpRoute => fields_of::<HttpRouteSpec>(),
+        Kind::Timeout => fields_of::<TimeoutSpec>(),
+        Kind::Retry => fields_of::<RetrySpec>(),
+        Kind::RateLimit => fields_of::<RateLimitSpec>(),
+        Kind::FaultInjection => fields_of::<FaultInjectionSpec>(),
+        Kind::LoadBalancing => fields_of::<LoadBalancingSpec>(),
+        Kind::AccessLog => fields_of::<AccessLogSpec>(),
     }
 }
 
@@ -60,6 +70,14 @@ pub fn summary(kind: Kind) -> String {
         Kind::Workload => of::<WorkloadSpec>(),
         Kind::Service => of::<ServiceSpec>(),
         Kind::ExternalService => of::<ExternalServiceSpec>(),
+        Kind::TrafficPermission => of::<TrafficPermissionSpec>(),
+        Kind::HttpRoute => of::<HttpRouteSpec>(),
+        Kind::Timeout => of::<TimeoutSpec>(),
+        Kind::Retry => of::<RetrySpec>(),
+        Kind::RateLimit => of::<RateLimitSpec>(),
+        Kind::FaultInjection => of::<FaultInjectionSpec>(),
+        Kind::LoadBalancing => of::<LoadBalancingSpec>(),
+        Kind::AccessLog => of::<AccessLogSpec>(),
     }
 }
 
@@ -164,6 +182,7 @@ pub fn example(kind: Kind) -> Resource {
             },
         )
         .into(),
+        policy => crate::policy::examples::example(policy),
     }
 }
 
@@ -267,6 +286,10 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn object(&mut self, schema: &Value, prefix: &str) {
+        if let Some(choices) = tagged_choices(schema) {
+            self.tagged(&choices, prefix);
+            return;
+        }
         let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
             return;
         };
@@ -304,7 +327,85 @@ impl Walker<'_> {
         }
     }
 
+    /// Rows for a tagged one-of (`kind: Labels` + `labels`): the tag with
+    /// every variant it names, then each field of the variants once, with
+    /// the variants that have it.
+    fn tagged(&mut self, choices: &Tagged<'_>, prefix: &str) {
+        let variants: Vec<String> = choices
+            .variants
+            .iter()
+            .map(|(name, schema)| {
+                let text = description(schema);
+                if text.is_empty() {
+                    format!("`{name}`")
+                } else {
+                    format!("`{name}`: {text}")
+                }
+            })
+            .collect();
+        let listed: Vec<String> = choices
+            .variants
+            .iter()
+            .map(|(name, _)| format!("`{name}`"))
+            .collect();
+        self.rows.push(FieldDoc {
+            path: format!("{prefix}.{}", choices.tag),
+            type_name: format!("string: one of {}", listed.join(", ")),
+            default: "required".to_owned(),
+            description: variants.join(" "),
+        });
+        let mut seen: Vec<&str> = Vec::new();
+        for (_, variant) in &choices.variants {
+            let Some(properties) = variant.get("properties").and_then(Value::as_object) else {
+                continue;
+            };
+            for (name, property) in properties {
+                if *name == choices.tag || seen.contains(&name.as_str()) {
+                    continue;
+                }
+                seen.push(name);
+                let having: Vec<(&str, &Value)> = choices
+                    .variants
+                    .iter()
+                    .filter(|(_, v)| v.pointer(&format!("/properties/{name}")).is_some())
+                    .map(|(n, v)| (n.as_str(), *v))
+                    .collect();
+                let required = having.iter().all(|(_, v)| {
+                    v.get("required")
+                        .and_then(Value::as_array)
+                        .is_some_and(|r| r.iter().any(|x| x.as_str() == Some(name)))
+                });
+                let path = format!("{prefix}.{name}");
+                let resolved = resolve(self.defs, property);
+                let default = match property.get("default") {
+                    Some(value) => format!("`{}`", render_default(value)),
+                    None if required => "required".to_owned(),
+                    None => "-".to_owned(),
+                };
+                let mut text = description(property);
+                if text.is_empty() {
+                    text = description(resolved);
+                }
+                let names: Vec<String> = having.iter().map(|(n, _)| format!("`{n}`")).collect();
+                self.rows.push(FieldDoc {
+                    path: path.clone(),
+                    type_name: self.type_name(resolved),
+                    default,
+                    description: format!("{text} (`{}`: {})", choices.tag, names.join(", ")),
+                });
+                self.object(resolved, &path);
+                if let Some(items) = resolved.get("items") {
+                    let items = resolve(self.defs, items);
+                    self.object(items, &format!("{path}[]"));
+                }
+            }
+        }
+    }
+
     fn type_name(&self, schema: &Value) -> String {
+        if tagged_choices(schema).is_some() {
+            return "object".to_owned();
+        }
         let constants: Vec<String> = match (schema.get("enum"), schema.get("oneOf")) {
             (Some(Value::Array(values)), _) => values.iter().map(render_default).collect(),
             (None, Some(Value::Array(choices))) => choices
@@ -352,6 +453,37 @@ impl Walker<'_> {
             other => other.to_owned(),
         }
     }
+}
+
+/// The variants of an internally tagged enum: the tag's name and, per
+/// variant, its tag value and schema.
+struct Tagged<'s> {
+    tag: String,
+    variants: Vec<(String, &'s Value)>,
+}
+
+/// The variants of a `oneOf` whose choices are objects told apart by one
+/// property with a constant value (serde's `#[serde(tag = "...")]`).
+fn tagged_choices(schema: &Value) -> Option<Tagged<'_>> {
+    let choices = schema.get("oneOf")?.as_array()?;
+    let mut tag: Option<String> = None;
+    let mut variants = Vec::new();
+    for choice in choices {
+        let properties = choice.get("properties")?.as_object()?;
+        let (name, value) = properties
+            .iter()
+            .find_map(|(name, p)| Some((name, p.get("const")?)))?;
+        match &tag {
+            Some(t) if t != name => return None,
+            Some(_) => {}
+            None => tag = Some(name.clone()),
+        }
+        variants.push((render_default(value), choice));
+    }
+    Some(Tagged {
+        tag: tag?,
+        variants,
+    })
 }
 
 /// The schema behind a `$ref`, and the non-null side of an optional.
@@ -445,6 +577,7 @@ mod tests {
                 out.push(with_status.into());
             }
             Kind::Zone | Kind::Workload | Kind::ExternalService => {}
+            policy => out.extend(crate::policy::examples::variants(policy)),
         }
         for resource in &out {
             resource.validate().unwrap();
@@ -459,6 +592,14 @@ mod tests {
             Resource::Workload(o) => &mut o.metadata.labels,
             Resource::Service(o) => &mut o.metadata.labels,
             Resource::ExternalService(o) => &mut o.metadata.labels,
+            Resource::TrafficPermission(o) => &mut o.metadata.labels,
+            Resource::HttpRoute(o) => &mut o.metadata.labels,
+            Resource::Timeout(o) => &mut o.metadata.labels,
+            Resource::Retry(o) => &mut o.metadata.labels,
+            Resource::RateLimit(o) => &mut o.metadata.labels,
+            Resource::FaultInjection(o) => &mut o.metadata.labels,
+            Resource::LoadBalancing(o) => &mut o.metadata.labels,
+            Resource::AccessLog(o) => &mut o.metadata.labels,
         };
         labels.insert("weft.io/tier".to_owned(), "gold".to_owned());
     }

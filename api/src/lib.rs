@@ -19,14 +19,17 @@ pub mod validation;
 pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
-    BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, MeshSpec, PemChoice, PemSource, ProvidedCa,
-    ServiceSpec, ServiceStatus, WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
+    HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec, PemChoice, PemSource, PolicyRule,
+    PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TimeoutSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
-    ExternalService, Kind, Mesh, NoStatus, Object, ObjectMeta, Resource, Scope, Service, Spec,
-    UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
+    AccessLog, ExternalService, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
+    Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, Timeout,
+    TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
 };
 pub use validation::{
     check_references, DocumentErrors, ExistingResources, FieldError, FieldPath, InputErrors,

@@ -16,7 +16,11 @@ use std::fmt;
 use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::kinds::{ExternalServiceSpec, MeshSpec, ServiceSpec, WorkloadSpec, ZoneSpec};
+use crate::kinds::{
+    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
+    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
+    WorkloadSpec, ZoneSpec,
+};
 use crate::resource::{Kind, Object, Resource, Spec, API_VERSION};
 use crate::validation::{
     DocumentErrors, FieldError, FieldPath, InputErrors, PathSegment, Position,
@@ -148,6 +152,14 @@ fn decode_kind<F: Format>(document: &F, kind: Kind) -> Result<Resource, FieldErr
         Kind::Workload => typed::<WorkloadSpec, F>(document),
         Kind::Service => typed::<ServiceSpec, F>(document),
         Kind::ExternalService => typed::<ExternalServiceSpec, F>(document),
+        Kind::TrafficPermission => typed::<TrafficPermissionSpec, F>(document),
+        Kind::HttpRoute => typed::<HttpRouteSpec, F>(document),
+        Kind::Timeout => typed::<TimeoutSpec, F>(document),
+        Kind::Retry => typed::<RetrySpec, F>(document),
+        Kind::RateLimit => typed::<RateLimitSpec, F>(document),
+        Kind::FaultInjection => typed::<FaultInjectionSpec, F>(document),
+        Kind::LoadBalancing => typed::<LoadBalancingSpec, F>(document),
+        Kind::AccessLog => typed::<AccessLogSpec, F>(document),
     }
 }
 
@@ -291,7 +303,9 @@ pub(crate) fn refine(mut error: FieldError) -> FieldError {
     // Rust type names mean nothing to the person writing YAML.
     error.reason = error
         .reason
-        .replace("expected u16", "expected an integer from 0 to 65535");
+        .replace("expected u16", "expected an integer from 0 to 65535")
+        .replace("expected u8", "expected an integer from 0 to 255")
+        .replace("expected u32", "expected an integer from 0 to 4294967295");
     error
 }
 

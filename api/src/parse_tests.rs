@@ -267,7 +267,7 @@ fn unknown_kind_lists_the_known_ones() {
     assert_eq!(error.path.to_string(), "kind");
     assert_eq!(
         error.reason,
-        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService"
+        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService, TrafficPermission, HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing, AccessLog"
     );
 }
 
@@ -687,4 +687,308 @@ fn json_errors_have_paths_and_positions() {
 
     let err = parse_json(r#"{"apiVersion": "weft.io/v1alpha1", "kind": "Bogus"}"#).unwrap_err();
     assert_eq!(paths(&err.documents[0].errors), ["kind"]);
+}
+
+// Policies.
+
+/// The problems of a policy document, as `path: reason` lines.
+fn policy_errors(input: &str) -> Vec<String> {
+    all_errors(input)
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.reason))
+        .collect()
+}
+
+#[test]
+fn good_policies_of_every_kind() {
+    for kind in Kind::POLICIES {
+        let text = crate::policy::examples::text(kind);
+        let resource = one(text);
+        assert_eq!(resource.kind(), kind);
+        assert_eq!(resource.mesh(), Some("default"));
+        assert_eq!(resource.metadata().namespace, None);
+        // What is written back reads the same.
+        let yaml = to_yaml(std::slice::from_ref(&resource)).unwrap();
+        assert_eq!(one(&yaml), resource, "{kind} round trip");
+        for variant in crate::policy::examples::variants(kind) {
+            variant.validate().unwrap();
+        }
+    }
+    let Resource::HttpRoute(route) = one(crate::policy::examples::text(Kind::HttpRoute)) else {
+        panic!("not an HTTPRoute")
+    };
+    assert_eq!(
+        route.spec.target_ref,
+        crate::policy::target::TargetRef::Mesh
+    );
+    assert_eq!(route.spec.to[0].rules[0].default.backend_refs[1].weight, 10);
+}
+
+#[test]
+fn policies_are_not_namespaced() {
+    let input = crate::policy::examples::text(Kind::Timeout)
+        .replace("  mesh: default\n", "  mesh: default\n  namespace: shop\n");
+    assert_eq!(
+        policy_errors(&input),
+        ["metadata.namespace: Timeout is not namespaced; remove metadata.namespace"]
+    );
+}
+
+#[test]
+fn policy_unknown_field_and_wrong_type() {
+    let timeout = crate::policy::examples::text(Kind::Timeout);
+    let error = only_error(&timeout.replace(
+        "      idleTimeout: 1h\n",
+        "      idleTimeout: 1h\n      readTimeout: 1s\n",
+    ));
+    assert_eq!(error.path.to_string(), "spec.to[0].default.readTimeout");
+    assert!(
+        error.reason.starts_with("unknown field `readTimeout`"),
+        "{}",
+        error.reason
+    );
+
+    let error = only_error(&timeout.replace("connectTimeout: 5s", "connectTimeout: fast"));
+    assert_eq!(error.path.to_string(), "spec.to[0].default.connectTimeout");
+
+    let retry = crate::policy::examples::text(Kind::Retry);
+    let error = only_error(&retry.replace("numRetries: 3", "numRetries: three"));
+    assert_eq!(error.path.to_string(), "spec.to[0].default.numRetries");
+
+    // A wrong tag names the tagged field.
+    let error = only_error(&timeout.replace(
+        "  targetRef:\n    kind: Mesh\n",
+        "  targetRef:\n    kind: Everything\n",
+    ));
+    assert_eq!(error.path.to_string(), "spec.targetRef.kind");
+    assert!(
+        error.reason.contains("unknown variant `Everything`"),
+        "{}",
+        error.reason
+    );
+}
+
+#[test]
+fn policy_lists_are_required() {
+    let permission = "\
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata:
+  name: none
+spec:
+  rules: []
+";
+    assert_eq!(
+        policy_errors(permission),
+        ["spec.rules: must list at least one rule"]
+    );
+    let rate_limit = "\
+apiVersion: weft.io/v1alpha1
+kind: RateLimit
+metadata:
+  name: none
+spec: {}
+";
+    assert_eq!(
+        policy_errors(rate_limit),
+        ["spec: set at least one of to, rules"]
+    );
+    let error = only_error(&permission.replace("  rules: []\n", "  targetRef:\n    kind: Mesh\n"));
+    assert_eq!(error.path.to_string(), "spec.rules");
+    assert_eq!(error.reason, "is required");
+}
+
+#[test]
+fn bad_regexes_methods_and_headers() {
+    let input = crate::policy::examples::text(Kind::TrafficPermission)
+        .replace(
+            "          type: PathPrefix\n          value: /admin\n",
+            "          type: RegularExpression\n          value: /admin/(\n",
+        )
+        .replace("method: POST", "method: post");
+    assert_eq!(
+        paths(&all_errors(&input)),
+        [
+            "spec.rules[1].default.http[0].path.value",
+            "spec.rules[1].default.http[0].method"
+        ]
+    );
+    let errors = all_errors(&input);
+    assert!(
+        errors[0]
+            .reason
+            .starts_with("is not a valid regular expression"),
+        "{}",
+        errors[0].reason
+    );
+    assert!(!errors[0].reason.contains('\n'));
+
+    let route = crate::policy::examples::text(Kind::HttpRoute)
+        .replace("name: x-route", "name: 'x route'")
+        .replace("value: /v2", "value: v2");
+    assert_eq!(
+        paths(&all_errors(&route)),
+        [
+            "spec.to[0].rules[0].matches[0].path.value",
+            "spec.to[0].rules[1].default.filters[0].set[0].name"
+        ]
+    );
+}
+
+#[test]
+fn bad_statuses_and_percentages() {
+    let fault = crate::policy::examples::text(Kind::FaultInjection)
+        .replace("httpStatus: 503", "httpStatus: 700")
+        .replace("percentage: 10", "percentage: 101");
+    assert_eq!(
+        policy_errors(&fault),
+        [
+            "spec.to[0].default.http[0].delay.percentage: 101 is not a percentage; must be 0-100",
+            "spec.to[0].default.http[1].abort.httpStatus: 700 is out of range; must be 200-599"
+        ]
+    );
+    let rate = crate::policy::examples::text(Kind::RateLimit)
+        .replace("status: 429", "status: 200")
+        .replace("requests: 100\n", "requests: 0\n")
+        .replace(
+            "interval: 1s\n        onRateLimit",
+            "interval: 10ms\n        onRateLimit",
+        );
+    assert_eq!(
+        paths(&all_errors(&rate)),
+        [
+            "spec.to[0].default.http.requests",
+            "spec.rules[0].default.http.interval",
+            "spec.rules[0].default.http.onRateLimit.status"
+        ]
+    );
+    let route = crate::policy::examples::text(Kind::HttpRoute).replace(
+        "        - type: RequestHeaderModifier\n          set:\n          - name: x-route\n            value: default\n",
+        "        - type: RequestRedirect\n          statusCode: 200\n",
+    );
+    assert_eq!(
+        policy_errors(&route),
+        ["spec.to[0].rules[1].default.filters[0].statusCode: 200 is not a redirect status; must be 301, 302, 303, 307 or 308"]
+    );
+    let retry =
+        crate::policy::examples::text(Kind::Retry).replace("numRetries: 3", "numRetries: 11");
+    assert_eq!(
+        policy_errors(&retry),
+        ["spec.to[0].default.numRetries: 11 is out of range; must be 0-10"]
+    );
+}
+
+#[test]
+fn route_rules_are_checked_as_a_whole() {
+    let route = crate::policy::examples::text(Kind::HttpRoute);
+    // ReplacePrefixMatch needs PathPrefix matches.
+    let exact = route.replace(
+        "          type: PathPrefix\n          value: /v2",
+        "          type: Exact\n          value: /v2",
+    );
+    assert_eq!(
+        policy_errors(&exact),
+        ["spec.to[0].rules[0].default.filters[0].path: ReplacePrefixMatch needs every match of the rule to have a PathPrefix path"]
+    );
+    let zero = route
+        .replace("weight: 90", "weight: 0")
+        .replace("weight: 10", "weight: 0");
+    assert_eq!(
+        paths(&all_errors(&zero)),
+        ["spec.to[0].rules[0].default.backendRefs"]
+    );
+    let mesh = route.replace(
+        "  - targetRef:\n      kind: Service\n      name: payments\n      namespace: payments\n    rules:",
+        "  - targetRef:\n      kind: Mesh\n    rules:",
+    );
+    assert_eq!(
+        policy_errors(&mesh),
+        ["spec.to[0].targetRef.kind: must be Service: an HTTPRoute routes the requests to one service"]
+    );
+}
+
+#[test]
+fn bad_selectors() {
+    let input = crate::policy::examples::text(Kind::TrafficPermission)
+        .replace(
+            "value: spiffe://prod.example/ns/batch/",
+            "value: spiffe://prod.example",
+        )
+        .replace("      name: checkout\n", "      name: Checkout\n")
+        .replace(
+            "    name: payments\n    namespace: payments\n",
+            "    name: payments\n    namespace: pay_ments\n",
+        );
+    assert_eq!(
+        paths(&all_errors(&input)),
+        [
+            "spec.targetRef.namespace",
+            "spec.rules[0].from.name",
+            "spec.rules[1].from.value"
+        ]
+    );
+    let labels = "\
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata:
+  name: labels
+spec:
+  targetRef:
+    kind: Labels
+    labels:
+      'bad key': x
+  rules:
+  - from:
+      kind: SpiffeId
+      value: spiffe://td/ns/a
+    default:
+      action: Allow
+";
+    assert_eq!(
+        paths(&all_errors(labels)),
+        [
+            r#"spec.targetRef.labels["bad key"]"#,
+            "spec.rules[0].from.value"
+        ]
+    );
+}
+
+#[test]
+fn access_log_paths_and_templates() {
+    let input = crate::policy::examples::text(Kind::AccessLog)
+        .replace("path: /var/log/weft/access.log", "path: access.log")
+        .replace(
+            "template: '%START_TIME% %METHOD% %PATH% %STATUS%'",
+            "template: ''",
+        );
+    assert_eq!(
+        paths(&all_errors(&input)),
+        [
+            "spec.to[0].default.backends[0].format.template",
+            "spec.rules[0].default.backends[0].path"
+        ]
+    );
+}
+
+#[test]
+fn policies_naming_a_missing_external_service() {
+    let timeout = one(crate::policy::examples::text(Kind::Timeout));
+    let mut known = KnownNames::new().with_mesh("default");
+    // Unknown to the checker: not checked.
+    check_references(std::slice::from_ref(&timeout), &known).unwrap();
+    known.external_services = Some(Default::default());
+    let errors = check_references(std::slice::from_ref(&timeout), &known).unwrap_err();
+    let errors: Vec<_> = errors.errors().map(|e| e.path.to_string()).collect();
+    assert_eq!(errors, ["spec.to[1].targetRef"]);
+    known.external_services = Some(["default/payments/stripe".to_owned()].into());
+    check_references(std::slice::from_ref(&timeout), &known).unwrap();
+    // Defined in the same batch.
+    known.external_services = Some(Default::default());
+    let batch = parse_yaml(&format!(
+        "{}---\n{}",
+        crate::policy::examples::text(Kind::Timeout),
+        EXTERNAL_SERVICE
+    ))
+    .unwrap();
+    check_references(&batch, &known).unwrap();
 }

@@ -17,7 +17,11 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
-use crate::kinds::{ExternalServiceSpec, MeshSpec, ServiceSpec, WorkloadSpec, ZoneSpec};
+use crate::kinds::{
+    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
+    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
+    WorkloadSpec, ZoneSpec,
+};
 use crate::validation::{
     dns1123_label, ExistingResources, FieldError, FieldPath, Problems, ValidationErrors,
 };
@@ -44,6 +48,22 @@ pub enum Kind {
     Service,
     /// A destination outside the mesh: see [`ExternalServiceSpec`].
     ExternalService,
+    /// A policy: Who may call which workloads; see [`TrafficPermissionSpec`].
+    TrafficPermission,
+    /// A policy: How HTTP requests to a service are routed; see [`HttpRouteSpec`].
+    HttpRoute,
+    /// A policy: Timeouts of outbound calls; see [`TimeoutSpec`].
+    Timeout,
+    /// A policy: Retries of outbound calls; see [`RetrySpec`].
+    Retry,
+    /// A policy: Rate limits of outbound and inbound calls; see [`RateLimitSpec`].
+    RateLimit,
+    /// A policy: Faults injected into outbound HTTP requests; see [`FaultInjectionSpec`].
+    FaultInjection,
+    /// A policy: How endpoints are picked; see [`LoadBalancingSpec`].
+    LoadBalancing,
+    /// A policy: Access logging of calls; see [`AccessLogSpec`].
+    AccessLog,
 }
 
 /// Where a kind's resources live, which decides whether `metadata.mesh` and
@@ -52,7 +72,7 @@ pub enum Kind {
 pub enum Scope {
     /// Outside any mesh and namespace (Mesh, Zone).
     Global,
-    /// Inside a mesh, not in a namespace.
+    /// Inside a mesh, not in a namespace (the policies).
     Mesh,
     /// Inside a mesh and a namespace (Workload, Service, ExternalService).
     Namespaced,
@@ -60,12 +80,32 @@ pub enum Scope {
 
 impl Kind {
     /// All kinds, in the order the reference documents them.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Mesh,
         Kind::Zone,
         Kind::Workload,
         Kind::Service,
         Kind::ExternalService,
+        Kind::TrafficPermission,
+        Kind::HttpRoute,
+        Kind::Timeout,
+        Kind::Retry,
+        Kind::RateLimit,
+        Kind::FaultInjection,
+        Kind::LoadBalancing,
+        Kind::AccessLog,
+    ];
+
+    /// The policy kinds, in the order the reference documents them.
+    pub const POLICIES: [Kind; 8] = [
+        Kind::TrafficPermission,
+        Kind::HttpRoute,
+        Kind::Timeout,
+        Kind::Retry,
+        Kind::RateLimit,
+        Kind::FaultInjection,
+        Kind::LoadBalancing,
+        Kind::AccessLog,
     ];
 
     /// The name written in `kind:`.
@@ -76,6 +116,14 @@ impl Kind {
             Kind::Workload => "Workload",
             Kind::Service => "Service",
             Kind::ExternalService => "ExternalService",
+            Kind::TrafficPermission => "TrafficPermission",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::Timeout => "Timeout",
+            Kind::Retry => "Retry",
+            Kind::RateLimit => "RateLimit",
+            Kind::FaultInjection => "FaultInjection",
+            Kind::LoadBalancing => "LoadBalancing",
+            Kind::AccessLog => "AccessLog",
         }
     }
 
@@ -84,12 +132,25 @@ impl Kind {
         match self {
             Kind::Mesh | Kind::Zone => Scope::Global,
             Kind::Workload | Kind::Service | Kind::ExternalService => Scope::Namespaced,
+            Kind::TrafficPermission
+            | Kind::HttpRoute
+            | Kind::Timeout
+            | Kind::Retry
+            | Kind::RateLimit
+            | Kind::FaultInjection
+            | Kind::LoadBalancing
+            | Kind::AccessLog => Scope::Mesh,
         }
     }
 
     /// Whether the kind has a `status` block (fields set by the controller).
     pub const fn has_status(self) -> bool {
         matches!(self, Kind::Service)
+    }
+
+    /// Whether the kind is a policy (selects workloads with `targetRef`).
+    pub const fn is_policy(self) -> bool {
+        matches!(self.scope(), Scope::Mesh)
     }
 
     /// Whether `metadata.mesh` applies to this kind.
@@ -230,6 +291,22 @@ pub type Workload = Object<WorkloadSpec>;
 pub type Service = Object<ServiceSpec>;
 /// An ExternalService resource.
 pub type ExternalService = Object<ExternalServiceSpec>;
+/// A TrafficPermission resource.
+pub type TrafficPermission = Object<TrafficPermissionSpec>;
+/// A HTTPRoute resource.
+pub type HttpRoute = Object<HttpRouteSpec>;
+/// A Timeout resource.
+pub type Timeout = Object<TimeoutSpec>;
+/// A Retry resource.
+pub type Retry = Object<RetrySpec>;
+/// A RateLimit resource.
+pub type RateLimit = Object<RateLimitSpec>;
+/// A FaultInjection resource.
+pub type FaultInjection = Object<FaultInjectionSpec>;
+/// A LoadBalancing resource.
+pub type LoadBalancing = Object<LoadBalancingSpec>;
+/// An AccessLog resource.
+pub type AccessLog = Object<AccessLogSpec>;
 
 impl<S: Spec> Object<S> {
     /// A resource without status.
@@ -463,6 +540,22 @@ pub enum Resource {
     Service(Service),
     /// See [`ExternalServiceSpec`].
     ExternalService(ExternalService),
+    /// See [`TrafficPermissionSpec`].
+    TrafficPermission(TrafficPermission),
+    /// See [`HttpRouteSpec`].
+    HttpRoute(HttpRoute),
+    /// See [`TimeoutSpec`].
+    Timeout(Timeout),
+    /// See [`RetrySpec`].
+    Retry(Retry),
+    /// See [`RateLimitSpec`].
+    RateLimit(RateLimit),
+    /// See [`FaultInjectionSpec`].
+    FaultInjection(FaultInjection),
+    /// See [`LoadBalancingSpec`].
+    LoadBalancing(LoadBalancing),
+    /// See [`AccessLogSpec`].
+    AccessLog(AccessLog),
 }
 
 /// Runs the same code on the typed object inside any [`Resource`].
@@ -474,6 +567,14 @@ macro_rules! on_object {
             Resource::Workload($object) => $body,
             Resource::Service($object) => $body,
             Resource::ExternalService($object) => $body,
+            Resource::TrafficPermission($object) => $body,
+            Resource::HttpRoute($object) => $body,
+            Resource::Timeout($object) => $body,
+            Resource::Retry($object) => $body,
+            Resource::RateLimit($object) => $body,
+            Resource::FaultInjection($object) => $body,
+            Resource::LoadBalancing($object) => $body,
+            Resource::AccessLog($object) => $body,
         }
     };
 }
@@ -487,6 +588,14 @@ impl Resource {
             Resource::Workload(_) => Kind::Workload,
             Resource::Service(_) => Kind::Service,
             Resource::ExternalService(_) => Kind::ExternalService,
+            Resource::TrafficPermission(_) => Kind::TrafficPermission,
+            Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::Timeout(_) => Kind::Timeout,
+            Resource::Retry(_) => Kind::Retry,
+            Resource::RateLimit(_) => Kind::RateLimit,
+            Resource::FaultInjection(_) => Kind::FaultInjection,
+            Resource::LoadBalancing(_) => Kind::LoadBalancing,
+            Resource::AccessLog(_) => Kind::AccessLog,
         }
     }
 
@@ -509,6 +618,25 @@ impl Resource {
     /// Fills in what a reader may leave out; see [`Object::apply_defaults`].
     pub fn apply_defaults(&mut self) {
         on_object!(self, o => o.apply_defaults())
+    }
+
+    /// A policy's `spec.targetRef`; `None` for kinds that are not policies.
+    pub fn target_ref(&self) -> Option<&crate::policy::target::TargetRef> {
+        match self {
+            Resource::TrafficPermission(o) => Some(&o.spec.target_ref),
+            Resource::HttpRoute(o) => Some(&o.spec.target_ref),
+            Resource::Timeout(o) => Some(&o.spec.target_ref),
+            Resource::Retry(o) => Some(&o.spec.target_ref),
+            Resource::RateLimit(o) => Some(&o.spec.target_ref),
+            Resource::FaultInjection(o) => Some(&o.spec.target_ref),
+            Resource::LoadBalancing(o) => Some(&o.spec.target_ref),
+            Resource::AccessLog(o) => Some(&o.spec.target_ref),
+            Resource::Mesh(_)
+            | Resource::Zone(_)
+            | Resource::Workload(_)
+            | Resource::Service(_)
+            | Resource::ExternalService(_) => None,
+        }
     }
 
     /// Whether the controller-owned `status` is present.
@@ -560,6 +688,14 @@ impl Resource {
             Kind::Workload => typed::<WorkloadSpec>(value),
             Kind::Service => typed::<ServiceSpec>(value),
             Kind::ExternalService => typed::<ExternalServiceSpec>(value),
+            Kind::TrafficPermission => typed::<TrafficPermissionSpec>(value),
+            Kind::HttpRoute => typed::<HttpRouteSpec>(value),
+            Kind::Timeout => typed::<TimeoutSpec>(value),
+            Kind::Retry => typed::<RetrySpec>(value),
+            Kind::RateLimit => typed::<RateLimitSpec>(value),
+            Kind::FaultInjection => typed::<FaultInjectionSpec>(value),
+            Kind::LoadBalancing => typed::<LoadBalancingSpec>(value),
+            Kind::AccessLog => typed::<AccessLogSpec>(value),
         }
     }
 }

@@ -307,6 +307,20 @@ impl ExistingResources for BatchOverlay<'_> {
     fn zone_exists(&self, name: &str) -> bool {
         self.in_batch(Kind::Zone, name) || self.existing.zone_exists(name)
     }
+
+    fn external_service_exists(&self, mesh: &str, namespace: &str, name: &str) -> Option<bool> {
+        let in_batch = self.batch.iter().any(|r| {
+            r.kind() == Kind::ExternalService
+                && r.name() == name
+                && r.mesh() == Some(mesh)
+                && r.metadata().namespace.as_deref() == Some(namespace)
+        });
+        if in_batch {
+            Some(true)
+        } else {
+            self.existing.external_service_exists(mesh, namespace, name)
+        }
+    }
 }
 
 /// Collects problems while a resource is checked, so that one pass reports
@@ -340,6 +354,13 @@ pub trait ExistingResources {
     fn mesh_exists(&self, name: &str) -> bool;
     /// Whether a Zone of this name exists.
     fn zone_exists(&self, name: &str) -> bool;
+    /// Whether an ExternalService exists, or `None` when this source does
+    /// not know (the reference is then not checked). Services and
+    /// Workloads have no such check: they are derived from what agents
+    /// register, so a policy may name one before it appears.
+    fn external_service_exists(&self, _mesh: &str, _namespace: &str, _name: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// A fixed set of names that exist: for tests, and for checking a file
@@ -350,6 +371,10 @@ pub struct KnownNames {
     pub meshes: BTreeSet<String>,
     /// Names of the Zones that exist.
     pub zones: BTreeSet<String>,
+    /// The ExternalServices that exist, as `<mesh>/<namespace>/<name>`, when
+    /// they were fetched; `None`: unknown, so references to them are not
+    /// checked.
+    pub external_services: Option<BTreeSet<String>>,
 }
 
 impl KnownNames {
@@ -378,6 +403,12 @@ impl ExistingResources for KnownNames {
 
     fn zone_exists(&self, name: &str) -> bool {
         self.zones.contains(name)
+    }
+
+    fn external_service_exists(&self, mesh: &str, namespace: &str, name: &str) -> Option<bool> {
+        self.external_services
+            .as_ref()
+            .map(|known| known.contains(&format!("{mesh}/{namespace}/{name}")))
     }
 }
 

@@ -1,11 +1,13 @@
 //! `weftctl inspect agents|services|workloads`: the zone's inventory, as a
-//! table, YAML or the API's JSON.
+//! table, YAML or the API's JSON; `weftctl inspect policies --workload`:
+//! the policies of one workload.
 
 use std::io::Write;
 
 use clap::ValueEnum;
 use http::Method;
 use serde_json::Value;
+use weft_api::policy::target::TargetRef;
 
 use crate::output::{cell, print_view};
 use crate::{expect_ok, Client, Error, Format};
@@ -19,6 +21,8 @@ pub enum Inspected {
     Services,
     /// Registered workloads with their agent and readiness.
     Workloads,
+    /// The policies of one workload (`--workload <ns>/<name>`).
+    Policies,
 }
 
 impl Inspected {
@@ -26,7 +30,7 @@ impl Inspected {
         match self {
             Inspected::Agents => "/v1/inspect/agents",
             Inspected::Services => "/v1/inspect/services",
-            Inspected::Workloads => "/v1/inspect/workloads",
+            Inspected::Workloads | Inspected::Policies => "/v1/inspect/workloads",
         }
     }
 }
@@ -42,6 +46,61 @@ pub(crate) async fn run(
     let body = expect_ok(answer)?;
     let items: Vec<Value> = crate::decode(&body)?;
     print_view(out, format, &items, |out| table(what, &items, out))
+}
+
+/// Runs `inspect policies`: a table of the policies that apply (kind,
+/// name, targetRef, place in the merge order), or with `-o yaml|json` the
+/// controller's whole answer, compiled policy included.
+pub(crate) async fn policies(
+    client: &Client,
+    mesh: &str,
+    workload: Option<&str>,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let Some((namespace, name)) = workload.and_then(|w| w.split_once('/')) else {
+        return Err(Error::Usage(
+            "inspect policies needs --workload <namespace>/<name>".to_owned(),
+        ));
+    };
+    let path = format!(
+        "/v1/inspect/workloads/{}/{}/{}/policies",
+        crate::encode(mesh),
+        crate::encode(namespace),
+        crate::encode(name)
+    );
+    let answer = client.request(Method::GET, &path, None).await?;
+    let body = expect_ok(answer)?;
+    let view: Value = crate::decode(&body)?;
+    print_view(out, format, &view, |out| {
+        let applied = view["policies"].as_array().cloned().unwrap_or_default();
+        if applied.is_empty() {
+            writeln!(
+                out,
+                "No policy applies to {namespace}/{name}: its agent refuses every call."
+            )?;
+            return Ok(());
+        }
+        let mut rows = vec![["KIND", "NAME", "TARGET", "ORDER"]
+            .map(str::to_owned)
+            .to_vec()];
+        rows.extend(applied.iter().map(|p| {
+            let target = serde_json::from_value::<TargetRef>(p["targetRef"].clone())
+                .map_or_else(|_| cell(&p["targetRef"]), |t| t.to_string());
+            vec![
+                cell(&p["kind"]),
+                cell(&p["name"]),
+                target,
+                cell(&p["order"]),
+            ]
+        }));
+        crate::output::write_rows(out, &rows)?;
+        writeln!(
+            out,
+            "\nWithin a kind, later ORDER wins field by field; -o yaml shows the merged result."
+        )?;
+        Ok(())
+    })
 }
 
 fn ports(value: &Value) -> String {
@@ -146,7 +205,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 ]
             },
         ),
-        Inspected::Workloads => (
+        Inspected::Workloads | Inspected::Policies => (
             &[
                 "NAME",
                 "MESH",

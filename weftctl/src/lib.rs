@@ -77,11 +77,19 @@ pub enum Command {
         namespace: Option<String>,
     },
     /// Shows the zone's inventory: agents (liveness, config version, last
-    /// refusal), services (virtual IPs, endpoints) or workloads.
+    /// refusal), services (virtual IPs, endpoints) or workloads; or the
+    /// policies of one workload (`policies --workload <ns>/<name>`): which
+    /// apply, in merge order, and what its agent receives (`-o yaml`).
     Inspect {
         /// What to show.
         #[arg(value_enum)]
         what: Inspected,
+        /// For `policies`: the workload, as `<namespace>/<name>`.
+        #[arg(short, long)]
+        workload: Option<String>,
+        /// For `policies`: the workload's mesh.
+        #[arg(short, long, default_value = "default")]
+        mesh: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -322,7 +330,21 @@ pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<
             writeln!(out, "{} deleted", describe(&deleted.deleted.resource))?;
             Ok(())
         }
-        Command::Inspect { what, output } => inspect::run(&client, what, output, out).await,
+        Command::Inspect {
+            what: Inspected::Policies,
+            workload,
+            mesh,
+            output,
+        } => inspect::policies(&client, &mesh, workload.as_deref(), output, out).await,
+        Command::Inspect {
+            what,
+            workload: None,
+            output,
+            ..
+        } => inspect::run(&client, what, output, out).await,
+        Command::Inspect { .. } => Err(Error::Usage(
+            "--workload is only for `inspect policies`".to_owned(),
+        )),
         Command::Token { action } => tokens::run(&client, action, out).await,
         Command::Mesh { action } => mesh::run(&client, action, out).await,
     }

@@ -132,6 +132,7 @@ fn extra_header(resource: &Resource) -> Vec<&'static str> {
         Resource::Workload(_) => vec!["ADDRESS", "SERVICE"],
         Resource::Service(_) => vec!["PORTS", "VIRTUAL IP"],
         Resource::ExternalService(_) => vec!["HOST", "PORT"],
+        _ => vec!["TARGET"],
     }
 }
 
@@ -176,5 +177,8 @@ fn extra_columns(resource: &Resource) -> Vec<String> {
         Resource::ExternalService(external) => {
             vec![external.spec.host.clone(), external.spec.port.to_string()]
         }
+        policy => vec![policy
+            .target_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)],
     }
 }

@@ -311,6 +311,9 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
             }),
         ),
         (["v1", "inspect", what], &Method::GET) => inspect(state, what).await,
+        (["v1", "inspect", "workloads", mesh, namespace, name, "policies"], &Method::GET) => {
+            workload_policies(state, mesh, namespace, name).await
+        }
         (["v1", "meshes", mesh, "ca"], &Method::GET) => mesh_ca(state, mesh).await,
         (["v1", "meshes", mesh, "ca", "rotate"], &Method::POST) => rotate_ca(state, mesh).await,
         (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
@@ -319,6 +322,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         (["healthz" | "ready"], _)
         | (["v1", "zone"], _)
         | (["v1", "inspect", _], _)
+        | (["v1", "inspect", "workloads", _, _, _, "policies"], _)
         | (["v1", "meshes", _, "ca"], _)
         | (["v1", "meshes", _, "ca", "rotate"], _)
         | (["v1", "tokens"], _)
@@ -331,7 +335,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate] and /v1/inspect/{{agents,services,workloads}}"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate], /v1/inspect/{{agents,services,workloads}} and /v1/inspect/workloads/{{mesh}}/{{namespace}}/{{name}}/policies"
         ))
         .into(),
     }
@@ -349,6 +353,10 @@ fn parse_kind(text: &str) -> Result<Kind, ApiError> {
                     .into_iter()
                     .flatten()
                     .any(|singular| name.eq_ignore_ascii_case(singular))
+                // `retries`
+                || lower
+                    .strip_suffix("ies")
+                    .is_some_and(|stem| name.eq_ignore_ascii_case(&format!("{stem}y")))
         })
         .ok_or_else(|| {
             ApiError::not_found(format!(
@@ -509,6 +517,20 @@ async fn inspect(state: &AppState, what: &str) -> Answer {
         }
     };
     answer.unwrap_or_else(|error| ApiError::from(error).into())
+}
+
+/// `GET /v1/inspect/workloads/{mesh}/{namespace}/{name}/policies`: the
+/// policies that apply to the workload in merge order, and what its agent
+/// is sent for it.
+async fn workload_policies(state: &AppState, mesh: &str, namespace: &str, name: &str) -> Answer {
+    match crate::inspect::workload_policies(&state.store, &state.zone, mesh, namespace, name).await
+    {
+        Ok(Some(view)) => to_json(StatusCode::OK, &view),
+        Ok(None) => {
+            ApiError::not_found(format!("no workload {namespace}/{name} in mesh {mesh:?}")).into()
+        }
+        Err(error) => ApiError::from(error).into(),
+    }
 }
 
 /// The Mesh named in a URL, or 404.
@@ -687,11 +709,11 @@ async fn delete_one(state: &AppState, kind: Kind, name: &str, query: &Query) -> 
     };
     if let Resource::Mesh(_) = &stored.resource {
         match resources_in_mesh(&state.store, name).await {
-            Ok(0) => {}
-            Ok(count) => {
+            Ok(held) if held.is_empty() => {}
+            Ok(held) => {
                 return ApiError::new(
                     StatusCode::CONFLICT,
-                    format!("mesh {name:?} still holds {count} resource(s); delete them first"),
+                    format!("mesh {name:?} still holds {held}; delete them first (its policies too, such as the allow-all TrafficPermission it was created with)"),
                 )
                 .into()
             }
@@ -742,12 +764,17 @@ async fn withdraw_from_agent(state: &AppState, resource: &Resource, key: &Resour
     }
 }
 
-async fn resources_in_mesh(store: &Store, mesh: &str) -> Result<usize, StoreError> {
-    let mut count = 0;
+/// What a mesh still holds, as `3 Workload, 1 TrafficPermission` (empty
+/// when nothing), so that the refusal to delete it says what to delete.
+async fn resources_in_mesh(store: &Store, mesh: &str) -> Result<String, StoreError> {
+    let mut held = Vec::new();
     for kind in Kind::ALL.into_iter().filter(|k| k.in_mesh()) {
-        count += store.list(kind, Some(mesh), None).await?.len();
+        let count = store.list(kind, Some(mesh), None).await?.len();
+        if count > 0 {
+            held.push(format!("{count} {kind}"));
+        }
     }
-    Ok(count)
+    Ok(held.join(", "))
 }
 
 #[cfg(test)]
@@ -763,6 +790,12 @@ mod tests {
         assert_eq!(
             parse_kind("externalservices").ok(),
             Some(Kind::ExternalService)
+        );
+        assert_eq!(parse_kind("retries").ok(), Some(Kind::Retry));
+        assert_eq!(parse_kind("httproutes").ok(), Some(Kind::HttpRoute));
+        assert_eq!(
+            parse_kind("TrafficPermissions").ok(),
+            Some(Kind::TrafficPermission)
         );
         assert!(parse_kind("Gadget").is_err());
     }

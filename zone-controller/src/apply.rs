@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 
 use tokio::sync::Mutex;
+use weft_api::kinds::ALLOW_ALL;
 use weft_api::{
     check_references, parse_json, parse_yaml, DocumentErrors, FieldError, FieldPath, InputErrors,
-    Kind, KnownNames, Resource,
+    Kind, KnownNames, Resource, TrafficPermissionSpec,
 };
 use weft_store::{Expect, ResourceKey, Store, StoreError};
 
@@ -157,6 +158,19 @@ async fn known_names(store: &Store) -> Result<KnownNames, StoreError> {
     for stored in store.list(Kind::Zone, None, None).await? {
         known.zones.insert(stored.resource.name().to_owned());
     }
+    // Listed so that policies naming a missing ExternalService are refused
+    // (a Service may appear later, so those are not checked).
+    let mut external = std::collections::BTreeSet::new();
+    for stored in store.list(Kind::ExternalService, None, None).await? {
+        let r = &stored.resource;
+        external.insert(format!(
+            "{}/{}/{}",
+            r.mesh().unwrap_or_default(),
+            r.metadata().namespace.as_deref().unwrap_or_default(),
+            r.name()
+        ));
+    }
+    known.external_services = Some(external);
     Ok(known)
 }
 
@@ -175,6 +189,8 @@ pub async fn apply(
     let known = known_names(store).await.map_err(ApplyError::Store)?;
     check_references(&batch, &known).map_err(ApplyError::Invalid)?;
     check_cas(&batch).await.map_err(ApplyError::Invalid)?;
+    let mut batch = batch;
+    batch.extend(initial_policies(&batch, &known));
 
     let mut writes = Vec::with_capacity(batch.len());
     let mut existed = Vec::with_capacity(batch.len());
@@ -219,6 +235,33 @@ pub async fn apply(
             }
         })
         .collect())
+}
+
+/// The policies a mesh created by this batch starts with, written in the
+/// same transaction: the `allow-all` TrafficPermission (agents deny by
+/// default, so a new mesh would otherwise refuse every call), unless the
+/// batch brings its own TrafficPermission of that name. A mesh that
+/// already existed gets nothing: its policies are the operator's.
+fn initial_policies(batch: &[Resource], known: &KnownNames) -> Vec<Resource> {
+    batch
+        .iter()
+        .filter(|r| r.kind() == Kind::Mesh && !known.meshes.contains(r.name()))
+        .filter(|mesh| {
+            !batch.iter().any(|r| {
+                r.kind() == Kind::TrafficPermission
+                    && r.name() == ALLOW_ALL
+                    && r.mesh() == Some(mesh.name())
+            })
+        })
+        .map(|mesh| {
+            tracing::info!(
+                mesh = mesh.name(),
+                policy = ALLOW_ALL,
+                "new mesh: creating its initial TrafficPermission"
+            );
+            Resource::from(TrafficPermissionSpec::allow_all_in(mesh.name()))
+        })
+        .collect()
 }
 
 /// Readies one resource for writing: defaults applied, the version it must

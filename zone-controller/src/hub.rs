@@ -51,6 +51,9 @@ struct Built {
     /// The inbound rule every workload gets (the mesh's trust domain).
     allow: String,
     bundle: Arc<str>,
+    /// The snapshot the set was built from: what a new stream's first view
+    /// compiles its workloads' policies from (dropped at the next build).
+    snapshot: Arc<MeshSnapshot>,
 }
 
 /// The streams of this replica and the task that feeds them.
@@ -123,6 +126,20 @@ impl Hub {
         let base = built.get(mesh)?;
         let mut own = workloads.to_vec();
         own.sort();
+        // Without its policies an agent would refuse every call until the
+        // refresh: compiled from the last snapshot, for the workloads it
+        // already had (a new one waits for the refresh that follows).
+        let snapshot = &base.snapshot;
+        let known: Vec<&weft_api::Workload> = own
+            .iter()
+            .filter_map(|(namespace, name)| {
+                snapshot.workloads.iter().find(|w| {
+                    w.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && &w.metadata.name == name
+                })
+            })
+            .collect();
+        let policy_json = snapshot.policy_json(&known, &snapshot.peers(&self.zone));
         let inbound = own
             .into_iter()
             .map(|(_, name)| pb::InboundRule {
@@ -133,6 +150,7 @@ impl Hub {
         Some(AgentView::new(
             base.services.clone(),
             inbound,
+            policy_json,
             mesh.to_owned(),
             self.zone.clone(),
             base.bundle.clone(),
@@ -336,9 +354,12 @@ impl Hub {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
+        let snapshot = Arc::new(snapshot);
         let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
         let services = self.services_of(mesh, &snapshot, &bundle);
         let inbound = snapshot.inbound_by_agent();
+        let by_agent = snapshot.workloads_by_agent();
+        let peers = snapshot.peers(&self.zone);
         let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
             .values()
@@ -347,6 +368,11 @@ impl Hub {
             .collect();
         for (agent, sender) in targets {
             let rules = inbound.get(agent.as_str()).cloned().unwrap_or_default();
+            let own = by_agent
+                .get(agent.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let policy_json = snapshot.policy_json(own, &peers);
             // Most rounds (the periodic recheck, a change in another part of
             // the mesh) leave most views as they were: checked by identity
             // and equality before hashing a new view per agent.
@@ -354,6 +380,7 @@ impl Hub {
                 Arc::ptr_eq(&current.services, &services)
                     && *current.trust_bundle_pem == *bundle
                     && current.inbound == rules
+                    && current.policy_json == policy_json
             });
             if unchanged {
                 continue;
@@ -361,6 +388,7 @@ impl Hub {
             let view = AgentView::new(
                 services.clone(),
                 rules,
+                policy_json,
                 snapshot.mesh.metadata.name.clone(),
                 self.zone.clone(),
                 bundle.clone(),
@@ -381,7 +409,7 @@ impl Hub {
     fn services_of(
         &self,
         mesh: &str,
-        snapshot: &MeshSnapshot,
+        snapshot: &Arc<MeshSnapshot>,
         bundle: &Arc<str>,
     ) -> Arc<ServiceSet> {
         let (previous, mut history) = self
@@ -410,6 +438,7 @@ impl Hub {
                 history,
                 allow: snapshot.allow_all(),
                 bundle: bundle.clone(),
+                snapshot: snapshot.clone(),
             },
         );
         set

@@ -1,9 +1,13 @@
 //! `GET /v1/inspect/agents|services|workloads`: the zone's inventory as
-//! JSON arrays (camelCase), computed the way agents' views are.
+//! JSON arrays (camelCase), computed the way agents' views are; and
+//! `GET /v1/inspect/workloads/{mesh}/{namespace}/{name}/policies`: the
+//! policies of one workload, explained and compiled.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use weft_api::policy::compiled::WorkloadPolicy;
+use weft_api::policy::select::{self, AppliedPolicy, WorkloadInfo};
 use weft_api::{Kind, Protocol, WorkloadPort};
 use weft_store::{now_ms, AgentNack, Store, StoreError};
 
@@ -218,6 +222,48 @@ pub async fn workloads(store: &Store, zone: &str) -> Result<Vec<WorkloadView>, S
         }
     }
     Ok(out)
+}
+
+/// What `inspect policies` shows of one workload.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPoliciesView {
+    mesh: String,
+    namespace: String,
+    name: String,
+    /// The policies that apply, kind by kind, each kind's in merge order.
+    policies: Vec<AppliedPolicy>,
+    /// What the workload's agent receives for it.
+    compiled: WorkloadPolicy,
+}
+
+/// `GET /v1/inspect/workloads/{mesh}/{namespace}/{name}/policies`; `None`
+/// when the mesh or the workload does not exist.
+pub async fn workload_policies(
+    store: &Store,
+    zone: &str,
+    mesh: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<WorkloadPoliciesView>, StoreError> {
+    let Some(snapshot) = MeshSnapshot::load(store, zone, mesh).await? else {
+        return Ok(None);
+    };
+    let Some(workload) = snapshot
+        .workloads
+        .iter()
+        .find(|w| w.metadata.namespace.as_deref() == Some(namespace) && w.metadata.name == name)
+    else {
+        return Ok(None);
+    };
+    let peers = snapshot.peers(zone);
+    Ok(Some(WorkloadPoliciesView {
+        mesh: mesh.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        policies: select::explain(&WorkloadInfo::of(workload), &snapshot.policies),
+        compiled: snapshot.workload_policy(workload, &peers),
+    }))
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -20,9 +20,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
+use weft_api::policy::compiled::WorkloadPolicy;
+use weft_api::policy::select::{self, MeshPolicies, PeerResolver, WorkloadInfo};
+use weft_api::policy::target::PeerRef;
 use weft_api::proto::agent::endpoint_order;
 use weft_api::proto::agent::v1 as pb;
-use weft_api::{Kind, Mesh, Protocol, Resource, Service, Workload, WorkloadPort};
+use weft_api::{
+    Kind, Mesh, PeerMatch, Protocol, Resource, Service, SpiffeId, Workload, WorkloadPort,
+};
 use weft_store::{now_ms, AgentRecord, ResourceKey, Store, StoreError};
 
 use crate::zone_ca::hex;
@@ -45,6 +50,8 @@ pub struct MeshSnapshot {
     pub services: Vec<Service>,
     /// Its Workloads, by namespace and name.
     pub workloads: Vec<Workload>,
+    /// Its policies, by kind.
+    pub policies: MeshPolicies,
     /// The zone's agents in this mesh, by name.
     pub agents: HashMap<String, AgentRecord>,
     /// When it was read (ms since the epoch), for liveness.
@@ -91,6 +98,12 @@ impl MeshSnapshot {
                 _ => None,
             })
             .collect();
+        let mut policies = MeshPolicies::default();
+        for kind in Kind::POLICIES {
+            for stored in store.list(kind, Some(name), None).await? {
+                policies.add(stored.resource);
+            }
+        }
         let agents = store
             .list_agents(zone, Some(name))
             .await?
@@ -101,6 +114,7 @@ impl MeshSnapshot {
             mesh,
             services,
             workloads,
+            policies,
             agents,
             now_ms: now_ms(),
         }))
@@ -213,6 +227,58 @@ impl MeshSnapshot {
         ServiceSet::new(services, previous)
     }
 
+    /// The workloads of each agent (by the label naming it), each agent's
+    /// sorted by namespace and name.
+    pub fn workloads_by_agent(&self) -> HashMap<&str, Vec<&Workload>> {
+        let mut by_agent: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in &self.workloads {
+            if let Some(agent) = w.metadata.labels.get(AGENT_LABEL) {
+                by_agent.entry(agent.as_str()).or_default().push(w);
+            }
+        }
+        for list in by_agent.values_mut() {
+            list.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+        }
+        by_agent
+    }
+
+    /// The resolver of `rules[].from` over this mesh's workloads (all in
+    /// `zone`, the only one a zone controller knows of), to be shared by
+    /// every workload compiled from this snapshot.
+    pub fn peers<'a>(&'a self, zone: &'a str) -> SnapshotPeers<'a> {
+        SnapshotPeers {
+            snapshot: self,
+            zone,
+            resolved: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The policy of one workload of this mesh.
+    pub fn workload_policy(&self, workload: &Workload, peers: &dyn PeerResolver) -> WorkloadPolicy {
+        select::compile(&WorkloadInfo::of(workload), &self.policies, peers)
+    }
+
+    /// What `ConfigUpdate.policy_json` carries for an agent with these
+    /// workloads: the JSON array of their policies.
+    pub fn policy_json(&self, workloads: &[&Workload], peers: &dyn PeerResolver) -> Arc<str> {
+        let policies: Vec<WorkloadPolicy> = workloads
+            .iter()
+            .map(|w| self.workload_policy(w, peers))
+            .collect();
+        match serde_json::to_string(&policies) {
+            Ok(json) => json.into(),
+            // Plain data (strings, numbers, maps with string keys) always
+            // serializes; should it not, no policy is safer than a wrong one.
+            Err(error) => {
+                tracing::error!(%error, "cannot serialize workload policies");
+                Arc::from("")
+            }
+        }
+    }
+
     /// The callers every workload of the mesh accepts: the whole mesh.
     pub fn allow_all(&self) -> String {
         format!("spiffe://{}/*", self.mesh.spec.trust_domain)
@@ -236,6 +302,47 @@ impl MeshSnapshot {
             }
         }
         rules
+    }
+}
+
+/// Resolves `rules[].from` against a snapshot's workloads, each peer once
+/// per snapshot (the same `from` recurs in every workload's compilation).
+pub struct SnapshotPeers<'a> {
+    snapshot: &'a MeshSnapshot,
+    zone: &'a str,
+    resolved: Mutex<HashMap<PeerRef, Vec<PeerMatch>>>,
+}
+
+impl PeerResolver for SnapshotPeers<'_> {
+    fn trust_domain(&self) -> &str {
+        &self.snapshot.mesh.spec.trust_domain
+    }
+
+    fn identities(&self, peer: &PeerRef) -> Vec<SpiffeId> {
+        self.snapshot
+            .workloads
+            .iter()
+            .filter(|w| match peer {
+                PeerRef::Service { name, namespace } => {
+                    w.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && &w.spec.service == name
+                }
+                PeerRef::Labels { labels } => select::labels_match(labels, &w.metadata.labels),
+                PeerRef::Zone { name } => name == self.zone,
+                PeerRef::Mesh | PeerRef::SpiffeId { .. } | PeerRef::SpiffeIdPrefix { .. } => false,
+            })
+            .filter_map(|w| w.identity(&self.snapshot.mesh.spec).ok())
+            .collect()
+    }
+
+    fn resolve(&self, peer: &PeerRef) -> Vec<PeerMatch> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = resolved.get(peer) {
+            return found.clone();
+        }
+        let matchers = select::resolve_peer(peer, self);
+        resolved.insert(peer.clone(), matchers.clone());
+        matchers
     }
 }
 
@@ -508,8 +615,11 @@ pub struct AgentView {
     pub version: String,
     /// The mesh's services (shared).
     pub services: Arc<ServiceSet>,
-    /// Callers allowed into each of the agent's workloads.
+    /// Callers allowed into each of the agent's workloads (for agents that
+    /// predate policies).
     pub inbound: Vec<pb::InboundRule>,
+    /// The policies of the agent's workloads, as `ConfigUpdate.policy_json`.
+    pub policy_json: Arc<str>,
     /// The mesh's name.
     pub mesh: String,
     /// The zone's name.
@@ -525,6 +635,7 @@ impl AgentView {
     pub fn new(
         services: Arc<ServiceSet>,
         inbound: Vec<pb::InboundRule>,
+        policy_json: Arc<str>,
         mesh: String,
         zone: String,
         trust_bundle_pem: Arc<str>,
@@ -534,6 +645,7 @@ impl AgentView {
             version: String::new(),
             services,
             inbound,
+            policy_json,
             mesh,
             zone,
             trust_bundle_pem,
@@ -575,7 +687,7 @@ impl AgentView {
             removed_services: Vec::new(),
             more: false,
             patched_services: Vec::new(),
-            policy_json: String::new(),
+            policy_json: self.policy_json.to_string(),
         }
     }
 
@@ -774,6 +886,7 @@ mod tests {
         AgentView::new(
             Arc::new(ServiceSet::new(services, previous)),
             Vec::new(),
+            Arc::from(""),
             "default".into(),
             "z".into(),
             Arc::from(bundle),
@@ -789,6 +902,37 @@ mod tests {
         let mut messages: Vec<_> = view.messages(Some(&base.sent()), true).collect();
         assert_eq!(messages.len(), 1);
         messages.remove(0)
+    }
+
+    #[test]
+    fn policies_are_part_of_the_version_and_of_every_first_chunk() {
+        let set = Arc::new(ServiceSet::new(
+            (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect(),
+            None,
+        ));
+        let with = |json: &str| {
+            AgentView::new(
+                set.clone(),
+                Vec::new(),
+                Arc::from(json),
+                "default".into(),
+                "z".into(),
+                Arc::from("bundle"),
+            )
+        };
+        let none = with("[]");
+        let some = with(r#"[{"workload":"web-1"}]"#);
+        assert_ne!(none.version, some.version);
+        assert_eq!(with("[]").version, none.version);
+        let messages: Vec<_> = some.messages(None, true).collect();
+        assert!(messages.len() > 1);
+        assert_eq!(messages[0].policy_json, r#"[{"workload":"web-1"}]"#);
+        // Later chunks of the version do not repeat it.
+        assert!(messages[1..].iter().all(|m| m.policy_json.is_empty()));
+        // A delta carries it whole too: it is per agent, not diffed.
+        let delta = some.messages(Some(&none.sent()), true).next().unwrap();
+        assert_eq!(delta.base_version, none.version);
+        assert_eq!(delta.policy_json, r#"[{"workload":"web-1"}]"#);
     }
 
     #[test]

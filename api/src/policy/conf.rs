@@ -228,25 +228,25 @@ pub enum RouteFilter {
     /// Rewrites the host and path before the request is sent.
     UrlRewrite {
         /// The new `Host` / `:authority`.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
         /// The new path.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<PathRewrite>,
     },
     /// Answers with a redirect instead of sending the request on.
     RequestRedirect {
         /// The scheme of the new location (`http` or `https`).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         scheme: Option<String>,
         /// The host of the new location.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
         /// The port of the new location.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
         /// The path of the new location.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<PathRewrite>,
         /// 301, 302 (the default), 303, 307 or 308.
         #[serde(default = "default_redirect_status")]

@@ -62,6 +62,22 @@ impl TargetRef {
     }
 }
 
+impl std::fmt::Display for TargetRef {
+    /// The short form that tables show: `Mesh`, `Labels app=web`,
+    /// `Service shop/web`, `Workload shop/web-1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetRef::Mesh => f.write_str("Mesh"),
+            TargetRef::Labels { labels } => {
+                let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "Labels {}", pairs.join(","))
+            }
+            TargetRef::Service { name, namespace } => write!(f, "Service {namespace}/{name}"),
+            TargetRef::Workload { name, namespace } => write!(f, "Workload {namespace}/{name}"),
+        }
+    }
+}
+
 /// The destination a `to[]` entry configures: calls to every service, to
 /// one service, or to one external service.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
