@@ -197,11 +197,12 @@ spec:
     ensure!(status == 504, "{status} {body}");
 
     // What applies to web, and why.
+    let workload = format!("default/{}", zone.vms[web].workload);
     let shown = up.controller.weftctl_ok(&[
         "inspect",
         "policies",
         "--workload",
-        "default/web",
+        &workload,
         "-o",
         "json",
     ])?;

@@ -167,8 +167,10 @@ async fn forward(
                 let _ = tcp.set_nodelay(true);
                 Ok(tcp)
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("connecting to the workload timed out".to_owned()),
+            Ok(Err(e)) => Err(SendError::Connect(e.to_string())),
+            Err(_) => Err(SendError::Connect(
+                "connecting to the workload timed out".to_owned(),
+            )),
         }
     };
     i.upstreams().send(key, req, connect).await

@@ -332,6 +332,9 @@ impl Failure {
             Failure::NoEndpoints => (StatusCode::SERVICE_UNAVAILABLE, "no_endpoints"),
             Failure::TryTimeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Failure::Body(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Failure::Send(SendError::Refused(StatusCode::FORBIDDEN)) => {
+                (StatusCode::FORBIDDEN, "denied")
+            }
             Failure::Send(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_failed"),
         }
     }
@@ -456,12 +459,9 @@ async fn send(
         let (checkout, response, tx) = o
             .open_stream(authority, endpoint)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError::Connect(e.to_string()))?;
         if response.status() != StatusCode::OK {
-            return Err(format!(
-                "the peer agent refused the stream with {}",
-                response.status()
-            ));
+            return Err(SendError::Refused(response.status()));
         }
         Ok(TunnelIo::new(response.into_body(), tx).holding(checkout))
     };

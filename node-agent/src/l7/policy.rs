@@ -106,9 +106,11 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Whether a caller may open a connection (L4). On an HTTP port, rules
-    /// restricted to some requests count as allowing the connection: each
-    /// request is then decided by [`Inbound::request`].
+    /// Whether a caller may open a connection (L4). On a TCP port, only
+    /// rules without `http` count. On an HTTP port the connection is let
+    /// in unless a rule without `http` denies the caller: each request is
+    /// then decided by [`Inbound::request`], and one that nothing allows
+    /// gets a `403` naming why rather than a reset.
     pub fn connection(&self, peer: &SpiffeId, http_port: bool) -> Verdict<'_> {
         let applicable = |p: &&Permission| p.caller_matches(peer);
         if let Some(p) = self
@@ -119,11 +121,14 @@ impl Inbound {
         {
             return Verdict::Deny(&p.policy);
         }
+        if http_port {
+            return Verdict::Allow("");
+        }
         match self
             .permissions
             .iter()
             .filter(applicable)
-            .find(|p| p.action == Action::Allow && (http_port || p.http.is_empty()))
+            .find(|p| p.action == Action::Allow && p.http.is_empty())
         {
             Some(p) => Verdict::Allow(&p.policy),
             None => Verdict::NoMatch,

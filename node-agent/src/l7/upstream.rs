@@ -40,6 +40,10 @@ pub enum SendError {
     /// No connection could be made: safe to retry anywhere.
     #[error("connect: {0}")]
     Connect(String),
+    /// The destination's agent refused the tunnel stream (e.g. `403`: no
+    /// TrafficPermission lets this workload connect at all).
+    #[error("the destination's agent refused the stream with {0}")]
+    Refused(http::StatusCode),
     /// The connection failed during the exchange (reset, closed).
     #[error("upstream: {0}")]
     Upstream(#[from] hyper::Error),
@@ -153,14 +157,14 @@ impl Upstreams {
     ) -> Result<Response<PooledBody>, SendError>
     where
         C: FnOnce() -> F,
-        F: Future<Output = Result<IO, String>>,
+        F: Future<Output = Result<IO, SendError>>,
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         if key.h2 {
             let mut sender = match self.h2(&key) {
                 Some(s) => s,
                 None => {
-                    let io = connect().await.map_err(SendError::Connect)?;
+                    let io = connect().await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .handshake(TokioIo::new(io))
@@ -186,7 +190,7 @@ impl Upstreams {
         let mut sender = match self.take_h1(&key) {
             Some(s) => s,
             None => {
-                let io = connect().await.map_err(SendError::Connect)?;
+                let io = connect().await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(io))
                     .await
