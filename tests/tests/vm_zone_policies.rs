@@ -214,3 +214,97 @@ spec:
     }
     Ok(())
 }
+
+#[test]
+fn load_balancing_and_mirroring_from_the_zone() -> Result<()> {
+    let up = bring_up(echo_bin!(), &["web", "api", "api", "shadow"], "24h")?;
+    let zone = &up.zone;
+    let (web, api_a, api_b, shadow) = (0, 1, 2, 3);
+    let which = |body: &str| {
+        if body.contains(&up.markers[api_a]) {
+            Some(api_a)
+        } else if body.contains(&up.markers[api_b]) {
+            Some(api_b)
+        } else {
+            None
+        }
+    };
+    // Round robin by default: both instances answer.
+    wait::until("both api instances in web's view", T, || {
+        let mut seen = [false; 2];
+        for i in 0..8 {
+            let (_, body) = zone.curl_status(web, &url("api", &format!("/rr-{i}")))?;
+            if let Some(k) = which(&body) {
+                seen[k - api_a] = true;
+            }
+        }
+        Ok((seen == [true, true]).then_some(()))
+    })?;
+
+    up.controller.apply(
+        &zone.path().join("lb.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: LoadBalancing
+metadata: { name: sticky-users, mesh: default }
+spec:
+  targetRef: { kind: Service, name: web }
+  to:
+  - targetRef: { kind: Service, name: api }
+    default:
+      algorithm: { type: ConsistentHash, hashOn: { type: Header, name: x-user } }
+---
+apiVersion: weft.io/v1alpha1
+kind: HTTPRoute
+metadata: { name: api-shadowed, mesh: default }
+spec:
+  targetRef: { kind: Service, name: web }
+  to:
+  - targetRef: { kind: Service, name: api }
+    rules:
+    - default:
+        filters: [ { type: RequestMirror, backendRef: { name: shadow }, percentage: 100 } ]
+",
+    )?;
+    let user = |name: &str, path: &str| -> Result<Option<usize>> {
+        let out = zone.vms[web]
+            .host
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("x-user: {name}"),
+                &url("api", path),
+            ])
+            .output()?;
+        Ok(which(&String::from_utf8_lossy(&out.stdout)))
+    };
+    // Once the policy is in force, one user always lands on one instance.
+    wait::until("alice to stick to one api instance", T, || {
+        let first = user("alice", "/sticky")?;
+        let all_same = (0..10)
+            .map(|_| user("alice", "/sticky"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((first.is_some() && all_same.iter().all(|k| *k == first)).then_some(()))
+    })?;
+    // Different users spread over both (16 users on one instance: 2^-15).
+    let mut seen = [false; 2];
+    for i in 0..16 {
+        if let Some(k) = user(&format!("user-{i}"), "/spread")? {
+            seen[k - api_a] = true;
+        }
+    }
+    ensure!(
+        seen == [true, true],
+        "16 users all hashed to one instance: {seen:?}"
+    );
+    // Every request web sent to api was copied to shadow.
+    up.agents[shadow].wait_metric(
+        "weft_http_requests_total",
+        &[("direction", "inbound"), ("status", "200")],
+        16.0,
+    )?;
+    Ok(())
+}

@@ -674,3 +674,114 @@ impl std::fmt::Debug for Policy {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> Policy {
+        let p: WorkloadPolicy = yaml_serde::from_str(yaml).unwrap();
+        Policy::compile(&p, &super::super::access_log::Files::default()).unwrap()
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    fn get(path: &str) -> http::request::Parts {
+        http::Request::get(path).body(()).unwrap().into_parts().0
+    }
+
+    const RULES: &str = "
+workload: api
+inbound:
+  permissions:
+  - { policy: web-reads, from: [ 'spiffe://td/ns/default/sa/web' ], action: Allow,
+      http: [ { method: GET } ] }
+  - { policy: ops, from: [ 'spiffe://td/ns/ops/*' ], action: Allow }
+  - { policy: no-admin, from: [ 'spiffe://td/*' ], action: Deny,
+      http: [ { path: { type: PathPrefix, value: /admin } } ] }
+  - { policy: banned, from: [ 'spiffe://td/ns/default/sa/bad' ], action: Deny }
+";
+
+    #[test]
+    fn deny_wins_and_nothing_allowed_is_refused() {
+        let p = policy(RULES);
+        let web = id("spiffe://td/ns/default/sa/web");
+        let ops = id("spiffe://td/ns/ops/sa/x");
+        assert_eq!(
+            p.inbound.request(&web, &get("/x")),
+            Verdict::Allow("web-reads")
+        );
+        assert_eq!(
+            p.inbound.request(&web, &get("/admin/x")),
+            Verdict::Deny("no-admin")
+        );
+        assert_eq!(
+            p.inbound.request(&ops, &get("/admin")),
+            Verdict::Deny("no-admin")
+        );
+        let post = http::Request::post("/x").body(()).unwrap().into_parts().0;
+        assert_eq!(p.inbound.request(&web, &post), Verdict::NoMatch);
+        assert_eq!(
+            p.inbound
+                .request(&id("spiffe://other/ns/a/sa/b"), &get("/")),
+            Verdict::NoMatch
+        );
+    }
+
+    #[test]
+    fn connections_count_only_rules_without_http_on_tcp_ports() {
+        let p = policy(RULES);
+        let web = id("spiffe://td/ns/default/sa/web");
+        // web is allowed only for some requests: no TCP, but HTTP is let in.
+        assert_eq!(p.inbound.connection(&web, false), Verdict::NoMatch);
+        assert!(p.inbound.connection(&web, true).allowed());
+        assert_eq!(
+            p.inbound.connection(&id("spiffe://td/ns/ops/sa/x"), false),
+            Verdict::Allow("ops")
+        );
+        // A deny without http refuses the connection on every port.
+        let bad = id("spiffe://td/ns/default/sa/bad");
+        assert_eq!(p.inbound.connection(&bad, true), Verdict::Deny("banned"));
+        assert_eq!(p.inbound.connection(&bad, false), Verdict::Deny("banned"));
+    }
+
+    #[test]
+    fn destination_settings_override_the_defaults_field_by_field() {
+        let p = policy(
+            "
+workload: web
+outboundDefaults: { timeout: { requestTimeout: 2s, connectTimeout: 1s }, retry: { numRetries: 1 } }
+outbound:
+  default/api: { timeout: { requestTimeout: 0s } }
+",
+        );
+        let api = p.outbound("default/api");
+        assert_eq!(api.request_timeout, None, "0s turns the limit off");
+        assert_eq!(api.connect_timeout, Duration::from_secs(1));
+        assert_eq!(api.retry.as_ref().map(|r| r.num_retries), Some(1));
+        let other = p.outbound("default/other");
+        assert_eq!(other.request_timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_bad_header_name_is_refused_with_its_field() {
+        let p: WorkloadPolicy = yaml_serde::from_str(
+            "
+workload: web
+outbound:
+  default/api:
+    routes:
+    - policy: r
+      rule: { default: { filters: [ { type: RequestHeaderModifier, set: [ { name: 'bad header', value: x } ] } ] } }
+",
+        )
+        .unwrap();
+        let err = Policy::compile(&p, &super::super::access_log::Files::default()).unwrap_err();
+        assert_eq!(
+            err.field,
+            "outbound[\"default/api\"].routes[0].default.filters[0].set[0].name"
+        );
+    }
+}
