@@ -301,11 +301,13 @@ pub enum PathRewrite {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutConf {
-    /// How long connecting to the destination may take (default 5s).
+    /// How long opening a connection (a tunnel stream) to an endpoint of
+    /// the destination may take, on HTTP ports (default 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
-    /// How long a connection may stay without traffic before it is closed
-    /// (default 1h).
+    /// How long an application's HTTP/1.1 connection to the destination
+    /// may wait for its next request before the agent closes it (default
+    /// 1h). Not applied to TCP ports yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
     /// How long an HTTP request may take, from its start to the end of the

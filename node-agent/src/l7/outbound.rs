@@ -52,13 +52,24 @@ pub struct Dialled {
 
 /// Serves one application connection until it closes.
 pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
+    // The destination's idle timeout, as in force when the connection
+    // came: how long an HTTP/1.1 connection may wait for its next request.
+    let idle = {
+        let view = outbound.view.load();
+        let policy = view.policy().unwrap_or(&outbound.unconfigured);
+        policy.outbound(dialled.key.as_str()).idle_timeout
+    };
     let dialled = Arc::new(dialled);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let outbound = outbound.clone();
         let dialled = dialled.clone();
         async move { Ok::<_, Infallible>(handle(&outbound, req, &dialled).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle);
     if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
         debug!(error = %e, "outbound HTTP connection ended with an error");
     }
@@ -372,6 +383,7 @@ async fn attempts(
             port,
             req,
             retry.and_then(|r| r.per_try_timeout),
+            out.connect_timeout,
         )
         .await;
     }
@@ -384,7 +396,15 @@ async fn attempts(
         let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
-        let result = send(o, endpoint, port, req, retry.per_try_timeout).await;
+        let result = send(
+            o,
+            endpoint,
+            port,
+            req,
+            retry.per_try_timeout,
+            out.connect_timeout,
+        )
+        .await;
         let retryable = match &result {
             Ok((response, _)) => retry_on_response(retry, response),
             Err(Failure::Send(SendError::Connect(_))) => {
@@ -448,6 +468,7 @@ async fn send(
     port: u16,
     req: Request<Body>,
     per_try: Option<Duration>,
+    connect_timeout: Duration,
 ) -> Result<(Response<PooledBody>, SocketAddr), Failure> {
     let authority = SocketAddr::new(endpoint.address, port);
     let key = Key {
@@ -455,11 +476,11 @@ async fn send(
         agent: Some(endpoint.agent),
         h2: is_h2(req.version()),
     };
-    let connect = || async {
-        let (checkout, response, tx) = o
-            .open_stream(authority, endpoint)
+    let connect = || async move {
+        let opened = tokio::time::timeout(connect_timeout, o.open_stream(authority, endpoint))
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
+            .map_err(|_| SendError::Connect("connect timeout (Timeout policy)".to_owned()))?;
+        let (checkout, response, tx) = opened.map_err(|e| SendError::Connect(e.to_string()))?;
         if response.status() != StatusCode::OK {
             return Err(SendError::Refused(response.status()));
         }
@@ -646,7 +667,19 @@ fn mirror(o: &Arc<Outbound>, view: &MeshView, key: &str, port: u16, parts: &Part
     let o = o.clone();
     tokio::spawn(async move {
         let deadline = Duration::from_secs(5);
-        match tokio::time::timeout(deadline, send(&o, &endpoint, port, req, None)).await {
+        match tokio::time::timeout(
+            deadline,
+            send(
+                &o,
+                &endpoint,
+                port,
+                req,
+                None,
+                super::policy::DEFAULT_CONNECT_TIMEOUT,
+            ),
+        )
+        .await
+        {
             Ok(Ok((response, _))) => {
                 let _ = response.into_body().collect().await;
             }
