@@ -53,15 +53,20 @@ measure() { # name port pids...
   local name=$1 port=$2; shift 2; local pids="$*"
   wait_http "$port"
   local c0=0; for p in $pids; do c0=$(echo "$c0 + $(cpu_s $p)" | bc); done
-  local lat; lat=$(wrk -t1 -c1 -d${DUR}s --latency "http://127.0.0.1:$port/" 2>/dev/null | awk '/^ +50%/{a=$2} /^ +90%/{b=$2} /^ +99%/{c=$2} END{print a, b, c}')
-  local rps; rps=$(wrk -t2 -c16 -d${DUR}s "http://127.0.0.1:$port/" 2>/dev/null | awk '/Requests\/sec/{printf "%.0f", $2}')
+  local one; one=$(wrk -t1 -c1 -d${DUR}s --latency "http://127.0.0.1:$port/" 2>/dev/null)
+  local lat; lat=$(echo "$one" | awk '/^ +50%/{a=$2} /^ +90%/{b=$2} /^ +99%/{c=$2} END{print a, b, c}')
+  local many; many=$(wrk -t2 -c16 -d${DUR}s "http://127.0.0.1:$port/" 2>/dev/null)
+  local rps; rps=$(echo "$many" | awk '/Requests\/sec/{printf "%.0f", $2}')
+  local n; n=$( (echo "$one"; echo "$many") | awk '/requests in/{s+=$1} END{print s+0}')
   local c1=0 mem=0; for p in $pids; do c1=$(echo "$c1 + $(cpu_s $p)" | bc); mem=$((mem + $(hwm_kib $p))); done
-  printf '%-13s %10s %10s %10s %10s %9.1f %8.1f\n' "$name" $lat "$rps" "$(echo "scale=1; $mem/1024" | bc)" "$(echo "$c1 - $c0" | bc)"
+  local cpu; cpu=$(echo "$c1 - $c0" | bc)
+  local per="-"; [ "$n" -gt 0 ] && [ -n "$pids" ] && per=$(echo "scale=1; $cpu * 1000000 / $n" | bc)
+  printf '%-13s %10s %10s %10s %10s %9.1f %8.1f %10s\n' "$name" $lat "$rps" "$(echo "scale=1; $mem/1024" | bc)" "$cpu" "$per"
 }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(uname -r), DUR=${DUR}s, 1 KiB body"
-printf '%-13s %10s %10s %10s %10s %9s %8s\n' setup p50 p90 p99 req/s RSS_MiB CPU_s
-measure direct $APP
+printf '%-13s %10s %10s %10s %10s %9s %8s %10s\n' setup p50 p90 p99 req/s RSS_MiB CPU_s CPU_us/req
+measure direct $APP ""
 
 # HAProxy pair in HTTP mode: the client side parses HTTP and keeps
 # connections to the server side alive (http-reuse), mTLS between them.

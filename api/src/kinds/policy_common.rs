@@ -86,3 +86,72 @@ pub(crate) fn check_destination(
         }
     }
 }
+
+/// Defines the spec of a policy kind that configures outbound calls only
+/// (`targetRef` and `to[]`): such kinds differ in nothing but their
+/// `default` block, so each module is one invocation. The doc comment given
+/// becomes the kind's summary in the reference.
+macro_rules! outbound_policy_spec {
+    ($(#[$doc:meta])* $spec:ident, $conf:ty, $kind:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug,
+            Clone,
+            PartialEq,
+            Eq,
+            serde::Serialize,
+            serde::Deserialize,
+            schemars::JsonSchema,
+        )]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $spec {
+            /// The workloads whose outbound calls get the settings (default: the
+            /// whole mesh).
+            #[serde(default)]
+            pub target_ref: $crate::policy::target::TargetRef,
+            /// The destinations and their settings (at least one).
+            pub to: Vec<$crate::kinds::policy_common::PolicyTo<$conf>>,
+        }
+
+        impl $crate::resource::Spec for $spec {
+            const KIND: $crate::resource::Kind = $crate::resource::Kind::$kind;
+            type Status = $crate::resource::NoStatus;
+
+            fn validate(
+                &self,
+                _: &$crate::resource::ObjectMeta,
+                path: &$crate::validation::FieldPath,
+                problems: &mut $crate::validation::Problems,
+            ) {
+                use $crate::policy::check::Check;
+                self.target_ref.check(&path.field("targetRef"), problems);
+                $crate::kinds::policy_common::check_to(&self.to, true, &path.field("to"), problems);
+            }
+
+            fn check_references(
+                object: &$crate::resource::Object<Self>,
+                existing: &dyn $crate::validation::ExistingResources,
+                problems: &mut $crate::validation::Problems,
+            ) {
+                let mesh = object.mesh().unwrap_or_default();
+                for (i, entry) in object.spec.to.iter().enumerate() {
+                    let at = $crate::validation::FieldPath::of(&["spec", "to"])
+                        .index(i)
+                        .field("targetRef");
+                    $crate::kinds::policy_common::check_destination(
+                        mesh,
+                        &entry.target_ref,
+                        at,
+                        existing,
+                        problems,
+                    );
+                }
+            }
+
+            fn into_resource(object: $crate::resource::Object<Self>) -> $crate::resource::Resource {
+                $crate::resource::Resource::$kind(object)
+            }
+        }
+    };
+}
+pub(crate) use outbound_policy_spec;

@@ -1,49 +1,11 @@
 //! `Timeout`: connect, idle and request timeouts of outbound calls.
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
-use crate::kinds::policy_common::{check_destination, check_to, PolicyTo};
-use crate::policy::check::Check;
+use crate::kinds::policy_common::outbound_policy_spec;
 use crate::policy::conf::TimeoutConf;
-use crate::policy::target::TargetRef;
-use crate::resource::{Kind, NoStatus, Object, ObjectMeta, Resource, Spec};
-use crate::validation::{ExistingResources, FieldPath, Problems};
 
-/// Sets timeouts on the calls the selected workloads make, per destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TimeoutSpec {
-    /// The workloads whose outbound calls get the settings (default: the
-    /// whole mesh).
-    #[serde(default)]
-    pub target_ref: TargetRef,
-    /// The destinations and their settings (at least one).
-    pub to: Vec<PolicyTo<TimeoutConf>>,
-}
-
-impl Spec for TimeoutSpec {
-    const KIND: Kind = Kind::Timeout;
-    type Status = NoStatus;
-
-    fn validate(&self, _: &ObjectMeta, path: &FieldPath, problems: &mut Problems) {
-        self.target_ref.check(&path.field("targetRef"), problems);
-        check_to(&self.to, true, &path.field("to"), problems);
-    }
-
-    fn check_references(
-        object: &Object<Self>,
-        existing: &dyn ExistingResources,
-        problems: &mut Problems,
-    ) {
-        let mesh = object.mesh().unwrap_or_default();
-        for (i, entry) in object.spec.to.iter().enumerate() {
-            let at = FieldPath::of(&["spec", "to"]).index(i).field("targetRef");
-            check_destination(mesh, &entry.target_ref, at, existing, problems);
-        }
-    }
-
-    fn into_resource(object: Object<Self>) -> Resource {
-        Resource::Timeout(object)
-    }
-}
+outbound_policy_spec!(
+    /// Sets timeouts on the calls the selected workloads make, per destination.
+    TimeoutSpec,
+    TimeoutConf,
+    Timeout
+);
