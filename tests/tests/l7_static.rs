@@ -189,6 +189,26 @@ fn permissions_routes_and_retries_act_per_request() -> Result<()> {
         1.0,
     )?;
 
+    // Sequential requests reuse one tunnel stream: the caller's agent keeps
+    // its HTTP/1.1 connection to the server's agent alive between them.
+    let opened = |agent: &Agent| {
+        agent.metric(
+            "weft_connections_opened_total",
+            &[("direction", "inbound"), ("source_identity", &client_id)],
+        )
+    };
+    let before = opened(&server)?;
+    for i in 0..10 {
+        let r = get(&pair, &format!("/public/reuse-{i}"), &[])?;
+        ensure!(r.status == 200, "{} {}", r.status, r.text());
+    }
+    let after = opened(&server)?;
+    ensure!(
+        after - before <= 1.0,
+        "10 requests opened {} tunnel streams",
+        after - before
+    );
+
     // The access log has one JSON line per request, denials included.
     let line = wait::until("the denial in the access log", T, || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

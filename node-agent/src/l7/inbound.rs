@@ -98,7 +98,12 @@ async fn handle(
                 None => parts.headers.remove(PEER_IDENTITY_HEADER),
             };
             match forward(i, Request::from_parts(parts, Either::Left(body)), target).await {
-                Ok(r) => r.map(Either::Left),
+                Ok(mut r) => {
+                    // The workload's `connection: close` is about its own
+                    // connection to this agent, not the caller's stream.
+                    strip_hop_by_hop(r.headers_mut());
+                    r.map(Either::Left)
+                }
                 Err(e) => {
                     info!(peer = %peer, %target, error = %e, "workload did not answer");
                     flag = "upstream_failed";

@@ -282,7 +282,8 @@ async fn routed(
         None => Some(attempts.await),
     };
     let (mut response, outcome) = match result {
-        Some(Ok((response, upstream))) => {
+        Some(Ok((mut response, upstream))) => {
+            strip_hop_by_hop(response.headers_mut());
             let status = response.status().as_u16();
             (
                 response.map(Either::Left),

@@ -124,11 +124,15 @@ impl Upstreams {
         }
     }
 
+    /// An idle connection for `key`, newest first. It may still be
+    /// finishing the last exchange (a response body just read to its end
+    /// returns it here before its task has noticed): the caller waits for
+    /// it to be ready.
     fn take_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.lock();
         let list = idle.h1.get_mut(key)?;
         while let Some((sender, since)) = list.pop() {
-            if sender.is_ready() && since.elapsed() < IDLE_REUSE {
+            if !sender.is_closed() && since.elapsed() < IDLE_REUSE {
                 return Some(sender);
             }
         }
@@ -187,7 +191,11 @@ impl Upstreams {
                 give_back: None,
             }));
         }
-        let mut sender = match self.take_h1(&key) {
+        let reused = match self.take_h1(&key) {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut sender = match reused {
             Some(s) => s,
             None => {
                 let io = connect().await?;
