@@ -22,8 +22,8 @@ pub struct Collector {
 impl Collector {
     /// Listens on `addr` inside `host` and records every span it receives.
     pub fn start(host: &Host, addr: SocketAddr) -> Result<Collector> {
-        let listener = host
-            .enter(|| TcpListener::bind(addr).with_context(|| format!("binding {addr}")))?;
+        let listener =
+            host.enter(|| TcpListener::bind(addr).with_context(|| format!("binding {addr}")))?;
         let spans = Arc::new(Mutex::new(Vec::new()));
         let recorded = spans.clone();
         std::thread::spawn(move || {

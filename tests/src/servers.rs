@@ -45,9 +45,7 @@ fn echo_with(mut conn: TcpStream, who: Option<&[u8]>) {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) if buf[..n].starts_with(WHO) => {
-                if conn.write_all(answer).is_err()
-                    || conn.write_all(&buf[WHO.len()..n]).is_err()
-                {
+                if conn.write_all(answer).is_err() || conn.write_all(&buf[WHO.len()..n]).is_err() {
                     return;
                 }
             }

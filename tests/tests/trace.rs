@@ -72,13 +72,9 @@ fn trace_context_spans_and_sampling() -> Result<()> {
     let pair = Pair::new(echo_bin!())?;
     let marker = unique_marker("trace");
     let _app = pair.start_server_app(&marker)?;
-    let collector = Collector::start(
-        &pair.server,
-        SocketAddr::new(IpAddr::V4(SERVER_IP), 4318),
-    )?;
+    let collector = Collector::start(&pair.server, SocketAddr::new(IpAddr::V4(SERVER_IP), 4318))?;
     let backend = json!({"type": "Otlp", "endpoint": collector.endpoint()});
-    let (server_agent, client_agent) =
-        start(&pair, &json!({"sampling": 100, "backend": backend}))?;
+    let (server_agent, client_agent) = start(&pair, &json!({"sampling": 100, "backend": backend}))?;
     let get = |path: &str, headers: &[(&str, &str)]| {
         pair.client
             .enter(|| http::request_with(HTTP_LISTENER, "GET", path, headers, T))
@@ -115,7 +111,10 @@ fn trace_context_spans_and_sampling() -> Result<()> {
     for span in [&client_span, &server_span] {
         ensure!(attribute(span, "http.request.method").as_deref() == Some("GET"));
         ensure!(attribute(span, "http.response.status_code").as_deref() == Some("200"));
-        ensure!(attribute(span, "url.path").as_deref() == Some("/traced/a"), "{span}");
+        ensure!(
+            attribute(span, "url.path").as_deref() == Some("/traced/a"),
+            "{span}"
+        );
     }
     ensure!(
         attribute(&client_span, "weft.destination.service").as_deref() == Some("default/server")
@@ -132,14 +131,21 @@ fn trace_context_spans_and_sampling() -> Result<()> {
     let r = get(
         "/traced/b",
         &[
-            ("traceparent", &format!("00-{incoming_trace}-{incoming_span}-01")),
+            (
+                "traceparent",
+                &format!("00-{incoming_trace}-{incoming_span}-01"),
+            ),
             ("tracestate", "vendor=x"),
         ],
     )?;
     ensure!(r.status == 200, "{} {}", r.status, r.text());
     let (trace_id, _, _) = app_traceparent(&r.text())?;
     ensure!(trace_id == incoming_trace, "{trace_id}");
-    ensure!(r.text().contains("header tracestate: vendor=x"), "{}", r.text());
+    ensure!(
+        r.text().contains("header tracestate: vendor=x"),
+        "{}",
+        r.text()
+    );
     let (client_span, _) = spans_of(&collector, incoming_trace)?;
     ensure!(
         client_span["parentSpanId"] == incoming_span,
@@ -151,8 +157,7 @@ fn trace_context_spans_and_sampling() -> Result<()> {
 
     // Sampling 0: new traces are propagated, not sampled, not exported.
     let before = collector.spans().len();
-    let (server_agent, client_agent) =
-        start(&pair, &json!({"sampling": 0, "backend": backend}))?;
+    let (server_agent, client_agent) = start(&pair, &json!({"sampling": 0, "backend": backend}))?;
     let r = wait::until("a request through the new agents", T, || {
         let r = get("/unsampled", &[])?;
         Ok((r.status == 200).then_some(r))

@@ -19,8 +19,8 @@ use weft_api::SpiffeId;
 
 use super::access_log::Entry;
 use super::outbound::{strip_hop_by_hop, LogHead, ResponseBody, TraceHead};
-use super::trace::{SpanEnd, SpanKind};
 use super::response::{denied, local, rate_limited};
+use super::trace::{SpanEnd, SpanKind};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, SendError};
 use crate::inbound::Inbound;

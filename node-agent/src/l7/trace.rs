@@ -375,7 +375,10 @@ impl SpanRecord {
 fn export_body(spans: &[SpanRecord]) -> Vec<u8> {
     let mut by_workload: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for s in spans {
-        by_workload.entry(&s.workload).or_default().push(s.to_otlp());
+        by_workload
+            .entry(&s.workload)
+            .or_default()
+            .push(s.to_otlp());
     }
     let resource_spans: Vec<Value> = by_workload
         .into_iter()
@@ -416,7 +419,10 @@ fn target(endpoint: &str) -> Result<Target, TraceError> {
     }
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?;
     Ok(Target {
-        host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
         port: uri.port_u16().unwrap_or(80),
         path: format!("{}/v1/traces", uri.path().trim_end_matches('/')),
     })
@@ -536,10 +542,18 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             b"garbage",
         ] {
-            assert_eq!(TraceParent::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                TraceParent::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // A later version may append fields.
-        assert!(TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x").is_some());
+        assert!(
+            TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x")
+                .is_some()
+        );
     }
 
     #[test]
@@ -553,7 +567,10 @@ mod tests {
         headers.insert(TRACESTATE, HeaderValue::from_static("x=1"));
         let span = tracer.start(&mut headers, SpanKind::Client);
         assert!(!span.context.sampled, "sampling 0");
-        assert!(headers.get(TRACESTATE).is_none(), "orphan tracestate dropped");
+        assert!(
+            headers.get(TRACESTATE).is_none(),
+            "orphan tracestate dropped"
+        );
         let sent = TraceParent::parse(headers[TRACEPARENT].as_bytes()).unwrap();
         assert_eq!(sent, span.context);
 
@@ -565,10 +582,16 @@ mod tests {
         headers.insert(TRACESTATE, HeaderValue::from_static("x=1"));
         let span = tracer.start(&mut headers, SpanKind::Server);
         assert!(span.context.sampled, "the caller's decision is kept");
-        assert_eq!(span.parent, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        assert_eq!(
+            span.parent,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
         let sent = TraceParent::parse(headers[TRACEPARENT].as_bytes()).unwrap();
         assert_eq!(sent.trace_id, span.context.trace_id);
-        assert_ne!(sent.span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
+        assert_ne!(
+            sent.span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
         assert_eq!(headers[TRACESTATE], "x=1");
     }
 
