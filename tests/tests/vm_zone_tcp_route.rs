@@ -1,13 +1,14 @@
 //! TCPRoute applied to a VM zone: TCP connections from web to orders' echo
 //! port are split by weight between orders and payments by web's agent,
 //! each connection picking a backend service and then one of its
-//! endpoints. The echo apps say who they are when asked.
+//! endpoints. The echo apps say who they are when asked. Then a Trace from
+//! the zone: the HTTP apps receive W3C trace context set by the agents.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use weft_e2e::vmzone::{bring_up, service_vip, ECHO_PORT};
+use weft_e2e::vmzone::{bring_up, service_vip, ECHO_PORT, HTTP_PORT};
 use weft_e2e::{client, echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
@@ -80,5 +81,41 @@ spec:
         let all_orders = (0..8).all(|_| who().is_ok_and(|m| m == up.markers[orders]));
         Ok(all_orders.then_some(()))
     })?;
+
+    // Trace from the zone, without a backend: headers are propagated, the
+    // caller's trace kept from web's agent to orders' app.
+    up.controller.apply(
+        &zone.path().join("trace.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: Trace
+metadata: { name: everyone, mesh: default }
+spec:
+  default: { sampling: 100 }
+",
+    )?;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let body = wait::until("orders' app to get web's trace", T, || {
+        let out = zone.vms[web]
+            .host
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-H",
+                &format!("traceparent: 00-{trace_id}-b7ad6b7169203331-01"),
+                &format!("http://orders.mesh:{HTTP_PORT}/traced"),
+            ])
+            .output()?;
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(body
+            .contains(&format!("header traceparent: 00-{trace_id}-"))
+            .then_some(body))
+    })?;
+    ensure!(
+        body.contains(&up.markers[orders]) && !body.contains("b7ad6b7169203331"),
+        "a new span per hop: {body}"
+    );
     Ok(())
 }
