@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 use crate::duration::Duration;
 use crate::kinds::{
     AccessLogSpec, CaSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
-    LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec,
+    TraceSpec, TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 use crate::mesh::{Protocol, WorkloadPort};
 use crate::resource::{Kind, Object, ObjectMeta, Resource, Spec, API_VERSION};
@@ -55,6 +55,8 @@ pub fn fields(kind: Kind) -> Vec<FieldDoc> {
         Kind::FaultInjection => fields_of::<FaultInjectionSpec>(),
         Kind::LoadBalancing => fields_of::<LoadBalancingSpec>(),
         Kind::AccessLog => fields_of::<AccessLogSpec>(),
+        Kind::TcpRoute => fields_of::<TcpRouteSpec>(),
+        Kind::Trace => fields_of::<TraceSpec>(),
     }
 }
 
@@ -78,6 +80,8 @@ pub fn summary(kind: Kind) -> String {
         Kind::FaultInjection => of::<FaultInjectionSpec>(),
         Kind::LoadBalancing => of::<LoadBalancingSpec>(),
         Kind::AccessLog => of::<AccessLogSpec>(),
+        Kind::TcpRoute => of::<TcpRouteSpec>(),
+        Kind::Trace => of::<TraceSpec>(),
     }
 }
 
@@ -600,6 +604,8 @@ mod tests {
             Resource::FaultInjection(o) => &mut o.metadata.labels,
             Resource::LoadBalancing(o) => &mut o.metadata.labels,
             Resource::AccessLog(o) => &mut o.metadata.labels,
+            Resource::TcpRoute(o) => &mut o.metadata.labels,
+            Resource::Trace(o) => &mut o.metadata.labels,
         };
         labels.insert("weft.io/tier".to_owned(), "gold".to_owned());
     }

@@ -21,14 +21,15 @@ pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
     AccessLogSpec, BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
     HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec, PemChoice, PemSource, PolicyRule,
-    PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TimeoutSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TcpRouteSpec,
+    TcpRouteTo, TimeoutSpec, TraceBackend, TraceConf, TraceSpec, TrafficPermissionSpec,
+    WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
     AccessLog, ExternalService, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
-    Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, Timeout,
+    Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, TcpRoute, Timeout, Trace,
     TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
 };
 pub use validation::{

@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::kinds::{
     AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
-    WorkloadSpec, ZoneSpec,
+    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::resource::{Kind, Object, Resource, Spec, API_VERSION};
 use crate::validation::{
@@ -160,6 +160,8 @@ fn decode_kind<F: Format>(document: &F, kind: Kind) -> Result<Resource, FieldErr
         Kind::FaultInjection => typed::<FaultInjectionSpec, F>(document),
         Kind::LoadBalancing => typed::<LoadBalancingSpec, F>(document),
         Kind::AccessLog => typed::<AccessLogSpec, F>(document),
+        Kind::TcpRoute => typed::<TcpRouteSpec, F>(document),
+        Kind::Trace => typed::<TraceSpec, F>(document),
     }
 }
 

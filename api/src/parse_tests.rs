@@ -267,7 +267,7 @@ fn unknown_kind_lists_the_known_ones() {
     assert_eq!(error.path.to_string(), "kind");
     assert_eq!(
         error.reason,
-        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService, TrafficPermission, HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing, AccessLog"
+        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService, TrafficPermission, HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing, AccessLog, TCPRoute, Trace"
     );
 }
 

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::kinds::{
     AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
-    WorkloadSpec, ZoneSpec,
+    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::validation::{
     dns1123_label, ExistingResources, FieldError, FieldPath, Problems, ValidationErrors,
@@ -64,6 +64,10 @@ pub enum Kind {
     LoadBalancing,
     /// A policy: Access logging of calls; see [`AccessLogSpec`].
     AccessLog,
+    /// A policy: How TCP connections to a service are split; see [`TcpRouteSpec`].
+    TcpRoute,
+    /// A policy: Distributed tracing of HTTP requests; see [`TraceSpec`].
+    Trace,
 }
 
 /// Where a kind's resources live, which decides whether `metadata.mesh` and
@@ -80,7 +84,7 @@ pub enum Scope {
 
 impl Kind {
     /// All kinds, in the order the reference documents them.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Mesh,
         Kind::Zone,
         Kind::Workload,
@@ -94,10 +98,12 @@ impl Kind {
         Kind::FaultInjection,
         Kind::LoadBalancing,
         Kind::AccessLog,
+        Kind::TcpRoute,
+        Kind::Trace,
     ];
 
     /// The policy kinds, in the order the reference documents them.
-    pub const POLICIES: [Kind; 8] = [
+    pub const POLICIES: [Kind; 10] = [
         Kind::TrafficPermission,
         Kind::HttpRoute,
         Kind::Timeout,
@@ -106,6 +112,8 @@ impl Kind {
         Kind::FaultInjection,
         Kind::LoadBalancing,
         Kind::AccessLog,
+        Kind::TcpRoute,
+        Kind::Trace,
     ];
 
     /// The name written in `kind:`.
@@ -124,6 +132,8 @@ impl Kind {
             Kind::FaultInjection => "FaultInjection",
             Kind::LoadBalancing => "LoadBalancing",
             Kind::AccessLog => "AccessLog",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::Trace => "Trace",
         }
     }
 
@@ -139,7 +149,9 @@ impl Kind {
             | Kind::RateLimit
             | Kind::FaultInjection
             | Kind::LoadBalancing
-            | Kind::AccessLog => Scope::Mesh,
+            | Kind::AccessLog
+            | Kind::TcpRoute
+            | Kind::Trace => Scope::Mesh,
         }
     }
 
@@ -307,6 +319,10 @@ pub type FaultInjection = Object<FaultInjectionSpec>;
 pub type LoadBalancing = Object<LoadBalancingSpec>;
 /// An AccessLog resource.
 pub type AccessLog = Object<AccessLogSpec>;
+/// A TCPRoute resource.
+pub type TcpRoute = Object<TcpRouteSpec>;
+/// A Trace resource.
+pub type Trace = Object<TraceSpec>;
 
 impl<S: Spec> Object<S> {
     /// A resource without status.
@@ -556,6 +572,10 @@ pub enum Resource {
     LoadBalancing(LoadBalancing),
     /// See [`AccessLogSpec`].
     AccessLog(AccessLog),
+    /// See [`TcpRouteSpec`].
+    TcpRoute(TcpRoute),
+    /// See [`TraceSpec`].
+    Trace(Trace),
 }
 
 /// Runs the same code on the typed object inside any [`Resource`].
@@ -575,6 +595,8 @@ macro_rules! on_object {
             Resource::FaultInjection($object) => $body,
             Resource::LoadBalancing($object) => $body,
             Resource::AccessLog($object) => $body,
+            Resource::TcpRoute($object) => $body,
+            Resource::Trace($object) => $body,
         }
     };
 }
@@ -596,6 +618,8 @@ impl Resource {
             Resource::FaultInjection(_) => Kind::FaultInjection,
             Resource::LoadBalancing(_) => Kind::LoadBalancing,
             Resource::AccessLog(_) => Kind::AccessLog,
+            Resource::TcpRoute(_) => Kind::TcpRoute,
+            Resource::Trace(_) => Kind::Trace,
         }
     }
 
@@ -631,6 +655,8 @@ impl Resource {
             Resource::FaultInjection(o) => Some(&o.spec.target_ref),
             Resource::LoadBalancing(o) => Some(&o.spec.target_ref),
             Resource::AccessLog(o) => Some(&o.spec.target_ref),
+            Resource::TcpRoute(o) => Some(&o.spec.target_ref),
+            Resource::Trace(o) => Some(&o.spec.target_ref),
             Resource::Mesh(_)
             | Resource::Zone(_)
             | Resource::Workload(_)
@@ -696,6 +722,8 @@ impl Resource {
             Kind::FaultInjection => typed::<FaultInjectionSpec>(value),
             Kind::LoadBalancing => typed::<LoadBalancingSpec>(value),
             Kind::AccessLog => typed::<AccessLogSpec>(value),
+            Kind::TcpRoute => typed::<TcpRouteSpec>(value),
+            Kind::Trace => typed::<TraceSpec>(value),
         }
     }
 }

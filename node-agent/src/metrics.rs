@@ -328,6 +328,16 @@ impl Metrics {
             "Requests the agent answered itself, by why (denied, rate_limited, fault_abort, timeout, no_endpoints, upstream_failed, redirect) and policy",
             m.http_local.clone(),
         );
+        registry.register(
+            "trace_spans_exported",
+            "Spans a collector accepted (Trace policy)",
+            crate::l7::trace::SPANS_EXPORTED.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped: the export queue was full or the collector failed (Trace policy)",
+            crate::l7::trace::SPANS_DROPPED.clone(),
+        );
         Metrics { registry, ..m }
     }
 

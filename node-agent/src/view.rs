@@ -558,10 +558,36 @@ impl MeshView {
                 port: dst.port(),
             };
         }
+        if let Some(route) = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.tcp_route(service.key.as_str()))
+        {
+            return self.tcp_routed(route, dst.port());
+        }
         match service.pick() {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
                 authority: SocketAddr::new(endpoint.address, dst.port()),
+            },
+            None => Route::Refuse("no_endpoints"),
+        }
+    }
+
+    /// A TCP connection under a TCPRoute: a backend service by weight, then
+    /// an endpoint of it, on the backend's port or the one dialled.
+    fn tcp_routed(&self, route: &crate::l7::policy::TcpRoute, port: u16) -> Route<'_> {
+        let Some(backend) = route.pick_backend() else {
+            return Route::Refuse("no_backend");
+        };
+        let Some(service) = self.by_key.get(&backend.key) else {
+            tracing::info!(policy = %route.policy, backend = %backend.key, "TCPRoute backend is not a known service");
+            return Route::Refuse("unknown_backend");
+        };
+        match service.pick() {
+            Some(endpoint) => Route::Tunnel {
+                endpoint,
+                authority: SocketAddr::new(endpoint.address, backend.port.unwrap_or(port)),
             },
             None => Route::Refuse("no_endpoints"),
         }

@@ -195,3 +195,20 @@ pub fn open_echo_connections(
             .collect()
     })
 }
+
+/// Asks the echo server behind `addr` which one it is (see
+/// [`crate::servers::WHO`]): its marker.
+pub fn who(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.write_all(crate::servers::WHO)?;
+    conn.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    answer
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("marker="))
+        .map(str::to_owned)
+        .with_context(|| format!("no marker in the echo's answer {answer:?}"))
+}

@@ -16,6 +16,7 @@ pub mod http;
 pub mod meshca;
 pub mod metrics;
 pub mod netns;
+pub mod otlp;
 pub mod pattern;
 pub mod pki;
 pub mod postgres;

@@ -18,9 +18,44 @@ pub fn serve_echo(listener: TcpListener) {
     }
 }
 
-fn echo(mut conn: TcpStream) {
+/// What a client sends first to ask an echo server which one it is (for
+/// tests of how connections are spread between services).
+pub const WHO: &[u8] = b"WEFT-WHO?\n";
+
+/// Serves TCP echo like [`serve_echo`], except that a connection whose
+/// first bytes are [`WHO`] is answered `marker=<marker>\n` instead of the
+/// echo of those bytes (everything after them is echoed).
+pub fn serve_echo_marked(listener: TcpListener, marker: String) {
+    let answer: Arc<[u8]> = format!("marker={marker}\n").into_bytes().into();
+    for conn in listener.incoming().flatten() {
+        let answer = answer.clone();
+        std::thread::spawn(move || echo_with(conn, Some(&answer)));
+    }
+}
+
+fn echo(conn: TcpStream) {
+    echo_with(conn, None)
+}
+
+fn echo_with(mut conn: TcpStream, who: Option<&[u8]>) {
     let _ = conn.set_nodelay(true);
     let mut buf = vec![0u8; 64 * 1024];
+    if let Some(answer) = who {
+        // The first read decides; a shorter prefix of WHO is plain data.
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if buf[..n].starts_with(WHO) => {
+                if conn.write_all(answer).is_err() || conn.write_all(&buf[WHO.len()..n]).is_err() {
+                    return;
+                }
+            }
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
     loop {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => break,

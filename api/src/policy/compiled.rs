@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kinds::{CompiledTcpRoute, TraceConf};
 use crate::mesh::PeerMatch;
 use crate::policy::conf::{
     AccessLogConf, Action, FaultConf, HttpMatch, LoadBalancingConf, Merge, RateLimitConf,
@@ -36,6 +37,10 @@ pub struct WorkloadPolicy {
     /// of `outboundDefaults`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outbound: BTreeMap<String, OutboundConf>,
+    /// Tracing of the workload's HTTP requests, in and out (Trace); empty:
+    /// the agent leaves trace headers alone and sends no span.
+    #[serde(default, skip_serializing_if = "TraceConf::is_empty")]
+    pub trace: TraceConf,
 }
 
 impl WorkloadPolicy {
@@ -125,6 +130,9 @@ pub struct OutboundConf {
     /// AccessLog of outbound calls.
     #[serde(default)]
     pub access_log: AccessLogConf,
+    /// TCPRoute: the split of TCP connections between backend services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_route: Option<CompiledTcpRoute>,
 }
 
 impl Merge for OutboundConf {
@@ -140,6 +148,10 @@ impl Merge for OutboundConf {
         self.fault.merge(&over.fault);
         self.load_balancing.merge(&over.load_balancing);
         self.access_log.merge(&over.access_log);
+        // A whole rule, not merged backend by backend.
+        if over.tcp_route.is_some() {
+            self.tcp_route.clone_from(&over.tcp_route);
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub fn text(kind: Kind) -> &'static str {
         Kind::FaultInjection => FAULT_INJECTION,
         Kind::LoadBalancing => LOAD_BALANCING,
         Kind::AccessLog => ACCESS_LOG,
+        Kind::TcpRoute => TCP_ROUTE,
+        Kind::Trace => TRACE,
         _ => TRAFFIC_PERMISSION,
     }
 }
@@ -35,6 +37,7 @@ pub fn variants(kind: Kind) -> Vec<Resource> {
         Kind::AccessLog => &[ACCESS_LOG_VARIANTS, ACCESS_LOG_FROM],
         Kind::RateLimit => &[RATE_LIMIT_VARIANTS],
         Kind::Retry => &[RETRY_VARIANTS],
+        Kind::TcpRoute => &[TCP_ROUTE_VARIANTS],
         _ => &[],
     };
     let mut out: Vec<Resource> = texts.iter().map(|t| parse(t)).collect();
@@ -68,6 +71,8 @@ fn set_target(resource: &mut Resource, target: TargetRef) {
         Resource::FaultInjection(o) => &mut o.spec.target_ref,
         Resource::LoadBalancing(o) => &mut o.spec.target_ref,
         Resource::AccessLog(o) => &mut o.spec.target_ref,
+        Resource::TcpRoute(o) => &mut o.spec.target_ref,
+        Resource::Trace(o) => &mut o.spec.target_ref,
         Resource::Mesh(_)
         | Resource::Zone(_)
         | Resource::Workload(_)
@@ -659,4 +664,62 @@ spec:
       backends:
       - type: File
         path: /var/log/stripe.log
+";
+
+const TCP_ROUTE: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: TCPRoute
+metadata:
+  name: orders-db-migration
+  mesh: default
+spec:
+  targetRef:
+    kind: Mesh
+  to:
+  - targetRef:
+      kind: Service
+      name: orders-db
+      namespace: orders
+    rules:
+    - default:
+        backendRefs:
+        - name: orders-db
+          namespace: orders
+          weight: 90
+        - name: orders-db-v2
+          namespace: orders
+          weight: 10
+";
+
+const TCP_ROUTE_VARIANTS: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: TCPRoute
+metadata:
+  name: variants
+spec:
+  to:
+  - targetRef:
+      kind: Service
+      name: cache
+    rules:
+    - default:
+        backendRefs:
+        - name: cache-b
+          port: 6380
+";
+
+const TRACE: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: Trace
+metadata:
+  name: mesh-tracing
+  mesh: default
+spec:
+  targetRef:
+    kind: Mesh
+  default:
+    sampling: 10
+    backend:
+      type: Otlp
+      endpoint: http://otel-collector.observability:4318
 ";

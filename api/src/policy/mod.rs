@@ -1,6 +1,6 @@
 //! Policies: the resources that shape traffic (TrafficPermission,
 //! HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing,
-//! AccessLog), in the targetRef model of DESIGN.md.
+//! AccessLog, TCPRoute, Trace), in the targetRef model of DESIGN.md.
 //!
 //! - [`target`]: what a policy selects (`targetRef`, `to[].targetRef`,
 //!   `rules[].from`).

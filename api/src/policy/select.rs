@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::kinds::{
-    AccessLogSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec, PolicyTo, RateLimitSpec,
-    RetrySpec, TimeoutSpec, TrafficPermissionSpec,
+    AccessLogSpec, CompiledTcpRoute, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
+    PolicyTo, RateLimitSpec, RetrySpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
+    TrafficPermissionSpec,
 };
 use crate::mesh::PeerMatch;
 use crate::policy::compiled::{
@@ -201,6 +202,10 @@ pub struct MeshPolicies {
     pub load_balancings: Vec<Object<LoadBalancingSpec>>,
     /// AccessLogs.
     pub access_logs: Vec<Object<AccessLogSpec>>,
+    /// TCPRoutes.
+    pub tcp_routes: Vec<Object<TcpRouteSpec>>,
+    /// Traces.
+    pub traces: Vec<Object<TraceSpec>>,
 }
 
 impl MeshPolicies {
@@ -215,6 +220,8 @@ impl MeshPolicies {
             Resource::FaultInjection(o) => self.fault_injections.push(o),
             Resource::LoadBalancing(o) => self.load_balancings.push(o),
             Resource::AccessLog(o) => self.access_logs.push(o),
+            Resource::TcpRoute(o) => self.tcp_routes.push(o),
+            Resource::Trace(o) => self.traces.push(o),
             Resource::Mesh(_)
             | Resource::Zone(_)
             | Resource::Workload(_)
@@ -258,7 +265,9 @@ policy_spec!(
     RateLimitSpec,
     FaultInjectionSpec,
     LoadBalancingSpec,
-    AccessLogSpec
+    AccessLogSpec,
+    TcpRouteSpec,
+    TraceSpec
 );
 
 /// The policies of `all` that select the workload, in merge order:
@@ -386,7 +395,30 @@ pub fn compile(
             policy.inbound.access_log.merge(&rule.default);
         }
     }
+
+    compile_tcp_routes(&mut policy, applying(&policies.tcp_routes, workload));
+    for p in applying(&policies.traces, workload) {
+        policy.trace.merge(&p.spec.default);
+    }
     policy
+}
+
+/// A destination's TCPRoute is one policy's whole rule (backends are not
+/// merged one by one): in merge order, each later (more specific, or
+/// equally specific with a name sorting later) policy replaces it.
+fn compile_tcp_routes(policy: &mut WorkloadPolicy, applying: Vec<&Object<TcpRouteSpec>>) {
+    for p in applying {
+        for to in &p.spec.to {
+            let (Some(key), Some(rule)) = (destination_key(&to.target_ref), to.rules.first())
+            else {
+                continue;
+            };
+            policy.outbound.entry(key).or_default().tcp_route = Some(CompiledTcpRoute {
+                policy: p.metadata.name.clone(),
+                backend_refs: rule.default.backend_refs.clone(),
+            });
+        }
+    }
 }
 
 /// Policies in the order where the first wins: most specific first,
@@ -449,6 +481,8 @@ pub fn explain(workload: &WorkloadInfo<'_>, policies: &MeshPolicies) -> Vec<Appl
             Kind::FaultInjection => explain_kind(&policies.fault_injections, workload, &mut out),
             Kind::LoadBalancing => explain_kind(&policies.load_balancings, workload, &mut out),
             Kind::AccessLog => explain_kind(&policies.access_logs, workload, &mut out),
+            Kind::TcpRoute => explain_kind(&policies.tcp_routes, workload, &mut out),
+            Kind::Trace => explain_kind(&policies.traces, workload, &mut out),
             Kind::Mesh | Kind::Zone | Kind::Workload | Kind::Service | Kind::ExternalService => {}
         }
     }
@@ -887,5 +921,93 @@ spec:
         assert_eq!(first.len(), 1, "duplicates removed: {first:?}");
         assert_eq!(dir.resolve(&peer), first);
         assert_eq!(dir.resolved.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tcp_route_most_specific_wins_whole_and_trace_merges() {
+        let yaml = "\
+apiVersion: weft.io/v1alpha1
+kind: TCPRoute
+metadata: {name: z-mesh}
+spec:
+  to:
+  - targetRef: {kind: Service, name: db, namespace: shop}
+    rules:
+    - default:
+        backendRefs: [{name: db, namespace: shop, weight: 1}, {name: db-v2, namespace: shop, weight: 1}]
+---
+apiVersion: weft.io/v1alpha1
+kind: TCPRoute
+metadata: {name: a-web}
+spec:
+  targetRef: {kind: Service, name: web, namespace: shop}
+  to:
+  - targetRef: {kind: Service, name: db, namespace: shop}
+    rules:
+    - default:
+        backendRefs: [{name: db-v2, namespace: shop, port: 5433}]
+---
+apiVersion: weft.io/v1alpha1
+kind: Trace
+metadata: {name: mesh}
+spec:
+  default: {sampling: 5, backend: {type: Otlp, endpoint: 'http://collector:4318'}}
+---
+apiVersion: weft.io/v1alpha1
+kind: Trace
+metadata: {name: web}
+spec:
+  targetRef: {kind: Service, name: web, namespace: shop}
+  default: {sampling: 100}
+";
+        let compiled = compile(&web("web-1", web_labels()), &policies(yaml), &directory());
+        let route = compiled.outbound["shop/db"].tcp_route.clone().unwrap();
+        assert_eq!(route.policy, "a-web", "the Service-targeted policy wins");
+        assert_eq!(route.backend_refs.len(), 1);
+        assert_eq!(route.backend_refs[0].port, Some(5433));
+        assert_eq!(compiled.trace.sampling, Some(100));
+        assert_eq!(
+            compiled.trace.backend,
+            Some(crate::kinds::TraceBackend::Otlp {
+                endpoint: "http://collector:4318".to_owned()
+            })
+        );
+        // Through JSON, as the zone sends it.
+        let json = serde_json::to_string(&compiled).unwrap();
+        let back: WorkloadPolicy = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, compiled);
+        assert_eq!(back.outbound_for("shop/db").tcp_route, Some(route));
+    }
+
+    #[test]
+    fn tcp_route_and_trace_are_refused_with_field_paths() {
+        let bad = "\
+apiVersion: weft.io/v1alpha1
+kind: TCPRoute
+metadata: {name: bad}
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    rules:
+    - default: {backendRefs: [{name: a, weight: 0}]}
+    - default: {backendRefs: []}
+---
+apiVersion: weft.io/v1alpha1
+kind: Trace
+metadata: {name: bad}
+spec:
+  default: {sampling: 101, backend: {type: Otlp, endpoint: 'https://x:4318'}}
+";
+        let err = crate::parse::parse_yaml(bad).unwrap_err().to_string();
+        for expected in [
+            "spec.to[0].targetRef.kind",
+            "spec.to[0].rules: must list exactly one rule",
+            "spec.to[0].rules[0].default.backendRefs: the weights must not all be 0",
+            "spec.to[0].rules[1].default.backendRefs: must list at least one backend",
+            "spec.default.sampling",
+            "spec.default.backend.endpoint",
+        ] {
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
     }
 }

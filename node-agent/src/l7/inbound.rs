@@ -18,8 +18,9 @@ use tracing::{debug, info};
 use weft_api::SpiffeId;
 
 use super::access_log::Entry;
-use super::outbound::{strip_hop_by_hop, LogHead, ResponseBody};
+use super::outbound::{strip_hop_by_hop, LogHead, ResponseBody, TraceHead};
 use super::response::{denied, local, rate_limited};
+use super::trace::{SpanEnd, SpanKind};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, SendError};
 use crate::inbound::Inbound;
@@ -65,6 +66,13 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     let view = i.view().load_full();
     let policy = view.policy();
+    // The server span: the application gets a trace header naming it.
+    let tracer = policy.and_then(|p| p.trace.as_deref());
+    let span = tracer.map(|t| t.start(&mut parts.headers, SpanKind::Server));
+    let trace_head = match (tracer, &span) {
+        (Some(t), Some(s)) if t.exports(s) => Some(TraceHead::of(&parts)),
+        _ => None,
+    };
     let head = policy
         .and_then(|p| p.inbound.access_log.as_ref())
         .map(|_| LogHead::of(&parts));
@@ -129,6 +137,22 @@ async fn handle(
     });
     if !flag.is_empty() {
         metrics.http_local(Direction::Inbound, flag, policy_name);
+    }
+    if let (Some(tracer), Some(span)) = (tracer, span) {
+        let head = trace_head.unwrap_or_default();
+        tracer.finish(
+            span,
+            &SpanEnd {
+                method: &head.method,
+                path: &head.path,
+                route: "",
+                status,
+                flag,
+                source: peer.as_str(),
+                destination: i.workload_label().as_str(),
+                service: "",
+            },
+        );
     }
     if let (Some(log), Some(head)) = (policy.and_then(|p| p.inbound.access_log.as_ref()), head) {
         log.record(&Entry {

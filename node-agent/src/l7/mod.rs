@@ -12,6 +12,7 @@ pub mod outbound;
 pub mod policy;
 pub mod rate_limit;
 pub mod response;
+pub mod trace;
 pub mod tunnel_io;
 pub mod upstream;
 

@@ -25,6 +25,7 @@ use weft_api::Endpoint;
 use super::access_log::Entry;
 use super::policy::{Filter, Outbound as Policy, Retry};
 use super::response::{local, rate_limited};
+use super::trace::{SpanEnd, SpanKind};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, PooledBody, SendError};
 use super::Body;
@@ -87,12 +88,36 @@ async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Respo
     let view = o.view.load_full();
     let policy = view.policy().unwrap_or(&o.unconfigured);
     let out = policy.outbound(d.key.as_str()).clone();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The client span: the trace header sent on names it.
+    let tracer = policy.trace.as_deref();
+    let span = tracer.map(|t| t.start(&mut parts.headers, SpanKind::Client));
     let route = out.route(&parts);
     let route_name = route.map_or_else(Label::empty, |r| r.policy.clone());
     // Copied only when a log will be written: the request itself moves on.
     let head = out.access_log.as_ref().map(|_| LogHead::of(&parts));
+    // Likewise only for a span that will be exported.
+    let trace_head = match (tracer, &span) {
+        (Some(t), Some(s)) if t.exports(s) => Some(TraceHead::of(&parts)),
+        _ => None,
+    };
     let (response, outcome) = routed(o, &view, &out, route, parts, body, d).await;
+    if let (Some(tracer), Some(span)) = (tracer, span) {
+        let head = trace_head.unwrap_or_default();
+        tracer.finish(
+            span,
+            &SpanEnd {
+                method: &head.method,
+                path: &head.path,
+                route: route_name.as_str(),
+                status: outcome.status,
+                flag: outcome.flag,
+                source: o.local_id.as_str(),
+                destination: d.key.as_str(),
+                service: d.key.as_str(),
+            },
+        );
+    }
     let seconds = started.elapsed().as_secs_f64();
     o.metrics.http_request(&HttpRequest {
         direction: Direction::Outbound,
@@ -125,6 +150,25 @@ async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Respo
         });
     }
     response
+}
+
+/// What an exported span needs of a request, taken before it moves on.
+#[derive(Debug, Default)]
+pub struct TraceHead {
+    /// The method.
+    pub method: String,
+    /// The path, without the query (which may carry secrets).
+    pub path: String,
+}
+
+impl TraceHead {
+    /// Copies the parts a span shows.
+    pub fn of(parts: &Parts) -> Self {
+        TraceHead {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+        }
+    }
 }
 
 /// What an access log entry needs of a request, taken before the request

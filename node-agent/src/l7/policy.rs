@@ -285,6 +285,37 @@ pub struct Policy {
     pub inbound: Inbound,
     defaults: Arc<Outbound>,
     outbound: HashMap<String, Arc<Outbound>>,
+    /// TCPRoutes by destination service key (L4 connections).
+    tcp_routes: HashMap<String, TcpRoute>,
+    /// Tracing of HTTP requests in and out; `None`: no Trace applies and
+    /// trace headers are left alone.
+    pub trace: Option<Arc<super::trace::Tracer>>,
+}
+
+/// A TCPRoute in force for one destination service.
+pub struct TcpRoute {
+    /// The TCPRoute's name, for logs.
+    pub policy: String,
+    backends: Vec<Backend>,
+    total_weight: u32,
+}
+
+impl TcpRoute {
+    /// Picks a backend service by weight (validation keeps the total above 0;
+    /// `None` if it is not).
+    pub fn pick_backend(&self) -> Option<&Backend> {
+        if self.total_weight == 0 {
+            return None;
+        }
+        let mut n = fastrand::u32(0..self.total_weight);
+        for b in &self.backends {
+            if n < b.weight {
+                return Some(b);
+            }
+            n -= b.weight;
+        }
+        self.backends.last()
+    }
 }
 
 impl Policy {
@@ -310,10 +341,39 @@ impl Policy {
                 Arc::new(compile_outbound(&conf, &field, logs)?),
             );
         }
+        let mut tcp_routes = HashMap::new();
+        for (key, conf) in &p.outbound {
+            let Some(route) = &conf.tcp_route else {
+                continue;
+            };
+            let backends: Vec<Backend> = route
+                .backend_refs
+                .iter()
+                .map(|b| Backend {
+                    key: format!("{}/{}", b.namespace, b.name),
+                    port: b.port,
+                    weight: b.weight,
+                })
+                .collect();
+            let total_weight = backends.iter().map(|b| b.weight).sum();
+            tcp_routes.insert(
+                key.clone(),
+                TcpRoute {
+                    policy: route.policy.clone(),
+                    backends,
+                    total_weight,
+                },
+            );
+        }
+        let trace = super::trace::Tracer::new(&p.trace, &p.workload)
+            .map_err(|e| bad("trace".to_owned(), e))?
+            .map(Arc::new);
         Ok(Policy {
             inbound,
             defaults,
             outbound,
+            tcp_routes,
+            trace,
         })
     }
 
@@ -325,6 +385,11 @@ impl Policy {
         // Compiling the empty policy cannot fail: it has no field to get
         // wrong.
         Policy::compile(&none, &logs).unwrap_or_else(|_| unreachable!("empty policy compiles"))
+    }
+
+    /// The TCPRoute for connections to service `<namespace>/<name>`, if any.
+    pub fn tcp_route(&self, key: &str) -> Option<&TcpRoute> {
+        self.tcp_routes.get(key)
     }
 
     /// The outbound policy for calls to service `<namespace>/<name>`.

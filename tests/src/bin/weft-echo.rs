@@ -73,7 +73,14 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
             }
             if let Some(a) = echo {
                 let listener = servers::bind(addr(&a)?)?;
-                threads.push(std::thread::spawn(move || servers::serve_echo(listener)));
+                let marker = marker.clone();
+                threads.push(std::thread::spawn(move || {
+                    if marker.is_empty() {
+                        servers::serve_echo(listener)
+                    } else {
+                        servers::serve_echo_marked(listener, marker)
+                    }
+                }));
             }
             if let Some(a) = h2_addr {
                 let a = addr(&a)?;
