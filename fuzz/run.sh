@@ -31,7 +31,7 @@ fi
 
 echo "== building ${targets[*]}"
 for t in "${targets[@]}"; do
-    if ! cargo "$toolchain" fuzz build "$t"; then
+    if ! cargo "$toolchain" fuzz build --debug-assertions "$t"; then
         echo "run.sh: building $t failed" >&2
         exit 2
     fi
@@ -44,8 +44,12 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     before=$(find "artifacts/$t" -type f | wc -l)
     echo "== $t for ${seconds}s"
-    cargo "$toolchain" fuzz run "$t" "corpus/$t" -- \
-        -max_total_time="$seconds" -timeout="$timeout_per_input" \
+    dict=()
+    if [ -f "dict/$t.dict" ]; then
+        dict=(-dict="dict/$t.dict")
+    fi
+    cargo "$toolchain" fuzz run --debug-assertions "$t" "corpus/$t" -- \
+        "${dict[@]}" -max_total_time="$seconds" -timeout="$timeout_per_input" \
         -rss_limit_mb="$rss_limit_mb" -print_final_stats=1 \
         >"$logs/$t.log" 2>&1
     rc=$?
