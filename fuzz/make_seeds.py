@@ -172,3 +172,20 @@ write("http_request", "h2.bin", h2)
 write("access_log_template", "example.txt", "%START_TIME% %METHOD% %PATH% %STATUS%")
 write("access_log_template", "all.txt", "%DIRECTION% %SOURCE% %DESTINATION% %ROUTE% %AUTHORITY% %PROTOCOL% %DURATION% %UPSTREAM% %FLAG%")
 write("access_log_template", "odd.txt", "100% %% %NOPE% %é% trailing %")
+
+# dns: queries as applications send them (mesh names, A and AAAA, a name
+# outside the mesh), and a resolv.conf.
+
+
+def dns_query(qid, name, qtype):
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0" + struct.pack(">HH", qtype, 1)
+
+
+write("dns", "a.bin", dns_query(1, "api.default.mesh", 1))
+write("dns", "aaaa.bin", dns_query(2, "db.data.east.mesh", 28))
+write("dns", "unknown.bin", dns_query(3, "nope.default.mesh", 1))
+write("dns", "outside.bin", dns_query(4, "example.com", 1))
+write("dns", "resolv.conf", "# generated\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch default.svc\noptions ndots:5\n")
