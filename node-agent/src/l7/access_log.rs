@@ -186,8 +186,9 @@ fn json(e: &Entry<'_>) -> String {
 }
 
 /// Replaces `%NAME%` placeholders; an unknown name is kept as written so a
-/// typo shows in the output.
-fn text(template: &str, e: &Entry<'_>) -> String {
+/// typo shows in the output. Public so that the fuzz targets reach the
+/// template code of user-written policies.
+pub fn text(template: &str, e: &Entry<'_>) -> String {
     let mut out = String::with_capacity(template.len() + 64);
     let mut rest = template;
     while let Some(start) = rest.find('%') {

@@ -543,8 +543,9 @@ async fn send(
 
 /// Readies a request for the next hop: hop-by-hop headers go, and the URI
 /// takes the form the next hop's HTTP version expects (origin-form with a
-/// `Host` header for HTTP/1.1, scheme and authority for HTTP/2).
-fn prepare(parts: &mut Parts) {
+/// `Host` header for HTTP/1.1, scheme and authority for HTTP/2). Public so
+/// that the fuzz targets drive the very code the proxy runs.
+pub fn prepare(parts: &mut Parts) {
     strip_hop_by_hop(&mut parts.headers);
     if parts.version == Version::HTTP_2 {
         if parts.uri.authority().is_none() {
@@ -604,7 +605,10 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-fn rewrite(
+/// Applies an HTTPRoute `UrlRewrite` filter to a request: the new host
+/// (header and URI authority) and path, keeping the query. Public for the
+/// fuzz targets.
+pub fn rewrite(
     parts: &mut Parts,
     hostname: Option<&http::uri::Authority>,
     path: Option<&PathRewrite>,
@@ -633,7 +637,10 @@ fn rewrite(
     }
 }
 
-fn rewritten_path(path: &str, rewrite: &PathRewrite, prefix: Option<&str>) -> String {
+/// The path a `PathRewrite` makes of `path`; `prefix` is what the route's
+/// `PathPrefix` match matched, which `ReplacePrefixMatch` replaces. Public
+/// for the fuzz targets.
+pub fn rewritten_path(path: &str, rewrite: &PathRewrite, prefix: Option<&str>) -> String {
     match rewrite {
         PathRewrite::ReplaceFullPath { replace_full_path } => replace_full_path.clone(),
         PathRewrite::ReplacePrefixMatch {
@@ -659,7 +666,10 @@ fn rewritten_path(path: &str, rewrite: &PathRewrite, prefix: Option<&str>) -> St
     }
 }
 
-fn redirect_location(
+/// The `Location` of an HTTPRoute `RequestRedirect`: the request's URL
+/// with the filter's scheme, host, port and path. Public for the fuzz
+/// targets.
+pub fn redirect_location(
     parts: &Parts,
     scheme: Option<&http::uri::Scheme>,
     hostname: Option<&str>,

@@ -180,7 +180,8 @@ pub struct Route {
     pub filters: Vec<Filter>,
     /// Where requests go, by weight; empty: the destination dialled.
     pub backends: Vec<Backend>,
-    total_weight: u32,
+    /// In `u64`: the sum of `u32` weights overflows `u32`.
+    total_weight: u64,
 }
 
 impl Route {
@@ -189,12 +190,12 @@ impl Route {
         if self.backends.is_empty() || self.total_weight == 0 {
             return None;
         }
-        let mut n = fastrand::u32(0..self.total_weight);
+        let mut n = fastrand::u64(0..self.total_weight);
         for b in &self.backends {
-            if n < b.weight {
+            if n < u64::from(b.weight) {
                 return Some(b);
             }
-            n -= b.weight;
+            n -= u64::from(b.weight);
         }
         self.backends.last()
     }
@@ -514,7 +515,7 @@ fn compile_outbound(
                 .enumerate()
                 .map(|(j, filter)| compile_filter(filter, &format!("{at}.default.filters[{j}]")))
                 .collect::<Result<_, _>>()?,
-            total_weight: backends.iter().map(|b| b.weight).sum(),
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
             backends,
         });
     }
@@ -848,5 +849,21 @@ outbound:
             err.field,
             "outbound[\"default/api\"].routes[0].default.filters[0].set[0].name"
         );
+    }
+
+    /// Found by the `policy_compile` fuzz target: backend weights whose sum
+    /// overflows `u32` made compiling the policy panic.
+    #[test]
+    fn weights_summing_past_u32_compile_and_pick() {
+        let json = r#"{"workload": "w", "outboundDefaults": {"routes": [{"policy": "p",
+            "rule": {"default": {"backendRefs": [
+                {"name": "a", "weight": 4294967295}, {"name": "b", "weight": 1}]}}}]}}"#;
+        let p: WorkloadPolicy = serde_json::from_str(json).unwrap();
+        let compiled = Policy::compile(&p, &super::super::access_log::Files::default()).unwrap();
+        let route = &compiled.outbound("default/any").routes[0];
+        assert_eq!(route.total_weight, 1 << 32);
+        for _ in 0..100 {
+            assert!(route.pick_backend().is_some());
+        }
     }
 }
