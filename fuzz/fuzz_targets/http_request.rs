@@ -115,7 +115,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     let out = policy.outbound(DESTINATION);
     let mut route_name = "";
     if let Some(route) = out.route(&parts) {
-        route_name = &route.policy;
+        route_name = route.policy.as_str();
         let prefix = route.matched_prefix(&parts).map(str::to_owned);
         for filter in &route.filters {
             match filter {
