@@ -47,25 +47,31 @@ nginx -c "$W/nginx.conf" & echo $! > app.pid
 
 cpu_s() { awk '{print ($14+$15)/100}' /proc/$1/stat 2>/dev/null || echo 0; }
 hwm_kib() { awk '/VmHWM/{print $2}' /proc/$1/status 2>/dev/null || echo 0; }
+# read- and write-family system calls so far (socket reads and writes among them)
+sys_rw() { awk '/^syscr|^syscw/{s+=$2} END{print s+0}' /proc/$1/io 2>/dev/null || echo 0; }
 wait_http() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; exit 1; }
 
 measure() { # name port pids...
   local name=$1 port=$2; shift 2; local pids="$*"
   wait_http "$port"
-  local c0=0; for p in $pids; do c0=$(echo "$c0 + $(cpu_s $p)" | bc); done
+  local c0=0 s0=0; for p in $pids; do c0=$(echo "$c0 + $(cpu_s $p)" | bc); s0=$((s0 + $(sys_rw $p))); done
   local one; one=$(wrk -t1 -c1 -d${DUR}s --latency "http://127.0.0.1:$port/" 2>/dev/null)
   local lat; lat=$(echo "$one" | awk '/^ +50%/{a=$2} /^ +90%/{b=$2} /^ +99%/{c=$2} END{print a, b, c}')
   local many; many=$(wrk -t2 -c16 -d${DUR}s "http://127.0.0.1:$port/" 2>/dev/null)
   local rps; rps=$(echo "$many" | awk '/Requests\/sec/{printf "%.0f", $2}')
   local n; n=$( (echo "$one"; echo "$many") | awk '/requests in/{s+=$1} END{print s+0}')
-  local c1=0 mem=0; for p in $pids; do c1=$(echo "$c1 + $(cpu_s $p)" | bc); mem=$((mem + $(hwm_kib $p))); done
+  local c1=0 s1=0 mem=0; for p in $pids; do c1=$(echo "$c1 + $(cpu_s $p)" | bc); s1=$((s1 + $(sys_rw $p))); mem=$((mem + $(hwm_kib $p))); done
   local cpu; cpu=$(echo "$c1 - $c0" | bc)
-  local per="-"; [ "$n" -gt 0 ] && [ -n "$pids" ] && per=$(echo "scale=1; $cpu * 1000000 / $n" | bc)
-  printf '%-13s %10s %10s %10s %10s %9.1f %8.1f %10s\n' "$name" $lat "$rps" "$(echo "scale=1; $mem/1024" | bc)" "$cpu" "$per"
+  local per="-" calls="-"
+  if [ "$n" -gt 0 ] && [ -n "$pids" ]; then
+    per=$(echo "scale=1; $cpu * 1000000 / $n" | bc)
+    calls=$(echo "scale=1; ($s1 - $s0) / $n" | bc)
+  fi
+  printf '%-13s %10s %10s %10s %10s %9.1f %8.1f %10s %10s\n' "$name" $lat "$rps" "$(echo "scale=1; $mem/1024" | bc)" "$cpu" "$per" "$calls"
 }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(uname -r), DUR=${DUR}s, 1 KiB body"
-printf '%-13s %10s %10s %10s %10s %9s %8s %10s\n' setup p50 p90 p99 req/s RSS_MiB CPU_s CPU_us/req
+printf '%-13s %10s %10s %10s %10s %9s %8s %10s %10s\n' setup p50 p90 p99 req/s RSS_MiB CPU_s CPU_us/req rw_calls/req
 measure direct $APP ""
 
 # HAProxy pair in HTTP mode: the client side parses HTTP and keeps

@@ -123,6 +123,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     });
 
     tokio::spawn(inbound.serve(hbone));
+    tokio::spawn(crate::l7::keep_timer_wheel_warm());
     tokio::spawn(plain.serve(plaintext));
     tokio::spawn(outbound.clone().serve(capture, Target::Captured));
     for (listener, target) in explicit {

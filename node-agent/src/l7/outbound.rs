@@ -51,28 +51,95 @@ pub struct Dialled {
     pub client: SocketAddr,
 }
 
-/// Serves one application connection until it closes.
+/// Serves one application connection until it closes, or until it has
+/// waited longer than the destination's idle timeout for its next request.
 pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
-    // The destination's idle timeout, as in force when the connection
-    // came: how long an HTTP/1.1 connection may wait for its next request.
     let idle = {
         let view = outbound.view.load();
         let policy = view.policy().unwrap_or(&outbound.unconfigured);
         policy.outbound(dialled.key.as_str()).idle_timeout
     };
+    let activity = Arc::new(Activity::new());
     let dialled = Arc::new(dialled);
+    let seen = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let outbound = outbound.clone();
         let dialled = dialled.clone();
-        async move { Ok::<_, Infallible>(handle(&outbound, req, &dialled).await) }
+        let seen = seen.clone();
+        async move {
+            let _busy = seen.begin();
+            Ok::<_, Infallible>(handle(&outbound, req, &dialled).await)
+        }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(idle);
-    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
-        debug!(error = %e, "outbound HTTP connection ended with an error");
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    // A coarse tick rather than a timer per request: re-arming a timer for
+    // every request wakes the runtime's driver each time.
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+    tick.tick().await;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => {
+                if let Err(e) = done {
+                    debug!(error = %e, "outbound HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick(), if !closing => {
+                if activity.idle_for() >= idle {
+                    debug!("closing an idle outbound HTTP connection (Timeout idleTimeout)");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on a connection and when the last one ended, for
+/// the idle timeout.
+struct Activity {
+    opened: Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `opened` when the last request ended.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// How long the connection has had no request in flight (zero while
+    /// one is), counted from its opening before the first request.
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// A request in flight (see [`Activity`]).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = self.0.opened.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        self.0.last_ms.store(now, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
