@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::duration::Duration;
 use crate::kinds::{
-    AccessLogSpec, CaSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
+    AccessLogSpec, CaSpec, CircuitBreakerSpec, HealthCheckSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
     LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
     TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
@@ -55,6 +55,8 @@ pub fn fields(kind: Kind) -> Vec<FieldDoc> {
         Kind::FaultInjection => fields_of::<FaultInjectionSpec>(),
         Kind::LoadBalancing => fields_of::<LoadBalancingSpec>(),
         Kind::AccessLog => fields_of::<AccessLogSpec>(),
+        Kind::CircuitBreaker => fields_of::<CircuitBreakerSpec>(),
+        Kind::HealthCheck => fields_of::<HealthCheckSpec>(),
     }
 }
 
@@ -78,6 +80,8 @@ pub fn summary(kind: Kind) -> String {
         Kind::FaultInjection => of::<FaultInjectionSpec>(),
         Kind::LoadBalancing => of::<LoadBalancingSpec>(),
         Kind::AccessLog => of::<AccessLogSpec>(),
+        Kind::CircuitBreaker => of::<CircuitBreakerSpec>(),
+        Kind::HealthCheck => of::<HealthCheckSpec>(),
     }
 }
 
@@ -600,6 +604,8 @@ mod tests {
             Resource::FaultInjection(o) => &mut o.metadata.labels,
             Resource::LoadBalancing(o) => &mut o.metadata.labels,
             Resource::AccessLog(o) => &mut o.metadata.labels,
+            Resource::CircuitBreaker(o) => &mut o.metadata.labels,
+            Resource::HealthCheck(o) => &mut o.metadata.labels,
         };
         labels.insert("weft.io/tier".to_owned(), "gold".to_owned());
     }

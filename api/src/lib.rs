@@ -19,7 +19,7 @@ pub mod validation;
 pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
-    AccessLogSpec, BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
+    AccessLogSpec, BuiltinCa, CircuitBreakerSpec, HealthCheckSpec, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
     HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec, PemChoice, PemSource, PolicyRule,
     PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TimeoutSpec,
     TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
@@ -27,7 +27,7 @@ pub use kinds::{
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
-    AccessLog, ExternalService, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
+    AccessLog, CircuitBreaker, ExternalService, HealthCheck, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
     Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, Timeout,
     TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
 };

@@ -17,7 +17,7 @@ use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visito
 use serde::{Deserialize, Deserializer};
 
 use crate::kinds::{
-    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
+    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, HealthCheckSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
     MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
     WorkloadSpec, ZoneSpec,
 };
@@ -160,6 +160,8 @@ fn decode_kind<F: Format>(document: &F, kind: Kind) -> Result<Resource, FieldErr
         Kind::FaultInjection => typed::<FaultInjectionSpec, F>(document),
         Kind::LoadBalancing => typed::<LoadBalancingSpec, F>(document),
         Kind::AccessLog => typed::<AccessLogSpec, F>(document),
+        Kind::CircuitBreaker => typed::<CircuitBreakerSpec, F>(document),
+        Kind::HealthCheck => typed::<HealthCheckSpec, F>(document),
     }
 }
 

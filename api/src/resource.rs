@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kinds::{
     AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
+    CircuitBreakerSpec, HealthCheckSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
     WorkloadSpec, ZoneSpec,
 };
 use crate::validation::{
@@ -64,6 +64,10 @@ pub enum Kind {
     LoadBalancing,
     /// A policy: Access logging of calls; see [`AccessLogSpec`].
     AccessLog,
+    /// A policy: Connection and request limits and outlier ejection; see [`CircuitBreakerSpec`].
+    CircuitBreaker,
+    /// A policy: Active health checks of endpoints; see [`HealthCheckSpec`].
+    HealthCheck,
 }
 
 /// Where a kind's resources live, which decides whether `metadata.mesh` and
@@ -80,7 +84,7 @@ pub enum Scope {
 
 impl Kind {
     /// All kinds, in the order the reference documents them.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Mesh,
         Kind::Zone,
         Kind::Workload,
@@ -94,10 +98,12 @@ impl Kind {
         Kind::FaultInjection,
         Kind::LoadBalancing,
         Kind::AccessLog,
+        Kind::CircuitBreaker,
+        Kind::HealthCheck,
     ];
 
     /// The policy kinds, in the order the reference documents them.
-    pub const POLICIES: [Kind; 8] = [
+    pub const POLICIES: [Kind; 10] = [
         Kind::TrafficPermission,
         Kind::HttpRoute,
         Kind::Timeout,
@@ -106,6 +112,8 @@ impl Kind {
         Kind::FaultInjection,
         Kind::LoadBalancing,
         Kind::AccessLog,
+        Kind::CircuitBreaker,
+        Kind::HealthCheck,
     ];
 
     /// The name written in `kind:`.
@@ -124,6 +132,8 @@ impl Kind {
             Kind::FaultInjection => "FaultInjection",
             Kind::LoadBalancing => "LoadBalancing",
             Kind::AccessLog => "AccessLog",
+            Kind::CircuitBreaker => "CircuitBreaker",
+            Kind::HealthCheck => "HealthCheck",
         }
     }
 
@@ -139,7 +149,9 @@ impl Kind {
             | Kind::RateLimit
             | Kind::FaultInjection
             | Kind::LoadBalancing
-            | Kind::AccessLog => Scope::Mesh,
+            | Kind::AccessLog
+            | Kind::CircuitBreaker
+            | Kind::HealthCheck => Scope::Mesh,
         }
     }
 
@@ -307,6 +319,10 @@ pub type FaultInjection = Object<FaultInjectionSpec>;
 pub type LoadBalancing = Object<LoadBalancingSpec>;
 /// An AccessLog resource.
 pub type AccessLog = Object<AccessLogSpec>;
+/// A CircuitBreaker resource.
+pub type CircuitBreaker = Object<CircuitBreakerSpec>;
+/// A HealthCheck resource.
+pub type HealthCheck = Object<HealthCheckSpec>;
 
 impl<S: Spec> Object<S> {
     /// A resource without status.
@@ -556,6 +572,10 @@ pub enum Resource {
     LoadBalancing(LoadBalancing),
     /// See [`AccessLogSpec`].
     AccessLog(AccessLog),
+    /// See [`CircuitBreakerSpec`].
+    CircuitBreaker(CircuitBreaker),
+    /// See [`HealthCheckSpec`].
+    HealthCheck(HealthCheck),
 }
 
 /// Runs the same code on the typed object inside any [`Resource`].
@@ -575,6 +595,8 @@ macro_rules! on_object {
             Resource::FaultInjection($object) => $body,
             Resource::LoadBalancing($object) => $body,
             Resource::AccessLog($object) => $body,
+            Resource::CircuitBreaker($object) => $body,
+            Resource::HealthCheck($object) => $body,
         }
     };
 }
@@ -596,6 +618,8 @@ impl Resource {
             Resource::FaultInjection(_) => Kind::FaultInjection,
             Resource::LoadBalancing(_) => Kind::LoadBalancing,
             Resource::AccessLog(_) => Kind::AccessLog,
+            Resource::CircuitBreaker(_) => Kind::CircuitBreaker,
+            Resource::HealthCheck(_) => Kind::HealthCheck,
         }
     }
 
@@ -631,6 +655,8 @@ impl Resource {
             Resource::FaultInjection(o) => Some(&o.spec.target_ref),
             Resource::LoadBalancing(o) => Some(&o.spec.target_ref),
             Resource::AccessLog(o) => Some(&o.spec.target_ref),
+            Resource::CircuitBreaker(o) => Some(&o.spec.target_ref),
+            Resource::HealthCheck(o) => Some(&o.spec.target_ref),
             Resource::Mesh(_)
             | Resource::Zone(_)
             | Resource::Workload(_)
@@ -696,6 +722,8 @@ impl Resource {
             Kind::FaultInjection => typed::<FaultInjectionSpec>(value),
             Kind::LoadBalancing => typed::<LoadBalancingSpec>(value),
             Kind::AccessLog => typed::<AccessLogSpec>(value),
+            Kind::CircuitBreaker => typed::<CircuitBreakerSpec>(value),
+            Kind::HealthCheck => typed::<HealthCheckSpec>(value),
         }
     }
 }

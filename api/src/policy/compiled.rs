@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::PeerMatch;
 use crate::policy::conf::{
-    AccessLogConf, Action, FaultConf, HttpMatch, LoadBalancingConf, Merge, RateLimitConf,
+    AccessLogConf, Action, CircuitBreakerConf, HealthCheckConf, FaultConf, HttpMatch, LoadBalancingConf, Merge, RateLimitConf,
     RetryConf, RouteRule, TimeoutConf,
 };
 
@@ -125,6 +125,18 @@ pub struct OutboundConf {
     /// AccessLog of outbound calls.
     #[serde(default)]
     pub access_log: AccessLogConf,
+    /// CircuitBreaker: limits and outlier detection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub circuit_breaker: CircuitBreakerConf,
+    /// HealthCheck: active checks of the destination's endpoints.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub health_check: HealthCheckConf,
+}
+
+/// Keeps unset new blocks out of the JSON, so that agents that predate
+/// them still read what a newer zone sends when no such policy exists.
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 impl Merge for OutboundConf {
@@ -140,6 +152,8 @@ impl Merge for OutboundConf {
         self.fault.merge(&over.fault);
         self.load_balancing.merge(&over.load_balancing);
         self.access_log.merge(&over.access_log);
+        self.circuit_breaker.merge(&over.circuit_breaker);
+        self.health_check.merge(&over.health_check);
     }
 }
 
