@@ -16,9 +16,9 @@ use serde_json::{Map, Value};
 
 use crate::duration::Duration;
 use crate::kinds::{
-    AccessLogSpec, CaSpec, CircuitBreakerSpec, HealthCheckSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
-    LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, CaSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec,
+    HealthCheckSpec, HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec,
+    ServiceSpec, TimeoutSpec, TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 use crate::mesh::{Protocol, WorkloadPort};
 use crate::resource::{Kind, Object, ObjectMeta, Resource, Spec, API_VERSION};

@@ -19,17 +19,17 @@ pub mod validation;
 pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
-    AccessLogSpec, BuiltinCa, CircuitBreakerSpec, HealthCheckSpec, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
-    HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec, PemChoice, PemSource, PolicyRule,
-    PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TimeoutSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, BuiltinCa, CaChoice, CaSpec, CircuitBreakerSpec, ExternalServiceSpec,
+    FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec,
+    PemChoice, PemSource, PolicyRule, PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec,
+    ServiceStatus, TimeoutSpec, TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
-    AccessLog, CircuitBreaker, ExternalService, HealthCheck, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
-    Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, Timeout,
-    TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
+    AccessLog, CircuitBreaker, ExternalService, FaultInjection, HealthCheck, HttpRoute, Kind,
+    LoadBalancing, Mesh, NoStatus, Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service,
+    Spec, Timeout, TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
 };
 pub use validation::{
     check_references, DocumentErrors, ExistingResources, FieldError, FieldPath, InputErrors,

@@ -17,9 +17,9 @@ use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visito
 use serde::{Deserialize, Deserializer};
 
 use crate::kinds::{
-    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, HealthCheckSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
-    WorkloadSpec, ZoneSpec,
+    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec, HealthCheckSpec,
+    HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::resource::{Kind, Object, Resource, Spec, API_VERSION};
 use crate::validation::{

@@ -18,9 +18,9 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{
-    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    CircuitBreakerSpec, HealthCheckSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec, TrafficPermissionSpec,
-    WorkloadSpec, ZoneSpec,
+    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec, HealthCheckSpec,
+    HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TimeoutSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::validation::{
     dns1123_label, ExistingResources, FieldError, FieldPath, Problems, ValidationErrors,

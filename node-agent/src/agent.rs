@@ -125,6 +125,10 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     tokio::spawn(inbound.serve(hbone));
     tokio::spawn(plain.serve(plaintext));
     tokio::spawn(outbound.clone().serve(capture, Target::Captured));
+    tokio::spawn(crate::resilience::supervise(
+        outbound.clone(),
+        drain.clone(),
+    ));
     for (listener, target) in explicit {
         tokio::spawn(outbound.clone().serve(listener, target));
     }

@@ -5,9 +5,10 @@
 
 use crate::identity::SpiffeId;
 use crate::policy::conf::{
-    AccessLogBackend, AccessLogConf, Algorithm, BackendRef, CircuitBreakerConf, HealthCheckConf, FaultConf, HashOn, HeaderMatch,
-    HeaderValue, HttpMatch, LoadBalancingConf, LogFormat, PathMatch, PathRewrite, PermissionConf,
-    QueryMatch, RateLimitConf, RetryConf, RouteFilter, RouteRule, TimeoutConf,
+    AccessLogBackend, AccessLogConf, Algorithm, BackendRef, CircuitBreakerConf, FaultConf, HashOn,
+    HeaderMatch, HeaderValue, HealthCheckConf, HttpMatch, LoadBalancingConf, LogFormat, PathMatch,
+    PathRewrite, PermissionConf, QueryMatch, RateLimitConf, RetryConf, RouteFilter, RouteRule,
+    TimeoutConf,
 };
 use crate::policy::target::{DestinationRef, PeerRef, TargetRef};
 use crate::validation::{check_labels, dns1123_label, FieldPath, Problems};
@@ -628,12 +629,18 @@ impl Check for CircuitBreakerConf {
             return;
         };
         let at = path.field("outlierDetection");
-        problems.check(at.field("consecutive5xx"), at_least_one(outlier.consecutive_5xx));
+        problems.check(
+            at.field("consecutive5xx"),
+            at_least_one(outlier.consecutive_5xx),
+        );
         if let Some(n) = outlier.consecutive_gateway_errors {
             problems.check(at.field("consecutiveGatewayErrors"), at_least_one(n));
         }
         problems.check(at.field("interval"), positive(outlier.interval));
-        problems.check(at.field("baseEjectionTime"), positive(outlier.base_ejection_time));
+        problems.check(
+            at.field("baseEjectionTime"),
+            positive(outlier.base_ejection_time),
+        );
         if outlier.max_ejection_percent > 100 {
             problems.add(
                 at.field("maxEjectionPercent"),
@@ -676,7 +683,10 @@ impl Check for HealthCheckConf {
                     format!("{:?} must start with /", http.path),
                 );
             } else if http.path.parse::<http::uri::PathAndQuery>().is_err() {
-                problems.add(at.field("path"), format!("{:?} is not a valid path", http.path));
+                problems.add(
+                    at.field("path"),
+                    format!("{:?} is not a valid path", http.path),
+                );
             }
             for (i, code) in http.expected_statuses.iter().enumerate() {
                 problems.check(

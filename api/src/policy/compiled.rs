@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::PeerMatch;
 use crate::policy::conf::{
-    AccessLogConf, Action, CircuitBreakerConf, HealthCheckConf, FaultConf, HttpMatch, LoadBalancingConf, Merge, RateLimitConf,
-    RetryConf, RouteRule, TimeoutConf,
+    AccessLogConf, Action, CircuitBreakerConf, FaultConf, HealthCheckConf, HttpMatch,
+    LoadBalancingConf, Merge, RateLimitConf, RetryConf, RouteRule, TimeoutConf,
 };
 
 /// The policies of one workload.

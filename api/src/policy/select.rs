@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::kinds::{
-    AccessLogSpec, CircuitBreakerSpec, FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec, LoadBalancingSpec, PolicyTo, RateLimitSpec,
-    RetrySpec, TimeoutSpec, TrafficPermissionSpec,
+    AccessLogSpec, CircuitBreakerSpec, FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec,
+    LoadBalancingSpec, PolicyTo, RateLimitSpec, RetrySpec, TimeoutSpec, TrafficPermissionSpec,
 };
 use crate::mesh::PeerMatch;
 use crate::policy::compiled::{
