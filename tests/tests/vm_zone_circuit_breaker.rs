@@ -145,7 +145,7 @@ spec:
     })?;
     let served = results.iter().filter(|r| r.0 == 200).count();
     ensure!(
-        served >= 1 && served <= 2,
+        (1..=2).contains(&served),
         "{served} served over maxRequests 2: {results:?}"
     );
     for (status, body, took) in &results {

@@ -582,27 +582,6 @@ impl Check for AccessLogConf {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefixes_and_regexes() {
-        assert!(spiffe_prefix("spiffe://prod.example/ns/payments/").is_ok());
-        assert!(spiffe_prefix("spiffe://prod.example/").is_ok());
-        assert!(spiffe_prefix("spiffe://prod.example").is_err());
-        assert!(spiffe_prefix("spiffe:///ns").is_err());
-        assert!(spiffe_prefix("spiffe://td/ns/*").is_err());
-        assert!(regex("^/api/v[0-9]+$").is_ok());
-        let error = regex("/api/(").unwrap_err();
-        assert!(!error.contains('\n'), "{error}");
-        assert!(method("GET").is_ok());
-        assert!(method("get").is_err());
-        assert!(header_name("x-user").is_ok());
-        assert!(header_name("bad header").is_err());
-    }
-}
-
 /// The least health check interval: shorter ones would load every
 /// endpoint with checks from every caller's agent.
 pub const MIN_HEALTH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -695,5 +674,26 @@ impl Check for HealthCheckConf {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_regexes() {
+        assert!(spiffe_prefix("spiffe://prod.example/ns/payments/").is_ok());
+        assert!(spiffe_prefix("spiffe://prod.example/").is_ok());
+        assert!(spiffe_prefix("spiffe://prod.example").is_err());
+        assert!(spiffe_prefix("spiffe:///ns").is_err());
+        assert!(spiffe_prefix("spiffe://td/ns/*").is_err());
+        assert!(regex("^/api/v[0-9]+$").is_ok());
+        let error = regex("/api/(").unwrap_err();
+        assert!(!error.contains('\n'), "{error}");
+        assert!(method("GET").is_ok());
+        assert!(method("get").is_err());
+        assert!(header_name("x-user").is_ok());
+        assert!(header_name("bad header").is_err());
     }
 }
