@@ -3,13 +3,16 @@
 //! purpose (`/fail-unless/<the other's marker>`). An active HTTP health
 //! check keeps the failing one out; passive outlier detection ejects it
 //! after consecutive 5xx and lets it back after the ejection time;
-//! `maxRequests` answers the requests over it `503 overflow` at once. Real
+//! `maxRequests` answers the requests over it `503 overflow` at once, and
+//! `maxConnections` resets the TCP connections over it. Real
 //! controller, real agents, DNS names through transparent capture.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use weft_e2e::vmzone::{bring_up, wait_curl, HTTP_PORT};
+use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, ECHO_PORT, HTTP_PORT};
 use weft_e2e::{echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
@@ -161,5 +164,49 @@ spec:
         &[("flag", "overflow")],
         3.0,
     )?;
+
+    // maxConnections 1 at L4: a second TCP connection to the service's
+    // virtual IP is reset while the first one lasts.
+    up.controller.apply(
+        &zone.path().join("connections.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: CircuitBreaker
+metadata: { name: payments-outliers, mesh: default }
+spec:
+  to:
+  - targetRef: { kind: Service, name: payments }
+    default:
+      maxConnections: 1
+",
+    )?;
+    let vip = service_vip(&up.controller.inspect("services")?, "payments")
+        .ok_or_else(|| anyhow::anyhow!("payments has no virtual IP"))?;
+    let target = format!("{vip}:{ECHO_PORT}");
+    let host = &zone.vms[web].host;
+    let connect = || host.enter(|| Ok(TcpStream::connect(&target)?));
+    let mut first = wait::until("maxConnections to reset a second connection", T, || {
+        let mut first = connect()?;
+        ensure!(echoes(&mut first), "the first connection should be served");
+        let mut second = connect()?;
+        Ok((!echoes(&mut second)).then_some(first))
+    })?;
+    ensure!(echoes(&mut first), "the first connection still works");
+    drop(first);
+    wait::until("a connection to fit again", T, || {
+        Ok(echoes(&mut connect()?).then_some(()))
+    })?;
+    up.agents[web].wait_metric(
+        "weft_connections_refused_total",
+        &[("reason", "overflow")],
+        1.0,
+    )?;
     Ok(())
+}
+
+/// Whether `ping` comes back on the connection (false: reset or closed).
+fn echoes(conn: &mut TcpStream) -> bool {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut back = [0u8; 4];
+    conn.write_all(b"ping").is_ok() && conn.read_exact(&mut back).is_ok() && &back == b"ping"
 }
