@@ -1211,4 +1211,41 @@ mod tests {
         assert_eq!(whole.patched_services.len(), 2);
         assert_eq!(whole.base_version, "7");
     }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_unless_all_are_and_survive_a_new_view() {
+        use crate::resilience::{Attempt, Outlier};
+        let mut view = api_now(vec![endpoint("10.0.0.1", true), endpoint("10.0.0.2", true)]);
+        view.name = "ejections".into();
+        let first = service("services[0]", &view).unwrap();
+        let outlier = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: None,
+            interval_ms: 10_000,
+            base_ms: 60_000,
+            max_percent: 100,
+        };
+        let bad = first.endpoints[1].endpoint.clone();
+        first.record(&bad, Attempt::ServerError, &outlier);
+        // A new view of the same service keeps the ejection.
+        let second = service("services[0]", &view).unwrap();
+        for s in [&first, &second] {
+            for _ in 0..4 {
+                assert_eq!(
+                    s.pick().unwrap().address,
+                    first.endpoints[0].endpoint.address
+                );
+            }
+        }
+        // All ejected: all are used again (panic mode).
+        second.record(
+            &first.endpoints[0].endpoint,
+            Attempt::GatewayError,
+            &outlier,
+        );
+        let picked: std::collections::HashSet<IpAddr> = (0..4)
+            .filter_map(|_| second.pick().map(|e| e.address))
+            .collect();
+        assert_eq!(picked.len(), 2);
+    }
 }
