@@ -180,7 +180,9 @@ impl Outbound {
         };
         match next {
             Next::Tunnel(endpoint, authority) => {
-                if let Err(e) = self.tunnel(&mut tcp, authority, &endpoint).await {
+                let result = self.tunnel(&mut tcp, authority, &endpoint).await;
+                crate::resilience::record_l4(&self, dst, &endpoint, &result);
+                if let Err(e) = result {
                     info!(%dst, %authority, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
                     reset(&tcp);
                 }

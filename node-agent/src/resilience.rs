@@ -623,6 +623,33 @@ pub fn service_connection(
     connection_slot(service.destination(), breaker).ok_or(())
 }
 
+/// Feeds a tunnelled TCP connection's fate to the outlier detection of
+/// the service whose virtual IP `dst` is: a stream that could not be
+/// opened counts as a gateway error, one that was opened as a success. A
+/// refusal by the destination's TrafficPermission is not the endpoint's
+/// failure and is not counted.
+pub fn record_l4(
+    outbound: &Outbound,
+    dst: SocketAddr,
+    endpoint: &Endpoint,
+    result: &Result<(), crate::outbound::TunnelError>,
+) {
+    let view = outbound.view.load();
+    let Some(service) = view.service_at(dst.ip()) else {
+        return;
+    };
+    let policy = view.policy().map_or(&*outbound.unconfigured, |p| &**p);
+    let Some(outlier) = &policy.outbound(service.key.as_str()).breaker.outlier else {
+        return;
+    };
+    let attempt = match result {
+        Ok(()) => Attempt::Success,
+        Err(crate::outbound::TunnelError::Refused(http::StatusCode::FORBIDDEN)) => return,
+        Err(_) => Attempt::GatewayError,
+    };
+    service.record(endpoint, attempt, outlier);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
