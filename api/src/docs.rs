@@ -16,9 +16,10 @@ use serde_json::{Map, Value};
 
 use crate::duration::Duration;
 use crate::kinds::{
-    AccessLogSpec, CaSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec,
-    LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec,
-    TraceSpec, TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, CaSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec,
+    HealthCheckSpec, HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec,
+    ServiceSpec, TcpRouteSpec, TimeoutSpec, TraceSpec, TrafficPermissionSpec, WorkloadSpec,
+    ZoneBackend, ZoneSpec,
 };
 use crate::mesh::{Protocol, WorkloadPort};
 use crate::resource::{Kind, Object, ObjectMeta, Resource, Spec, API_VERSION};
@@ -57,6 +58,8 @@ pub fn fields(kind: Kind) -> Vec<FieldDoc> {
         Kind::AccessLog => fields_of::<AccessLogSpec>(),
         Kind::TcpRoute => fields_of::<TcpRouteSpec>(),
         Kind::Trace => fields_of::<TraceSpec>(),
+        Kind::CircuitBreaker => fields_of::<CircuitBreakerSpec>(),
+        Kind::HealthCheck => fields_of::<HealthCheckSpec>(),
     }
 }
 
@@ -82,6 +85,8 @@ pub fn summary(kind: Kind) -> String {
         Kind::AccessLog => of::<AccessLogSpec>(),
         Kind::TcpRoute => of::<TcpRouteSpec>(),
         Kind::Trace => of::<TraceSpec>(),
+        Kind::CircuitBreaker => of::<CircuitBreakerSpec>(),
+        Kind::HealthCheck => of::<HealthCheckSpec>(),
     }
 }
 
@@ -606,6 +611,8 @@ mod tests {
             Resource::AccessLog(o) => &mut o.metadata.labels,
             Resource::TcpRoute(o) => &mut o.metadata.labels,
             Resource::Trace(o) => &mut o.metadata.labels,
+            Resource::CircuitBreaker(o) => &mut o.metadata.labels,
+            Resource::HealthCheck(o) => &mut o.metadata.labels,
         };
         labels.insert("weft.io/tier".to_owned(), "gold".to_owned());
     }

@@ -19,18 +19,19 @@ pub mod validation;
 pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
-    AccessLogSpec, BuiltinCa, CaChoice, CaSpec, ExternalServiceSpec, FaultInjectionSpec,
-    HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec, PemChoice, PemSource, PolicyRule,
-    PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TcpRouteSpec,
-    TcpRouteTo, TimeoutSpec, TraceBackend, TraceConf, TraceSpec, TrafficPermissionSpec,
-    WorkloadSpec, ZoneBackend, ZoneSpec,
+    AccessLogSpec, BuiltinCa, CaChoice, CaSpec, CircuitBreakerSpec, ExternalServiceSpec,
+    FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec,
+    PemChoice, PemSource, PolicyRule, PolicyTo, ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec,
+    ServiceStatus, TcpRouteSpec, TcpRouteTo, TimeoutSpec, TraceBackend, TraceConf, TraceSpec,
+    TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
 };
 pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
-    AccessLog, ExternalService, FaultInjection, HttpRoute, Kind, LoadBalancing, Mesh, NoStatus,
-    Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service, Spec, TcpRoute, Timeout, Trace,
-    TrafficPermission, UnknownKind, Workload, Zone, API_VERSION, DEFAULT_MESH,
+    AccessLog, CircuitBreaker, ExternalService, FaultInjection, HealthCheck, HttpRoute, Kind,
+    LoadBalancing, Mesh, NoStatus, Object, ObjectMeta, RateLimit, Resource, Retry, Scope, Service,
+    Spec, TcpRoute, Timeout, Trace, TrafficPermission, UnknownKind, Workload, Zone, API_VERSION,
+    DEFAULT_MESH,
 };
 pub use validation::{
     check_references, DocumentErrors, ExistingResources, FieldError, FieldPath, InputErrors,

@@ -17,9 +17,9 @@ use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visito
 use serde::{Deserialize, Deserializer};
 
 use crate::kinds::{
-    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
+    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec, HealthCheckSpec,
+    HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec,
+    TcpRouteSpec, TimeoutSpec, TraceSpec, TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::resource::{Kind, Object, Resource, Spec, API_VERSION};
 use crate::validation::{
@@ -162,6 +162,8 @@ fn decode_kind<F: Format>(document: &F, kind: Kind) -> Result<Resource, FieldErr
         Kind::AccessLog => typed::<AccessLogSpec, F>(document),
         Kind::TcpRoute => typed::<TcpRouteSpec, F>(document),
         Kind::Trace => typed::<TraceSpec, F>(document),
+        Kind::CircuitBreaker => typed::<CircuitBreakerSpec, F>(document),
+        Kind::HealthCheck => typed::<HealthCheckSpec, F>(document),
     }
 }
 

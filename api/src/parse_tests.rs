@@ -267,7 +267,7 @@ fn unknown_kind_lists_the_known_ones() {
     assert_eq!(error.path.to_string(), "kind");
     assert_eq!(
         error.reason,
-        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService, TrafficPermission, HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing, AccessLog, TCPRoute, Trace"
+        "unknown kind \"Gateway\"; known kinds: Mesh, Zone, Workload, Service, ExternalService, TrafficPermission, HTTPRoute, Timeout, Retry, RateLimit, FaultInjection, LoadBalancing, AccessLog, TCPRoute, Trace, CircuitBreaker, HealthCheck"
     );
 }
 
@@ -991,4 +991,38 @@ fn policies_naming_a_missing_external_service() {
     ))
     .unwrap();
     check_references(&batch, &known).unwrap();
+}
+
+#[test]
+fn circuit_breaker_and_health_check_problems_name_their_fields() {
+    let breaker = crate::policy::examples::text(Kind::CircuitBreaker)
+        .replace("maxRequests: 256", "maxRequests: 0")
+        .replace("consecutive5xx: 5", "consecutive5xx: 0")
+        .replace("maxEjectionPercent: 50", "maxEjectionPercent: 101");
+    assert_eq!(
+        policy_errors(&breaker),
+        [
+            "spec.to[0].default.maxRequests: must be at least 1",
+            "spec.to[0].default.outlierDetection.consecutive5xx: must be at least 1",
+            "spec.to[0].default.outlierDetection.maxEjectionPercent: 101 is not a percentage; must be 0-100",
+        ]
+    );
+    let check = crate::policy::examples::text(Kind::HealthCheck)
+        .replace("interval: 5s", "interval: 10ms")
+        .replace("path: /healthz", "path: healthz")
+        .replace("- 204", "- 700");
+    assert_eq!(
+        policy_errors(&check),
+        [
+            "spec.to[0].default.interval: 10ms is too short; must be at least 100ms",
+            "spec.to[0].default.http.path: \"healthz\" must start with /",
+            "spec.to[0].default.http.expectedStatuses[1]: 700 is out of range; must be 100-599",
+        ]
+    );
+    let both = crate::policy::examples::text(Kind::HealthCheck)
+        .replace("      http:\n", "      tcp: {}\n      http:\n");
+    assert_eq!(
+        policy_errors(&both),
+        ["spec.to[0].default: set one of tcp, http, not both"]
+    );
 }

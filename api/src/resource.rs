@@ -18,9 +18,9 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::{
-    AccessLogSpec, ExternalServiceSpec, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
-    TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
+    AccessLogSpec, CircuitBreakerSpec, ExternalServiceSpec, FaultInjectionSpec, HealthCheckSpec,
+    HttpRouteSpec, LoadBalancingSpec, MeshSpec, RateLimitSpec, RetrySpec, ServiceSpec,
+    TcpRouteSpec, TimeoutSpec, TraceSpec, TrafficPermissionSpec, WorkloadSpec, ZoneSpec,
 };
 use crate::validation::{
     dns1123_label, ExistingResources, FieldError, FieldPath, Problems, ValidationErrors,
@@ -68,6 +68,10 @@ pub enum Kind {
     TcpRoute,
     /// A policy: Distributed tracing of HTTP requests; see [`TraceSpec`].
     Trace,
+    /// A policy: Connection and request limits and outlier ejection; see [`CircuitBreakerSpec`].
+    CircuitBreaker,
+    /// A policy: Active health checks of endpoints; see [`HealthCheckSpec`].
+    HealthCheck,
 }
 
 /// Where a kind's resources live, which decides whether `metadata.mesh` and
@@ -84,7 +88,7 @@ pub enum Scope {
 
 impl Kind {
     /// All kinds, in the order the reference documents them.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Mesh,
         Kind::Zone,
         Kind::Workload,
@@ -100,10 +104,12 @@ impl Kind {
         Kind::AccessLog,
         Kind::TcpRoute,
         Kind::Trace,
+        Kind::CircuitBreaker,
+        Kind::HealthCheck,
     ];
 
     /// The policy kinds, in the order the reference documents them.
-    pub const POLICIES: [Kind; 10] = [
+    pub const POLICIES: [Kind; 12] = [
         Kind::TrafficPermission,
         Kind::HttpRoute,
         Kind::Timeout,
@@ -114,6 +120,8 @@ impl Kind {
         Kind::AccessLog,
         Kind::TcpRoute,
         Kind::Trace,
+        Kind::CircuitBreaker,
+        Kind::HealthCheck,
     ];
 
     /// The name written in `kind:`.
@@ -134,6 +142,8 @@ impl Kind {
             Kind::AccessLog => "AccessLog",
             Kind::TcpRoute => "TCPRoute",
             Kind::Trace => "Trace",
+            Kind::CircuitBreaker => "CircuitBreaker",
+            Kind::HealthCheck => "HealthCheck",
         }
     }
 
@@ -151,7 +161,9 @@ impl Kind {
             | Kind::LoadBalancing
             | Kind::AccessLog
             | Kind::TcpRoute
-            | Kind::Trace => Scope::Mesh,
+            | Kind::Trace
+            | Kind::CircuitBreaker
+            | Kind::HealthCheck => Scope::Mesh,
         }
     }
 
@@ -323,6 +335,10 @@ pub type AccessLog = Object<AccessLogSpec>;
 pub type TcpRoute = Object<TcpRouteSpec>;
 /// A Trace resource.
 pub type Trace = Object<TraceSpec>;
+/// A CircuitBreaker resource.
+pub type CircuitBreaker = Object<CircuitBreakerSpec>;
+/// A HealthCheck resource.
+pub type HealthCheck = Object<HealthCheckSpec>;
 
 impl<S: Spec> Object<S> {
     /// A resource without status.
@@ -576,6 +592,10 @@ pub enum Resource {
     TcpRoute(TcpRoute),
     /// See [`TraceSpec`].
     Trace(Trace),
+    /// See [`CircuitBreakerSpec`].
+    CircuitBreaker(CircuitBreaker),
+    /// See [`HealthCheckSpec`].
+    HealthCheck(HealthCheck),
 }
 
 /// Runs the same code on the typed object inside any [`Resource`].
@@ -597,6 +617,8 @@ macro_rules! on_object {
             Resource::AccessLog($object) => $body,
             Resource::TcpRoute($object) => $body,
             Resource::Trace($object) => $body,
+            Resource::CircuitBreaker($object) => $body,
+            Resource::HealthCheck($object) => $body,
         }
     };
 }
@@ -620,6 +642,8 @@ impl Resource {
             Resource::AccessLog(_) => Kind::AccessLog,
             Resource::TcpRoute(_) => Kind::TcpRoute,
             Resource::Trace(_) => Kind::Trace,
+            Resource::CircuitBreaker(_) => Kind::CircuitBreaker,
+            Resource::HealthCheck(_) => Kind::HealthCheck,
         }
     }
 
@@ -657,6 +681,8 @@ impl Resource {
             Resource::AccessLog(o) => Some(&o.spec.target_ref),
             Resource::TcpRoute(o) => Some(&o.spec.target_ref),
             Resource::Trace(o) => Some(&o.spec.target_ref),
+            Resource::CircuitBreaker(o) => Some(&o.spec.target_ref),
+            Resource::HealthCheck(o) => Some(&o.spec.target_ref),
             Resource::Mesh(_)
             | Resource::Zone(_)
             | Resource::Workload(_)
@@ -724,6 +750,8 @@ impl Resource {
             Kind::AccessLog => typed::<AccessLogSpec>(value),
             Kind::TcpRoute => typed::<TcpRouteSpec>(value),
             Kind::Trace => typed::<TraceSpec>(value),
+            Kind::CircuitBreaker => typed::<CircuitBreakerSpec>(value),
+            Kind::HealthCheck => typed::<HealthCheckSpec>(value),
         }
     }
 }

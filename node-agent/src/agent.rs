@@ -126,6 +126,10 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     tokio::spawn(crate::l7::keep_timer_wheel_warm());
     tokio::spawn(plain.serve(plaintext));
     tokio::spawn(outbound.clone().serve(capture, Target::Captured));
+    tokio::spawn(crate::resilience::supervise(
+        outbound.clone(),
+        drain.clone(),
+    ));
     for (listener, target) in explicit {
         tokio::spawn(outbound.clone().serve(listener, target));
     }

@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod plaintext;
 pub mod pool;
 pub mod redirect;
+pub mod resilience;
 pub mod socket;
 pub mod splice;
 pub mod state;

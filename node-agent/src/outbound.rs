@@ -153,9 +153,12 @@ impl Outbound {
         // The view is read once; the connection keeps the endpoint it got
         // even if a new view arrives meanwhile (an HTTP connection instead
         // reads the view in force at each request).
-        let next = {
+        let (next, _slot) = {
             let view = self.view.load();
-            match view.route(dst) {
+            // CircuitBreaker maxConnections of a service's virtual IP,
+            // held while the connection lasts.
+            let slot = crate::resilience::l4_connection(&view, dst, &self.unconfigured);
+            let next = match view.route(dst) {
                 Route::Http { service, port } => Next::Http(Dialled {
                     key: service.key.clone(),
                     port,
@@ -167,11 +170,19 @@ impl Outbound {
                 } => Next::Tunnel(endpoint.clone(), authority),
                 Route::Refuse(reason) => Next::Refuse(reason),
                 Route::Outside => Next::Outside,
+            };
+            match slot {
+                // An HTTP connection takes its slot in the L7 proxy.
+                Ok(slot) if !matches!(next, Next::Http(_)) => (next, slot),
+                Ok(_) => (next, None),
+                Err(()) => (Next::Refuse("overflow"), None),
             }
         };
         match next {
             Next::Tunnel(endpoint, authority) => {
-                if let Err(e) = self.tunnel(&mut tcp, authority, &endpoint).await {
+                let result = self.tunnel(&mut tcp, authority, &endpoint).await;
+                crate::resilience::record_l4(&self, dst, &endpoint, &result);
+                if let Err(e) = result {
                     info!(%dst, %authority, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
                     reset(&tcp);
                 }

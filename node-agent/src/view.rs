@@ -65,24 +65,60 @@ pub struct Service {
     next: AtomicUsize,
     /// Requests in flight per endpoint (same order), for least-request.
     load: Vec<std::sync::atomic::AtomicU32>,
+    /// CircuitBreaker counts, shared with the other views of the service.
+    destination: Arc<crate::resilience::Destination>,
+    /// Ejection and health check state per endpoint (same order), shared
+    /// the same way.
+    health: Vec<Arc<crate::resilience::EndpointHealth>>,
 }
 
 impl Service {
     /// Round robin over the ready endpoints; over all of them when none is
     /// ready (a controller that just restarted may report every peer
-    /// not-ready while they are in fact serving).
+    /// not-ready while they are in fact serving). Ejected or unhealthy
+    /// endpoints are skipped unless all are (see [`Service::usable`]).
     pub fn pick(&self) -> Option<&Endpoint> {
         // Counted, not collected: this runs for every captured connection.
-        let ready = self.endpoints.iter().filter(|e| e.ready).count();
+        let usable = self.usable().count();
+        if usable == 0 {
+            return None;
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let picked = if ready > 0 {
-            self.endpoints.iter().filter(|e| e.ready).nth(n % ready)
-        } else if self.endpoints.is_empty() {
-            None
-        } else {
-            self.endpoints.get(n % self.endpoints.len())
+        self.usable().nth(n % usable).map(|(_, e)| &e.endpoint)
+    }
+
+    /// The CircuitBreaker counts of the service.
+    pub fn destination(&self) -> &Arc<crate::resilience::Destination> {
+        &self.destination
+    }
+
+    /// The health of each endpoint, in [`Service::endpoints`] order.
+    pub fn health(&self) -> &[Arc<crate::resilience::EndpointHealth>] {
+        &self.health
+    }
+
+    /// Counts an attempt on `endpoint` for outlier detection; logs an
+    /// ejection.
+    pub fn record(
+        &self,
+        endpoint: &Endpoint,
+        attempt: crate::resilience::Attempt,
+        outlier: &crate::resilience::Outlier,
+    ) {
+        let Some(i) = self
+            .endpoints
+            .iter()
+            .position(|e| e.endpoint.address == endpoint.address)
+        else {
+            return;
         };
-        picked.map(|e| &e.endpoint)
+        if crate::resilience::record(&self.health, i, attempt, outlier) {
+            tracing::info!(
+                destination = self.key.as_str(),
+                endpoint = %endpoint.address,
+                "endpoint ejected by outlier detection"
+            );
+        }
     }
 
     /// Picks an endpoint for one HTTP request by the LoadBalancing
@@ -110,12 +146,23 @@ impl Service {
         self.endpoints.get(index).map(|e| &e.endpoint)
     }
 
+    /// The endpoints a request may go to: the ready ones (all when none
+    /// is), less those ejected or failing health checks, unless that
+    /// leaves none (panic mode: better a likely failure than a certain
+    /// one).
     fn usable(&self) -> impl Iterator<Item = (usize, &ServiceEndpoint)> {
         let any_ready = self.endpoints.iter().any(|e| e.ready);
+        let now = crate::resilience::now_ms();
+        let healthy = move |i: usize| self.health.get(i).is_none_or(|h| h.available(now));
+        let any_healthy = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .any(|(i, e)| (e.ready || !any_ready) && healthy(i));
         self.endpoints
             .iter()
             .enumerate()
-            .filter(move |(_, e)| e.ready || !any_ready)
+            .filter(move |(i, e)| (e.ready || !any_ready) && (!any_healthy || healthy(*i)))
     }
 
     fn random_index(&self) -> Option<usize> {
@@ -431,7 +478,13 @@ impl MeshView {
                         ready: true,
                     })
                     .collect();
+                let destination = crate::resilience::destination(key);
                 let service = Service {
+                    health: endpoints
+                        .iter()
+                        .map(|e| destination.endpoint(e.endpoint.address))
+                        .collect(),
+                    destination,
                     name: name.to_owned(),
                     namespace: namespace.to_owned(),
                     key: key.as_str().into(),
@@ -611,6 +664,16 @@ impl MeshView {
         self.policy.as_ref()
     }
 
+    /// Every service by `<namespace>/<name>`, for the health checks.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_key.values()
+    }
+
+    /// The service whose virtual IP is `ip`, if any.
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Service> {
+        self.services.get(&ip).map(|s| &**s)
+    }
+
     /// A service by `<namespace>/<name>`.
     pub fn service_by_key(&self, key: &str) -> Option<&Service> {
         self.by_key.get(key).map(|s| &**s)
@@ -740,10 +803,17 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
             ready: e.ready,
         });
     }
+    let key = format!("{}/{}", s.namespace, s.name);
+    let destination = crate::resilience::destination(&key);
     Ok(Service {
+        health: endpoints
+            .iter()
+            .map(|e| destination.endpoint(e.endpoint.address))
+            .collect(),
+        destination,
         name: s.name.clone(),
         namespace: s.namespace.clone(),
-        key: format!("{}/{}", s.namespace, s.name).as_str().into(),
+        key: key.as_str().into(),
         zone: s.zone.clone(),
         virtual_ip,
         ports,
@@ -1166,5 +1236,42 @@ mod tests {
         let whole = chunks.push(last).unwrap().expect("the last chunk");
         assert_eq!(whole.patched_services.len(), 2);
         assert_eq!(whole.base_version, "7");
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_unless_all_are_and_survive_a_new_view() {
+        use crate::resilience::{Attempt, Outlier};
+        let mut view = api_now(vec![endpoint("10.0.0.1", true), endpoint("10.0.0.2", true)]);
+        view.name = "ejections".into();
+        let first = service("services[0]", &view).unwrap();
+        let outlier = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: None,
+            interval_ms: 10_000,
+            base_ms: 60_000,
+            max_percent: 100,
+        };
+        let bad = first.endpoints[1].endpoint.clone();
+        first.record(&bad, Attempt::ServerError, &outlier);
+        // A new view of the same service keeps the ejection.
+        let second = service("services[0]", &view).unwrap();
+        for s in [&first, &second] {
+            for _ in 0..4 {
+                assert_eq!(
+                    s.pick().unwrap().address,
+                    first.endpoints[0].endpoint.address
+                );
+            }
+        }
+        // All ejected: all are used again (panic mode).
+        second.record(
+            &first.endpoints[0].endpoint,
+            Attempt::GatewayError,
+            &outlier,
+        );
+        let picked: std::collections::HashSet<IpAddr> = (0..4)
+            .filter_map(|_| second.pick().map(|e| e.address))
+            .collect();
+        assert_eq!(picked.len(), 2);
     }
 }

@@ -134,7 +134,8 @@ pub struct HttpIdentity {
 /// misbehave on purpose, for retry and routing tests: `/status/<code>`
 /// answers `<code>`, `/delay/<ms>` waits that long first, and `/flaky...`
 /// answers 503 to every odd-numbered
-/// request it gets.
+/// request it gets, and `/fail-unless/<marker>` answers 503 unless
+/// `<marker>` is this server's.
 pub fn serve_http(listener: TcpListener, who: HttpIdentity) {
     let who = Arc::new(who);
     let count = Arc::new(AtomicU64::new(0));
@@ -177,6 +178,14 @@ fn answer(mut conn: TcpStream, who: &HttpIdentity, count: &AtomicU64) -> Result<
         code.parse::<u16>().unwrap_or(200)
     } else if path.starts_with("/flaky") && n % 2 == 1 {
         503
+    } else if let Some(wanted) = path.strip_prefix("/fail-unless/") {
+        // Tells instances of one service apart: only the one whose marker
+        // is `wanted` answers 200.
+        if who.marker == wanted {
+            200
+        } else {
+            503
+        }
     } else {
         200
     };

@@ -2,8 +2,10 @@
 //! the checks that only that kind needs.
 
 mod access_log;
+mod circuit_breaker;
 mod external_service;
 mod fault_injection;
+mod health_check;
 mod http_route;
 mod load_balancing;
 mod mesh;
@@ -19,6 +21,8 @@ mod workload;
 mod zone;
 
 pub use access_log::AccessLogSpec;
+pub use circuit_breaker::CircuitBreakerSpec;
+pub use health_check::HealthCheckSpec;
 
 pub use external_service::ExternalServiceSpec;
 pub use fault_injection::FaultInjectionSpec;

@@ -5,9 +5,10 @@
 
 use crate::identity::SpiffeId;
 use crate::policy::conf::{
-    AccessLogBackend, AccessLogConf, Algorithm, BackendRef, FaultConf, HashOn, HeaderMatch,
-    HeaderValue, HttpMatch, LoadBalancingConf, LogFormat, PathMatch, PathRewrite, PermissionConf,
-    QueryMatch, RateLimitConf, RetryConf, RouteFilter, RouteRule, TimeoutConf,
+    AccessLogBackend, AccessLogConf, Algorithm, BackendRef, CircuitBreakerConf, FaultConf, HashOn,
+    HeaderMatch, HeaderValue, HealthCheckConf, HttpMatch, LoadBalancingConf, LogFormat, PathMatch,
+    PathRewrite, PermissionConf, QueryMatch, RateLimitConf, RetryConf, RouteFilter, RouteRule,
+    TimeoutConf,
 };
 use crate::policy::target::{DestinationRef, PeerRef, TargetRef};
 use crate::validation::{check_labels, dns1123_label, FieldPath, Problems};
@@ -576,6 +577,101 @@ impl Check for AccessLogConf {
                 AccessLogBackend::Stdout { format } => {
                     check_format(format, &at.field("format"), problems)
                 }
+            }
+        }
+    }
+}
+
+/// The least health check interval: shorter ones would load every
+/// endpoint with checks from every caller's agent.
+pub const MIN_HEALTH_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn at_least_one(value: u32) -> Result<(), String> {
+    if value == 0 {
+        Err("must be at least 1".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+impl Check for CircuitBreakerConf {
+    fn check(&self, path: &FieldPath, problems: &mut Problems) {
+        // maxConnections and maxRequests 0 would refuse every call: a
+        // typo more likely than a wish.
+        if let Some(n) = self.max_connections {
+            problems.check(path.field("maxConnections"), at_least_one(n));
+        }
+        if let Some(n) = self.max_requests {
+            problems.check(path.field("maxRequests"), at_least_one(n));
+        }
+        let Some(outlier) = &self.outlier_detection else {
+            return;
+        };
+        let at = path.field("outlierDetection");
+        problems.check(
+            at.field("consecutive5xx"),
+            at_least_one(outlier.consecutive_5xx),
+        );
+        if let Some(n) = outlier.consecutive_gateway_errors {
+            problems.check(at.field("consecutiveGatewayErrors"), at_least_one(n));
+        }
+        problems.check(at.field("interval"), positive(outlier.interval));
+        problems.check(
+            at.field("baseEjectionTime"),
+            positive(outlier.base_ejection_time),
+        );
+        if outlier.max_ejection_percent > 100 {
+            problems.add(
+                at.field("maxEjectionPercent"),
+                format!(
+                    "{} is not a percentage; must be 0-100",
+                    outlier.max_ejection_percent
+                ),
+            );
+        }
+    }
+}
+
+impl Check for HealthCheckConf {
+    fn check(&self, path: &FieldPath, problems: &mut Problems) {
+        if let Some(interval) = self.interval {
+            if interval.as_std() < MIN_HEALTH_CHECK_INTERVAL {
+                problems.add(
+                    path.field("interval"),
+                    format!("{interval} is too short; must be at least 100ms"),
+                );
+            }
+        }
+        if let Some(d) = self.timeout {
+            problems.check(path.field("timeout"), positive(d));
+        }
+        if let Some(n) = self.unhealthy_threshold {
+            problems.check(path.field("unhealthyThreshold"), at_least_one(n));
+        }
+        if let Some(n) = self.healthy_threshold {
+            problems.check(path.field("healthyThreshold"), at_least_one(n));
+        }
+        if self.tcp.is_some() && self.http.is_some() {
+            problems.add(path.clone(), "set one of tcp, http, not both");
+        }
+        if let Some(http) = &self.http {
+            let at = path.field("http");
+            if !http.path.starts_with('/') {
+                problems.add(
+                    at.field("path"),
+                    format!("{:?} must start with /", http.path),
+                );
+            } else if http.path.parse::<http::uri::PathAndQuery>().is_err() {
+                problems.add(
+                    at.field("path"),
+                    format!("{:?} is not a valid path", http.path),
+                );
+            }
+            for (i, code) in http.expected_statuses.iter().enumerate() {
+                problems.check(
+                    at.field("expectedStatuses").index(i),
+                    status_in(*code, 100, 599),
+                );
             }
         }
     }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::kinds::{CompiledTcpRoute, TraceConf};
 use crate::mesh::PeerMatch;
 use crate::policy::conf::{
-    AccessLogConf, Action, FaultConf, HttpMatch, LoadBalancingConf, Merge, RateLimitConf,
-    RetryConf, RouteRule, TimeoutConf,
+    AccessLogConf, Action, CircuitBreakerConf, FaultConf, HealthCheckConf, HttpMatch,
+    LoadBalancingConf, Merge, RateLimitConf, RetryConf, RouteRule, TimeoutConf,
 };
 
 /// The policies of one workload.
@@ -133,6 +133,18 @@ pub struct OutboundConf {
     /// TCPRoute: the split of TCP connections between backend services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_route: Option<CompiledTcpRoute>,
+    /// CircuitBreaker: limits and outlier detection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub circuit_breaker: CircuitBreakerConf,
+    /// HealthCheck: active checks of the destination's endpoints.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub health_check: HealthCheckConf,
+}
+
+/// Keeps unset new blocks out of the JSON, so that agents that predate
+/// them still read what a newer zone sends when no such policy exists.
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 impl Merge for OutboundConf {
@@ -152,6 +164,8 @@ impl Merge for OutboundConf {
         if over.tcp_route.is_some() {
             self.tcp_route.clone_from(&over.tcp_route);
         }
+        self.circuit_breaker.merge(&over.circuit_breaker);
+        self.health_check.merge(&over.health_check);
     }
 }
 

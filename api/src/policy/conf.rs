@@ -619,3 +619,134 @@ pub enum LogFormat {
         template: String,
     },
 }
+
+/// A CircuitBreaker's `default` block: limits on what this agent has open
+/// to the destination, and passive outlier detection. A limit left unset
+/// does not apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConf {
+    /// Connections open to the destination from this agent: TCP connections
+    /// tunnelled to it and application HTTP connections served for it.
+    /// One more is reset (TCP) or has each request answered `503`
+    /// `overflow` (HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// HTTP requests that may wait for a slot once `maxRequests` are in
+    /// flight (default 0: none waits); one more is answered `503`
+    /// `overflow` at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// HTTP requests in flight to the destination from this agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Ejects endpoints that keep failing (passive health checking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+merge_fields!(CircuitBreakerConf {
+    max_connections,
+    max_pending_requests,
+    max_requests,
+    outlier_detection
+});
+
+/// When an endpoint is ejected: it is not picked for `baseEjectionTime`
+/// times the number of times it has been ejected, then comes back. When
+/// every endpoint is ejected, all are used (panic mode).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (or resets, or failed connections) that
+    /// eject an endpoint (default 5).
+    #[serde(rename = "consecutive5xx", default = "default_consecutive_5xx")]
+    pub consecutive_5xx: u32,
+    /// Consecutive 502, 503 or 504 answers (or failed connections) that
+    /// eject an endpoint; unset: only `consecutive5xx` counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// An endpoint not ejected for this long has its ejection count reset,
+    /// so its next ejection lasts `baseEjectionTime` again (default 10s).
+    #[serde(default = "default_outlier_interval")]
+    pub interval: Duration,
+    /// How long the first ejection lasts; the n-th lasts n times as long,
+    /// at most 300s (default 30s).
+    #[serde(default = "default_base_ejection_time")]
+    pub base_ejection_time: Duration,
+    /// The most endpoints of the destination ejected at once, as a
+    /// percentage, 0-100; one endpoint can always be ejected (default 10).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+
+fn default_outlier_interval() -> Duration {
+    Duration::from(std::time::Duration::from_secs(10))
+}
+
+fn default_base_ejection_time() -> Duration {
+    Duration::from(std::time::Duration::from_secs(30))
+}
+
+fn default_max_ejection_percent() -> u32 {
+    10
+}
+
+/// A HealthCheck's `default` block. The check goes to the destination's
+/// first HTTP port (`http`) or first port (`tcp`), through the tunnel to
+/// each endpoint's agent, from the caller's agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheckConf {
+    /// Time between two checks of an endpoint (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// How long a check may take before it counts as failed (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Consecutive failed checks that mark an endpoint unhealthy (default
+    /// 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    /// Consecutive passed checks that mark an unhealthy endpoint healthy
+    /// again (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    /// A TCP check: the tunnelled connection to the endpoint must open
+    /// (the default when `http` is not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheck>,
+    /// An HTTP check: a `GET` of `path` must be answered with an expected
+    /// status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheck>,
+}
+
+merge_fields!(HealthCheckConf {
+    interval,
+    timeout,
+    unhealthy_threshold,
+    healthy_threshold,
+    tcp,
+    http
+});
+
+/// A TCP health check; it has no settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheck {}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpHealthCheck {
+    /// The path requested, starting with `/`.
+    pub path: String,
+    /// The statuses that pass (default: any 2xx).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_statuses: Vec<u16>,
+}

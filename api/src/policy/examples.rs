@@ -23,6 +23,8 @@ pub fn text(kind: Kind) -> &'static str {
         Kind::AccessLog => ACCESS_LOG,
         Kind::TcpRoute => TCP_ROUTE,
         Kind::Trace => TRACE,
+        Kind::CircuitBreaker => CIRCUIT_BREAKER,
+        Kind::HealthCheck => HEALTH_CHECK,
         _ => TRAFFIC_PERMISSION,
     }
 }
@@ -38,6 +40,7 @@ pub fn variants(kind: Kind) -> Vec<Resource> {
         Kind::RateLimit => &[RATE_LIMIT_VARIANTS],
         Kind::Retry => &[RETRY_VARIANTS],
         Kind::TcpRoute => &[TCP_ROUTE_VARIANTS],
+        Kind::HealthCheck => &[HEALTH_CHECK_VARIANTS],
         _ => &[],
     };
     let mut out: Vec<Resource> = texts.iter().map(|t| parse(t)).collect();
@@ -73,6 +76,8 @@ fn set_target(resource: &mut Resource, target: TargetRef) {
         Resource::AccessLog(o) => &mut o.spec.target_ref,
         Resource::TcpRoute(o) => &mut o.spec.target_ref,
         Resource::Trace(o) => &mut o.spec.target_ref,
+        Resource::CircuitBreaker(o) => &mut o.spec.target_ref,
+        Resource::HealthCheck(o) => &mut o.spec.target_ref,
         Resource::Mesh(_)
         | Resource::Zone(_)
         | Resource::Workload(_)
@@ -722,4 +727,69 @@ spec:
     backend:
       type: Otlp
       endpoint: http://otel-collector.observability:4318
+";
+
+const CIRCUIT_BREAKER: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: CircuitBreaker
+metadata:
+  name: payments
+  mesh: default
+spec:
+  targetRef:
+    kind: Mesh
+  to:
+  - targetRef:
+      kind: Service
+      name: payments
+      namespace: payments
+    default:
+      maxConnections: 1024
+      maxPendingRequests: 64
+      maxRequests: 256
+      outlierDetection:
+        consecutive5xx: 5
+        consecutiveGatewayErrors: 3
+        interval: 10s
+        baseEjectionTime: 30s
+        maxEjectionPercent: 50
+";
+
+const HEALTH_CHECK: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: HealthCheck
+metadata:
+  name: payments
+  mesh: default
+spec:
+  targetRef:
+    kind: Mesh
+  to:
+  - targetRef:
+      kind: Service
+      name: payments
+      namespace: payments
+    default:
+      interval: 5s
+      timeout: 1s
+      unhealthyThreshold: 3
+      healthyThreshold: 1
+      http:
+        path: /healthz
+        expectedStatuses:
+        - 200
+        - 204
+";
+
+const HEALTH_CHECK_VARIANTS: &str = "\
+apiVersion: weft.io/v1alpha1
+kind: HealthCheck
+metadata:
+  name: tcp
+spec:
+  to:
+  - targetRef:
+      kind: Mesh
+    default:
+      tcp: {}
 ";

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::kinds::{
-    AccessLogSpec, CompiledTcpRoute, FaultInjectionSpec, HttpRouteSpec, LoadBalancingSpec,
-    PolicyTo, RateLimitSpec, RetrySpec, TcpRouteSpec, TimeoutSpec, TraceSpec,
-    TrafficPermissionSpec,
+    AccessLogSpec, CircuitBreakerSpec, CompiledTcpRoute, FaultInjectionSpec, HealthCheckSpec,
+    HttpRouteSpec, LoadBalancingSpec, PolicyTo, RateLimitSpec, RetrySpec, TcpRouteSpec,
+    TimeoutSpec, TraceSpec, TrafficPermissionSpec,
 };
 use crate::mesh::PeerMatch;
 use crate::policy::compiled::{
@@ -206,6 +206,10 @@ pub struct MeshPolicies {
     pub tcp_routes: Vec<Object<TcpRouteSpec>>,
     /// Traces.
     pub traces: Vec<Object<TraceSpec>>,
+    /// CircuitBreakers.
+    pub circuit_breakers: Vec<Object<CircuitBreakerSpec>>,
+    /// HealthChecks.
+    pub health_checks: Vec<Object<HealthCheckSpec>>,
 }
 
 impl MeshPolicies {
@@ -222,6 +226,8 @@ impl MeshPolicies {
             Resource::AccessLog(o) => self.access_logs.push(o),
             Resource::TcpRoute(o) => self.tcp_routes.push(o),
             Resource::Trace(o) => self.traces.push(o),
+            Resource::CircuitBreaker(o) => self.circuit_breakers.push(o),
+            Resource::HealthCheck(o) => self.health_checks.push(o),
             Resource::Mesh(_)
             | Resource::Zone(_)
             | Resource::Workload(_)
@@ -267,7 +273,9 @@ policy_spec!(
     LoadBalancingSpec,
     AccessLogSpec,
     TcpRouteSpec,
-    TraceSpec
+    TraceSpec,
+    CircuitBreakerSpec,
+    HealthCheckSpec
 );
 
 /// The policies of `all` that select the workload, in merge order:
@@ -362,6 +370,15 @@ pub fn compile(
     merge_to(&mut policy, &timeouts, |s| &s.to, |c| &mut c.timeout);
     let retries = applying(&policies.retries, workload);
     merge_to(&mut policy, &retries, |s| &s.to, |c| &mut c.retry);
+    let breakers = applying(&policies.circuit_breakers, workload);
+    merge_to(
+        &mut policy,
+        &breakers,
+        |s| &s.to,
+        |c| &mut c.circuit_breaker,
+    );
+    let checks = applying(&policies.health_checks, workload);
+    merge_to(&mut policy, &checks, |s| &s.to, |c| &mut c.health_check);
     let faults = applying(&policies.fault_injections, workload);
     merge_to(&mut policy, &faults, |s| &s.to, |c| &mut c.fault);
     let balancing = applying(&policies.load_balancings, workload);
@@ -483,6 +500,8 @@ pub fn explain(workload: &WorkloadInfo<'_>, policies: &MeshPolicies) -> Vec<Appl
             Kind::AccessLog => explain_kind(&policies.access_logs, workload, &mut out),
             Kind::TcpRoute => explain_kind(&policies.tcp_routes, workload, &mut out),
             Kind::Trace => explain_kind(&policies.traces, workload, &mut out),
+            Kind::CircuitBreaker => explain_kind(&policies.circuit_breakers, workload, &mut out),
+            Kind::HealthCheck => explain_kind(&policies.health_checks, workload, &mut out),
             Kind::Mesh | Kind::Zone | Kind::Workload | Kind::Service | Kind::ExternalService => {}
         }
     }
@@ -695,6 +714,57 @@ spec:
 ";
         let compiled = compile(&web("web-1", web_labels()), &policies(yaml), &directory());
         assert_eq!(compiled.outbound_defaults.retry.num_retries, Some(2));
+    }
+
+    #[test]
+    fn circuit_breakers_and_health_checks_merge_field_by_field() {
+        let yaml = "\
+apiVersion: weft.io/v1alpha1
+kind: CircuitBreaker
+metadata: {name: mesh}
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {maxRequests: 100, maxConnections: 50}
+---
+apiVersion: weft.io/v1alpha1
+kind: CircuitBreaker
+metadata: {name: web}
+spec:
+  targetRef: {kind: Labels, labels: {app: web}}
+  to:
+  - targetRef: {kind: Service, name: payments, namespace: payments}
+    default: {maxRequests: 2, outlierDetection: {consecutive5xx: 3}}
+---
+apiVersion: weft.io/v1alpha1
+kind: HealthCheck
+metadata: {name: mesh}
+spec:
+  to:
+  - targetRef: {kind: Mesh}
+    default: {interval: 5s, http: {path: /healthz}}
+---
+apiVersion: weft.io/v1alpha1
+kind: HealthCheck
+metadata: {name: web}
+spec:
+  targetRef: {kind: Workload, name: web-1, namespace: shop}
+  to:
+  - targetRef: {kind: Service, name: payments, namespace: payments}
+    default: {interval: 1s}
+";
+        let compiled = compile(&web("web-1", web_labels()), &policies(yaml), &directory());
+        let payments = compiled.outbound_for("payments/payments");
+        assert_eq!(payments.circuit_breaker.max_requests, Some(2));
+        assert_eq!(payments.circuit_breaker.max_connections, Some(50));
+        let outlier = payments.circuit_breaker.outlier_detection.unwrap();
+        assert_eq!(outlier.consecutive_5xx, 3);
+        assert_eq!(outlier.base_ejection_time.to_string(), "30s");
+        assert_eq!(payments.health_check.interval.unwrap().to_string(), "1s");
+        assert_eq!(payments.health_check.http.unwrap().path, "/healthz");
+        // Unset blocks stay out of what the zone sends.
+        let json = serde_json::to_value(WorkloadPolicy::default()).unwrap();
+        assert!(json["outboundDefaults"].get("circuitBreaker").is_none());
     }
 
     #[test]

@@ -60,6 +60,17 @@ pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
         policy.outbound(dialled.key.as_str()).idle_timeout
     };
     let activity = Arc::new(Activity::new());
+    // Held while the connection lasts: counted against the destination's
+    // CircuitBreaker maxConnections.
+    let slot = {
+        let view = outbound.view.load();
+        view.service_by_key(dialled.key.as_str()).map(|service| {
+            crate::resilience::service_connection(&view, service, &outbound.unconfigured)
+        })
+    };
+    if let Some(Err(())) = slot {
+        return serve_overflow(outbound, tcp, dialled).await;
+    }
     let dialled = Arc::new(dialled);
     let seen = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -137,9 +148,38 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let now = self.0.opened.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        let now = self
+            .0
+            .opened
+            .elapsed()
+            .as_millis()
+            .min(u128::from(u64::MAX)) as u64;
         self.0.last_ms.store(now, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves a connection over the destination's `maxConnections`: every
+/// request gets `503 overflow` at once, so the application sees why.
+async fn serve_overflow(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
+    info!(
+        destination = dialled.key.as_str(),
+        "HTTP connection over the CircuitBreaker's maxConnections"
+    );
+    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+        outbound
+            .metrics
+            .http_local(Direction::Outbound, "overflow", "");
+        let response: Response<ResponseBody> = local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overflow",
+            "over the CircuitBreaker's maxConnections",
+        );
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+        debug!(error = %e, "outbound HTTP connection ended with an error");
     }
 }
 
@@ -387,6 +427,31 @@ async fn routed(
             },
         );
     };
+    // CircuitBreaker: a slot among maxRequests, maybe after a wait as one
+    // of maxPendingRequests (bounded by the request timeout).
+    let slot = crate::resilience::request_slot(service.destination(), &out.breaker);
+    let slot = match out.request_timeout {
+        Some(limit) => tokio::time::timeout(limit, slot).await.ok().flatten(),
+        None => slot.await,
+    };
+    let Some(_slot) = slot else {
+        info!(
+            destination = key,
+            "outbound request over the CircuitBreaker"
+        );
+        return (
+            local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overflow",
+                "over the CircuitBreaker's maxRequests",
+            ),
+            Outcome {
+                status: 503,
+                flag: "overflow",
+                upstream: None,
+            },
+        );
+    };
     let attempts = attempts(o, out, service, port, request, body, d);
     let result = match out.request_timeout {
         Some(limit) => tokio::time::timeout(limit, attempts).await.ok(),
@@ -489,7 +554,7 @@ async fn attempts(
         let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts, Either::Left(body));
-        return send(
+        let result = send(
             o,
             endpoint,
             port,
@@ -498,6 +563,8 @@ async fn attempts(
             out.connect_timeout,
         )
         .await;
+        record(service, out, endpoint, &result);
+        return result;
     }
     let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let Some(retry) = retry else {
@@ -517,6 +584,7 @@ async fn attempts(
             out.connect_timeout,
         )
         .await;
+        record(service, out, endpoint, &result);
         let retryable = match &result {
             Ok((response, _)) => retry_on_response(retry, response),
             Err(Failure::Send(SendError::Connect(_))) => {
@@ -536,6 +604,62 @@ async fn attempts(
         tokio::time::sleep(backoff(retry, attempt)).await;
         out.retries_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Feeds an attempt's result to the destination's outlier detection, if
+/// on.
+fn record(
+    service: &Service,
+    out: &Policy,
+    endpoint: &Endpoint,
+    result: &Result<(Response<PooledBody>, SocketAddr), Failure>,
+) {
+    use crate::resilience::Attempt;
+    let Some(outlier) = &out.breaker.outlier else {
+        return;
+    };
+    let attempt = match result {
+        Ok((response, _)) => Attempt::of_status(response.status().as_u16()),
+        Err(Failure::Send(SendError::Refused(status))) => Attempt::of_status(status.as_u16()),
+        Err(Failure::Send(_)) | Err(Failure::TryTimeout) => Attempt::GatewayError,
+        // Not the endpoint's doing.
+        Err(Failure::NoEndpoints) | Err(Failure::Body(_)) => return,
+    };
+    service.record(endpoint, attempt, outlier);
+}
+
+/// One active HTTP health check: `GET path` to `endpoint` through the
+/// tunnel, as a request of the local workload; the status, or why none
+/// came.
+pub(crate) async fn probe(
+    o: &Arc<Outbound>,
+    endpoint: &Endpoint,
+    port: u16,
+    path: &http::uri::PathAndQuery,
+) -> Result<u16, String> {
+    let mut req = Request::new(Either::Right(Full::new(Bytes::new())));
+    *req.uri_mut() = Uri::from(path.clone());
+    if let Ok(host) = HeaderValue::from_str(&SocketAddr::new(endpoint.address, port).to_string()) {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
+    req.headers_mut().insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static("weft-health-check"),
+    );
+    let (response, _) = send(
+        o,
+        endpoint,
+        port,
+        req,
+        None,
+        super::policy::DEFAULT_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    // Read to the end so the pooled connection can serve again.
+    let _ = response.into_body().collect().await;
+    Ok(status)
 }
 
 fn retry_on_response(retry: &Retry, response: &Response<PooledBody>) -> bool {

@@ -253,6 +253,10 @@ pub struct Outbound {
     pub in_flight: AtomicU32,
     /// Retries in flight, for the retry budget.
     pub retries_in_flight: AtomicU32,
+    /// CircuitBreaker limits and outlier detection.
+    pub breaker: crate::resilience::Breaker,
+    /// Active health checks of the destination's endpoints, if any.
+    pub health_check: Option<crate::resilience::HealthCheck>,
 }
 
 impl Outbound {
@@ -576,6 +580,8 @@ fn compile_outbound(
         access_log: access_log(&conf.access_log, &format!("{field}.accessLog"), logs)?,
         in_flight: AtomicU32::new(0),
         retries_in_flight: AtomicU32::new(0),
+        breaker: crate::resilience::Breaker::from_conf(&conf.circuit_breaker),
+        health_check: crate::resilience::HealthCheck::from_conf(&conf.health_check),
     })
 }
 
