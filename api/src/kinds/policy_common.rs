@@ -155,3 +155,84 @@ macro_rules! outbound_policy_spec {
     };
 }
 pub(crate) use outbound_policy_spec;
+
+/// Defines the spec of a policy kind that configures both calls out
+/// (`to[]`, per destination) and calls in (`rules[]`, per caller), at least
+/// one of them set: like [`outbound_policy_spec`], one invocation per kind.
+macro_rules! two_way_policy_spec {
+    ($(#[$doc:meta])* $spec:ident, $conf:ty, $kind:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug,
+            Clone,
+            PartialEq,
+            Eq,
+            serde::Serialize,
+            serde::Deserialize,
+            schemars::JsonSchema,
+        )]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $spec {
+            /// The workloads whose agents apply the settings (default: the whole
+            /// mesh).
+            #[serde(default)]
+            pub target_ref: $crate::policy::target::TargetRef,
+            /// Outbound: settings for calls the workloads make, per destination.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub to: Vec<$crate::kinds::policy_common::PolicyTo<$conf>>,
+            /// Inbound: settings for calls into the workloads, per caller.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub rules: Vec<$crate::kinds::policy_common::PolicyRule<$conf>>,
+        }
+
+        impl $crate::resource::Spec for $spec {
+            const KIND: $crate::resource::Kind = $crate::resource::Kind::$kind;
+            type Status = $crate::resource::NoStatus;
+
+            fn validate(
+                &self,
+                _: &$crate::resource::ObjectMeta,
+                path: &$crate::validation::FieldPath,
+                problems: &mut $crate::validation::Problems,
+            ) {
+                use $crate::policy::check::Check;
+                self.target_ref.check(&path.field("targetRef"), problems);
+                if self.to.is_empty() && self.rules.is_empty() {
+                    problems.add(path.clone(), "set at least one of to, rules");
+                }
+                $crate::kinds::policy_common::check_to(&self.to, false, &path.field("to"), problems);
+                $crate::kinds::policy_common::check_rules(
+                    &self.rules,
+                    false,
+                    &path.field("rules"),
+                    problems,
+                );
+            }
+
+            fn check_references(
+                object: &$crate::resource::Object<Self>,
+                existing: &dyn $crate::validation::ExistingResources,
+                problems: &mut $crate::validation::Problems,
+            ) {
+                let mesh = object.mesh().unwrap_or_default();
+                for (i, entry) in object.spec.to.iter().enumerate() {
+                    let at = $crate::validation::FieldPath::of(&["spec", "to"])
+                        .index(i)
+                        .field("targetRef");
+                    $crate::kinds::policy_common::check_destination(
+                        mesh,
+                        &entry.target_ref,
+                        at,
+                        existing,
+                        problems,
+                    );
+                }
+            }
+
+            fn into_resource(object: $crate::resource::Object<Self>) -> $crate::resource::Resource {
+                $crate::resource::Resource::$kind(object)
+            }
+        }
+    };
+}
+pub(crate) use two_way_policy_spec;
