@@ -95,6 +95,8 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         pool,
         view.clone(),
         source,
+        crate::l7::policy::Policy::unconfigured()
+            .context("compiling the default outbound policy")?,
     ));
     let plain = Arc::new(Plaintext::new(
         config.clone(),

@@ -78,7 +78,8 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Routes by whatever mesh view is in force when a connection arrives.
+    /// Routes by whatever mesh view is in force when a connection arrives;
+    /// `unconfigured` is what HTTP calls get when no policy is known.
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
@@ -86,6 +87,7 @@ impl Outbound {
         pool: Arc<Pool>,
         view: SharedView,
         source: &str,
+        unconfigured: Policy,
     ) -> Self {
         let passthrough =
             metrics.peer(Direction::Outbound, source, "unknown", Transport::Plaintext);
@@ -100,7 +102,7 @@ impl Outbound {
             limit,
             local_id: source.into(),
             upstreams: Arc::default(),
-            unconfigured: Arc::new(Policy::unconfigured()),
+            unconfigured: Arc::new(unconfigured),
         }
     }
 

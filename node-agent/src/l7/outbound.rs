@@ -545,12 +545,12 @@ async fn attempts(
     });
     prepare(&mut parts);
     let retry = out.retry.as_ref();
-    let replayable = retry.is_some()
-        && body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_RETRY_BODY);
-    if !replayable {
+    let fits = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= MAX_RETRY_BODY);
+    // Retried only when the body can be sent again.
+    let Some(retry) = retry.filter(|_| fits) else {
         let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts, Either::Left(body));
@@ -565,11 +565,8 @@ async fn attempts(
         .await;
         record(service, out, endpoint, &result);
         return result;
-    }
-    let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
-    let Some(retry) = retry else {
-        unreachable!("replayable implies a retry policy")
     };
+    let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let mut attempt = 0;
     loop {
         let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;

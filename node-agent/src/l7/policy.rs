@@ -384,12 +384,13 @@ impl Policy {
 
     /// The outbound settings when no policy is known at all (a static
     /// config without `policy`): the defaults of every field.
-    pub fn unconfigured() -> Self {
-        let logs = super::access_log::Files::default();
-        let none = WorkloadPolicy::default();
-        // Compiling the empty policy cannot fail: it has no field to get
-        // wrong.
-        Policy::compile(&none, &logs).unwrap_or_else(|_| unreachable!("empty policy compiles"))
+    pub fn unconfigured() -> Result<Self, PolicyError> {
+        // The empty policy has no field to get wrong; a failure here is a
+        // bug in the defaults, reported at start rather than per request.
+        Policy::compile(
+            &WorkloadPolicy::default(),
+            &super::access_log::Files::default(),
+        )
     }
 
     /// The TCPRoute for connections to service `<namespace>/<name>`, if any.
