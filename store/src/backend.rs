@@ -117,6 +117,11 @@ fn sqlite_migrations() -> Vec<Migration> {
             "agent_lifecycle",
             include_str!("../migrations/sqlite/0004_agent_lifecycle.sql"),
         ),
+        migration(
+            5,
+            "initial_traffic_permissions",
+            include_str!("../migrations/sqlite/0005_initial_traffic_permissions.sql"),
+        ),
     ]
 }
 
@@ -141,6 +146,11 @@ fn postgres_migrations() -> Vec<Migration> {
             4,
             "agent_lifecycle",
             include_str!("../migrations/postgres/0004_agent_lifecycle.sql"),
+        ),
+        migration(
+            5,
+            "initial_traffic_permissions",
+            include_str!("../migrations/postgres/0005_initial_traffic_permissions.sql"),
         ),
     ]
 }

@@ -57,6 +57,7 @@ on_both_backends!(
     mesh_ca_first_created_once,
     mesh_ca_rotation,
     mesh_ca_rotation_races,
+    upgrade_gives_older_meshes_allow_all,
 );
 
 fn workload(name: &str, namespace: &str, address: &str) -> Resource {
@@ -1156,4 +1157,82 @@ async fn mesh_ca_rotation_races(db: TestDb) {
     let cas = a.mesh_cas("default").await.unwrap();
     assert_eq!(cas.iter().filter(|c| c.role == CaRole::Signing).count(), 1);
     assert_eq!(cas.iter().filter(|c| c.role == CaRole::Retired).count(), 1);
+}
+
+/// Meshes that predate TrafficPermission get, at the upgrade, the
+/// `allow-all` that a new mesh gets at apply (agents deny what no
+/// TrafficPermission allows); a mesh that has one keeps what it has. The
+/// insert is a change in the feed, and later writes get later sequences.
+async fn upgrade_gives_older_meshes_allow_all(db: TestDb) {
+    let store = db.open().await;
+    store.put(&mesh("old"), Expect::Absent).await.unwrap();
+    store.put(&mesh("guarded"), Expect::Absent).await.unwrap();
+    let own = parse_yaml(
+        "apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata: { name: own, mesh: guarded }
+spec:
+  rules: [ { from: { kind: Mesh }, default: { action: Deny } } ]
+",
+    )
+    .unwrap()
+    .remove(0);
+    store.put(&own, Expect::Absent).await.unwrap();
+    let before = store.changes_since(0).await.unwrap().len();
+    drop(store);
+    // As if the store predated the migration: forget that it ran.
+    let forget = "DELETE FROM _sqlx_migrations WHERE version = 5";
+    if db.is_postgres() {
+        let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+        sqlx::query(forget).execute(&pool).await.unwrap();
+    } else {
+        let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
+        sqlx::query(forget).execute(&pool).await.unwrap();
+    }
+    let upgraded = db.open().await;
+    let policies: Vec<String> = upgraded
+        .list(Kind::TrafficPermission, None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s.resource.mesh().unwrap_or_default(),
+                s.resource.name()
+            )
+        })
+        .collect();
+    assert_eq!(policies, ["guarded/own", "old/allow-all"]);
+    let Resource::TrafficPermission(allow) = upgraded
+        .list(Kind::TrafficPermission, Some("old"), None)
+        .await
+        .unwrap()
+        .remove(0)
+        .resource
+    else {
+        panic!("not a TrafficPermission");
+    };
+    assert_eq!(
+        allow.spec,
+        weft_api::TrafficPermissionSpec::allow_all(),
+        "the same allow-all that apply creates"
+    );
+    let changes = upgraded.changes_since(0).await.unwrap();
+    assert_eq!(
+        changes.len(),
+        before + 1,
+        "one change for the one new policy"
+    );
+    upgraded.put(&mesh("new"), Expect::Absent).await.unwrap();
+    let stored = upgraded.list(Kind::Mesh, None, None).await.unwrap();
+    let new_seq = stored
+        .iter()
+        .find(|s| s.resource.name() == "new")
+        .unwrap()
+        .seq;
+    assert!(
+        changes.iter().all(|c| c.seq < new_seq),
+        "a write after the upgrade got an earlier sequence"
+    );
 }
