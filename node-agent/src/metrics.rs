@@ -121,6 +121,7 @@ struct HttpLabels {
     destination: Label,
     route: Label,
     status: u16,
+    grpc_status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +137,20 @@ struct HttpLocalLabels {
     policy: String,
 }
 
+/// The `grpc-status` of response headers, as a label value (empty when
+/// absent or not a gRPC status code).
+pub fn grpc_status(headers: &http::HeaderMap) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|code| CODES.get(code).copied())
+        .unwrap_or("")
+}
+
 /// One HTTP request as the RED metrics count it.
 pub struct HttpRequest<'a> {
     /// Calls in or out.
@@ -148,6 +163,10 @@ pub struct HttpRequest<'a> {
     pub route: &'a Label,
     /// The response status; 0 when no response came.
     pub status: u16,
+    /// The gRPC status when the response headers carry one (a
+    /// trailers-only answer: how gRPC servers return most errors), else
+    /// empty. A status sent in trailers after a body is not seen here.
+    pub grpc_status: &'static str,
     /// Start to response headers, in seconds.
     pub seconds: f64,
 }
@@ -315,7 +334,7 @@ impl Metrics {
         );
         registry.register(
             "http_requests",
-            "HTTP and gRPC requests, by direction, caller, destination, route and status (0: no response)",
+            "HTTP and gRPC requests, by direction, caller, destination, route, status (0: no response) and the gRPC status of trailers-only answers",
             m.http_requests.clone(),
         );
         registry.register(
@@ -350,6 +369,7 @@ impl Metrics {
                 destination: r.destination.clone(),
                 route: r.route.clone(),
                 status: r.status,
+                grpc_status: r.grpc_status,
             })
             .inc();
         self.http_duration

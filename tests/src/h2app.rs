@@ -12,7 +12,8 @@ use http::{HeaderMap, Request, Response};
 
 /// Serves HTTP/2 on `addr` forever: each request gets `200`, a body made of
 /// `marker`, the path and the request body, and trailers `grpc-status: 0`
-/// and `x-marker: <marker>`.
+/// and `x-marker: <marker>`; a path ending in `/Unavailable` gets a
+/// trailers-only answer with `grpc-status: 14`.
 pub fn serve(addr: SocketAddr, marker: String) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -51,6 +52,16 @@ async fn answer(
         let chunk = chunk?;
         body.flow_control().release_capacity(chunk.len())?;
         received.extend_from_slice(&chunk);
+    }
+    if path.ends_with("/Unavailable") {
+        // A trailers-only answer: how gRPC servers return most errors.
+        let response = Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .body(())?;
+        respond.send_response(response, true)?;
+        return Ok(());
     }
     let response = Response::builder()
         .status(200)

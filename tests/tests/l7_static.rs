@@ -348,6 +348,16 @@ fn http2_and_grpc_trailers_cross_both_agents() -> Result<()> {
             .is_some_and(|v| v == marker.as_str()),
         "{trailers:?}"
     );
+    // A gRPC error in a trailers-only answer shows in the RED metrics.
+    let failed = pair
+        .client
+        .enter(|| weft_e2e::h2app::call(h2_listener, "/weft.Test/Unavailable", "ping", T))?;
+    ensure!(failed.status == 200, "{failed:?}");
+    server_agent.wait_metric(
+        "weft_http_requests_total",
+        &[("direction", "inbound"), ("grpc_status", "14")],
+        1.0,
+    )?;
     // Another method on the same port is not allowed.
     let denied = pair
         .client

@@ -133,6 +133,7 @@ async fn handle(
         destination: i.workload_label(),
         route: &Label::empty(),
         status,
+        grpc_status: crate::metrics::grpc_status(response.headers()),
         seconds,
     });
     if !flag.is_empty() {

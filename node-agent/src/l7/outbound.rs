@@ -232,6 +232,7 @@ async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Respo
         destination: &d.key,
         route: &route_name,
         status: outcome.status,
+        grpc_status: crate::metrics::grpc_status(response.headers()),
         seconds,
     });
     if !outcome.flag.is_empty() {
