@@ -64,25 +64,27 @@ pub(crate) fn check_rules<C: Check>(
     }
 }
 
-/// Reports a destination naming an ExternalService that does not exist,
-/// when `existing` can tell. Services and Workloads are not checked: they
-/// are derived from what agents register and may appear after the policy,
-/// which then applies to them from that moment.
-pub(crate) fn check_destination(
+/// Reports each `spec.to[i].targetRef` (given in order) that names an
+/// ExternalService that does not exist, when `existing` can tell. Services
+/// and Workloads are not checked: they are derived from what agents
+/// register and may appear after the policy, which then applies to them
+/// from that moment.
+pub(crate) fn check_destinations<'a>(
     mesh: &str,
-    destination: &DestinationRef,
-    path: FieldPath,
+    destinations: impl Iterator<Item = &'a DestinationRef>,
     existing: &dyn ExistingResources,
     problems: &mut Problems,
 ) {
-    if let DestinationRef::ExternalService { name, namespace } = destination {
-        if existing.external_service_exists(mesh, namespace, name) == Some(false) {
-            problems.add(
-                path,
-                format!(
-                    "ExternalService {namespace}/{name} does not exist in mesh {mesh:?}; create it first"
-                ),
-            );
+    for (i, destination) in destinations.enumerate() {
+        if let DestinationRef::ExternalService { name, namespace } = destination {
+            if existing.external_service_exists(mesh, namespace, name) == Some(false) {
+                problems.add(
+                    FieldPath::of(&["spec", "to"]).index(i).field("targetRef"),
+                    format!(
+                        "ExternalService {namespace}/{name} does not exist in mesh {mesh:?}; create it first"
+                    ),
+                );
+            }
         }
     }
 }
@@ -133,19 +135,12 @@ macro_rules! outbound_policy_spec {
                 existing: &dyn $crate::validation::ExistingResources,
                 problems: &mut $crate::validation::Problems,
             ) {
-                let mesh = object.mesh().unwrap_or_default();
-                for (i, entry) in object.spec.to.iter().enumerate() {
-                    let at = $crate::validation::FieldPath::of(&["spec", "to"])
-                        .index(i)
-                        .field("targetRef");
-                    $crate::kinds::policy_common::check_destination(
-                        mesh,
-                        &entry.target_ref,
-                        at,
-                        existing,
-                        problems,
-                    );
-                }
+                $crate::kinds::policy_common::check_destinations(
+                    object.mesh().unwrap_or_default(),
+                    object.spec.to.iter().map(|entry| &entry.target_ref),
+                    existing,
+                    problems,
+                );
             }
 
             fn into_resource(object: $crate::resource::Object<Self>) -> $crate::resource::Resource {
@@ -214,19 +209,12 @@ macro_rules! two_way_policy_spec {
                 existing: &dyn $crate::validation::ExistingResources,
                 problems: &mut $crate::validation::Problems,
             ) {
-                let mesh = object.mesh().unwrap_or_default();
-                for (i, entry) in object.spec.to.iter().enumerate() {
-                    let at = $crate::validation::FieldPath::of(&["spec", "to"])
-                        .index(i)
-                        .field("targetRef");
-                    $crate::kinds::policy_common::check_destination(
-                        mesh,
-                        &entry.target_ref,
-                        at,
-                        existing,
-                        problems,
-                    );
-                }
+                $crate::kinds::policy_common::check_destinations(
+                    object.mesh().unwrap_or_default(),
+                    object.spec.to.iter().map(|entry| &entry.target_ref),
+                    existing,
+                    problems,
+                );
             }
 
             fn into_resource(object: $crate::resource::Object<Self>) -> $crate::resource::Resource {

@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::kinds::policy_common::check_destination;
+use crate::kinds::policy_common::check_destinations;
 use crate::policy::check::Check;
 use crate::policy::conf::BackendRef;
 use crate::policy::target::{DestinationRef, TargetRef};
@@ -120,11 +120,12 @@ impl Spec for TcpRouteSpec {
         existing: &dyn ExistingResources,
         problems: &mut Problems,
     ) {
-        let mesh = object.mesh().unwrap_or_default();
-        for (i, entry) in object.spec.to.iter().enumerate() {
-            let at = FieldPath::of(&["spec", "to"]).index(i).field("targetRef");
-            check_destination(mesh, &entry.target_ref, at, existing, problems);
-        }
+        check_destinations(
+            object.mesh().unwrap_or_default(),
+            object.spec.to.iter().map(|entry| &entry.target_ref),
+            existing,
+            problems,
+        );
     }
 
     fn into_resource(object: Object<Self>) -> Resource {
