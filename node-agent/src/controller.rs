@@ -219,6 +219,7 @@ pub fn workload_proto(config: &AgentConfig) -> Workload {
             })
             .collect(),
         labels: w.labels.clone().into_iter().collect(),
+        hbone_address: String::new(),
     }
 }
 

@@ -656,6 +656,13 @@ impl AgentService for AgentApi {
         }))
     }
 
+    async fn register(
+        &self,
+        _request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        Err(Status::unimplemented("Register: node mode is not served by this zone yet"))
+    }
+
     type StreamStream = Outgoing;
 
     async fn stream(
