@@ -688,6 +688,7 @@ impl AgentView {
             more: false,
             patched_services: Vec::new(),
             policy_json: self.policy_json.to_string(),
+            placed: Vec::new(),
         }
     }
 
