@@ -116,6 +116,7 @@ pub fn workload(name: &str, service: &str, address: &str, port: u32) -> pb::Work
             protocol: pb::Protocol::Http as i32,
         }],
         labels: Default::default(),
+        hbone_address: String::new(),
     }
 }
 
