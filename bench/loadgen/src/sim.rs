@@ -51,6 +51,7 @@ pub fn workload(name: &str, i: u32, services: u32) -> pb::Workload {
             protocol: pb::Protocol::Http as i32,
         }],
         labels: Default::default(),
+        hbone_address: String::new(),
     }
 }
 
