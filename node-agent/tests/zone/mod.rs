@@ -203,6 +203,14 @@ impl AgentService for Service {
         }))
     }
 
+    async fn register(
+        &self,
+        _request: Request<weft_api::proto::agent::v1::RegisterRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        // Node mode is tested against the real zone (tests/tests/node_*.rs).
+        Err(Status::unimplemented("the scripted zone serves sidecars only"))
+    }
+
     async fn renew(
         &self,
         request: Request<RenewRequest>,
