@@ -10,36 +10,43 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Mode};
 use crate::controller::{self, Controller};
 use crate::credentials::Credentials;
 use crate::dns::{self, Dns};
 use crate::drain::Drain;
-use crate::inbound::Inbound;
-use crate::listen::{bind, bind_udp};
+use crate::listen::bind;
+use crate::local_workload::LocalWorkload;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
-use crate::outbound::{Outbound, Target};
-use crate::plaintext::Plaintext;
-use crate::pool::Pool;
 use crate::view::{self, MeshView};
+use crate::workload_proxy::{Listeners, Shared, WorkloadProxy};
 
 /// Runs the agent until it is told to stop and has drained.
 pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let (files, view, state) = match (&config.identity, &config.controller) {
-        (Some(files), _) => (files.clone(), MeshView::from_static(&config), None),
-        (None, _) => {
-            let startup = controller::prepare(&config).await?;
-            (startup.files, startup.view, Some(startup.state))
-        }
+    let metrics = Arc::new(Metrics::new());
+    // The agent's own drain: /ready, the controller stream and the admin
+    // report it; each workload proxy drains on its own.
+    let drain = Drain::new();
+    // The one place the mode is chosen.
+    let (view, state, files) = match config.mode {
+        Mode::Sidecar => match &config.identity {
+            Some(files) => (MeshView::from_static(&config), None, Some(files.clone())),
+            None => {
+                let startup = controller::prepare(&config).await?;
+                (startup.view, Some(startup.state), Some(startup.files))
+            }
+        },
+        Mode::Node | Mode::Gateway => anyhow::bail!("mode {:?} is not available", config.mode),
     };
     let view = view::shared(view);
+    let Some(files) = files else {
+        anyhow::bail!("no identity");
+    };
     let credentials = Arc::new(Credentials::load(&files)?);
     let identity = credentials.id();
-    let metrics = Arc::new(Metrics::new());
     metrics.certificate_expires(credentials.current().identity.not_after);
-    let drain = Drain::new();
 
     if config.redirect.on_start {
         crate::redirect::install(&config).context(
@@ -49,61 +56,37 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("capture rules installed (redirect.on_start)");
     }
     // Bind everything first: a port in use fails the start, naming its field.
-    let hbone = bind("inbound.listen", config.inbound.listen)?;
-    let plaintext = bind("inbound.plaintext_listen", config.inbound.plaintext_listen)?;
-    let capture = bind("outbound.capture_listen", config.outbound.capture_listen)?;
-    let mut explicit = Vec::new();
-    for (i, l) in config.outbound.listeners.iter().enumerate() {
-        let target = match (&l.service, l.protocol) {
-            (Some(key), weft_api::Protocol::Http) if config.controller.is_none() => {
-                Target::Service {
-                    key: key.clone().into(),
-                    port: l.target.port(),
-                }
-            }
-            _ => Target::Fixed(l.target),
-        };
-        explicit.push((
-            bind(format!("outbound.listeners[{i}].listen"), l.listen)?,
-            target,
-        ));
-    }
-    let dns_sockets = if config.dns_enabled() {
-        Some((
-            bind_udp("dns.listen", config.dns.listen)?,
-            bind("dns.listen", config.dns.listen)?,
-        ))
-    } else {
-        None
-    };
+    let listeners = Listeners::bind(&config, config.dns_enabled())?;
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
+    let dns = config.dns_enabled().then(|| {
+        let upstreams = dns::upstreams(&config.dns.upstream);
+        if upstreams.is_empty() {
+            warn!("no DNS upstream (dns.upstream is empty and /etc/resolv.conf names none): only mesh names will resolve");
+        }
+        info!(listen = %config.dns.listen, upstreams = ?upstreams, "DNS proxy listening");
+        Dns::new(view.clone(), metrics.clone(), upstreams)
+    });
+    let shared = Shared {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        view: view.clone(),
+        dns,
+    };
+    let local = Arc::new(LocalWorkload {
+        name: config
+            .workload
+            .name
+            .as_deref()
+            .unwrap_or(identity.as_str())
+            .into(),
+        address: config.workload.address,
+        ports: config.workload.ports.clone(),
+        netns: None,
+    });
+    let proxy = WorkloadProxy::start(&shared, local, credentials.clone(), listeners)?;
+    let proxies = vec![proxy];
 
-    let inbound = Arc::new(Inbound::new(
-        config.clone(),
-        credentials.clone(),
-        metrics.clone(),
-        drain.clone(),
-        view.clone(),
-    ));
-    let pool = Pool::new(credentials.clone(), config.tunnel.clone(), metrics.clone());
-    let source = identity.as_str();
-    let outbound = Arc::new(Outbound::new(
-        config.clone(),
-        metrics.clone(),
-        drain.clone(),
-        pool,
-        view.clone(),
-        source,
-        crate::l7::policy::Policy::unconfigured()
-            .context("compiling the default outbound policy")?,
-    ));
-    let plain = Arc::new(Plaintext::new(
-        config.clone(),
-        metrics.clone(),
-        drain.clone(),
-        source,
-    ));
     let controller = state.map(|state| {
         Controller::new(
             config.clone(),
@@ -124,17 +107,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         ready: Default::default(),
     });
 
-    tokio::spawn(inbound.serve(hbone));
     tokio::spawn(crate::l7::keep_timer_wheel_warm());
-    tokio::spawn(plain.serve(plaintext));
-    tokio::spawn(outbound.clone().serve(capture, Target::Captured));
-    tokio::spawn(crate::resilience::supervise(
-        outbound.clone(),
-        drain.clone(),
-    ));
-    for (listener, target) in explicit {
-        tokio::spawn(outbound.clone().serve(listener, target));
-    }
     tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),
@@ -145,16 +118,6 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
-    if let Some((udp, tcp)) = dns_sockets {
-        let upstreams = dns::upstreams(&config.dns.upstream);
-        if upstreams.is_empty() {
-            warn!("no DNS upstream (dns.upstream is empty and /etc/resolv.conf names none): only mesh names will resolve");
-        }
-        info!(listen = %config.dns.listen, upstreams = ?upstreams, "DNS proxy listening");
-        let proxy = Dns::new(view.clone(), metrics.clone(), upstreams);
-        tokio::spawn(proxy.clone().serve_udp(udp));
-        tokio::spawn(proxy.serve_tcp(tcp));
-    }
     if let Some(controller) = &controller {
         tokio::spawn(controller.clone().run(drain.clone()));
     }
@@ -192,8 +155,12 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
             _ = hup.recv() => reload(&credentials, &metrics),
         }
     };
-    info!(signal = which, in_flight = drain.active(), deadline = ?config.drain_timeout, "draining");
-    let left = drain.drain(config.drain_timeout).await;
+    let in_flight: usize = proxies.iter().map(|p| p.drain.active()).sum();
+    info!(signal = which, in_flight, deadline = ?config.drain_timeout, "draining");
+    let (left, _) = tokio::join!(
+        drain_all(&proxies, config.drain_timeout),
+        drain.drain(config.drain_timeout)
+    );
     if let Some(controller) = &controller {
         // The stream was closed when the drain began; make sure the zone
         // heard the goodbye before exiting.
@@ -213,6 +180,17 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("drained, exiting");
     }
     Ok(())
+}
+
+/// Drains every workload proxy at once; the connections left at the
+/// deadline.
+async fn drain_all(proxies: &[WorkloadProxy], deadline: Duration) -> usize {
+    let mut drains = tokio::task::JoinSet::new();
+    for p in proxies {
+        let drain = p.drain.clone();
+        drains.spawn(async move { drain.drain(deadline).await });
+    }
+    drains.join_all().await.into_iter().sum()
 }
 
 /// SIGHUP: reads the identity files again. New tunnels use the new

@@ -173,7 +173,7 @@ pub async fn prepare(config: &AgentConfig) -> Result<Startup, ControllerError> {
         }
     }
     let view = match state.config()? {
-        Some(update) => MeshView::from_update(&update, &workload_name(config))
+        Some(update) => MeshView::from_update(&update)
             .map_err(|e| state.corrupt(state::CONFIG, e.to_string()))?,
         None => MeshView::default(),
     };
@@ -865,8 +865,7 @@ impl Controller {
             let current = current.filter(|c| c.version == serving.version);
             resolve(current.as_ref(), update).map_err(|e| e.to_string())?
         };
-        let view = MeshView::from_update(&update, &workload_name(&self.config))
-            .map_err(|e| e.to_string())?;
+        let view = MeshView::from_update(&update).map_err(|e| e.to_string())?;
         // A delta that left the bundle out (unchanged) carries the current
         // one once resolved, so it does not count as a change here.
         let current = self.state.read(state::BUNDLE).map_err(|e| e.to_string())?;

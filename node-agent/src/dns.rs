@@ -150,6 +150,22 @@ impl Dns {
         Outcome::Answer(encode(&reply), result)
     }
 
+    /// Serves a workload's UDP and TCP sockets until `drain` begins (the
+    /// agent stops, or a node-mode workload is unenrolled), which closes
+    /// them.
+    pub async fn serve_until(
+        self: Arc<Self>,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        drain: crate::drain::Drain,
+    ) {
+        tokio::select! {
+            _ = self.clone().serve_udp(udp) => {}
+            _ = self.serve_tcp(tcp) => {}
+            _ = drain.signaled() => {}
+        }
+    }
+
     /// Serves queries on a UDP socket until the process ends.
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
         let socket = Arc::new(socket);

@@ -22,6 +22,7 @@ use crate::drain::Drain;
 use crate::l7::tunnel_io::TunnelIo;
 use crate::l7::upstream::Upstreams;
 use crate::listen::accept_next;
+use crate::local_workload::LocalWorkload;
 use crate::metrics::{ConnectionGuard, Direction, Label, Metrics, PeerCounters, Transport};
 use crate::socket::reset;
 use crate::splice::{splice, SpliceCounters};
@@ -37,8 +38,8 @@ pub struct Inbound {
     view: SharedView,
     /// The workload's own SPIFFE ID, for metrics labels.
     local_id: SpiffeId,
-    /// The workload's name, the destination in L7 metrics and logs.
-    workload: Label,
+    /// The workload the tunnels reach.
+    local: Arc<LocalWorkload>,
     /// Pooled L7 connections to the workload.
     upstreams: Arc<Upstreams>,
 }
@@ -59,14 +60,9 @@ impl Inbound {
         metrics: Arc<Metrics>,
         drain: Drain,
         view: SharedView,
+        local: Arc<LocalWorkload>,
     ) -> Self {
         let local_id = credentials.id();
-        let workload = config
-            .workload
-            .name
-            .as_deref()
-            .unwrap_or(local_id.as_str())
-            .into();
         Inbound {
             config,
             credentials,
@@ -74,7 +70,7 @@ impl Inbound {
             drain,
             view,
             local_id,
-            workload,
+            local,
             upstreams: Arc::default(),
         }
     }
@@ -91,7 +87,12 @@ impl Inbound {
 
     /// The local workload's name, as a metrics label.
     pub(crate) fn workload_label(&self) -> &Label {
-        &self.workload
+        &self.local.name
+    }
+
+    /// The workload the tunnels reach.
+    pub(crate) fn local(&self) -> &LocalWorkload {
+        &self.local
     }
 
     /// How long connecting to the workload may take.
@@ -278,16 +279,14 @@ impl Inbound {
     /// caller removed from them gets no new stream on an old connection.
     fn admits(&self, id: &SpiffeId, port: u16) -> Result<(), String> {
         let view = self.view.load();
-        if let Some(policy) = view.policy() {
-            let verdict = policy
-                .inbound
-                .connection(id, self.config.is_http_port(port));
+        if let Some(policy) = view.policy(self.local.name.as_str()) {
+            let verdict = policy.inbound.connection(id, self.local.is_http_port(port));
             if verdict.allowed() {
                 return Ok(());
             }
             return Err(verdict.policy().to_owned());
         }
-        let allow = view.allow();
+        let allow = view.allow(self.local.name.as_str());
         let allowed = if allow.is_empty() {
             self.config.inbound.mtls == MtlsMode::Permissive
         } else {
@@ -315,10 +314,10 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse().ok())
             .ok_or((StatusCode::BAD_REQUEST, "bad_authority"))?;
-        if target.ip() != self.config.workload.address {
+        if target.ip() != self.local.address {
             return Err((StatusCode::FORBIDDEN, "address_not_local"));
         }
-        if !self.config.serves_port(target.port()) {
+        if !self.local.serves_port(target.port()) {
             return Err((StatusCode::FORBIDDEN, "port_not_served"));
         }
         if let Err(policy) = self.admits(&peer.id, target.port()) {
@@ -342,22 +341,21 @@ impl Inbound {
                 return reply(&mut respond, status);
             }
         };
-        if self.config.is_http_port(target.port()) {
+        if self.local.is_http_port(target.port()) {
             return self.http_stream(request, respond, peer, target).await;
         }
-        let connect = tokio::time::timeout(
-            self.config.tunnel.connect_timeout,
-            TcpStream::connect(target),
-        );
+        let connect = self
+            .local
+            .connect(target, self.config.tunnel.connect_timeout);
         let mut app = match connect.await {
-            Ok(Ok(app)) => app,
-            Ok(Err(e)) => {
-                info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
-                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            }
-            Err(_) => {
+            Ok(app) => app,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 info!(peer = %peer.id, %target, "connecting to the workload timed out");
                 return reply(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            }
+            Err(e) => {
+                info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
+                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         let _ = app.set_nodelay(true);

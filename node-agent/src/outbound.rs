@@ -71,6 +71,8 @@ pub struct Outbound {
     limit: Arc<Semaphore>,
     /// The local workload's identity, the source in L7 metrics and logs.
     pub(crate) local_id: Label,
+    /// The local workload's name: the key of its policies in the view.
+    pub(crate) workload: Label,
     /// L7 connections to peer workloads, through tunnels.
     pub(crate) upstreams: Arc<Upstreams>,
     /// Outbound settings when no policy is known.
@@ -87,6 +89,7 @@ impl Outbound {
         pool: Arc<Pool>,
         view: SharedView,
         source: &str,
+        workload: Label,
         unconfigured: Policy,
     ) -> Self {
         let passthrough =
@@ -101,9 +104,17 @@ impl Outbound {
             passthrough,
             limit,
             local_id: source.into(),
+            workload,
             upstreams: Arc::default(),
             unconfigured: Arc::new(unconfigured),
         }
+    }
+
+    /// The local workload's policy in `view`, or the defaults when none is
+    /// known.
+    pub(crate) fn policy<'v>(&'v self, view: &'v crate::view::MeshView) -> &'v Policy {
+        view.policy(self.workload.as_str())
+            .unwrap_or(&self.unconfigured)
     }
 
     /// Accepts connections until draining begins.
@@ -159,8 +170,8 @@ impl Outbound {
             let view = self.view.load();
             // CircuitBreaker maxConnections of a service's virtual IP,
             // held while the connection lasts.
-            let slot = crate::resilience::l4_connection(&view, dst, &self.unconfigured);
-            let next = match view.route(dst) {
+            let slot = crate::resilience::l4_connection(&view, self.policy(&view), dst);
+            let next = match view.route(dst, self.workload.as_str()) {
                 Route::Http { service, port } => Next::Http(Dialled {
                     key: service.key.clone(),
                     port,

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 use crate::config::{AgentConfig, MtlsMode};
 use crate::drain::Drain;
 use crate::listen::accept_next;
+use crate::local_workload::LocalWorkload;
 use crate::metrics::{ConnectionGuard, Direction, Metrics, PeerCounters, Transport};
 use crate::socket::{original_dst, reset};
 use crate::splice::copy_plain;
@@ -22,6 +23,7 @@ pub struct Plaintext {
     metrics: Arc<Metrics>,
     drain: Drain,
     counters: PeerCounters,
+    local: Arc<LocalWorkload>,
 }
 
 impl Plaintext {
@@ -31,6 +33,7 @@ impl Plaintext {
         metrics: Arc<Metrics>,
         drain: Drain,
         destination: &str,
+        local: Arc<LocalWorkload>,
     ) -> Self {
         let counters = metrics.peer(
             Direction::Inbound,
@@ -43,6 +46,7 @@ impl Plaintext {
             metrics,
             drain,
             counters,
+            local,
         }
     }
 
@@ -66,7 +70,7 @@ impl Plaintext {
 
     async fn forward(&self, mut tcp: TcpStream, remote: SocketAddr) {
         let dst = match original_dst(&tcp) {
-            Ok(dst) if self.config.serves_port(dst.port()) => dst,
+            Ok(dst) if self.local.serves_port(dst.port()) => dst,
             other => {
                 self.metrics.plaintext(false);
                 info!(%remote, dst = ?other.ok(), "plaintext inbound not for a workload port, refusing");
@@ -75,14 +79,13 @@ impl Plaintext {
         };
         self.metrics.plaintext(true);
         // The workload's own address, whichever local address was dialled.
-        let target = SocketAddr::new(self.config.workload.address, dst.port());
-        let connect = tokio::time::timeout(
-            self.config.tunnel.connect_timeout,
-            TcpStream::connect(target),
-        );
+        let target = SocketAddr::new(self.local.address, dst.port());
+        let connect = self
+            .local
+            .connect(target, self.config.tunnel.connect_timeout);
         let mut app = match connect.await {
-            Ok(Ok(app)) => app,
-            _ => {
+            Ok(app) => app,
+            Err(_) => {
                 info!(%remote, %target, "workload unreachable for plaintext inbound");
                 return reset(&tcp);
             }

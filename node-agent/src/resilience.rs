@@ -434,7 +434,7 @@ pub async fn supervise(outbound: Arc<Outbound>, drain: crate::drain::Drain) {
 }
 
 fn reconcile(outbound: &Arc<Outbound>, view: &MeshView, tasks: &mut HashMap<Task, Running>) {
-    let policy = view.policy().unwrap_or(&outbound.unconfigured);
+    let policy = outbound.policy(view);
     let mut wanted: HashMap<Task, (HealthCheck, SocketAddr, Endpoint, Arc<EndpointHealth>)> =
         HashMap::new();
     for service in view.services() {
@@ -601,24 +601,22 @@ async fn probe(
 #[allow(clippy::result_unit_err)]
 pub fn l4_connection(
     view: &MeshView,
+    policy: &crate::l7::policy::Policy,
     dst: SocketAddr,
-    unconfigured: &crate::l7::policy::Policy,
 ) -> Result<Option<ConnectionSlot>, ()> {
     let Some(service) = view.service_at(dst.ip()) else {
         return Ok(None);
     };
-    service_connection(view, service, unconfigured).map(Some)
+    service_connection(policy, service).map(Some)
 }
 
 /// The slot of a connection to `service` (L4, or an application's HTTP
 /// connection for it); `Err(())` when over `maxConnections`.
 #[allow(clippy::result_unit_err)]
 pub fn service_connection(
-    view: &MeshView,
+    policy: &crate::l7::policy::Policy,
     service: &Service,
-    unconfigured: &crate::l7::policy::Policy,
 ) -> Result<ConnectionSlot, ()> {
-    let policy = view.policy().map_or(unconfigured, |p| &**p);
     let breaker = &policy.outbound(service.key.as_str()).breaker;
     connection_slot(service.destination(), breaker).ok_or(())
 }
@@ -638,7 +636,7 @@ pub fn record_l4(
     let Some(service) = view.service_at(dst.ip()) else {
         return;
     };
-    let policy = view.policy().map_or(&*outbound.unconfigured, |p| &**p);
+    let policy = outbound.policy(&view);
     let Some(outlier) = &policy.outbound(service.key.as_str()).breaker.outlier else {
         return;
     };

@@ -446,9 +446,22 @@ pub struct MeshView {
     names: HashMap<String, IpAddr>,
     /// Services by `<namespace>/<name>`, for HTTPRoute backends.
     by_key: HashMap<String, Arc<Service>>,
+    /// Per local workload, by name: a sidecar has one, a node agent one per
+    /// enrolled workload, all sharing the services and endpoints above.
+    locals: HashMap<String, Local>,
+    /// What a local workload without its own entry gets: a static config's
+    /// single workload, or (from a zone) the default deny.
+    fallback: Local,
+}
+
+/// What the view says about one local workload.
+#[derive(Debug, Default)]
+struct Local {
+    /// Callers allowed in when no policy is known.
     allow: Vec<PeerMatch>,
-    /// The local workload's policies; `None`: none known (a static config
-    /// without `policy`), so inbound goes by `allow`.
+    /// Its policies; `None`: none known (a static config without
+    /// `policy`, or a zone that predates policies), so inbound goes by
+    /// `allow`.
     policy: Option<Arc<Policy>>,
 }
 
@@ -507,20 +520,23 @@ impl MeshView {
                 .iter()
                 .map(|e| (e.address, e.clone()))
                 .collect(),
-            allow: config.inbound.allow.clone(),
-            // Checked when the config was loaded.
-            policy: config
-                .policy
-                .as_ref()
-                .and_then(|p| Policy::compile(p, &crate::l7::access_log::FILES).ok())
-                .map(Arc::new),
+            fallback: Local {
+                allow: config.inbound.allow.clone(),
+                // Checked when the config was loaded.
+                policy: config
+                    .policy
+                    .as_ref()
+                    .and_then(|p| Policy::compile(p, &crate::l7::access_log::FILES).ok())
+                    .map(Arc::new),
+            },
             ..MeshView::default()
         }
     }
 
-    /// Checks every field of a zone's update and builds the view from it;
-    /// `local_workload` selects the inbound rule of this agent's workload.
-    pub fn from_update(update: &ConfigUpdate, local_workload: &str) -> Result<Self, ViewError> {
+    /// Checks every field of a zone's update and builds the view from it,
+    /// with the inbound rules and policies of every workload the update
+    /// names (the zone sends only this agent's).
+    pub fn from_update(update: &ConfigUpdate) -> Result<Self, ViewError> {
         if update.version.is_empty() {
             return Err(bad("version", "must not be empty"));
         }
@@ -575,7 +591,11 @@ impl MeshView {
             );
             view.services.insert(vip, service);
         }
-        view.policy = policy_of(&update.policy_json, local_workload)?;
+        let (policies, fallback) = policies_of(&update.policy_json)?;
+        view.fallback.policy = fallback;
+        for (name, policy) in policies {
+            view.locals.entry(name).or_default().policy = Some(policy);
+        }
         for (i, rule) in update.inbound.iter().enumerate() {
             let mut allow = Vec::with_capacity(rule.allow.len());
             for (j, m) in rule.allow.iter().enumerate() {
@@ -584,15 +604,17 @@ impl MeshView {
                     .map_err(|e| bad(format!("inbound[{i}].allow[{j}]"), format!("{e}")))?;
                 allow.push(parsed);
             }
-            if rule.workload == local_workload {
-                view.allow.extend(allow);
-            }
+            view.locals
+                .entry(rule.workload.clone())
+                .or_default()
+                .allow
+                .extend(allow);
         }
         Ok(view)
     }
 
-    /// Where a captured connection to `dst` goes.
-    pub fn route(&self, dst: SocketAddr) -> Route<'_> {
+    /// Where a captured connection of local workload `local` to `dst` goes.
+    pub fn route(&self, dst: SocketAddr, local: &str) -> Route<'_> {
         if let Some(endpoint) = self.endpoints.get(&dst.ip()) {
             return Route::Tunnel {
                 endpoint,
@@ -612,8 +634,7 @@ impl MeshView {
             };
         }
         if let Some(route) = self
-            .policy
-            .as_ref()
+            .policy(local)
             .and_then(|p| p.tcp_route(service.key.as_str()))
         {
             return self.tcp_routed(route, dst.port());
@@ -659,9 +680,14 @@ impl MeshView {
         }
     }
 
-    /// The local workload's policies, if any are known.
-    pub fn policy(&self) -> Option<&Arc<Policy>> {
-        self.policy.as_ref()
+    fn local(&self, name: &str) -> &Local {
+        self.locals.get(name).unwrap_or(&self.fallback)
+    }
+
+    /// Local workload `name`'s policies, if any are known.
+    pub fn policy(&self, name: &str) -> Option<&Arc<Policy>> {
+        let local = self.local(name);
+        local.policy.as_ref().or(self.fallback.policy.as_ref())
     }
 
     /// Every service by `<namespace>/<name>`, for the health checks.
@@ -679,9 +705,9 @@ impl MeshView {
         self.by_key.get(key).map(|s| &**s)
     }
 
-    /// Callers allowed into the local workload.
-    pub fn allow(&self) -> &[PeerMatch] {
-        &self.allow
+    /// Callers allowed into local workload `name`.
+    pub fn allow(&self, name: &str) -> &[PeerMatch] {
+        &self.local(name).allow
     }
 
     /// Whether `ip` is a mesh address (a workload or a virtual IP).
@@ -700,7 +726,7 @@ impl MeshView {
             "endpoints": self.endpoints.len(),
             "services": self.services.len(),
             "names": names.into_iter().map(|(n, ip)| (n.clone(), serde_json::Value::from(ip.to_string()))).collect::<serde_json::Map<_, _>>(),
-            "allow": self.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "allow": self.locals.iter().map(|(name, l)| (name.clone(), l.allow.iter().map(ToString::to_string).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
         })
     }
 }
@@ -824,12 +850,14 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
     })
 }
 
-/// The local workload's compiled policy from a zone's `policy_json`; an
-/// empty field is a zone that predates policies (inbound then goes by the
-/// `inbound` allow lists).
-fn policy_of(json: &str, local_workload: &str) -> Result<Option<Arc<Policy>>, ViewError> {
+/// Every local workload's compiled policy from a zone's `policy_json`,
+/// and what a workload it names not gets (default deny, nothing routed);
+/// an empty field is a zone that predates policies (inbound then goes by
+/// the `inbound` allow lists).
+#[allow(clippy::type_complexity)]
+fn policies_of(json: &str) -> Result<(Vec<(String, Arc<Policy>)>, Option<Arc<Policy>>), ViewError> {
     if json.is_empty() {
-        return Ok(None);
+        return Ok((Vec::new(), None));
     }
     let all: Vec<WorkloadPolicy> = serde_json::from_str(json).map_err(|e| {
         bad(
@@ -837,20 +865,15 @@ fn policy_of(json: &str, local_workload: &str) -> Result<Option<Arc<Policy>>, Vi
             format!("not a list of workload policies: {e}"),
         )
     })?;
-    let Some((i, mine)) = all
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.workload == local_workload)
-    else {
-        // No policy for this workload: strict default deny, nothing routed.
-        return Ok(Some(Arc::new(
-            Policy::compile(&WorkloadPolicy::default(), &crate::l7::access_log::FILES)
-                .map_err(|e| bad("policy_json", e.to_string()))?,
-        )));
-    };
-    let compiled = Policy::compile(mine, &crate::l7::access_log::FILES)
-        .map_err(|e| bad(format!("policy_json[{i}].{}", e.field), e.reason))?;
-    Ok(Some(Arc::new(compiled)))
+    let mut compiled = Vec::with_capacity(all.len());
+    for (i, p) in all.iter().enumerate() {
+        let policy = Policy::compile(p, &crate::l7::access_log::FILES)
+            .map_err(|e| bad(format!("policy_json[{i}].{}", e.field), e.reason))?;
+        compiled.push((p.workload.clone(), Arc::new(policy)));
+    }
+    let deny = Policy::compile(&WorkloadPolicy::default(), &crate::l7::access_log::FILES)
+        .map_err(|e| bad("policy_json", e.to_string()))?;
+    Ok((compiled, Some(Arc::new(deny))))
 }
 
 /// The bundle must hold at least one certificate, and each must parse.
@@ -951,7 +974,7 @@ mod tests {
 
     #[test]
     fn builds_names_routes_and_allow_list() {
-        let view = MeshView::from_update(&sample(), "web").unwrap();
+        let view = MeshView::from_update(&sample()).unwrap();
         let api: IpAddr = "10.96.0.1".parse().unwrap();
         let db: IpAddr = "10.96.0.2".parse().unwrap();
         for name in [
@@ -971,7 +994,7 @@ mod tests {
 
         // Ready endpoints in turn; the not-ready one is skipped.
         let vip = SocketAddr::new(api, 8080);
-        let picks: Vec<SocketAddr> = (0..4).map(|_| authority(view.route(vip))).collect();
+        let picks: Vec<SocketAddr> = (0..4).map(|_| authority(view.route(vip, "web"))).collect();
         let expected: Vec<SocketAddr> = [
             "10.0.0.1:8080",
             "10.0.0.3:8080",
@@ -984,7 +1007,7 @@ mod tests {
         assert_eq!(picks, expected);
         // None ready: every endpoint is used rather than none.
         let mut seen: Vec<SocketAddr> = (0..2)
-            .map(|_| authority(view.route(SocketAddr::new(db, 5432))))
+            .map(|_| authority(view.route(SocketAddr::new(db, 5432), "web")))
             .collect();
         seen.sort();
         assert_eq!(
@@ -996,18 +1019,18 @@ mod tests {
         );
         // A port the service does not declare.
         assert!(matches!(
-            view.route(SocketAddr::new(api, 9999)),
+            view.route(SocketAddr::new(api, 9999), "web"),
             Route::Refuse(_)
         ));
         // A workload address is routed as dialled.
         let direct: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-        assert_eq!(authority(view.route(direct)), direct);
+        assert_eq!(authority(view.route(direct, "web")), direct);
         assert!(matches!(
-            view.route("192.0.2.1:80".parse().unwrap()),
+            view.route("192.0.2.1:80".parse().unwrap(), "web"),
             Route::Outside
         ));
 
-        let allow: Vec<String> = view.allow().iter().map(ToString::to_string).collect();
+        let allow: Vec<String> = view.allow("web").iter().map(ToString::to_string).collect();
         assert_eq!(allow, ["spiffe://td/ns/default/*"]);
     }
 
@@ -1049,7 +1072,7 @@ mod tests {
         for (patch, field) in cases {
             let mut u = sample();
             patch(&mut u);
-            let err = MeshView::from_update(&u, "web").unwrap_err();
+            let err = MeshView::from_update(&u).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().starts_with(field));
         }
@@ -1136,7 +1159,7 @@ mod tests {
         };
         let resolved = resolve(Some(&base), update).unwrap();
         assert_eq!(resolved, expected);
-        let view = MeshView::from_update(&resolved, "web").unwrap();
+        let view = MeshView::from_update(&resolved).unwrap();
         assert_eq!(view.version, "8");
     }
 
@@ -1193,7 +1216,7 @@ mod tests {
         let base = sample();
         let resolved = resolve(Some(&base), delta()).unwrap();
         assert_eq!(resolved.trust_bundle_pem, base.trust_bundle_pem);
-        assert!(MeshView::from_update(&resolved, "web").is_ok());
+        assert!(MeshView::from_update(&resolved).is_ok());
         // A bundle in a delta replaces it.
         let other = bundle();
         let replaced = resolve(
@@ -1212,12 +1235,12 @@ mod tests {
         let mut whole = sample();
         whole.trust_bundle_pem.clear();
         let resolved = resolve(None, whole).unwrap();
-        let err = MeshView::from_update(&resolved, "web").unwrap_err();
+        let err = MeshView::from_update(&resolved).unwrap_err();
         assert_eq!(err.field, "trust_bundle_pem", "{err}");
 
         let mut patched = sample();
         patched.patched_services = vec![patch(api_now(vec![]), vec![])];
-        let err = MeshView::from_update(&patched, "web").unwrap_err();
+        let err = MeshView::from_update(&patched).unwrap_err();
         assert_eq!(err.field, "patched_services", "{err}");
     }
 

@@ -78,7 +78,7 @@ struct Proxy {
 impl Proxy {
     async fn start(upstreams: Vec<SocketAddr>) -> Proxy {
         let bundle = zone::Ca::new("mesh").pem();
-        let view = MeshView::from_update(&zone::update("v1", &bundle), "web").unwrap();
+        let view = MeshView::from_update(&zone::update("v1", &bundle)).unwrap();
         let metrics = Arc::new(Metrics::new());
         let dns = Dns::new(view::shared(view), metrics.clone(), upstreams);
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -660,7 +660,9 @@ impl AgentService for AgentApi {
         &self,
         _request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        Err(Status::unimplemented("Register: node mode is not served by this zone yet"))
+        Err(Status::unimplemented(
+            "Register: node mode is not served by this zone yet",
+        ))
     }
 
     type StreamStream = Outgoing;

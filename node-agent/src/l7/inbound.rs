@@ -13,7 +13,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 use weft_api::SpiffeId;
 
@@ -65,7 +64,7 @@ async fn handle(
     let peer = &caller.id;
     let (mut parts, body) = req.into_parts();
     let view = i.view().load_full();
-    let policy = view.policy();
+    let policy = view.policy(i.workload_label().as_str());
     // The server span: the application gets a trace header naming it.
     let tracer = policy.and_then(|p| p.trace.as_deref());
     let span = tracer.map(|t| t.start(&mut parts.headers, SpanKind::Server));
@@ -192,16 +191,13 @@ async fn forward(
     };
     let timeout = i.connect_timeout();
     let connect = || async move {
-        match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(tcp)
-            }
-            Ok(Err(e)) => Err(SendError::Connect(e.to_string())),
-            Err(_) => Err(SendError::Connect(
-                "connecting to the workload timed out".to_owned(),
-            )),
-        }
+        let tcp = i
+            .local()
+            .connect(target, timeout)
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
     };
     i.upstreams().send(key, req, connect).await
 }

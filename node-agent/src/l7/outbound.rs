@@ -56,7 +56,7 @@ pub struct Dialled {
 pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
     let idle = {
         let view = outbound.view.load();
-        let policy = view.policy().unwrap_or(&outbound.unconfigured);
+        let policy = outbound.policy(&view);
         policy.outbound(dialled.key.as_str()).idle_timeout
     };
     let activity = Arc::new(Activity::new());
@@ -64,9 +64,8 @@ pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
     // CircuitBreaker maxConnections.
     let slot = {
         let view = outbound.view.load();
-        view.service_by_key(dialled.key.as_str()).map(|service| {
-            crate::resilience::service_connection(&view, service, &outbound.unconfigured)
-        })
+        view.service_by_key(dialled.key.as_str())
+            .map(|service| crate::resilience::service_connection(outbound.policy(&view), service))
     };
     if let Some(Err(())) = slot {
         return serve_overflow(outbound, tcp, dialled).await;
@@ -193,7 +192,7 @@ struct Outcome {
 async fn handle(o: &Arc<Outbound>, req: Request<Incoming>, d: &Dialled) -> Response<ResponseBody> {
     let started = Instant::now();
     let view = o.view.load_full();
-    let policy = view.policy().unwrap_or(&o.unconfigured);
+    let policy = o.policy(&view);
     let out = policy.outbound(d.key.as_str()).clone();
     let (mut parts, body) = req.into_parts();
     // The client span: the trace header sent on names it.

@@ -208,7 +208,9 @@ impl AgentService for Service {
         _request: Request<weft_api::proto::agent::v1::RegisterRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
         // Node mode is tested against the real zone (tests/tests/node_*.rs).
-        Err(Status::unimplemented("the scripted zone serves sidecars only"))
+        Err(Status::unimplemented(
+            "the scripted zone serves sidecars only",
+        ))
     }
 
     async fn renew(

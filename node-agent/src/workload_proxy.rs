@@ -1,0 +1,146 @@
+//! One workload's share of the agent: its identity, its listeners, and the
+//! inbound, outbound and plaintext proxies behind them. A sidecar runs one,
+//! on the host's sockets; a node agent runs one per enrolled workload, on
+//! sockets opened inside that workload's network namespace. Each has its
+//! own connection limits and its own drain, so one workload's flood or
+//! unenrolment does not touch the others.
+
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::config::AgentConfig;
+use crate::credentials::Credentials;
+use crate::dns::Dns;
+use crate::drain::Drain;
+use crate::inbound::Inbound;
+use crate::listen::{bind, bind_udp, BindError};
+use crate::local_workload::LocalWorkload;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Target};
+use crate::plaintext::Plaintext;
+use crate::pool::Pool;
+use crate::view::SharedView;
+
+/// What every workload proxy of the agent shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<AgentConfig>,
+    pub metrics: Arc<Metrics>,
+    pub view: SharedView,
+    /// The DNS proxy, when enabled; each workload gets its own sockets.
+    pub dns: Option<Arc<Dns>>,
+}
+
+/// The sockets one workload's traffic arrives on.
+pub struct Listeners {
+    pub hbone: TcpListener,
+    pub plaintext: TcpListener,
+    pub capture: TcpListener,
+    pub explicit: Vec<(TcpListener, Target)>,
+    pub dns: Option<(UdpSocket, TcpListener)>,
+}
+
+impl Listeners {
+    /// Binds every listener of `config` in the current network namespace;
+    /// a port in use fails, naming its field.
+    pub fn bind(config: &AgentConfig, dns: bool) -> Result<Self, BindError> {
+        let mut explicit = Vec::new();
+        for (i, l) in config.outbound.listeners.iter().enumerate() {
+            let target = match (&l.service, l.protocol) {
+                (Some(key), weft_api::Protocol::Http) if config.controller.is_none() => {
+                    Target::Service {
+                        key: key.clone().into(),
+                        port: l.target.port(),
+                    }
+                }
+                _ => Target::Fixed(l.target),
+            };
+            explicit.push((
+                bind(format!("outbound.listeners[{i}].listen"), l.listen)?,
+                target,
+            ));
+        }
+        let dns = if dns {
+            Some((
+                bind_udp("dns.listen", config.dns.listen)?,
+                bind("dns.listen", config.dns.listen)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Listeners {
+            hbone: bind("inbound.listen", config.inbound.listen)?,
+            plaintext: bind("inbound.plaintext_listen", config.inbound.plaintext_listen)?,
+            capture: bind("outbound.capture_listen", config.outbound.capture_listen)?,
+            explicit,
+            dns,
+        })
+    }
+}
+
+/// A running workload proxy.
+pub struct WorkloadProxy {
+    pub local: Arc<LocalWorkload>,
+    pub credentials: Arc<Credentials>,
+    pub drain: Drain,
+}
+
+impl WorkloadProxy {
+    /// Starts serving `listeners` for `local` with `credentials`.
+    pub fn start(
+        shared: &Shared,
+        local: Arc<LocalWorkload>,
+        credentials: Arc<Credentials>,
+        listeners: Listeners,
+    ) -> anyhow::Result<Self> {
+        let drain = Drain::new();
+        let (config, metrics, view) = (&shared.config, &shared.metrics, &shared.view);
+        let source = credentials.id();
+        let inbound = Arc::new(Inbound::new(
+            config.clone(),
+            credentials.clone(),
+            metrics.clone(),
+            drain.clone(),
+            view.clone(),
+            local.clone(),
+        ));
+        let pool = Pool::new(credentials.clone(), config.tunnel.clone(), metrics.clone());
+        let outbound = Arc::new(Outbound::new(
+            config.clone(),
+            metrics.clone(),
+            drain.clone(),
+            pool,
+            view.clone(),
+            source.as_str(),
+            local.name.clone(),
+            crate::l7::policy::Policy::unconfigured()
+                .map_err(|e| anyhow::anyhow!("compiling the default outbound policy: {e}"))?,
+        ));
+        let plain = Arc::new(Plaintext::new(
+            config.clone(),
+            metrics.clone(),
+            drain.clone(),
+            source.as_str(),
+            local.clone(),
+        ));
+        tokio::spawn(inbound.serve(listeners.hbone));
+        tokio::spawn(plain.serve(listeners.plaintext));
+        tokio::spawn(outbound.clone().serve(listeners.capture, Target::Captured));
+        tokio::spawn(crate::resilience::supervise(
+            outbound.clone(),
+            drain.clone(),
+        ));
+        for (listener, target) in listeners.explicit {
+            tokio::spawn(outbound.clone().serve(listener, target));
+        }
+        if let (Some(dns), Some((udp, tcp))) = (&shared.dns, listeners.dns) {
+            tokio::spawn(dns.clone().serve_until(udp, tcp, drain.clone()));
+        }
+        Ok(WorkloadProxy {
+            local,
+            credentials,
+            drain,
+        })
+    }
+}
