@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -20,12 +20,17 @@ use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::node::spec::NodeWorkload;
+use crate::node::{Node, Origin};
 use crate::view::SharedView;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
     pub config: Arc<AgentConfig>,
-    pub credentials: Arc<Credentials>,
+    /// A sidecar's identity.
+    pub credentials: Option<Arc<Credentials>>,
+    /// A node agent's workloads.
+    pub node: Option<Arc<Node>>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pub log: LogHandle,
@@ -44,8 +49,73 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     r
 }
 
+/// The largest enrolment request body accepted.
+const MAX_BODY: usize = 64 << 10;
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let mut r = text(status, serde_json::to_vec_pretty(value).unwrap_or_default());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 impl AdminState {
-    fn admin(&self, req: &Request<Incoming>) -> Reply {
+    async fn admin(&self, req: Request<Incoming>) -> Reply {
+        if req.uri().path() == "/workloads" || req.uri().path().starts_with("/workloads/") {
+            return self.workloads(req).await;
+        }
+        self.admin_sync(&req)
+    }
+
+    /// Node mode: list, enrol (`POST /workloads` with a JSON spec) and
+    /// unenrol (`DELETE /workloads/<name>`) workloads.
+    async fn workloads(&self, req: Request<Incoming>) -> Reply {
+        let Some(node) = &self.node else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "workloads are enrolled only in node mode (mode: node)\n",
+            );
+        };
+        let path = req.uri().path().to_owned();
+        match (req.method().clone(), path.strip_prefix("/workloads")) {
+            (Method::GET, Some("" | "/")) => json(StatusCode::OK, &node.list()),
+            (Method::POST, Some("" | "/")) => {
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("request body: {e}\n")),
+                };
+                let spec: NodeWorkload = match serde_json::from_slice(&body) {
+                    Ok(spec) => spec,
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, format!("workload spec: {e}\n"))
+                    }
+                };
+                let name = spec.name.clone();
+                match node.enrol(spec, Origin::Local).await {
+                    Ok(()) => json(
+                        StatusCode::OK,
+                        &node.list().into_iter().find(|w| w.spec.name == name),
+                    ),
+                    Err(e) => text(e.status(), format!("enrolling {name}: {e}\n")),
+                }
+            }
+            (Method::DELETE, Some(rest)) if rest.len() > 1 => {
+                let name = &rest[1..];
+                match node.unenrol(name).await {
+                    Ok(()) => text(StatusCode::OK, format!("{name} unenrolled\n")),
+                    Err(e) => text(e.status(), format!("unenrolling {name}: {e}\n")),
+                }
+            }
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET /workloads, POST /workloads (JSON spec), DELETE /workloads/<name>\n",
+            ),
+        }
+    }
+
+    fn admin_sync(&self, req: &Request<Incoming>) -> Reply {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/ready") => {
@@ -71,13 +141,17 @@ impl AdminState {
     }
 
     fn config_dump(&self) -> Reply {
-        let current = self.credentials.current();
-        let dump = serde_json::json!({
-            "identity": {
+        let identity = self.credentials.as_ref().map(|c| {
+            let current = c.current();
+            serde_json::json!({
                 "spiffe_id": current.identity.id.as_str(),
                 "not_after_unix": current.identity.not_after,
                 "reloads": current.generation,
-            },
+            })
+        });
+        let dump = serde_json::json!({
+            "identity": identity,
+            "workloads": self.node.as_ref().map(|n| n.list()),
             "draining": self.drain.is_draining(),
             "in_flight": self.drain.active(),
             "controller": self.controller.as_ref().map(|c| c.status()),
@@ -152,11 +226,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoint: Endp
         let state = state.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = match endpoint {
-                    Endpoint::Admin => state.admin(&req),
-                    Endpoint::Metrics => state.metrics(&req),
-                };
-                async move { Ok::<_, Infallible>(reply) }
+                let state = state.clone();
+                async move {
+                    let reply = match endpoint {
+                        Endpoint::Admin => state.admin(req).await,
+                        Endpoint::Metrics => state.metrics(&req),
+                    };
+                    Ok::<_, Infallible>(reply)
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)

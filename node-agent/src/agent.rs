@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{AgentConfig, Mode};
-use crate::controller::{self, Controller};
+use crate::controller::{self, Controller, LocalWorkloads, Sidecar};
 use crate::credentials::Credentials;
 use crate::dns::{self, Dns};
 use crate::drain::Drain;
@@ -19,8 +19,33 @@ use crate::listen::bind;
 use crate::local_workload::LocalWorkload;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::node::Node;
 use crate::view::{self, MeshView};
 use crate::workload_proxy::{Listeners, Shared, WorkloadProxy};
+
+/// The workloads this agent carries, by mode.
+enum Carried {
+    /// A sidecar's one workload.
+    Sidecar(WorkloadProxy),
+    /// A node agent's enrolled workloads.
+    Node(Arc<Node>),
+}
+
+impl Carried {
+    fn in_flight(&self) -> usize {
+        match self {
+            Carried::Sidecar(p) => p.drain.active(),
+            Carried::Node(n) => n.in_flight(),
+        }
+    }
+
+    async fn drain(&self, deadline: Duration) -> usize {
+        match self {
+            Carried::Sidecar(p) => p.drain.drain(deadline).await,
+            Carried::Node(n) => n.drain(deadline).await,
+        }
+    }
+}
 
 /// Runs the agent until it is told to stop and has drained.
 pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
@@ -29,24 +54,14 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     // The agent's own drain: /ready, the controller stream and the admin
     // report it; each workload proxy drains on its own.
     let drain = Drain::new();
-    // The one place the mode is chosen.
-    let (view, state, files) = match config.mode {
-        Mode::Sidecar => match &config.identity {
-            Some(files) => (MeshView::from_static(&config), None, Some(files.clone())),
-            None => {
-                let startup = controller::prepare(&config).await?;
-                (startup.view, Some(startup.state), Some(startup.files))
-            }
-        },
-        Mode::Node | Mode::Gateway => anyhow::bail!("mode {:?} is not available", config.mode),
+    let (view, state, files) = match (&config.identity, config.mode) {
+        (Some(files), _) => (MeshView::from_static(&config), None, Some(files.clone())),
+        (None, _) => {
+            let startup = controller::prepare(&config).await?;
+            (startup.view, Some(startup.state), startup.files)
+        }
     };
     let view = view::shared(view);
-    let Some(files) = files else {
-        anyhow::bail!("no identity");
-    };
-    let credentials = Arc::new(Credentials::load(&files)?);
-    let identity = credentials.id();
-    metrics.certificate_expires(credentials.current().identity.not_after);
 
     if config.redirect.on_start {
         crate::redirect::install(&config).context(
@@ -56,7 +71,6 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("capture rules installed (redirect.on_start)");
     }
     // Bind everything first: a port in use fails the start, naming its field.
-    let listeners = Listeners::bind(&config, config.dns_enabled())?;
     let admin_listener = bind("admin.listen", config.admin.listen)?;
     let metrics_listener = bind("metrics.listen", config.metrics.listen)?;
     let dns = config.dns_enabled().then(|| {
@@ -73,32 +87,66 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         view: view.clone(),
         dns,
     };
-    let local = Arc::new(LocalWorkload {
-        name: config
-            .workload
-            .name
-            .as_deref()
-            .unwrap_or(identity.as_str())
-            .into(),
-        address: config.workload.address,
-        ports: config.workload.ports.clone(),
-        netns: None,
-    });
-    let proxy = WorkloadProxy::start(&shared, local, credentials.clone(), listeners)?;
-    let proxies = vec![proxy];
+    // The one place the mode is chosen: a gateway will be one more arm.
+    let (carried, locals, identity): (Carried, Option<Arc<dyn LocalWorkloads>>, String) =
+        match (config.mode, files, &config.workload) {
+            (Mode::Sidecar, Some(files), Some(workload)) => {
+                let credentials = Arc::new(Credentials::load(&files)?);
+                let identity = credentials.id();
+                metrics.certificate_expires(credentials.current().identity.not_after);
+                let listeners = Listeners::bind(&config, config.dns_enabled())?;
+                let local = Arc::new(LocalWorkload {
+                    name: workload.name.as_deref().unwrap_or(identity.as_str()).into(),
+                    address: workload.address,
+                    ports: workload.ports.clone(),
+                    netns: None,
+                });
+                let proxy = WorkloadProxy::start(&shared, local, credentials.clone(), listeners)?;
+                let locals = Arc::new(Sidecar {
+                    config: config.clone(),
+                    credentials,
+                    metrics: metrics.clone(),
+                });
+                (
+                    Carried::Sidecar(proxy),
+                    Some(locals),
+                    identity.as_str().to_owned(),
+                )
+            }
+            (Mode::Node, None, None) => {
+                let state = state
+                    .clone()
+                    .context("node mode runs with a zone (`controller`)")?;
+                let node = Node::new(shared.clone(), state);
+                node.restore().await;
+                (Carried::Node(node.clone()), Some(node), "node".to_owned())
+            }
+            (mode, _, _) => anyhow::bail!("mode {mode:?} cannot run with this config"),
+        };
 
-    let controller = state.map(|state| {
-        Controller::new(
+    let controller = match (state, locals) {
+        (Some(state), Some(locals)) => Some(Controller::new(
             config.clone(),
             state,
-            credentials.clone(),
+            locals,
             view.clone(),
             metrics.clone(),
-        )
-    });
+        )),
+        _ => None,
+    };
+    if let (Carried::Node(node), Some(controller)) = (&carried, &controller) {
+        node.set_controller(controller.clone());
+    }
     let state = Arc::new(AdminState {
         config: config.clone(),
-        credentials: credentials.clone(),
+        credentials: match &carried {
+            Carried::Sidecar(p) => Some(p.credentials.clone()),
+            Carried::Node(_) => None,
+        },
+        node: match &carried {
+            Carried::Sidecar(_) => None,
+            Carried::Node(n) => Some(n.clone()),
+        },
         metrics: metrics.clone(),
         drain: drain.clone(),
         log,
@@ -152,13 +200,15 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => reload(&credentials, &metrics),
+            _ = hup.recv() => match &carried {
+                Carried::Sidecar(p) => reload(&p.credentials, &metrics),
+                Carried::Node(n) => n.reload("SIGHUP"),
+            },
         }
     };
-    let in_flight: usize = proxies.iter().map(|p| p.drain.active()).sum();
-    info!(signal = which, in_flight, deadline = ?config.drain_timeout, "draining");
+    info!(signal = which, in_flight = carried.in_flight(), deadline = ?config.drain_timeout, "draining");
     let (left, _) = tokio::join!(
-        drain_all(&proxies, config.drain_timeout),
+        carried.drain(config.drain_timeout),
         drain.drain(config.drain_timeout)
     );
     if let Some(controller) = &controller {
@@ -180,17 +230,6 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("drained, exiting");
     }
     Ok(())
-}
-
-/// Drains every workload proxy at once; the connections left at the
-/// deadline.
-async fn drain_all(proxies: &[WorkloadProxy], deadline: Duration) -> usize {
-    let mut drains = tokio::task::JoinSet::new();
-    for p in proxies {
-        let drain = p.drain.clone();
-        drains.spawn(async move { drain.drain(deadline).await });
-    }
-    drains.join_all().await.into_iter().sum()
 }
 
 /// SIGHUP: reads the identity files again. New tunnels use the new

@@ -39,9 +39,10 @@ pub enum Mode {
     /// Beside a single workload, holding only that workload's identity.
     #[default]
     Sidecar,
-    /// One agent for every workload of a host (not yet available).
+    /// One agent for every workload of a host: each workload, in its own
+    /// network namespace, gets its own identity, sockets and limits.
     Node,
-    /// A zone's east-west gateway (not yet available).
+    /// A zone's east-west gateway (reserved for multi-zone).
     Gateway,
 }
 
@@ -80,7 +81,12 @@ pub struct AgentConfig {
     /// Controller mode: enrol with the zone and follow its config stream.
     #[serde(default)]
     pub controller: Option<ControllerConfig>,
-    pub workload: WorkloadConfig,
+    /// The workload this sidecar fronts (sidecar mode; a node agent's
+    /// workloads are enrolled while it runs).
+    #[serde(default)]
+    pub workload: Option<WorkloadConfig>,
+    #[serde(default)]
+    pub node: NodeConfig,
     #[serde(default)]
     pub dns: DnsConfig,
     #[serde(default)]
@@ -175,6 +181,16 @@ pub struct WorkloadConfig {
     pub address: IpAddr,
     /// The only ports that tunnels may reach.
     pub ports: Vec<WorkloadPort>,
+}
+
+/// Node mode: how many workloads one agent takes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Enrolling one more is refused: each costs descriptors, tasks and a
+    /// certificate.
+    #[serde(default = "defaults::max_workloads")]
+    pub max_workloads: usize,
 }
 
 /// The DNS proxy that answers mesh names with virtual IPs.
@@ -398,6 +414,9 @@ mod defaults {
     pub fn server_name() -> String {
         "weft-zone".to_owned()
     }
+    pub fn max_workloads() -> usize {
+        256
+    }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("/var/lib/weft/agent")
     }
@@ -427,7 +446,8 @@ default_from_serde!(
     MetricsConfig,
     LogConfig,
     RedirectConfig,
-    DnsConfig
+    DnsConfig,
+    NodeConfig
 );
 
 impl AgentConfig {
@@ -460,11 +480,19 @@ impl AgentConfig {
                 .map_err(|e| invalid(format!("policy.{}", e.field), e.reason))?;
         }
         match self.mode {
-            Mode::Sidecar => {}
-            Mode::Node | Mode::Gateway => {
+            Mode::Sidecar => {
+                if self.workload.is_none() {
+                    return Err(invalid(
+                        "workload",
+                        "missing: the workload this sidecar fronts (address, ports, name)",
+                    ));
+                }
+            }
+            Mode::Node => self.validate_node()?,
+            Mode::Gateway => {
                 return Err(invalid(
                     "mode",
-                    "only `sidecar` is available in this release",
+                    "`gateway` is reserved for multi-zone east-west gateways, not available in this release",
                 ));
             }
         }
@@ -472,7 +500,9 @@ impl AgentConfig {
             (Some(identity), None) => identity.validate()?,
             (None, Some(controller)) => {
                 controller.validate()?;
-                self.workload.validate_for_controller()?;
+                if let Some(workload) = &self.workload {
+                    workload.validate_for_controller()?;
+                }
                 // The zone sends these; a hand-written copy would be ignored.
                 if !self.outbound.endpoints.is_empty() {
                     return Err(invalid(
@@ -510,10 +540,11 @@ impl AgentConfig {
         }
         // A registered workload with no ports only makes calls; a static
         // sidecar without ports would have nothing to do.
-        if self.workload.ports.is_empty() && self.controller.is_none() {
+        let ports = self.workload.as_ref().map_or(&[][..], |w| &w.ports[..]);
+        if ports.is_empty() && self.controller.is_none() {
             return Err(invalid("workload.ports", "at least one port is needed"));
         }
-        for (i, p) in self.workload.ports.iter().enumerate() {
+        for (i, p) in ports.iter().enumerate() {
             if p.port == 0 {
                 return Err(invalid(
                     format!("workload.ports[{i}].port"),
@@ -634,26 +665,60 @@ impl AgentConfig {
             .unwrap_or_else(|| "localhost".to_owned())
     }
 
-    /// Where peers reach this agent's HBONE listener.
-    pub fn hbone_address(&self) -> SocketAddr {
-        self.controller
+    /// Where peers reach a sidecar's HBONE listener; `None` for a node
+    /// agent, whose workloads each have their own.
+    pub fn hbone_address(&self) -> Option<SocketAddr> {
+        let workload = self.workload.as_ref()?;
+        Some(
+            self.controller
+                .as_ref()
+                .and_then(|c| c.hbone_address)
+                .unwrap_or_else(|| SocketAddr::new(workload.address, self.inbound.listen.port())),
+        )
+    }
+
+    /// Node mode: enrolled with a zone, serving only what it enrols.
+    fn validate_node(&self) -> Result<(), ConfigError> {
+        let refuse =
+            |field: &str, why: &str| Err(invalid(field, format!("not used in node mode: {why}")));
+        if self.controller.is_none() {
+            return Err(invalid(
+                "controller",
+                "node mode needs a zone: each workload's certificate is issued as it is enrolled",
+            ));
+        }
+        if self.workload.is_some() {
+            return refuse(
+                "workload",
+                "workloads are enrolled while the agent runs (`weft-agent workload enroll`, or placed by the zone); remove it",
+            );
+        }
+        if !self.outbound.listeners.is_empty() {
+            return refuse(
+                "outbound.listeners",
+                "workloads' traffic is captured in their own namespaces; remove it",
+            );
+        }
+        if self.redirect.on_start {
+            return refuse(
+                "redirect.on_start",
+                "capture rules are installed in each workload's namespace as it is enrolled",
+            );
+        }
+        if self
+            .controller
             .as_ref()
-            .and_then(|c| c.hbone_address)
-            .unwrap_or_else(|| SocketAddr::new(self.workload.address, self.inbound.listen.port()))
-    }
-
-    /// Whether `port` is one of the workload's own ports.
-    pub fn serves_port(&self, port: u16) -> bool {
-        self.workload.ports.iter().any(|p| p.port == port)
-    }
-
-    /// Whether the workload's `port` is declared HTTP: the agent then parses
-    /// each request (L7 policy) instead of passing bytes.
-    pub fn is_http_port(&self, port: u16) -> bool {
-        self.workload
-            .ports
-            .iter()
-            .any(|p| p.port == port && p.protocol == weft_api::Protocol::Http)
+            .is_some_and(|c| c.hbone_address.is_some())
+        {
+            return refuse(
+                "controller.hbone_address",
+                "each workload has its own HBONE listener, in its namespace, at its address",
+            );
+        }
+        if self.node.max_workloads == 0 {
+            return Err(invalid("node.max_workloads", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -798,6 +863,7 @@ const SECTIONS: &[&str] = &[
     "identity",
     "controller",
     "workload",
+    "node",
     "dns",
     "inbound",
     "outbound",
@@ -902,9 +968,10 @@ mod tests {
         let c = cfg.controller.as_ref().unwrap();
         assert_eq!(c.server_name, "weft-zone");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/weft/agent"));
-        assert_eq!(cfg.workload.namespace, "default");
-        assert_eq!(cfg.workload.service_account, "default");
-        assert_eq!(cfg.hbone_address(), "10.0.0.5:15008".parse().unwrap());
+        let workload = cfg.workload.as_ref().unwrap();
+        assert_eq!(workload.namespace, "default");
+        assert_eq!(workload.service_account, "default");
+        assert_eq!(cfg.hbone_address(), Some("10.0.0.5:15008".parse().unwrap()));
         assert!(cfg.dns_enabled());
         assert_eq!(cfg.dns.listen, "127.0.0.1:15053".parse().unwrap());
         assert!(cfg.redirect.dns);

@@ -22,7 +22,8 @@ use tonic::Code;
 use tracing::{debug, error, info, warn};
 use weft_api::proto::agent::v1::{
     agent_message, zone_message, Ack, AgentMessage, CertificateRequest, ConfigUpdate,
-    EnrollRequest, Hello, HostFacts, IssuedCertificate, Nack, Port, RenewRequest, Workload,
+    EnrollRequest, Hello, HostFacts, IssuedCertificate, Nack, PlacedWorkload, Port, RenewRequest,
+    Workload, WorkloadUpdate,
 };
 use weft_api::SpiffeId;
 
@@ -130,8 +131,65 @@ impl Backoff {
 /// What the agent starts with in controller mode.
 pub struct Startup {
     pub state: StateDir,
-    pub files: IdentityFiles,
+    /// A sidecar's workload identity; `None` for a node agent, whose
+    /// workloads get theirs as they are enrolled.
+    pub files: Option<IdentityFiles>,
     pub view: MeshView,
+}
+
+/// What the controller client needs from the workloads the agent carries:
+/// a sidecar's one, or a node agent's enrolled ones.
+pub trait LocalWorkloads: Send + Sync {
+    /// Their registrations, for Hello and WorkloadUpdate.
+    fn registrations(&self) -> Vec<Workload>;
+    /// The trust bundle (or a certificate) changed on disk: reload them.
+    fn reload(&self, why: &'static str);
+    /// The workloads the zone placed on this agent (node mode).
+    fn placed(&self, placed: Vec<PlacedWorkload>);
+}
+
+/// A sidecar's single workload, from its config.
+pub struct Sidecar {
+    pub config: Arc<AgentConfig>,
+    pub credentials: Arc<Credentials>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl LocalWorkloads for Sidecar {
+    fn registrations(&self) -> Vec<Workload> {
+        self.config
+            .workload
+            .as_ref()
+            .map(|w| workload_proto(w, String::new()))
+            .into_iter()
+            .collect()
+    }
+
+    fn reload(&self, why: &'static str) {
+        match self.credentials.reload() {
+            Ok(current) => {
+                self.metrics.certificate_expires(current.identity.not_after);
+                info!(
+                    why,
+                    generation = current.generation,
+                    not_after_unix = current.identity.not_after,
+                    "credentials reloaded"
+                );
+            }
+            Err(e) => {
+                error!(why, error = %e, "credentials reload failed, keeping the ones in force")
+            }
+        }
+    }
+
+    fn placed(&self, placed: Vec<PlacedWorkload>) {
+        if !placed.is_empty() {
+            warn!(
+                placed = placed.len(),
+                "the zone placed workloads on this agent, but a sidecar serves only its own; run it with mode: node"
+            );
+        }
+    }
 }
 
 fn controller_config(config: &AgentConfig) -> Result<&ControllerConfig, ControllerError> {
@@ -142,7 +200,22 @@ fn controller_config(config: &AgentConfig) -> Result<&ControllerConfig, Controll
 }
 
 fn workload_name(config: &AgentConfig) -> String {
-    config.workload.name.clone().unwrap_or_default()
+    config
+        .workload
+        .as_ref()
+        .and_then(|w| w.name.clone())
+        .unwrap_or_default()
+}
+
+fn sidecar(config: &AgentConfig) -> bool {
+    config.mode == crate::config::Mode::Sidecar
+}
+
+fn hbone_of(config: &AgentConfig) -> String {
+    config
+        .hbone_address()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 /// Gets the agent ready to serve: from the state directory when its
@@ -155,6 +228,14 @@ pub async fn prepare(config: &AgentConfig) -> Result<Startup, ControllerError> {
         None => {
             info!(zone = ?c.address, agent = %config.agent_name(), "no enrolment in the state directory, enrolling");
             enrol(config, &state).await?;
+        }
+        Some(enrolment) if !sidecar(config) => {
+            if state.validity(state::AGENT)?.usable() {
+                info!(agent_id = %enrolment.agent_id, "serving from the persisted state");
+            } else {
+                info!(agent_id = %enrolment.agent_id, "the persisted agent certificate expired, enrolling again");
+                enrol(config, &state).await?;
+            }
         }
         Some(enrolment) => {
             let workload = state.validity(state::WORKLOAD)?;
@@ -178,7 +259,7 @@ pub async fn prepare(config: &AgentConfig) -> Result<Startup, ControllerError> {
         None => MeshView::default(),
     };
     Ok(Startup {
-        files: state.workload_files(),
+        files: sidecar(config).then(|| state.workload_files()),
         view,
         state,
     })
@@ -198,11 +279,11 @@ async fn renew_until_done(config: &AgentConfig, state: &StateDir) -> Result<(), 
     }
 }
 
-/// The workload as the zone registers it.
-pub fn workload_proto(config: &AgentConfig) -> Workload {
-    let w = &config.workload;
+/// The workload as the zone registers it; `hbone_address` is set for a
+/// node agent's workload (its own listener).
+pub fn workload_proto(w: &crate::config::WorkloadConfig, hbone_address: String) -> Workload {
     Workload {
-        name: workload_name(config),
+        name: w.name.clone().unwrap_or_default(),
         namespace: w.namespace.clone(),
         service: w.service.clone().unwrap_or_default(),
         service_account: w.service_account.clone(),
@@ -219,7 +300,7 @@ pub fn workload_proto(config: &AgentConfig) -> Workload {
             })
             .collect(),
         labels: w.labels.clone().into_iter().collect(),
-        hbone_address: String::new(),
+        hbone_address,
     }
 }
 
@@ -255,7 +336,7 @@ pub fn host_facts() -> HostFacts {
     }
 }
 
-fn new_key() -> Result<KeyPair, ControllerError> {
+pub(crate) fn new_key() -> Result<KeyPair, ControllerError> {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| ControllerError::Setup(format!("cannot generate a key: {e}")))
 }
@@ -333,17 +414,26 @@ pub async fn enrol(config: &AgentConfig, state: &StateDir) -> Result<Enrolment, 
     let name = workload_name(config);
     let workload_key = new_key()?;
     let agent_key = new_key()?;
+    // A node agent enrols with no workload: each gets its certificate as
+    // it is enrolled (Register).
+    let (workloads, certificates) = match &config.workload {
+        Some(w) if sidecar(config) => (
+            vec![workload_proto(w, String::new())],
+            vec![CertificateRequest {
+                workload: name.clone(),
+                csr_pem: csr_pem(&workload_key, None)?,
+            }],
+        ),
+        _ => (Vec::new(), Vec::new()),
+    };
     let request = EnrollRequest {
         token,
         agent_name: config.agent_name(),
-        workloads: vec![workload_proto(config)],
-        certificates: vec![CertificateRequest {
-            workload: name.clone(),
-            csr_pem: csr_pem(&workload_key, None)?,
-        }],
+        workloads,
+        certificates,
         host: Some(host_facts()),
         agent_csr_pem: csr_pem(&agent_key, None)?,
-        hbone_address: config.hbone_address().to_string(),
+        hbone_address: hbone_of(config),
     };
     let mut backoff = Backoff::default();
     let response = loop {
@@ -391,14 +481,22 @@ pub async fn enrol(config: &AgentConfig, state: &StateDir) -> Result<Enrolment, 
             )));
         }
     }
-    let issued = issued_for(&response.certificates, &name).map_err(ControllerError::Refused)?;
     state.write(state::CONTROLLER_CA, response.controller_ca_pem.as_bytes())?;
-    install_workload(
-        state,
-        &key_and_chain(&workload_key.serialize_pem(), &issued.chain_pem),
-        Some(&response.trust_bundle_pem),
-    )
-    .map_err(ControllerError::Refused)?;
+    let identity = if sidecar(config) {
+        let issued = issued_for(&response.certificates, &name).map_err(ControllerError::Refused)?;
+        install_workload(
+            state,
+            &key_and_chain(&workload_key.serialize_pem(), &issued.chain_pem),
+            Some(&response.trust_bundle_pem),
+        )
+        .map_err(ControllerError::Refused)?;
+        issued.spiffe_id.clone()
+    } else {
+        crate::view::check_bundle(&response.trust_bundle_pem)
+            .map_err(|e| ControllerError::Refused(e.to_string()))?;
+        state.write(state::BUNDLE, response.trust_bundle_pem.as_bytes())?;
+        String::new()
+    };
     install_agent(
         state,
         &key_and_chain(&agent_key.serialize_pem(), &response.agent_chain_pem),
@@ -415,8 +513,7 @@ pub async fn enrol(config: &AgentConfig, state: &StateDir) -> Result<Enrolment, 
         agent_id = %enrolment.agent_id,
         mesh = %enrolment.mesh,
         zone = %enrolment.zone,
-        identity = %issued.spiffe_id,
-        not_after_unix = issued.not_after_unix,
+        identity = %identity,
         "enrolled"
     );
     Ok(enrolment)
@@ -429,7 +526,7 @@ fn first_cert(pem: &str) -> Result<CertificateDer<'static>, String> {
         .map_err(|e| format!("not PEM: {e}"))
 }
 
-fn issued_for<'a>(
+pub(crate) fn issued_for<'a>(
     certificates: &'a [IssuedCertificate],
     workload: &str,
 ) -> Result<&'a IssuedCertificate, String> {
@@ -444,6 +541,17 @@ fn issued_for<'a>(
 /// not load.
 fn install_workload(
     state: &StateDir,
+    key_and_chain: &str,
+    bundle: Option<&str>,
+) -> Result<(), String> {
+    install_workload_as(state, state::WORKLOAD, key_and_chain, bundle)
+}
+
+/// [`install_workload`] into state file `target` (a node agent keeps one
+/// per workload).
+pub(crate) fn install_workload_as(
+    state: &StateDir,
+    target: &str,
     key_and_chain: &str,
     bundle: Option<&str>,
 ) -> Result<(), String> {
@@ -468,9 +576,7 @@ fn install_workload(
     if bundle_name == CANDIDATE_BUNDLE {
         state.promote(CANDIDATE_BUNDLE, state::BUNDLE).map_err(io)?;
     }
-    state
-        .promote(CANDIDATE_WORKLOAD, state::WORKLOAD)
-        .map_err(io)
+    state.promote(CANDIDATE_WORKLOAD, target).map_err(io)
 }
 
 fn install_agent(state: &StateDir, key_and_chain: &str) -> Result<(), String> {
@@ -488,6 +594,9 @@ fn install_agent(state: &StateDir, key_and_chain: &str) -> Result<(), String> {
     state.promote(CANDIDATE_AGENT, state::AGENT).map_err(io)
 }
 
+/// How long one unary call to the zone may take.
+pub(crate) const UNARY_TIMEOUT: Duration = CALL_TIMEOUT;
+
 /// The mTLS client configuration of the agent's control-plane identity.
 fn agent_tls(state: &StateDir) -> Result<Arc<rustls::ClientConfig>, ControllerError> {
     let agent = Identity::load_files(&state.agent_files())
@@ -499,7 +608,7 @@ fn agent_tls(state: &StateDir) -> Result<Arc<rustls::ClientConfig>, ControllerEr
     Ok(grpc::mtls_config(ca, agent.chain().to_vec(), agent.key())?)
 }
 
-async fn agent_client(
+pub(crate) async fn agent_client(
     config: &AgentConfig,
     state: &StateDir,
 ) -> Result<ZoneClient, ControllerError> {
@@ -510,7 +619,7 @@ async fn agent_client(
     ))
 }
 
-fn leaf_id(state: &StateDir, name: &str) -> Result<SpiffeId, ControllerError> {
+pub(crate) fn leaf_id(state: &StateDir, name: &str) -> Result<SpiffeId, ControllerError> {
     let pem = state.read_required(name)?;
     let leaf = first_cert(&String::from_utf8_lossy(&pem)).map_err(|e| state.corrupt(name, e))?;
     tls::spiffe_id_of(&leaf).map_err(|e| ControllerError::State(state.corrupt(name, e)))
@@ -518,11 +627,10 @@ fn leaf_id(state: &StateDir, name: &str) -> Result<SpiffeId, ControllerError> {
 
 /// New certificates from the zone, not yet in place.
 pub struct Renewed {
-    workload: String,
+    /// A sidecar's workload key and chain, its identity and expiry.
+    workload: Option<(String, SpiffeId, i64)>,
     bundle: String,
     agent: Option<String>,
-    identity: SpiffeId,
-    not_after: i64,
 }
 
 /// Asks for new certificates with fresh keys (mTLS with the agent's current
@@ -532,15 +640,23 @@ pub async fn fetch_renewal(
     state: &StateDir,
 ) -> Result<Renewed, ControllerError> {
     let name = workload_name(config);
-    let workload_id = leaf_id(state, state::WORKLOAD)?;
     let agent_id = leaf_id(state, state::AGENT)?;
     let workload_key = new_key()?;
     let agent_key = new_key()?;
-    let request = RenewRequest {
-        certificates: vec![CertificateRequest {
+    let workload_id = if sidecar(config) {
+        Some(leaf_id(state, state::WORKLOAD)?)
+    } else {
+        None
+    };
+    let certificates = match &workload_id {
+        Some(id) => vec![CertificateRequest {
             workload: name.clone(),
-            csr_pem: csr_pem(&workload_key, Some(&workload_id))?,
+            csr_pem: csr_pem(&workload_key, Some(id))?,
         }],
+        None => Vec::new(),
+    };
+    let request = RenewRequest {
+        certificates,
         agent_csr_pem: csr_pem(&agent_key, Some(&agent_id))?,
     };
     let mut client = agent_client(config, state).await?;
@@ -548,26 +664,45 @@ pub async fn fetch_renewal(
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("Renew took too long"))??
         .into_inner();
-    let issued = issued_for(&response.certificates, &name).map_err(ControllerError::Answer)?;
+    let workload = match workload_id {
+        Some(id) => {
+            let issued =
+                issued_for(&response.certificates, &name).map_err(ControllerError::Answer)?;
+            Some((
+                key_and_chain(&workload_key.serialize_pem(), &issued.chain_pem),
+                id,
+                issued.not_after_unix,
+            ))
+        }
+        None => None,
+    };
     Ok(Renewed {
-        workload: key_and_chain(&workload_key.serialize_pem(), &issued.chain_pem),
+        workload,
         bundle: response.trust_bundle_pem,
         agent: (!response.agent_chain_pem.trim().is_empty())
             .then(|| key_and_chain(&agent_key.serialize_pem(), &response.agent_chain_pem)),
-        identity: workload_id,
-        not_after: issued.not_after_unix,
     })
 }
 
 /// Checks renewed certificates and puts them in place; the caller reloads
 /// the credentials.
 pub fn install_renewal(state: &StateDir, renewed: &Renewed) -> Result<(), ControllerError> {
-    install_workload(state, &renewed.workload, Some(&renewed.bundle))
-        .map_err(ControllerError::Answer)?;
+    match &renewed.workload {
+        Some((key_and_chain, identity, not_after)) => {
+            install_workload(state, key_and_chain, Some(&renewed.bundle))
+                .map_err(ControllerError::Answer)?;
+            info!(identity = %identity, not_after_unix = not_after, "workload certificate renewed");
+        }
+        None => {
+            crate::view::check_bundle(&renewed.bundle)
+                .map_err(|e| ControllerError::Answer(e.to_string()))?;
+            state.write(state::BUNDLE, renewed.bundle.as_bytes())?;
+        }
+    }
     if let Some(agent) = &renewed.agent {
         install_agent(state, agent).map_err(ControllerError::Answer)?;
+        info!("agent certificate renewed");
     }
-    info!(identity = %renewed.identity, not_after_unix = renewed.not_after, "certificates renewed");
     Ok(())
 }
 
@@ -605,7 +740,10 @@ pub struct Status {
 pub struct Controller {
     config: Arc<AgentConfig>,
     state: StateDir,
-    credentials: Arc<Credentials>,
+    locals: Arc<dyn LocalWorkloads>,
+    /// The open stream's sender, for WorkloadUpdates between Hellos; weak,
+    /// so that dropping the session's sender still ends the stream.
+    outgoing: Mutex<Option<mpsc::WeakSender<AgentMessage>>>,
     view: SharedView,
     metrics: Arc<Metrics>,
     status: Mutex<Status>,
@@ -621,7 +759,7 @@ impl Controller {
     pub fn new(
         config: Arc<AgentConfig>,
         state: StateDir,
-        credentials: Arc<Credentials>,
+        locals: Arc<dyn LocalWorkloads>,
         view: SharedView,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -642,7 +780,8 @@ impl Controller {
         let this = Arc::new(Controller {
             config,
             state,
-            credentials,
+            locals,
+            outgoing: Mutex::new(None),
             view,
             metrics,
             status: Mutex::new(status),
@@ -758,9 +897,9 @@ impl Controller {
             message: Some(agent_message::Message::Hello(Hello {
                 agent_id: self.agent_name(),
                 applied_version: self.view.load().version.clone(),
-                workloads: vec![workload_proto(&self.config)],
+                workloads: self.locals.registrations(),
                 host: Some(host_facts()),
-                hbone_address: self.config.hbone_address().to_string(),
+                hbone_address: hbone_of(&self.config),
                 features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
             })),
         }
@@ -774,6 +913,7 @@ impl Controller {
         // The receiver is only dropped with the request stream, which ends
         // this session anyway.
         let _ = tx.send(self.hello()).await;
+        *self.outgoing.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.downgrade());
         let outgoing = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         let mut incoming = client.stream(outgoing).await?.into_inner();
         self.set_connected();
@@ -813,6 +953,28 @@ impl Controller {
                 }
                 None => debug!("empty message from the zone, ignored"),
             }
+        }
+    }
+
+    /// Tells the zone the agent's workloads changed (node mode: one was
+    /// enrolled or unenrolled), on the open stream; a stream opened later
+    /// says it in its Hello.
+    pub fn workloads_changed(&self) {
+        let tx = self
+            .outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(tx) = tx.and_then(|tx| tx.upgrade()) else {
+            return;
+        };
+        let update = AgentMessage {
+            message: Some(agent_message::Message::Workloads(WorkloadUpdate {
+                workloads: self.locals.registrations(),
+            })),
+        };
+        if tx.try_send(update).is_err() {
+            warn!("the config stream is busy or closed; the zone learns the workloads at the next Hello");
         }
     }
 
@@ -870,7 +1032,9 @@ impl Controller {
         // one once resolved, so it does not count as a change here.
         let current = self.state.read(state::BUNDLE).map_err(|e| e.to_string())?;
         let bundle_changed = current.as_deref() != Some(update.trust_bundle_pem.as_bytes());
-        if bundle_changed {
+        // A sidecar checks its own certificate against the new bundle; a
+        // node agent's view was already checked to hold one.
+        if bundle_changed && sidecar(&self.config) {
             self.state
                 .write(CANDIDATE_BUNDLE, update.trust_bundle_pem.as_bytes())
                 .map_err(|e| e.to_string())?;
@@ -886,43 +1050,33 @@ impl Controller {
             .save_config(&update)
             .map_err(|e| format!("persisting the update: {e}"))?;
         if bundle_changed {
+            if !sidecar(&self.config) {
+                self.state
+                    .write(CANDIDATE_BUNDLE, update.trust_bundle_pem.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
             self.state
                 .promote(CANDIDATE_BUNDLE, state::BUNDLE)
                 .map_err(|e| format!("persisting the trust bundle: {e}"))?;
-            self.reload_credentials("trust bundle changed");
+            self.locals.reload("trust bundle changed");
         }
         self.view.store(Arc::new(view));
+        self.locals.placed(update.placed);
         Ok(())
-    }
-
-    fn reload_credentials(&self, why: &'static str) {
-        match self.credentials.reload() {
-            Ok(current) => {
-                self.metrics.certificate_expires(current.identity.not_after);
-                info!(
-                    why,
-                    generation = current.generation,
-                    not_after_unix = current.identity.not_after,
-                    "credentials reloaded"
-                );
-            }
-            Err(e) => {
-                error!(why, error = %e, "credentials reload failed, keeping the ones in force")
-            }
-        }
     }
 
     /// When the next renewal is due: the earlier of the two certificates'
     /// renewal times, with fresh jitter.
     fn next_renewal(&self) -> Result<i64, StateError> {
-        let workload = self.state.validity(state::WORKLOAD)?;
         let agent = self.state.validity(state::AGENT)?;
         let jitter = fastrand::f64();
-        Ok(
-            weft_pki::renewal_at(workload.not_before, workload.not_after, jitter).min(
-                weft_pki::renewal_at(agent.not_before, agent.not_after, jitter),
-            ),
-        )
+        let at = weft_pki::renewal_at(agent.not_before, agent.not_after, jitter);
+        if !sidecar(&self.config) {
+            // A node agent's workloads renew on their own schedules.
+            return Ok(at);
+        }
+        let workload = self.state.validity(state::WORKLOAD)?;
+        Ok(weft_pki::renewal_at(workload.not_before, workload.not_after, jitter).min(at))
     }
 
     /// The backoff delay, but never more than a quarter of the workload
@@ -930,9 +1084,14 @@ impl Controller {
     /// more tries before it expires.
     fn renewal_retry(&self, backoff: &mut Backoff) -> Duration {
         let delay = backoff.next_delay();
+        let which = if sidecar(&self.config) {
+            state::WORKLOAD
+        } else {
+            state::AGENT
+        };
         let left = self
             .state
-            .validity(state::WORKLOAD)
+            .validity(which)
             .map(|v| (v.not_after - state::now_unix()).max(0) as u64)
             .unwrap_or(0);
         delay.min(Duration::from_secs(left / 4).max(BACKOFF_MIN))
@@ -962,7 +1121,7 @@ impl Controller {
                         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
                         let installed = install_renewal(&self.state, &renewed);
                         if installed.is_ok() {
-                            self.reload_credentials("certificate renewed");
+                            self.locals.reload("certificate renewed");
                         }
                         installed
                     }

@@ -2,6 +2,7 @@
 //! authenticated HBONE tunnels (TLS 1.3, HTTP/2 CONNECT) between agents.
 
 pub mod admin;
+pub mod admin_client;
 pub mod agent;
 pub mod config;
 pub mod controller;
@@ -16,6 +17,7 @@ pub mod local_workload;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod node;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;

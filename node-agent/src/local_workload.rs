@@ -22,7 +22,7 @@ pub struct LocalWorkload {
     /// The only ports tunnels may reach.
     pub ports: Vec<WorkloadPort>,
     /// Node mode: its own network namespace. `None`: the agent's.
-    pub netns: Option<Netns>,
+    pub netns: Option<std::sync::Arc<Netns>>,
 }
 
 impl LocalWorkload {

@@ -1,6 +1,7 @@
 //! The `weft-agent` command: run the agent, check a config, or manage the
 //! nftables rules of transparent capture.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,6 +34,66 @@ enum Command {
         #[command(subcommand)]
         action: RedirectAction,
     },
+    /// Node mode: enrol, unenrol or list the workloads of a running agent.
+    Workload {
+        /// The agent's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15000", global = true)]
+        admin: SocketAddr,
+        #[command(subcommand)]
+        action: WorkloadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadAction {
+    /// Enrol a running workload (no restart): its own certificate, its
+    /// listeners and capture rules inside its network namespace.
+    Enroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        service: String,
+        /// Its IP address, inside its namespace.
+        #[arg(long)]
+        address: std::net::IpAddr,
+        /// Its network namespace: /run/netns/<name> or /proc/<pid>/ns/net.
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// A port it serves, `8080` or `8080/http`; repeatable.
+        #[arg(long = "port", value_parser = parse_port)]
+        ports: Vec<weft_api::WorkloadPort>,
+        /// A label, `key=value`; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Unenrol a workload: its rules and sockets go, its namespace is left
+    /// as it was.
+    Unenroll { name: String },
+    /// The enrolled workloads, as JSON.
+    List,
+}
+
+fn parse_port(s: &str) -> Result<weft_api::WorkloadPort, String> {
+    let (port, protocol) = s.split_once('/').unwrap_or((s, "tcp"));
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number"))?;
+    let protocol = match protocol {
+        "tcp" => weft_api::Protocol::Tcp,
+        "http" => weft_api::Protocol::Http,
+        other => return Err(format!("{other:?} is not a protocol (tcp or http)")),
+    };
+    Ok(weft_api::WorkloadPort { port, protocol })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 #[derive(Subcommand)]
@@ -106,6 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: valid", config.display());
             Ok(())
         }
+        Command::Workload { admin, action } => workload(admin, action),
         Command::Redirect { action } => match action {
             RedirectAction::Install { config } => {
                 let cfg = AgentConfig::load(&config)?;
@@ -135,5 +197,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+    }
+}
+
+fn workload(admin: SocketAddr, action: WorkloadAction) -> anyhow::Result<()> {
+    use http::Method;
+    let (method, path, body) = match action {
+        WorkloadAction::Enroll {
+            name,
+            service,
+            address,
+            netns,
+            namespace,
+            service_account,
+            ports,
+            labels,
+        } => {
+            let spec = weft_agent::node::spec::NodeWorkload {
+                name,
+                namespace,
+                service,
+                service_account,
+                labels: labels.into_iter().collect(),
+                address,
+                ports,
+                netns,
+            };
+            spec.validate().context("workload spec")?;
+            (
+                Method::POST,
+                "/workloads".to_owned(),
+                Some(serde_json::to_vec(&spec)?),
+            )
+        }
+        WorkloadAction::Unenroll { name } => (Method::DELETE, format!("/workloads/{name}"), None),
+        WorkloadAction::List => (Method::GET, "/workloads".to_owned(), None),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (status, body) =
+        runtime.block_on(weft_agent::admin_client::call(admin, method, &path, body))?;
+    if status.is_success() {
+        print!("{body}");
+        if !body.ends_with('\n') {
+            println!();
+        }
+        Ok(())
+    } else {
+        anyhow::bail!("{}: {}", status, body.trim_end())
     }
 }

@@ -82,6 +82,28 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
              set it to the uid the agent runs as",
         )
     })?;
+    let ports: BTreeSet<u16> = cfg
+        .workload
+        .as_ref()
+        .map(|w| w.ports.iter().map(|p| p.port).collect())
+        .unwrap_or_default();
+    render_rules(cfg, Some(uid), &ports)
+}
+
+/// The rules for a node-mode workload's own network namespace, serving
+/// `ports`. The agent makes no connection of its own from there (its
+/// tunnels leave from the host's namespace, and it reaches the workload
+/// over the namespace's loopback), so there is no uid to exempt: every
+/// process of the workload is captured, root included.
+pub fn render_workload(cfg: &AgentConfig, ports: &BTreeSet<u16>) -> Result<String, RedirectError> {
+    render_rules(cfg, None, ports)
+}
+
+fn render_rules(
+    cfg: &AgentConfig,
+    uid: Option<u32>,
+    ports: &BTreeSet<u16>,
+) -> Result<String, RedirectError> {
     let capture = nat_target(
         "outbound.capture_listen",
         cfg.outbound.capture_listen,
@@ -118,7 +140,9 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
     }
     let _ = writeln!(s, "\t\tmeta l4proto != tcp return");
     let _ = writeln!(s, "\t\toifname \"lo\" return");
-    let _ = writeln!(s, "\t\tmeta skuid {uid} return");
+    if let Some(uid) = uid {
+        let _ = writeln!(s, "\t\tmeta skuid {uid} return");
+    }
     let _ = writeln!(s, "\t\tip daddr 127.0.0.0/8 return");
     let _ = writeln!(s, "\t\tip6 daddr ::1 return");
     if !excluded_ports.is_empty() {
@@ -139,7 +163,6 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
     let _ = writeln!(s, "\t}}");
 
     if cfg.redirect.inbound {
-        let ports: BTreeSet<u16> = cfg.workload.ports.iter().map(|p| p.port).collect();
         if ports.is_empty() {
             return Err(config_err(
                 "workload.ports",
@@ -171,7 +194,7 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
             s,
             "\t\t{}tcp dport {} {}",
             plaintext.family_match,
-            set(&ports),
+            set(ports),
             plaintext.action
         );
         let _ = writeln!(s, "\t}}");
@@ -185,7 +208,10 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
 /// local stub resolver (on loopback, like systemd-resolved), only queries to
 /// it are sent: the stub's own queries to the real resolvers then pass, and
 /// do not loop back through the agent.
-fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: u32) -> Result<(), RedirectError> {
+fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: Option<u32>) -> Result<(), RedirectError> {
+    let not_agent = uid
+        .map(|uid| format!("meta skuid != {uid} "))
+        .unwrap_or_default();
     let target = nat_target("dns.listen", cfg.dns.listen, Hook::Output)?;
     let upstreams = crate::dns::upstreams(&cfg.dns.upstream);
     let listen = cfg.dns.listen.ip();
@@ -225,7 +251,7 @@ fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: u32) -> Result<(), Redirect
         for proto in ["udp", "tcp"] {
             let _ = writeln!(
                 s,
-                "\t\tmeta skuid != {uid} {}{daddr}{proto} dport 53 {}",
+                "\t\t{not_agent}{}{daddr}{proto} dport 53 {}",
                 target.family_match, target.action
             );
         }
@@ -236,8 +262,12 @@ fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: u32) -> Result<(), Redirect
 /// Installs (or replaces) the capture rules in the current network namespace,
 /// atomically.
 pub fn install(cfg: &AgentConfig) -> Result<(), RedirectError> {
-    let script = render(cfg)?;
-    run_nft(&["-f", "-"], Some(&script), "install the weft table")?;
+    apply(&render(cfg)?)
+}
+
+/// Installs a rendered ruleset in the current network namespace, atomically.
+pub fn apply(script: &str) -> Result<(), RedirectError> {
+    run_nft(&["-f", "-"], Some(script), "install the weft table")?;
     Ok(())
 }
 
@@ -615,7 +645,7 @@ mod tests {
     #[test]
     fn inbound_without_ports_is_refused() {
         let mut c = cfg(json!({ "agent_uid": 7 }));
-        c.workload.ports.clear();
+        c.workload.as_mut().unwrap().ports.clear();
         assert!(matches!(
             render(&c),
             Err(RedirectError::Config { field, .. }) if field == "workload.ports"

@@ -48,15 +48,16 @@ async fn start(
     Arc<Credentials>,
 ) {
     let startup = controller::prepare(cfg).await.expect("ready to serve");
-    let credentials = Arc::new(Credentials::load(&startup.files).expect("identity loads"));
+    let files = startup.files.expect("a sidecar's identity");
+    let credentials = Arc::new(Credentials::load(&files).expect("identity loads"));
     let view = view::shared(startup.view);
-    let ctl = Controller::new(
-        cfg.clone(),
-        startup.state,
-        credentials.clone(),
-        view.clone(),
-        Arc::new(Metrics::new()),
-    );
+    let metrics = Arc::new(Metrics::new());
+    let locals = Arc::new(controller::Sidecar {
+        config: cfg.clone(),
+        credentials: credentials.clone(),
+        metrics: metrics.clone(),
+    });
+    let ctl = Controller::new(cfg.clone(), startup.state, locals, view.clone(), metrics);
     let drain = weft_agent::drain::Drain::new();
     (tokio::spawn(ctl.clone().run(drain)), ctl, view, credentials)
 }
