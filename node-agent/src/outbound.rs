@@ -81,15 +81,16 @@ pub struct Outbound {
 
 impl Outbound {
     /// Routes by whatever mesh view is in force when a connection arrives;
-    /// `unconfigured` is what HTTP calls get when no policy is known.
+    /// `unconfigured` is what HTTP calls get when no policy is known. The
+    /// local workload is named by its identity (`source`, for metrics) and
+    /// its name (`workload`, the key of its policies).
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
         drain: Drain,
         pool: Arc<Pool>,
         view: SharedView,
-        source: &str,
-        workload: Label,
+        (source, workload): (&str, Label),
         unconfigured: Policy,
     ) -> Self {
         let passthrough =
