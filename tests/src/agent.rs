@@ -76,6 +76,14 @@ impl AgentSpec {
         }
     }
 
+    /// Removes a top-level section (e.g. `workload` for a node agent).
+    pub fn remove(&mut self, section: &str) -> &mut Self {
+        if let Some(map) = self.value.as_object_mut() {
+            map.remove(section);
+        }
+        self
+    }
+
     /// Sets the field at a dotted path (e.g. `inbound.mtls`), creating
     /// objects on the way.
     pub fn set(&mut self, path: &str, value: impl Into<Value>) -> &mut Self {

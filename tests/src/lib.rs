@@ -14,6 +14,7 @@ pub mod h2app;
 pub mod hbone;
 pub mod http;
 pub mod meshca;
+pub mod nodehost;
 pub mod metrics;
 pub mod netns;
 pub mod otlp;
@@ -27,6 +28,7 @@ pub mod topology;
 pub mod traffic;
 pub mod vmzone;
 pub mod wait;
+pub mod witness;
 pub mod yaml;
 pub mod zone;
 

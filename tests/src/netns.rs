@@ -38,7 +38,8 @@ impl Netns {
         &self.name
     }
 
-    fn path(&self) -> String {
+    /// The namespace file, as a node agent is given it.
+    pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
     }
 

@@ -327,6 +327,11 @@ impl VmZone {
         self.dir.path()
     }
 
+    /// The test application's binary.
+    pub fn echo_bin(&self) -> PathBuf {
+        self.echo_bin.clone()
+    }
+
     /// The LAN, to attach more hosts.
     pub fn lan(&self) -> &Lan {
         &self.lan
