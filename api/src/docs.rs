@@ -169,6 +169,8 @@ pub fn example(kind: Kind) -> Resource {
                         protocol: Protocol::Tcp,
                     },
                 ],
+                hbone_address: None,
+                node: None,
             },
         )
         .into(),
@@ -545,7 +547,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::kinds::{PemSource, ProvidedCa, ServiceStatus};
+    use crate::kinds::{NodePlacement, PemSource, ProvidedCa, ServiceStatus};
 
     /// Examples that together set every field of every kind, including the
     /// optional ones and both sides of each one-of.
@@ -585,7 +587,18 @@ mod tests {
                 });
                 out.push(with_status.into());
             }
-            Kind::Zone | Kind::Workload | Kind::ExternalService => {}
+            Kind::Workload => {
+                let Resource::Workload(mut placed) = example(kind) else {
+                    unreachable!("example(Workload) is a Workload")
+                };
+                placed.spec.hbone_address = Some("10.0.1.5:15008".parse().unwrap());
+                placed.spec.node = Some(NodePlacement {
+                    agent: "node-1".to_owned(),
+                    netns: "/run/netns/payments-vm-1".to_owned(),
+                });
+                out.push(placed.into());
+            }
+            Kind::Zone | Kind::ExternalService => {}
             policy => out.extend(crate::policy::examples::variants(policy)),
         }
         for resource in &out {

@@ -295,7 +295,7 @@ fn unknown_field_lists_the_expected_ones() {
     assert_eq!(error.path.to_string(), "spec.replicas");
     assert_eq!(
         error.reason,
-        "unknown field `replicas`, expected one of `address`, `service`, `serviceAccount`, `ports`"
+        "unknown field `replicas`, expected one of `address`, `service`, `serviceAccount`, `ports`, `hboneAddress`, `node`"
     );
     assert_eq!(
         error.position,

@@ -1,9 +1,9 @@
-//! The agent API: Enroll (token), Renew and Stream (mTLS with the agent's
-//! control-plane certificate). Every refusal says why in its status
+//! The agent API: Enroll (token), Renew, Register and Stream (mTLS with the
+//! agent's control-plane certificate). Every refusal says why in its status
 //! message, since the agent shows it to the operator.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,6 +194,18 @@ fn to_resource(
             w.address
         ))
     })?;
+    // Empty: a sidecar, reached through its agent's listener.
+    let hbone_address = if w.hbone_address.is_empty() {
+        None
+    } else {
+        Some(w.hbone_address.parse::<SocketAddr>().map_err(|_| {
+            Status::invalid_argument(format!(
+                "{}: {:?} is not an ip:port address",
+                at("hbone_address"),
+                w.hbone_address
+            ))
+        })?)
+    };
     let mut ports = Vec::with_capacity(w.ports.len());
     for (i, p) in w.ports.iter().enumerate() {
         let port = u16::try_from(p.port).map_err(|_| {
@@ -241,6 +253,10 @@ fn to_resource(
                 w.service_account.clone()
             },
             ports,
+            hbone_address,
+            // The operator's alone: merged from the stored resource
+            // (`check_owners`).
+            node: None,
         },
     );
     if let Err(errors) = workload.validate() {
@@ -293,20 +309,57 @@ fn owner_of(resource: &Resource) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// The node agent the operator placed a stored workload on, if any.
+fn placement_of(resource: &Resource) -> Option<&weft_api::NodePlacement> {
+    match resource {
+        Resource::Workload(w) => w.spec.node.as_ref(),
+        _ => None,
+    }
+}
+
+/// The keys a config stream records for the cut-off: the workloads an
+/// operator's deletion must cut it for. Placed workloads are left out: the
+/// agent learns of their deletion from its next ConfigUpdate (`placed`), and
+/// a node agent's other workloads stay served.
+fn cut_keys(workloads: &[Workload]) -> BTreeSet<String> {
+    workloads
+        .iter()
+        .filter(|w| w.spec.node.is_none())
+        .map(|w| workload_key(&ResourceKey::of(&Resource::Workload(w.clone()))))
+        .collect()
+}
+
 impl AgentApi {
-    /// Refuses workloads another agent registered.
-    async fn check_owners(&self, agent: &str, workloads: &[Workload]) -> Result<(), Status> {
-        for w in workloads {
+    /// Refuses workloads another agent registered, or that the operator
+    /// placed on another agent; returns them with their placement kept
+    /// (an agent's registration does not carry it).
+    async fn check_owners(
+        &self,
+        agent: &str,
+        mut workloads: Vec<Workload>,
+    ) -> Result<Vec<Workload>, Status> {
+        for w in &mut workloads {
             let key = ResourceKey::of(&Resource::Workload(w.clone()));
-            if let Some(stored) = self.store.get(&key).await.map_err(store_status)? {
-                if let Some(owner) = owner_of(&stored.resource).filter(|o| *o != agent) {
-                    return Err(Status::already_exists(format!(
-                        "{key} is registered by agent {owner:?}; delete it first"
+            let Some(stored) = self.store.get(&key).await.map_err(store_status)? else {
+                continue;
+            };
+            if let Some(node) = placement_of(&stored.resource) {
+                if node.agent != agent {
+                    tracing::warn!(%agent, workload = %key, placed_on = %node.agent, "registration refused: the workload is placed on another agent");
+                    return Err(Status::permission_denied(format!(
+                        "{key} is placed on agent {:?} (spec.node.agent); only that agent may register it",
+                        node.agent
                     )));
                 }
+                w.spec.node = Some(node.clone());
+            }
+            if let Some(owner) = owner_of(&stored.resource).filter(|o| *o != agent) {
+                return Err(Status::already_exists(format!(
+                    "{key} is registered by agent {owner:?}; delete it first"
+                )));
             }
         }
-        Ok(())
+        Ok(workloads)
     }
 
     /// Makes `workloads` the agent's whole set: writes the changed ones and
@@ -348,21 +401,43 @@ impl AgentApi {
         }
         for stored in owned {
             let key = ResourceKey::of(&stored.resource);
-            if wanted.contains(&key) {
-                continue;
+            if !wanted.contains(&key) {
+                self.release(agent, &key, stored).await?;
             }
-            match self
+        }
+        Ok(())
+    }
+
+    /// Lets go of a workload the agent no longer fronts: removed, unless
+    /// the operator placed it, which only the operator deletes; a placed
+    /// one loses the agent's label (no agent serves it) and keeps its
+    /// placement.
+    async fn release(
+        &self,
+        agent: &str,
+        key: &ResourceKey,
+        stored: weft_store::StoredResource,
+    ) -> Result<(), Status> {
+        let outcome = match stored.resource {
+            Resource::Workload(mut w) if w.spec.node.is_some() => {
+                w.metadata.labels.remove(AGENT_LABEL);
+                let write = [(Resource::Workload(w), Expect::Version(stored.version))];
+                self.store
+                    .put_many(&write)
+                    .await
+                    .map(|_| "placed workload no longer fronted; unregistered, placement kept")
+            }
+            _ => self
                 .store
-                .delete(&key, Expect::Version(stored.version))
+                .delete(key, Expect::Version(stored.version))
                 .await
-            {
-                Ok(_) => {
-                    tracing::info!(%agent, workload = %key, "workload no longer fronted; removed")
-                }
-                // Changed meanwhile: whoever changed it owns it now.
-                Err(StoreError::Conflict { .. }) => {}
-                Err(error) => return Err(store_status(error)),
-            }
+                .map(|_| "workload no longer fronted; removed"),
+        };
+        match outcome {
+            Ok(what) => tracing::info!(%agent, workload = %key, "{what}"),
+            // Changed meanwhile: whoever changed it owns it now.
+            Err(StoreError::Conflict { .. }) => {}
+            Err(error) => return Err(store_status(error)),
         }
         Ok(())
     }
@@ -486,6 +561,39 @@ fn withdrawn(record: &weft_store::AgentRecord, workload: &str) -> bool {
         .any(|key| key.starts_with(&mesh) && key.rsplit('/').next() == Some(workload))
 }
 
+/// Refuses a certificate for a workload the operator deleted from the agent
+/// (and that it does not front again): the agent must stop serving it, so
+/// it is told why rather than that the name is unknown.
+fn refuse_withdrawn(
+    agent: &str,
+    record: &weft_store::AgentRecord,
+    requests: &[pb::CertificateRequest],
+    workloads: &[Workload],
+) -> Result<(), Status> {
+    for (i, request) in requests.iter().enumerate() {
+        let registered = workloads
+            .iter()
+            .any(|w| w.metadata.name == request.workload);
+        if !registered && withdrawn(record, &request.workload) {
+            tracing::warn!(%agent, workload = %request.workload, "certificate refused: the workload was deleted by the operator");
+            return Err(Status::permission_denied(format!(
+                "certificates[{i}].workload: {:?} was deleted by the operator; no certificate is issued for it",
+                request.workload
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where a registration came from, for the cut-off bookkeeping.
+#[derive(Clone, Copy)]
+enum Registrar {
+    /// A config stream's Hello or WorkloadUpdate: its entry in the cut-off.
+    Stream(u64),
+    /// A unary Register: every local stream of the agent.
+    Call,
+}
+
 /// Who a config stream is for, after its Hello.
 struct Stream<'a> {
     agent: &'a str,
@@ -564,7 +672,7 @@ impl AgentService for AgentApi {
             agent,
             "workloads",
         )?;
-        self.check_owners(agent, &workloads).await?;
+        let workloads = self.check_owners(agent, workloads).await?;
         if request.agent_csr_pem.is_empty() {
             return Err(Status::invalid_argument(
                 "agent_csr_pem: required (a CSR for the agent's control-plane identity)",
@@ -627,18 +735,7 @@ impl AgentService for AgentApi {
                 _ => None,
             })
             .collect();
-        for (i, request) in request.certificates.iter().enumerate() {
-            let registered = workloads
-                .iter()
-                .any(|w| w.metadata.name == request.workload);
-            if !registered && withdrawn(&record, &request.workload) {
-                tracing::warn!(%agent, workload = %request.workload, "renewal refused: the workload was deleted by the operator");
-                return Err(Status::permission_denied(format!(
-                    "certificates[{i}].workload: {:?} was deleted by the operator; no certificate is issued for it",
-                    request.workload
-                )));
-            }
-        }
+        refuse_withdrawn(&agent, &record, &request.certificates, &workloads)?;
         let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
         let certificates =
             self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
@@ -658,11 +755,36 @@ impl AgentService for AgentApi {
 
     async fn register(
         &self,
-        _request: Request<pb::RegisterRequest>,
+        request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        Err(Status::unimplemented(
-            "Register: node mode is not served by this zone yet",
-        ))
+        let agent = Self::authenticated(&request)?;
+        let request = request.into_inner();
+        let (record, scope) = self.enrolled(&agent).await?;
+        let mesh = self.mesh(&record.enrollment.mesh).await?;
+        // Everything is checked, and every certificate signed, before
+        // anything is stored.
+        let workloads = check_workloads(
+            &request.workloads,
+            &scope,
+            &record.enrollment.mesh,
+            &agent,
+            "workloads",
+        )?;
+        let workloads = Self::without_withdrawn(&agent, &record, workloads);
+        let workloads = self.check_owners(&agent, workloads).await?;
+        refuse_withdrawn(&agent, &record, &request.certificates, &workloads)?;
+        let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates =
+            self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
+        let count = workloads.len();
+        self.commit_workloads(&agent, Registrar::Call, workloads)
+            .await?;
+        tracing::info!(%agent, mesh = %record.enrollment.mesh, workloads = count, certificates = certificates.len(), "workloads registered");
+        Ok(Response::new(pb::RenewResponse {
+            certificates,
+            trust_bundle_pem: cas.bundle_pem,
+            agent_chain_pem: String::new(),
+        }))
     }
 
     type StreamStream = Outgoing;
@@ -729,7 +851,7 @@ impl AgentApi {
             .collect()
     }
 
-    /// Records the workloads as the stream's (for the cut-off) and stores
+    /// Checks the owners of a stream's workloads, then records and stores
     /// them as the agent's whole set.
     async fn register_workloads(
         &self,
@@ -737,14 +859,29 @@ impl AgentApi {
         cut_id: u64,
         workloads: Vec<Workload>,
     ) -> Result<(), Status> {
-        self.check_owners(agent, &workloads).await?;
-        self.cutoff.set_workloads(
-            cut_id,
-            workloads
-                .iter()
-                .map(|w| workload_key(&ResourceKey::of(&Resource::Workload(w.clone()))))
-                .collect(),
-        );
+        let workloads = self.check_owners(agent, workloads).await?;
+        self.commit_workloads(agent, Registrar::Stream(cut_id), workloads)
+            .await
+    }
+
+    /// Records checked workloads for the cut-off, before they are written
+    /// (so that the agent's own removals never look like the operator's),
+    /// and stores them as the agent's whole set.
+    async fn commit_workloads(
+        &self,
+        agent: &str,
+        registrar: Registrar,
+        workloads: Vec<Workload>,
+    ) -> Result<(), Status> {
+        let keys = cut_keys(&workloads);
+        match registrar {
+            Registrar::Stream(cut_id) => self.cutoff.set_workloads(cut_id, keys),
+            // The agent's streams on other replicas learn the new set from
+            // the WorkloadUpdate an agent sends on its stream after each
+            // Register (node-agent does); until then, a workload this call
+            // removed may read there as the operator's deletion.
+            Registrar::Call => self.cutoff.set_agent_workloads(agent, keys),
+        }
         self.store_workloads(agent, workloads).await
     }
 

@@ -107,6 +107,15 @@ impl Cutoff {
         }
     }
 
+    /// Records the Workloads of every local stream of `agent`, as
+    /// [`Cutoff::set_workloads`] does for one: a unary Register changes the
+    /// whole set of the agent, which its stream, if any, holds.
+    pub fn set_agent_workloads(&self, agent: &str, workloads: BTreeSet<String>) {
+        for entry in self.lock().values_mut().filter(|e| e.agent == agent) {
+            entry.workloads = workloads.clone();
+        }
+    }
+
     /// Forgets a stream.
     pub fn unregister(&self, id: u64) {
         self.lock().remove(&id);

@@ -18,7 +18,7 @@ use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
-use crate::views::{AgentView, MeshSnapshot, ServiceSet, HISTORY};
+use crate::views::{AgentParts, AgentView, MeshSnapshot, ServiceSet, HISTORY};
 
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -105,7 +105,7 @@ impl Hub {
     ) -> (u64, ViewReceiver) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (view, receiver) = watch::channel(None);
-        if let Some(first) = self.first_view(mesh, workloads) {
+        if let Some(first) = self.first_view(agent, mesh, workloads) {
             view.send_replace(Some(Arc::new(first)));
         }
         self.lock_streams().insert(
@@ -121,7 +121,12 @@ impl Hub {
     }
 
     /// A view from what was last built for `mesh`, if anything was.
-    fn first_view(&self, mesh: &str, workloads: &[(String, String)]) -> Option<AgentView> {
+    fn first_view(
+        &self,
+        agent: &str,
+        mesh: &str,
+        workloads: &[(String, String)],
+    ) -> Option<AgentView> {
         let built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         let base = built.get(mesh)?;
         let mut own = workloads.to_vec();
@@ -147,10 +152,14 @@ impl Hub {
                 allow: vec![base.allow.clone()],
             })
             .collect();
+        let placed = snapshot.placed_by_agent().remove(agent).unwrap_or_default();
         Some(AgentView::new(
             base.services.clone(),
-            inbound,
-            policy_json,
+            AgentParts {
+                inbound,
+                policy_json,
+                placed,
+            },
             mesh.to_owned(),
             self.zone.clone(),
             base.bundle.clone(),
@@ -359,6 +368,7 @@ impl Hub {
         let services = self.services_of(mesh, &snapshot, &bundle);
         let inbound = snapshot.inbound_by_agent();
         let by_agent = snapshot.workloads_by_agent();
+        let placed = snapshot.placed_by_agent();
         let peers = snapshot.peers(&self.zone);
         let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
@@ -372,23 +382,26 @@ impl Hub {
                 .get(agent.as_str())
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let policy_json = snapshot.policy_json(own, &peers);
+            let parts = AgentParts {
+                inbound: rules,
+                policy_json: snapshot.policy_json(own, &peers),
+                // One stream per agent, but a replaced one may linger.
+                placed: placed.get(agent.as_str()).cloned().unwrap_or_default(),
+            };
             // Most rounds (the periodic recheck, a change in another part of
             // the mesh) leave most views as they were: checked by identity
             // and equality before hashing a new view per agent.
             let unchanged = sender.borrow().as_ref().is_some_and(|current| {
                 Arc::ptr_eq(&current.services, &services)
                     && *current.trust_bundle_pem == *bundle
-                    && current.inbound == rules
-                    && current.policy_json == policy_json
+                    && parts.same_as(current)
             });
             if unchanged {
                 continue;
             }
             let view = AgentView::new(
                 services.clone(),
-                rules,
-                policy_json,
+                parts,
                 snapshot.mesh.metadata.name.clone(),
                 self.zone.clone(),
                 bundle.clone(),

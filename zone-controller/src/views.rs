@@ -202,7 +202,11 @@ impl MeshSnapshot {
                         let agent = self.live_owner(w)?;
                         Some(pb::Endpoint {
                             address: w.spec.address.to_string(),
-                            agent: agent.enrollment.hbone_address.clone(),
+                            // Node mode: the workload's own listener.
+                            agent: w.spec.hbone_address.map_or_else(
+                                || agent.enrollment.hbone_address.clone(),
+                                |a| a.to_string(),
+                            ),
                             spiffe_id: self.spiffe_id(w),
                             ready: online(agent, self.now_ms),
                         })
@@ -284,6 +288,39 @@ impl MeshSnapshot {
         format!("spiffe://{}/*", self.mesh.spec.trust_domain)
     }
 
+    /// What `ConfigUpdate.placed` carries for each node agent: the
+    /// workloads the operator placed on it, sorted by namespace and name.
+    /// Whether the agent registered them yet does not change what it is
+    /// sent, so its registration does not cause a push.
+    pub fn placed_by_agent(&self) -> HashMap<&str, Vec<pb::PlacedWorkload>> {
+        let mut placed: HashMap<&str, Vec<(&Workload, &str)>> = HashMap::new();
+        for w in &self.workloads {
+            if let Some(node) = &w.spec.node {
+                placed
+                    .entry(node.agent.as_str())
+                    .or_default()
+                    .push((w, node.netns.as_str()));
+            }
+        }
+        placed
+            .into_iter()
+            .map(|(agent, mut list)| {
+                list.sort_by(|(a, _), (b, _)| {
+                    (&a.metadata.namespace, &a.metadata.name)
+                        .cmp(&(&b.metadata.namespace, &b.metadata.name))
+                });
+                let list = list
+                    .into_iter()
+                    .map(|(w, netns)| pb::PlacedWorkload {
+                        workload: Some(placed_to_proto(w)),
+                        netns: netns.to_owned(),
+                    })
+                    .collect();
+                (agent, list)
+            })
+            .collect()
+    }
+
     /// Inbound rules per agent name, for every agent of the mesh at once.
     pub fn inbound_by_agent(&self) -> HashMap<&str, Vec<pb::InboundRule>> {
         // Every workload of the mesh may call (TrafficPermission will narrow
@@ -302,6 +339,27 @@ impl MeshSnapshot {
             }
         }
         rules
+    }
+}
+
+/// A placed workload as its node agent is asked to register it: as the
+/// operator wrote it, without the label naming the agent that registered it.
+fn placed_to_proto(w: &Workload) -> pb::Workload {
+    pb::Workload {
+        name: w.metadata.name.clone(),
+        namespace: w.metadata.namespace.clone().unwrap_or_default(),
+        service: w.spec.service.clone(),
+        service_account: w.spec.service_account.clone(),
+        address: w.spec.address.to_string(),
+        ports: w.spec.ports.iter().map(port_to_proto).collect(),
+        labels: w
+            .metadata
+            .labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != AGENT_LABEL)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        hbone_address: String::new(),
     }
 }
 
@@ -607,6 +665,27 @@ pub struct Sent {
     services: Weak<ServiceSet>,
 }
 
+/// The parts of a view computed for one agent alone, from its workloads
+/// (registered or placed on it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentParts {
+    /// Callers allowed into each of the agent's workloads.
+    pub inbound: Vec<pb::InboundRule>,
+    /// The policies of the agent's workloads.
+    pub policy_json: Arc<str>,
+    /// The workloads placed on the agent.
+    pub placed: Vec<pb::PlacedWorkload>,
+}
+
+impl AgentParts {
+    /// Whether `view` already carries these parts.
+    pub fn same_as(&self, view: &AgentView) -> bool {
+        view.inbound == self.inbound
+            && view.policy_json == self.policy_json
+            && view.placed == self.placed
+    }
+}
+
 /// One agent's view at one version: the mesh's shared services and its own
 /// small parts. What a stream turns into whole or delta messages.
 #[derive(Debug)]
@@ -620,6 +699,9 @@ pub struct AgentView {
     pub inbound: Vec<pb::InboundRule>,
     /// The policies of the agent's workloads, as `ConfigUpdate.policy_json`.
     pub policy_json: Arc<str>,
+    /// Node mode: the workloads placed on the agent, as
+    /// `ConfigUpdate.placed`.
+    pub placed: Vec<pb::PlacedWorkload>,
     /// The mesh's name.
     pub mesh: String,
     /// The zone's name.
@@ -634,8 +716,7 @@ impl AgentView {
     /// view is sent whole or as a delta.
     pub fn new(
         services: Arc<ServiceSet>,
-        inbound: Vec<pb::InboundRule>,
-        policy_json: Arc<str>,
+        own: AgentParts,
         mesh: String,
         zone: String,
         trust_bundle_pem: Arc<str>,
@@ -644,8 +725,9 @@ impl AgentView {
         let mut view = AgentView {
             version: String::new(),
             services,
-            inbound,
-            policy_json,
+            inbound: own.inbound,
+            policy_json: own.policy_json,
+            placed: own.placed,
             mesh,
             zone,
             trust_bundle_pem,
@@ -688,7 +770,7 @@ impl AgentView {
             more: false,
             patched_services: Vec::new(),
             policy_json: self.policy_json.to_string(),
-            placed: Vec::new(),
+            placed: self.placed.clone(),
         }
     }
 
@@ -886,8 +968,7 @@ mod tests {
     ) -> AgentView {
         AgentView::new(
             Arc::new(ServiceSet::new(services, previous)),
-            Vec::new(),
-            Arc::from(""),
+            parts("", Vec::new()),
             "default".into(),
             "z".into(),
             Arc::from(bundle),
@@ -914,8 +995,7 @@ mod tests {
         let with = |json: &str| {
             AgentView::new(
                 set.clone(),
-                Vec::new(),
-                Arc::from(json),
+                parts(json, Vec::new()),
                 "default".into(),
                 "z".into(),
                 Arc::from("bundle"),
@@ -934,6 +1014,57 @@ mod tests {
         let delta = some.messages(Some(&none.sent()), true).next().unwrap();
         assert_eq!(delta.base_version, none.version);
         assert_eq!(delta.policy_json, r#"[{"workload":"web-1"}]"#);
+    }
+
+    fn parts(policy_json: &str, placed: Vec<pb::PlacedWorkload>) -> AgentParts {
+        AgentParts {
+            inbound: Vec::new(),
+            policy_json: Arc::from(policy_json),
+            placed,
+        }
+    }
+
+    #[test]
+    fn placements_are_part_of_the_version_and_of_every_first_chunk() {
+        let set = Arc::new(ServiceSet::new(
+            (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect(),
+            None,
+        ));
+        let with = |netns: Option<&str>| {
+            let placed = netns
+                .map(|netns| pb::PlacedWorkload {
+                    workload: Some(pb::Workload {
+                        name: "web-1".into(),
+                        ..Default::default()
+                    }),
+                    netns: netns.into(),
+                })
+                .into_iter()
+                .collect();
+            AgentView::new(
+                set.clone(),
+                parts("", placed),
+                "default".into(),
+                "z".into(),
+                Arc::from("bundle"),
+            )
+        };
+        let none = with(None);
+        let placed = with(Some("/run/netns/web-1"));
+        let moved = with(Some("/run/netns/web-2"));
+        assert_ne!(none.version, placed.version);
+        assert_ne!(placed.version, moved.version);
+        assert_eq!(with(Some("/run/netns/web-1")).version, placed.version);
+        let messages: Vec<_> = placed.messages(None, true).collect();
+        assert!(messages.len() > 1);
+        assert_eq!(messages[0].placed.len(), 1);
+        assert!(messages[1..].iter().all(|m| m.placed.is_empty()));
+        // A delta carries it whole, and a removal as an empty list.
+        let delta = moved.messages(Some(&placed.sent()), true).next().unwrap();
+        assert_eq!(delta.placed[0].netns, "/run/netns/web-2");
+        let delta = none.messages(Some(&placed.sent()), true).next().unwrap();
+        assert_eq!(delta.base_version, placed.version);
+        assert!(delta.placed.is_empty());
     }
 
     #[test]

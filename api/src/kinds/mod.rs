@@ -40,5 +40,5 @@ pub use tcp_route::{CompiledTcpRoute, TcpRouteConf, TcpRouteRule, TcpRouteSpec, 
 pub use timeout::TimeoutSpec;
 pub use trace::{TraceBackend, TraceConf, TraceSpec};
 pub use traffic_permission::{TrafficPermissionSpec, ALLOW_ALL};
-pub use workload::WorkloadSpec;
+pub use workload::{NodePlacement, WorkloadSpec};
 pub use zone::{ZoneBackend, ZoneSpec};
