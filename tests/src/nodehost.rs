@@ -29,7 +29,12 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 30);
 
 /// Workload `k`'s address.
 pub fn workload_ip(k: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 211, u8::try_from(k + 1).expect("fewer than 250 workloads"), 2)
+    Ipv4Addr::new(
+        10,
+        211,
+        u8::try_from(k + 1).expect("fewer than 250 workloads"),
+        2,
+    )
 }
 
 /// One workload of the node host.
@@ -61,7 +66,10 @@ impl NodeHost {
             let ip = workload_ip(k);
             let gateway = Ipv4Addr::new(10, 211, ip.octets()[2], 1);
             link(&host, &format!("{gateway}/24"), &w, &format!("{ip}/24"))?;
-            w.run("ip", &["route", "add", "default", "via", &gateway.to_string()])?;
+            w.run(
+                "ip",
+                &["route", "add", "default", "via", &gateway.to_string()],
+            )?;
             w.run("ip", &["link", "set", "lo", "up"])?;
             workloads.push(NodeWorkload {
                 host: w,
@@ -84,7 +92,12 @@ impl NodeHost {
 
     /// The node agent's config: node mode, enrolled with `token` at
     /// `controller`, state under the zone's directory, DNS like the VMs'.
-    pub fn agent_spec(&self, zone: &VmZone, controller: &Controller, token: &Token) -> Result<AgentSpec> {
+    pub fn agent_spec(
+        &self,
+        zone: &VmZone,
+        controller: &Controller,
+        token: &Token,
+    ) -> Result<AgentSpec> {
         let token_file = zone.dir.join("node.token");
         std::fs::write(&token_file, &token.secret)
             .with_context(|| format!("writing {}", token_file.display()))?;
@@ -122,7 +135,14 @@ impl NodeHost {
             echo: SocketAddr::new(IpAddr::V4(w.ip), ECHO_PORT),
             http: SocketAddr::new(IpAddr::V4(w.ip), HTTP_PORT),
         };
-        apps::start_app(&w.host, &zone.echo_bin(), zone.path(), &format!("{}-app", w.name), addrs, marker)
+        apps::start_app(
+            &w.host,
+            &zone.echo_bin(),
+            zone.path(),
+            &format!("{}-app", w.name),
+            addrs,
+            marker,
+        )
     }
 
     /// `weft-agent workload enroll` for workload `k` on the node host.
@@ -135,9 +155,22 @@ impl NodeHost {
         agent::cli(
             &self.host,
             &[
-                "workload", "enroll", "--name", &w.name, "--service", &w.service,
-                "--service-account", &w.service, "--address", &ip, "--netns", &netns,
-                "--port", &echo, "--port", &http,
+                "workload",
+                "enroll",
+                "--name",
+                &w.name,
+                "--service",
+                &w.service,
+                "--service-account",
+                &w.service,
+                "--address",
+                &ip,
+                "--netns",
+                &netns,
+                "--port",
+                &echo,
+                "--port",
+                &http,
             ],
         )
     }
@@ -147,14 +180,21 @@ impl NodeHost {
     pub fn enrol_ok(&self, k: usize) -> Result<()> {
         let out = self.enrol(k)?;
         if !out.status.success() {
-            bail!("enrolling {}: {}", self.workloads[k].name, agent::describe(&out));
+            bail!(
+                "enrolling {}: {}",
+                self.workloads[k].name,
+                agent::describe(&out)
+            );
         }
         Ok(())
     }
 
     /// `weft-agent workload unenroll` for workload `k`.
     pub fn unenrol(&self, k: usize) -> Result<Output> {
-        agent::cli(&self.host, &["workload", "unenroll", &self.workloads[k].name])
+        agent::cli(
+            &self.host,
+            &["workload", "unenroll", &self.workloads[k].name],
+        )
     }
 
     /// Runs `curl` in workload `k`'s namespace (as root: captured all the

@@ -39,19 +39,26 @@ impl TlsWitness {
     /// Listens on `addr` inside `ns`, presenting the key and chain in
     /// `identity_pem` and requiring client certificates that chain to
     /// `bundle_pem`.
-    pub fn start(ns: &Netns, addr: SocketAddr, identity_pem: &str, bundle_pem: &str) -> Result<Self> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(identity_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .context("witness chain")?;
+    pub fn start(
+        ns: &Netns,
+        addr: SocketAddr,
+        identity_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<Self> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(identity_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .context("witness chain")?;
         let key = PrivateKeyDer::from_pem_slice(identity_pem.as_bytes()).context("witness key")?;
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
             roots.add(ca.context("witness bundle")?)?;
         }
         let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
-        let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)?;
+        let mut config =
+            rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         let config = Arc::new(config);
         let listener = ns.enter(move || Ok(TcpListener::bind(addr)?))?;

@@ -128,7 +128,11 @@ fn echo(tcp: &mut TcpStream, round: usize) -> Result<()> {
     tcp.write_all(data.as_bytes())?;
     let mut back = vec![0u8; data.len()];
     tcp.read_exact(&mut back).context("echo answer")?;
-    ensure!(back == data.as_bytes(), "echo answered {:?}", String::from_utf8_lossy(&back));
+    ensure!(
+        back == data.as_bytes(),
+        "echo answered {:?}",
+        String::from_utf8_lossy(&back)
+    );
     Ok(())
 }
 
@@ -142,7 +146,10 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     for k in [web, shop] {
         ensure!(s.node.has_rules(k)?, "no capture rules in workload {k}");
         let ports = s.node.listening(k)?;
-        ensure!(AGENT_PORTS.iter().all(|p| ports.contains(p)), "workload {k} listens on {ports:?}");
+        ensure!(
+            AGENT_PORTS.iter().all(|p| ports.contains(p)),
+            "workload {k} listens on {ports:?}"
+        );
     }
 
     // Node to sidecar and sidecar to node, by DNS name, over mTLS.
@@ -180,10 +187,24 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     let w0 = s.node.workloads[web].host.path();
     let out = agent::cli(
         &s.node.host,
-        &["workload", "enroll", "--name", "api-1", "--service", "api", "--address", "10.211.9.2", "--netns", &w0],
+        &[
+            "workload",
+            "enroll",
+            "--name",
+            "api-1",
+            "--service",
+            "api",
+            "--address",
+            "10.211.9.2",
+            "--netns",
+            &w0,
+        ],
     )?;
     let text = agent::describe(&out);
-    ensure!(!out.status.success() && text.contains("403") && text.contains("api-1"), "{text}");
+    ensure!(
+        !out.status.success() && text.contains("403") && text.contains("api-1"),
+        "{text}"
+    );
     wait_vm_curl(&s, probe, &url("api", "/"), &s.up.markers[api])?;
 
     // Unenrol and enrol web again while shop keeps a connection open.
@@ -193,8 +214,14 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     ensure!(out.status.success(), "{}", agent::describe(&out));
     ensure!(!s.node.has_rules(web)?, "rules left in web's namespace");
     let ports = s.node.listening(web)?;
-    ensure!(!AGENT_PORTS.iter().any(|p| ports.contains(p)), "agent sockets left in web: {ports:?}");
-    ensure!(ports.contains(&ECHO_PORT) && ports.contains(&HTTP_PORT), "web's own sockets: {ports:?}");
+    ensure!(
+        !AGENT_PORTS.iter().any(|p| ports.contains(p)),
+        "agent sockets left in web: {ports:?}"
+    );
+    ensure!(
+        ports.contains(&ECHO_PORT) && ports.contains(&HTTP_PORT),
+        "web's own sockets: {ports:?}"
+    );
     echo(&mut held, 1)?;
     s.node.enrol_ok(web)?;
     wait_node_curl(&s, web, &url("api", "/"), &s.up.markers[api])?;
@@ -205,7 +232,10 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     s.node_agent.proc.kill();
     let mut restarted = s.node.start_agent(&s.up.zone, &s.node_spec)?;
     for k in [web, shop] {
-        ensure!(s.node.has_rules(k)?, "no rules in workload {k} after the restart");
+        ensure!(
+            s.node.has_rules(k)?,
+            "no rules in workload {k} after the restart"
+        );
     }
     wait_node_curl(&s, shop, &url("api", "/"), &s.up.markers[api])?;
     wait_vm_curl(&s, api, &url("web", "/"), &s.node_markers[web])?;
@@ -250,7 +280,10 @@ spec:
         Ok((s.node.curl_status(web, &url("api", "/private"))?.0 == 403).then_some(()))
     })?;
     let (status, body) = s.node.curl_status(web, &url("api", "/public/x"))?;
-    ensure!(status == 200 && body.contains(&s.up.markers[api]), "{status} {body}");
+    ensure!(
+        status == 200 && body.contains(&s.up.markers[api]),
+        "{status} {body}"
+    );
     let (status, _) = s.node.curl_status(shop, &url("api", "/public/x"))?;
     ensure!(status == 403, "shop got {status}");
     // Sidecar to node: api may call web; nothing allows api into shop.
