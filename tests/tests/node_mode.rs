@@ -45,8 +45,14 @@ struct Scene {
 }
 
 fn scene() -> Result<Scene> {
+    scene_with(&["web", "shop"], 2)
+}
+
+/// [`scene`] with the node host's workloads running `services`, the first
+/// `enrolled` of them enrolled with the local command.
+fn scene_with(services: &[&str], enrolled: usize) -> Result<Scene> {
     let zone = VmZone::new(echo_bin!(), &["probe", "api"])?;
-    let node = NodeHost::new(&zone, &["web", "shop"])?;
+    let node = NodeHost::new(&zone, services)?;
     let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
     let mut up = Running::with_controller(zone, controller, "24h")?;
     let probe_ip = up.zone.vms[0].ip;
@@ -70,9 +76,9 @@ fn scene() -> Result<Scene> {
 
     // The token also names api-1, the VM's workload, so that taking it is
     // refused by ownership, not by the token.
-    let token = up
-        .controller
-        .issue_token(MESH, &["web-n0", "shop-n1", "api-1"], "10m", 1)?;
+    let mut names: Vec<&str> = node.workloads.iter().map(|w| w.name.as_str()).collect();
+    names.push("api-1");
+    let token = up.controller.issue_token(MESH, &names, "10m", 1)?;
     let node_spec = node.agent_spec(&up.zone, &up.controller, &token)?;
     let node_agent = node.start_agent(&up.zone, &node_spec)?;
     let mut node_markers = Vec::new();
@@ -81,7 +87,9 @@ fn scene() -> Result<Scene> {
         let marker = unique_marker(&node.workloads[k].service);
         node_apps.push(node.start_app(&up.zone, k, &marker)?);
         node_markers.push(marker);
-        node.enrol_ok(k)?;
+        if k < enrolled {
+            node.enrol_ok(k)?;
+        }
     }
     Ok(Scene {
         up,
@@ -293,5 +301,51 @@ spec:
     // L4: shop's TCP connection to api's echo port is reset.
     let reset = open_echo(&s, shop).and_then(|mut tcp| echo(&mut tcp, 0));
     ensure!(reset.is_err(), "shop's TCP connection to api went through");
+    Ok(())
+}
+
+#[test]
+fn the_zone_places_workloads_on_a_node_agent() -> Result<()> {
+    let s = scene_with(&["web", "cart"], 1)?;
+    let cart = 1;
+    let api = 1;
+    ensure!(!s.node.has_rules(cart)?, "cart is captured before it is placed");
+    let netns = s.node.workloads[cart].host.path();
+    let ip = s.node.workloads[cart].ip;
+    s.up.controller.apply(
+        &s.up.zone.path().join("placed.yaml"),
+        &format!(
+            "\
+apiVersion: weft.io/v1alpha1
+kind: Workload
+metadata: {{ name: cart-n1, mesh: default, namespace: default }}
+spec:
+  address: {ip}
+  service: cart
+  serviceAccount: cart
+  ports: [ {{ port: {ECHO_PORT} }}, {{ port: {HTTP_PORT}, protocol: http }} ]
+  node: {{ agent: node, netns: {netns} }}
+"
+        ),
+    )?;
+    // The node agent enrols it: captured, with its own identity, and
+    // reachable from a sidecar by name.
+    wait::until("the node agent to capture the placed workload", T, || {
+        Ok(s.node.has_rules(cart)?.then_some(()))
+    })?;
+    wait_vm_curl(&s, api, &url("cart", "/"), &s.node_markers[cart])?;
+    wait_node_curl(&s, cart, &url("api", "/"), &s.up.markers[api])?;
+    let listed = String::from_utf8_lossy(&agent::cli(&s.node.host, &["workload", "list"])?.stdout).into_owned();
+    ensure!(
+        listed.contains("\"cart-n1\"") && listed.contains("\"zone\"") && listed.contains(&id("cart")),
+        "{listed}"
+    );
+    // Deleting the placement unenrols it, leaving its namespace as it was.
+    s.up.controller.weftctl_ok(&["delete", "Workload", "cart-n1"])?;
+    wait::until("the node agent to release the workload", T, || {
+        Ok((!s.node.has_rules(cart)?).then_some(()))
+    })?;
+    let ports = s.node.listening(cart)?;
+    ensure!(!AGENT_PORTS.iter().any(|p| ports.contains(p)), "agent sockets left in cart: {ports:?}");
     Ok(())
 }
