@@ -191,6 +191,15 @@ pub struct NodeConfig {
     /// certificate.
     #[serde(default = "defaults::max_workloads")]
     pub max_workloads: usize,
+    /// Connections one workload may have through the agent at once, in
+    /// each direction (the node's `tunnel.max_inbound_connections` and
+    /// `tunnel.max_outbound_connections`, per workload), so that one
+    /// workload's flood is refused at its own limit and cannot starve the
+    /// others of descriptors, memory or streams. Its buffered bytes are
+    /// bounded with them: each connection holds at most its splice
+    /// buffers and one tunnel stream window.
+    #[serde(default = "defaults::max_connections_per_workload")]
+    pub max_connections_per_workload: usize,
 }
 
 /// The DNS proxy that answers mesh names with virtual IPs.
@@ -416,6 +425,9 @@ mod defaults {
     }
     pub fn max_workloads() -> usize {
         256
+    }
+    pub fn max_connections_per_workload() -> usize {
+        1024
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("/var/lib/weft/agent")
@@ -677,6 +689,15 @@ impl AgentConfig {
         )
     }
 
+    /// The config a node agent's workload proxies run with: the node's,
+    /// with the per-workload connection limits.
+    pub fn per_workload(&self) -> AgentConfig {
+        let mut config = self.clone();
+        config.tunnel.max_inbound_connections = self.node.max_connections_per_workload;
+        config.tunnel.max_outbound_connections = self.node.max_connections_per_workload;
+        config
+    }
+
     /// Node mode: enrolled with a zone, serving only what it enrols.
     fn validate_node(&self) -> Result<(), ConfigError> {
         let refuse =
@@ -717,6 +738,9 @@ impl AgentConfig {
         }
         if self.node.max_workloads == 0 {
             return Err(invalid("node.max_workloads", "must be at least 1"));
+        }
+        if self.node.max_connections_per_workload == 0 {
+            return Err(invalid("node.max_connections_per_workload", "must be at least 1"));
         }
         Ok(())
     }

@@ -110,7 +110,7 @@ impl Inbound {
         let limit = Arc::new(Semaphore::new(self.config.tunnel.max_inbound_connections));
         while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                warn!(%remote, "inbound connection limit reached, refusing");
+                warn!(%remote, workload = self.local.name.as_str(), "inbound connection limit reached, refusing");
                 self.metrics.connection_refused(Direction::Inbound, "limit");
                 reset(&tcp);
                 continue;

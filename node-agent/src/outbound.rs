@@ -122,7 +122,7 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, target: Target) {
         while let Some((tcp, remote)) = accept_next(&listener, &self.drain).await {
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-                warn!(%remote, "outbound connection limit reached, refusing");
+                warn!(%remote, workload = self.workload.as_str(), "outbound connection limit reached, refusing");
                 self.metrics
                     .connection_refused(Direction::Outbound, "limit");
                 reset(&tcp);

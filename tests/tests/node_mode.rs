@@ -51,6 +51,15 @@ fn scene() -> Result<Scene> {
 /// [`scene`] with the node host's workloads running `services`, the first
 /// `enrolled` of them enrolled with the local command.
 fn scene_with(services: &[&str], enrolled: usize) -> Result<Scene> {
+    scene_tuned(services, enrolled, |_| {})
+}
+
+/// [`scene_with`] with the node agent's config changed by `edit`.
+fn scene_tuned(
+    services: &[&str],
+    enrolled: usize,
+    edit: impl FnOnce(&mut weft_e2e::agent::AgentSpec),
+) -> Result<Scene> {
     let zone = VmZone::new(echo_bin!(), &["probe", "api"])?;
     let node = NodeHost::new(&zone, services)?;
     let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
@@ -79,7 +88,8 @@ fn scene_with(services: &[&str], enrolled: usize) -> Result<Scene> {
     let mut names: Vec<&str> = node.workloads.iter().map(|w| w.name.as_str()).collect();
     names.push("api-1");
     let token = up.controller.issue_token(MESH, &names, "10m", 1)?;
-    let node_spec = node.agent_spec(&up.zone, &up.controller, &token)?;
+    let mut node_spec = node.agent_spec(&up.zone, &up.controller, &token)?;
+    edit(&mut node_spec);
     let node_agent = node.start_agent(&up.zone, &node_spec)?;
     let mut node_markers = Vec::new();
     let mut node_apps = Vec::new();
@@ -347,5 +357,67 @@ spec:
     })?;
     let ports = s.node.listening(cart)?;
     ensure!(!AGENT_PORTS.iter().any(|p| ports.contains(p)), "agent sockets left in cart: {ports:?}");
+    Ok(())
+}
+
+/// Latency percentiles of `n` sequential HTTP requests from node workload
+/// `k` to `target`; every request must succeed.
+fn quiet_latencies(s: &Scene, k: usize, target: SocketAddr, n: usize) -> Result<(Duration, Duration)> {
+    let mut took = s.node.workloads[k].host.enter(move || {
+        let mut took = Vec::with_capacity(n);
+        for i in 0..n {
+            let started = std::time::Instant::now();
+            let r = weft_e2e::http::get(target, "/quiet", Duration::from_secs(5))
+                .with_context(|| format!("quiet request {i}"))?;
+            ensure!(r.status == 200, "quiet request {i} answered {}", r.status);
+            took.push(started.elapsed());
+        }
+        Ok(took)
+    })?;
+    took.sort();
+    Ok((took[n / 2], took[n * 99 / 100]))
+}
+
+#[test]
+fn a_noisy_workload_is_held_to_its_own_limits() -> Result<()> {
+    const LIMIT: usize = 32;
+    let s = scene_tuned(&["noisy", "quiet"], 2, |spec| {
+        spec.set("node.max_connections_per_workload", LIMIT as u64);
+    })?;
+    let (noisy, quiet) = (0, 1);
+    let api = 1;
+    wait_node_curl(&s, quiet, &url("api", "/"), &s.up.markers[api])?;
+    wait_node_curl(&s, noisy, &url("api", "/"), &s.up.markers[api])?;
+    let vip: std::net::IpAddr = service_vip(&s.up.controller.inspect("services")?, "api")
+        .context("api has a virtual IP")?
+        .parse()?;
+    let http_target = SocketAddr::new(vip, HTTP_PORT);
+    let before = quiet_latencies(&s, quiet, http_target, 200)?;
+
+    // The noisy workload opens four times its limit of connections and
+    // holds them; those over its limit are reset by the agent.
+    let mut held = Vec::new();
+    for _ in 0..LIMIT * 4 {
+        if let Ok(tcp) = open_echo(&s, noisy) {
+            held.push(tcp);
+        }
+    }
+    let mut through = 0;
+    for (i, tcp) in held.iter_mut().enumerate() {
+        if echo(tcp, i).is_ok() {
+            through += 1;
+        }
+    }
+    ensure!(
+        (1..=LIMIT).contains(&through),
+        "{through} of the noisy workload's {} connections went through (limit {LIMIT})",
+        held.len()
+    );
+    // Meanwhile the quiet workload is served, every request.
+    let during = quiet_latencies(&s, quiet, http_target, 200)?;
+    eprintln!(
+        "quiet workload, 200 sequential requests (debug build): p50 {:?} p99 {:?} alone, p50 {:?} p99 {:?} with the noisy one at its limit ({through} connections held)",
+        before.0, before.1, during.0, during.1
+    );
     Ok(())
 }

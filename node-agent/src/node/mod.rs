@@ -127,6 +127,11 @@ pub struct Node {
 impl Node {
     /// A node with nothing enrolled yet; see [`Node::restore`].
     pub fn new(shared: Shared, state: StateDir) -> Arc<Self> {
+        // Every workload proxy runs with the per-workload limits.
+        let shared = Shared {
+            config: Arc::new(shared.config.per_workload()),
+            ..shared
+        };
         Arc::new_cyclic(|me| Node {
             shared,
             state,
