@@ -327,6 +327,28 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
         .until_acked(|u| ready_web(u).contains(&pair("10.0.0.5", "10.0.0.5:15008")))
         .await;
 
+    // The operator moves it while it is served: the agent is told, and
+    // the workload stays registered and served until its agent says
+    // otherwise.
+    setup
+        .zone
+        .ctl(
+            &["apply", "-f", "-"],
+            &placement("node-1", "/proc/1234/ns/net"),
+        )
+        .await
+        .expect("apply the new placement");
+    let update = stream
+        .until_acked(|u| placed(u) == [pair("web-5", "/proc/1234/ns/net")])
+        .await;
+    assert!(
+        ready_web(&update).contains(&pair("10.0.0.5", "10.0.0.5:15008")),
+        "{:?}",
+        ready_web(&update)
+    );
+    let moved = stored(&setup, "web-5").await.expect("web-5");
+    assert_eq!(moved["metadata"]["labels"]["weft.io/agent"], "node-1");
+
     // Its agent lets go of it: unregistered, not an endpoint, still placed.
     register(&setup, &identity, vec![web1], Vec::new())
         .await
@@ -340,25 +362,25 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
                 ]
         })
         .await;
-    assert_eq!(placed(&update), [pair("web-5", "/run/netns/web-5")]);
+    assert_eq!(placed(&update), [pair("web-5", "/proc/1234/ns/net")]);
     let released = stored(&setup, "web-5").await.expect("web-5 kept");
     assert!(released["metadata"]["labels"]
         .get("weft.io/agent")
         .is_none());
     assert_eq!(released["spec"]["node"]["agent"], "node-1");
 
-    // The operator moves it, then deletes it: each reaches the agent as
-    // an update, on the same stream.
+    // The operator moves it back, then deletes it: each reaches the agent
+    // as an update, on the same stream.
     setup
         .zone
         .ctl(
             &["apply", "-f", "-"],
-            &placement("node-1", "/proc/1234/ns/net"),
+            &placement("node-1", "/run/netns/web-5"),
         )
         .await
         .expect("apply the new placement");
     stream
-        .until_acked(|u| placed(u) == [pair("web-5", "/proc/1234/ns/net")])
+        .until_acked(|u| placed(u) == [pair("web-5", "/run/netns/web-5")])
         .await;
     setup
         .zone
