@@ -1268,4 +1268,35 @@ mod tests {
             err.message()
         );
     }
+
+    #[test]
+    fn hbone_addresses_are_parsed_and_checked() {
+        let w = pb::Workload {
+            name: "web-1".into(),
+            service: "web".into(),
+            address: "10.0.0.1".into(),
+            ..Default::default()
+        };
+        let sidecar = to_resource(&w, 0, "default", "node-1", "workloads").unwrap();
+        assert_eq!(sidecar.spec.hbone_address, None);
+        let own = pb::Workload {
+            hbone_address: "10.0.0.1:15008".into(),
+            ..w.clone()
+        };
+        let own = to_resource(&own, 0, "default", "node-1", "workloads").unwrap();
+        assert_eq!(own.spec.hbone_address, "10.0.0.1:15008".parse().ok());
+        for (bad, why) in [("10.0.0.1", "is not an ip:port"), ("10.0.0.1:0", "port 0")] {
+            let w = pb::Workload {
+                hbone_address: bad.into(),
+                ..w.clone()
+            };
+            let err = to_resource(&w, 1, "default", "node-1", "workloads").unwrap_err();
+            assert!(
+                err.message().starts_with("workloads[1].hbone_address: ")
+                    && err.message().contains(why),
+                "{}",
+                err.message()
+            );
+        }
+    }
 }
