@@ -425,16 +425,18 @@ impl AgentApi {
                 self.store
                     .put_many(&write)
                     .await
-                    .map(|_| "placed workload no longer fronted; unregistered, placement kept")
+                    .map(|_| "unregistered, placement kept")
             }
             _ => self
                 .store
                 .delete(key, Expect::Version(stored.version))
                 .await
-                .map(|_| "workload no longer fronted; removed"),
+                .map(|_| "removed"),
         };
         match outcome {
-            Ok(what) => tracing::info!(%agent, workload = %key, "{what}"),
+            Ok(outcome) => {
+                tracing::info!(%agent, workload = %key, outcome, "workload no longer fronted")
+            }
             // Changed meanwhile: whoever changed it owns it now.
             Err(StoreError::Conflict { .. }) => {}
             Err(error) => return Err(store_status(error)),
