@@ -425,16 +425,18 @@ impl AgentApi {
                 self.store
                     .put_many(&write)
                     .await
-                    .map(|_| "placed workload no longer fronted; unregistered, placement kept")
+                    .map(|_| "unregistered, placement kept")
             }
             _ => self
                 .store
                 .delete(key, Expect::Version(stored.version))
                 .await
-                .map(|_| "workload no longer fronted; removed"),
+                .map(|_| "removed"),
         };
         match outcome {
-            Ok(what) => tracing::info!(%agent, workload = %key, "{what}"),
+            Ok(outcome) => {
+                tracing::info!(%agent, workload = %key, outcome, "workload no longer fronted")
+            }
             // Changed meanwhile: whoever changed it owns it now.
             Err(StoreError::Conflict { .. }) => {}
             Err(error) => return Err(store_status(error)),
@@ -1267,5 +1269,36 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+
+    #[test]
+    fn hbone_addresses_are_parsed_and_checked() {
+        let w = pb::Workload {
+            name: "web-1".into(),
+            service: "web".into(),
+            address: "10.0.0.1".into(),
+            ..Default::default()
+        };
+        let sidecar = to_resource(&w, 0, "default", "node-1", "workloads").unwrap();
+        assert_eq!(sidecar.spec.hbone_address, None);
+        let own = pb::Workload {
+            hbone_address: "10.0.0.1:15008".into(),
+            ..w.clone()
+        };
+        let own = to_resource(&own, 0, "default", "node-1", "workloads").unwrap();
+        assert_eq!(own.spec.hbone_address, "10.0.0.1:15008".parse().ok());
+        for (bad, why) in [("10.0.0.1", "is not an ip:port"), ("10.0.0.1:0", "port 0")] {
+            let w = pb::Workload {
+                hbone_address: bad.into(),
+                ..w.clone()
+            };
+            let err = to_resource(&w, 1, "default", "node-1", "workloads").unwrap_err();
+            assert!(
+                err.message().starts_with("workloads[1].hbone_address: ")
+                    && err.message().contains(why),
+                "{}",
+                err.message()
+            );
+        }
     }
 }

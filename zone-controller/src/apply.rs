@@ -8,9 +8,11 @@ use tokio::sync::Mutex;
 use weft_api::kinds::ALLOW_ALL;
 use weft_api::{
     check_references, parse_json, parse_yaml, DocumentErrors, FieldError, FieldPath, InputErrors,
-    Kind, KnownNames, Resource, TrafficPermissionSpec,
+    Kind, KnownNames, Resource, TrafficPermissionSpec, Workload,
 };
 use weft_store::{Expect, ResourceKey, Store, StoreError};
+
+use crate::views::AGENT_LABEL;
 
 /// Why an apply changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -280,8 +282,36 @@ async fn prepare(
             _ => None,
         };
     }
+    if let (Resource::Workload(workload), Some(Resource::Workload(old))) =
+        (&mut resource, previous.as_ref().map(|p| &p.resource))
+    {
+        keep_registration(workload, old);
+    }
     let expect = previous
         .as_ref()
         .map_or(Expect::Absent, |p| Expect::Version(p.version));
     Ok((resource, expect, previous.is_some()))
+}
+
+/// A placed Workload the operator applies again keeps what its node agent
+/// registered (the `weft.io/agent` label and the workload's own HBONE
+/// listener) while it stays placed on that agent: the agent registers a
+/// workload when it starts serving it, not at every edit of its placement,
+/// so dropping them would take the workload out of service until the
+/// agent's next registration.
+fn keep_registration(workload: &mut Workload, old: &Workload) {
+    let Some(node) = &workload.spec.node else {
+        return;
+    };
+    let registered_by = old.metadata.labels.get(AGENT_LABEL);
+    if registered_by != Some(&node.agent) || workload.metadata.labels.contains_key(AGENT_LABEL) {
+        return;
+    }
+    workload
+        .metadata
+        .labels
+        .insert(AGENT_LABEL.to_owned(), node.agent.clone());
+    if workload.spec.hbone_address.is_none() {
+        workload.spec.hbone_address = old.spec.hbone_address;
+    }
 }

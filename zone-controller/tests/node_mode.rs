@@ -230,6 +230,20 @@ spec:
     )
 }
 
+/// The status a config stream ends with (updates before it are skipped).
+async fn stream_error(stream: &mut ConfigStream) -> tonic::Status {
+    loop {
+        let next = tokio::time::timeout(common::DEADLINE, stream.receive.message())
+            .await
+            .expect("the stream answers within the deadline");
+        match next {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
 /// The netns of each workload placed on the agent, by name.
 fn placed(update: &pb::ConfigUpdate) -> Vec<(String, String)> {
     update
@@ -296,9 +310,14 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
 
     // Another agent may not register it, by any path.
     let web5 = own_listener("web-5", "10.0.0.5");
-    let err = register(&setup, &identity2, vec![web3, web5.clone()], Vec::new())
-        .await
-        .expect_err("refused");
+    let err = register(
+        &setup,
+        &identity2,
+        vec![web3.clone(), web5.clone()],
+        Vec::new(),
+    )
+    .await
+    .expect_err("refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("\"node-1\""), "{err}");
     let secret = setup.zone.issue_token(&["--workload-prefix", "web-"]).await;
@@ -308,8 +327,21 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
     let err = anonymous.enroll(request).await.expect_err("refused");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains("\"node-1\""), "{err}");
+    fresh
+        .send
+        .send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Workloads(pb::WorkloadUpdate {
+                workloads: vec![web3, web5.clone()],
+            })),
+        })
+        .await
+        .expect("send the update");
+    let err = stream_error(&mut fresh).await;
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("\"node-1\""), "{err}");
     let kept = stored(&setup, "web-5").await.expect("web-5 kept");
     assert!(kept["metadata"]["labels"].get("weft.io/agent").is_none());
+    assert_eq!(kept["spec"]["node"]["agent"], "node-1");
 
     // Its agent registers it: labelled, still placed, an endpoint.
     register(
@@ -327,28 +359,9 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
         .until_acked(|u| ready_web(u).contains(&pair("10.0.0.5", "10.0.0.5:15008")))
         .await;
 
-    // Its agent lets go of it: unregistered, not an endpoint, still placed.
-    register(&setup, &identity, vec![web1], Vec::new())
-        .await
-        .expect("registered");
-    let update = stream
-        .until_acked(|u| {
-            ready_web(u)
-                == [
-                    pair("10.0.0.1", "10.0.0.1:15008"),
-                    pair("10.0.0.3", "10.0.0.3:15008"),
-                ]
-        })
-        .await;
-    assert_eq!(placed(&update), [pair("web-5", "/run/netns/web-5")]);
-    let released = stored(&setup, "web-5").await.expect("web-5 kept");
-    assert!(released["metadata"]["labels"]
-        .get("weft.io/agent")
-        .is_none());
-    assert_eq!(released["spec"]["node"]["agent"], "node-1");
-
-    // The operator moves it, then deletes it: each reaches the agent as
-    // an update, on the same stream.
+    // The operator moves it while it is served: the agent is told, and
+    // the workload stays registered and served until its agent says
+    // otherwise.
     setup
         .zone
         .ctl(
@@ -357,8 +370,47 @@ async fn placed_workloads_go_to_their_agent_only_and_outlive_its_registration() 
         )
         .await
         .expect("apply the new placement");
-    stream
+    let update = stream
         .until_acked(|u| placed(u) == [pair("web-5", "/proc/1234/ns/net")])
+        .await;
+    assert!(
+        ready_web(&update).contains(&pair("10.0.0.5", "10.0.0.5:15008")),
+        "{:?}",
+        ready_web(&update)
+    );
+    let moved = stored(&setup, "web-5").await.expect("web-5");
+    assert_eq!(moved["metadata"]["labels"]["weft.io/agent"], "node-1");
+
+    // Its agent lets go of it: unregistered, not an endpoint, still placed.
+    register(&setup, &identity, vec![web1], Vec::new())
+        .await
+        .expect("registered");
+    let update = stream
+        .until_acked(|u| {
+            let ready = ready_web(u);
+            ready.contains(&pair("10.0.0.1", "10.0.0.1:15008"))
+                && !ready.iter().any(|(address, _)| address == "10.0.0.5")
+        })
+        .await;
+    assert_eq!(placed(&update), [pair("web-5", "/proc/1234/ns/net")]);
+    let released = stored(&setup, "web-5").await.expect("web-5 kept");
+    assert!(released["metadata"]["labels"]
+        .get("weft.io/agent")
+        .is_none());
+    assert_eq!(released["spec"]["node"]["agent"], "node-1");
+
+    // The operator moves it back, then deletes it: each reaches the agent
+    // as an update, on the same stream.
+    setup
+        .zone
+        .ctl(
+            &["apply", "-f", "-"],
+            &placement("node-1", "/run/netns/web-5"),
+        )
+        .await
+        .expect("apply the new placement");
+    stream
+        .until_acked(|u| placed(u) == [pair("web-5", "/run/netns/web-5")])
         .await;
     setup
         .zone
