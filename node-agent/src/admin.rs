@@ -153,7 +153,7 @@ impl AdminState {
             "identity": identity,
             "workloads": self.node.as_ref().map(|n| n.list()),
             "draining": self.drain.is_draining(),
-            "in_flight": self.drain.active(),
+            "in_flight": self.drain.active() + self.node.as_ref().map_or(0, |n| n.in_flight()),
             "controller": self.controller.as_ref().map(|c| c.status()),
             "view": self.view.load().summary(),
             "config": &*self.config,

@@ -101,7 +101,13 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
                     ports: workload.ports.clone(),
                     netns: None,
                 });
-                let proxy = WorkloadProxy::start(&shared, local, credentials.clone(), listeners)?;
+                let proxy = WorkloadProxy::start(
+                    &shared,
+                    local,
+                    credentials.clone(),
+                    listeners,
+                    drain.clone(),
+                )?;
                 let locals = Arc::new(Sidecar {
                     config: config.clone(),
                     credentials,

@@ -192,8 +192,9 @@ pub struct NodeConfig {
     #[serde(default = "defaults::max_workloads")]
     pub max_workloads: usize,
     /// Connections one workload may have through the agent at once, in
-    /// each direction (the node's `tunnel.max_inbound_connections` and
-    /// `tunnel.max_outbound_connections`, per workload), so that one
+    /// each direction (the node's `tunnel.max_inbound_connections`,
+    /// `tunnel.max_inbound_streams` and `tunnel.max_outbound_connections`,
+    /// per workload), so that one
     /// workload's flood is refused at its own limit and cannot starve the
     /// others of descriptors, memory or streams. Its buffered bytes are
     /// bounded with them: each connection holds at most its splice
@@ -289,6 +290,10 @@ pub struct TunnelConfig {
     /// Outbound application connections handled at once.
     #[serde(default = "defaults::max_outbound_connections")]
     pub max_outbound_connections: usize,
+    /// Inbound CONNECT streams (each one connection into the workload)
+    /// open at once, across all tunnel connections.
+    #[serde(default = "defaults::max_outbound_connections")]
+    pub max_inbound_streams: usize,
     /// HTTP/2 flow-control window of one stream, in bytes.
     #[serde(default = "defaults::stream_window")]
     pub stream_window: u32,
@@ -623,6 +628,7 @@ impl AgentConfig {
                 "tunnel.max_outbound_connections",
                 t.max_outbound_connections,
             ),
+            ("tunnel.max_inbound_streams", t.max_inbound_streams),
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
@@ -695,6 +701,7 @@ impl AgentConfig {
         let mut config = self.clone();
         config.tunnel.max_inbound_connections = self.node.max_connections_per_workload;
         config.tunnel.max_outbound_connections = self.node.max_connections_per_workload;
+        config.tunnel.max_inbound_streams = self.node.max_connections_per_workload;
         config
     }
 
@@ -740,7 +747,10 @@ impl AgentConfig {
             return Err(invalid("node.max_workloads", "must be at least 1"));
         }
         if self.node.max_connections_per_workload == 0 {
-            return Err(invalid("node.max_connections_per_workload", "must be at least 1"));
+            return Err(invalid(
+                "node.max_connections_per_workload",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -1018,6 +1028,54 @@ mod tests {
             err.contains("`controller`") && err.contains("`identity`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn node_mode_takes_no_workload_of_its_own() {
+        let mut node = controller_cfg(serde_json::json!({"mode": "node"}));
+        node.workload = None;
+        node.validate().unwrap();
+        assert_eq!(node.hbone_address(), None);
+        assert_eq!(node.per_workload().tunnel.max_inbound_connections, 1024);
+        let with_workload = controller_cfg(serde_json::json!({"mode": "node"}));
+        assert_eq!(field_of(&with_workload), "workload");
+        for (patch, field) in [
+            (
+                serde_json::json!({"node": {"max_workloads": 0}}),
+                "node.max_workloads",
+            ),
+            (
+                serde_json::json!({"node": {"max_connections_per_workload": 0}}),
+                "node.max_connections_per_workload",
+            ),
+            (
+                serde_json::json!({"redirect": {"on_start": true}}),
+                "redirect.on_start",
+            ),
+            (
+                serde_json::json!({"controller": {"hbone_address": "10.0.0.1:15008"}}),
+                "controller.hbone_address",
+            ),
+        ] {
+            let mut c = controller_cfg(serde_json::json!({"mode": "node"}));
+            c.workload = None;
+            merge_into(&mut c, patch);
+            assert_eq!(field_of(&c), field);
+        }
+        let mut static_node = node.clone();
+        static_node.controller = None;
+        assert_eq!(field_of(&static_node), "controller");
+        let mut sidecar = node.clone();
+        sidecar.mode = Mode::Sidecar;
+        assert_eq!(field_of(&sidecar), "workload");
+        let gateway = controller_cfg(serde_json::json!({"mode": "gateway"}));
+        assert_eq!(field_of(&gateway), "mode");
+    }
+
+    fn merge_into(cfg: &mut AgentConfig, patch: serde_json::Value) {
+        let mut v = serde_json::to_value(&*cfg).unwrap();
+        merge(&mut v, patch);
+        *cfg = serde_json::from_value(v).unwrap();
     }
 
     #[test]

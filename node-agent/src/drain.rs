@@ -73,10 +73,15 @@ impl Drain {
         let _ = rx.wait_for(|draining| *draining).await;
     }
 
+    /// Signals the drain without waiting: listeners stop accepting.
+    pub fn begin(&self) {
+        self.signal.send_replace(true);
+    }
+
     /// Starts draining and waits for in-flight work, at most `deadline`.
     /// Returns how much work was still running when it gave up.
     pub async fn drain(&self, deadline: Duration) -> usize {
-        self.signal.send_replace(true);
+        self.begin();
         let wait = async {
             loop {
                 let idle = self.inner.idle.notified();

@@ -42,6 +42,8 @@ pub struct Inbound {
     local: Arc<LocalWorkload>,
     /// Pooled L7 connections to the workload.
     upstreams: Arc<Upstreams>,
+    /// Streams into the workload at once, across every tunnel.
+    streams: Arc<Semaphore>,
 }
 
 /// One authenticated peer connection, shared by its streams.
@@ -63,6 +65,7 @@ impl Inbound {
         local: Arc<LocalWorkload>,
     ) -> Self {
         let local_id = credentials.id();
+        let streams = Arc::new(Semaphore::new(config.tunnel.max_inbound_streams));
         Inbound {
             config,
             credentials,
@@ -70,6 +73,7 @@ impl Inbound {
             drain,
             view,
             local_id,
+            streams,
             local,
             upstreams: Arc::default(),
         }
@@ -333,6 +337,11 @@ impl Inbound {
         mut respond: SendResponse<Bytes>,
         peer: &Peer,
     ) {
+        let Ok(_slot) = self.streams.clone().try_acquire_owned() else {
+            self.metrics.stream_denied(peer.id.as_str(), "limit");
+            info!(peer = %peer.id, workload = self.local.name.as_str(), "inbound stream limit reached, refusing");
+            return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        };
         let target = match self.admit(&request, peer) {
             Ok(target) => target,
             Err((status, reason)) => {

@@ -190,6 +190,8 @@ pub struct Metrics {
     config_updates: Family<ResultLabels, Counter>,
     controller_connected: Gauge,
     certificate_renewals: Family<ResultLabels, Counter>,
+    node_workloads: Gauge,
+    node_enrolments: Family<ResultLabels, Counter>,
     dns_queries: Family<ResultLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<HttpDurationLabels, Histogram>,
@@ -236,6 +238,8 @@ impl Metrics {
             config_updates: Family::default(),
             controller_connected: Gauge::default(),
             certificate_renewals: Family::default(),
+            node_workloads: Gauge::default(),
+            node_enrolments: Family::default(),
             dns_queries: Family::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(|| {
@@ -326,6 +330,16 @@ impl Metrics {
             "certificate_renewals",
             "Certificate renewals with the zone controller, by result",
             m.certificate_renewals.clone(),
+        );
+        registry.register(
+            "node_workloads",
+            "Node mode: workloads enrolled and captured",
+            m.node_workloads.clone(),
+        );
+        registry.register(
+            "node_enrolments",
+            "Node mode: enrolments by result: ok, refused (bad request or refused by the zone), failed (zone unreachable, listeners, rules), unenrolled",
+            m.node_enrolments.clone(),
         );
         registry.register(
             "dns_queries",
@@ -464,6 +478,19 @@ impl Metrics {
     pub fn certificate_renewal(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
         self.certificate_renewals
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Node mode: how many workloads are captured now.
+    pub fn node_workloads(&self, n: usize) {
+        self.node_workloads
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Node mode: counts an enrolment change by its result.
+    pub fn node_enrolment(&self, result: &'static str) {
+        self.node_enrolments
             .get_or_create(&ResultLabels { result })
             .inc();
     }

@@ -83,18 +83,25 @@ impl Listeners {
 pub struct WorkloadProxy {
     pub local: Arc<LocalWorkload>,
     pub credentials: Arc<Credentials>,
+    /// Its connections: signalled, its listeners close and what is in
+    /// flight runs to its end.
     pub drain: Drain,
+    /// The accept loops, which end (closing their sockets) once the drain
+    /// is signalled.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl WorkloadProxy {
-    /// Starts serving `listeners` for `local` with `credentials`.
+    /// Starts serving `listeners` for `local` with `credentials`; its
+    /// connections are tracked by `drain` (a sidecar's is the agent's, a
+    /// node agent's workloads each have their own).
     pub fn start(
         shared: &Shared,
         local: Arc<LocalWorkload>,
         credentials: Arc<Credentials>,
         listeners: Listeners,
+        drain: Drain,
     ) -> anyhow::Result<Self> {
-        let drain = Drain::new();
         let (config, metrics, view) = (&shared.config, &shared.metrics, &shared.view);
         let source = credentials.id();
         let inbound = Arc::new(Inbound::new(
@@ -123,23 +130,39 @@ impl WorkloadProxy {
             source.as_str(),
             local.clone(),
         ));
-        tokio::spawn(inbound.serve(listeners.hbone));
-        tokio::spawn(plain.serve(listeners.plaintext));
-        tokio::spawn(outbound.clone().serve(listeners.capture, Target::Captured));
+        let mut accepting = vec![
+            tokio::spawn(inbound.serve(listeners.hbone)),
+            tokio::spawn(plain.serve(listeners.plaintext)),
+            tokio::spawn(outbound.clone().serve(listeners.capture, Target::Captured)),
+        ];
         tokio::spawn(crate::resilience::supervise(
             outbound.clone(),
             drain.clone(),
         ));
         for (listener, target) in listeners.explicit {
-            tokio::spawn(outbound.clone().serve(listener, target));
+            accepting.push(tokio::spawn(outbound.clone().serve(listener, target)));
         }
         if let (Some(dns), Some((udp, tcp))) = (&shared.dns, listeners.dns) {
-            tokio::spawn(dns.clone().serve_until(udp, tcp, drain.clone()));
+            accepting.push(tokio::spawn(dns.clone().serve_until(
+                udp,
+                tcp,
+                drain.clone(),
+            )));
         }
         Ok(WorkloadProxy {
             local,
             credentials,
             drain,
+            accepting,
         })
+    }
+
+    /// Signals the drain and waits until every listener is closed; the
+    /// connections in flight run on, tracked by the drain.
+    pub async fn close_listeners(&mut self) {
+        self.drain.begin();
+        for task in self.accepting.drain(..) {
+            let _ = task.await;
+        }
     }
 }

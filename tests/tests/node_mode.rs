@@ -174,6 +174,21 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     wait_node_curl(&s, web, &url("api", "/"), &s.up.markers[api])?;
     wait_vm_curl(&s, api, &url("web", "/"), &s.node_markers[web])?;
     wait_vm_curl(&s, api, &url("shop", "/"), &s.node_markers[shop])?;
+    // The zone knows each by its own HBONE listener.
+    let workloads = s.up.controller.inspect("workloads")?;
+    let own = |name: &str| {
+        workloads
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["name"] == name))
+            .and_then(|w| w["hboneAddress"].as_str())
+            .map(str::to_owned)
+    };
+    ensure!(
+        own("web-n0").as_deref() == Some("10.211.1.2:15008")
+            && own("shop-n1").as_deref() == Some("10.211.2.2:15008")
+            && own("api-1").is_none(),
+        "{workloads:#}"
+    );
     // Between two workloads of the same node.
     wait_node_curl(&s, web, &url("shop", "/"), &s.node_markers[shop])?;
 
@@ -319,7 +334,10 @@ fn the_zone_places_workloads_on_a_node_agent() -> Result<()> {
     let s = scene_with(&["web", "cart"], 1)?;
     let cart = 1;
     let api = 1;
-    ensure!(!s.node.has_rules(cart)?, "cart is captured before it is placed");
+    ensure!(
+        !s.node.has_rules(cart)?,
+        "cart is captured before it is placed"
+    );
     let netns = s.node.workloads[cart].host.path();
     let ip = s.node.workloads[cart].ip;
     s.up.controller.apply(
@@ -345,24 +363,39 @@ spec:
     })?;
     wait_vm_curl(&s, api, &url("cart", "/"), &s.node_markers[cart])?;
     wait_node_curl(&s, cart, &url("api", "/"), &s.up.markers[api])?;
-    let listed = String::from_utf8_lossy(&agent::cli(&s.node.host, &["workload", "list"])?.stdout).into_owned();
+    let listed = String::from_utf8_lossy(&agent::cli(&s.node.host, &["workload", "list"])?.stdout)
+        .into_owned();
     ensure!(
-        listed.contains("\"cart-n1\"") && listed.contains("\"zone\"") && listed.contains(&id("cart")),
+        listed.contains("\"cart-n1\"")
+            && listed.contains("\"zone\"")
+            && listed.contains(&id("cart")),
         "{listed}"
     );
     // Deleting the placement unenrols it, leaving its namespace as it was.
-    s.up.controller.weftctl_ok(&["delete", "Workload", "cart-n1"])?;
+    s.up.controller
+        .weftctl_ok(&["delete", "Workload", "cart-n1"])?;
+    let mut ports = Vec::new();
     wait::until("the node agent to release the workload", T, || {
-        Ok((!s.node.has_rules(cart)?).then_some(()))
-    })?;
-    let ports = s.node.listening(cart)?;
-    ensure!(!AGENT_PORTS.iter().any(|p| ports.contains(p)), "agent sockets left in cart: {ports:?}");
+        ports = s.node.listening(cart)?;
+        let released = !s.node.has_rules(cart)? && !AGENT_PORTS.iter().any(|p| ports.contains(p));
+        Ok(released.then_some(()))
+    })
+    .with_context(|| format!("cart still listens on {ports:?}"))?;
+    ensure!(
+        ports.contains(&ECHO_PORT) && ports.contains(&HTTP_PORT),
+        "cart's own sockets: {ports:?}"
+    );
     Ok(())
 }
 
 /// Latency percentiles of `n` sequential HTTP requests from node workload
 /// `k` to `target`; every request must succeed.
-fn quiet_latencies(s: &Scene, k: usize, target: SocketAddr, n: usize) -> Result<(Duration, Duration)> {
+fn quiet_latencies(
+    s: &Scene,
+    k: usize,
+    target: SocketAddr,
+    n: usize,
+) -> Result<(Duration, Duration)> {
     let mut took = s.node.workloads[k].host.enter(move || {
         let mut took = Vec::with_capacity(n);
         for i in 0..n {

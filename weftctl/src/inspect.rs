@@ -214,10 +214,17 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 "ADDRESS",
                 "PORTS",
                 "AGENT",
+                "MODE",
                 "READY",
                 "SPIFFE ID",
             ],
             |w| {
+                // A node agent's workload has its own HBONE listener.
+                let mode = if w["hboneAddress"].is_string() || w["placedOn"].is_string() {
+                    "node"
+                } else {
+                    "sidecar"
+                };
                 vec![
                     cell(&w["name"]),
                     cell(&w["mesh"]),
@@ -226,6 +233,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                     cell(&w["address"]),
                     ports(&w["ports"]),
                     cell(&w["agent"]),
+                    mode.to_owned(),
                     cell(&w["ready"]),
                     cell(&w["spiffeId"]),
                 ]

@@ -116,6 +116,12 @@ pub struct WorkloadView {
     agent: Option<String>,
     ready: bool,
     spiffe_id: String,
+    /// Node mode: the workload's own HBONE listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hbone_address: Option<String>,
+    /// Node mode: the node agent the operator placed it on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    placed_on: Option<String>,
 }
 
 /// Every mesh's snapshot, by mesh name.
@@ -218,6 +224,8 @@ pub async fn workloads(store: &Store, zone: &str) -> Result<Vec<WorkloadView>, S
                 agent: w.metadata.labels.get(AGENT_LABEL).cloned(),
                 ready: snapshot.ready(w),
                 spiffe_id: snapshot.spiffe_id(w),
+                hbone_address: w.spec.hbone_address.map(|a| a.to_string()),
+                placed_on: w.spec.node.as_ref().map(|n| n.agent.clone()),
             });
         }
     }

@@ -178,11 +178,11 @@ impl Node {
     /// ended while the agent was away); any other failure leaves it in the
     /// set, to be tried at the next start.
     pub async fn restore(self: &Arc<Self>) {
-        let _change = self.changes.lock().await;
         let records: Vec<Record> = match self.state.read(ENROLLED) {
             Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
                 Ok(records) => records,
                 Err(e) => {
+                    // Not overwritten: an operator can repair the file.
                     error!(file = ENROLLED, error = %e, "the enrolled set is unreadable; starting with none");
                     return;
                 }
@@ -193,19 +193,35 @@ impl Node {
                 return;
             }
         };
+        self.start_again(Some(records)).await;
+        if !self.kept().is_empty() {
+            tokio::spawn(self.clone().retry_kept());
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Record>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `records` (or, with `None`, those kept from an earlier try);
+    /// a failure other than a vanished namespace keeps the record, in the
+    /// persisted set too, for the next try.
+    async fn start_again(self: &Arc<Self>, records: Option<Vec<Record>>) {
+        let _change = self.changes.lock().await;
+        let records = records.unwrap_or_else(|| std::mem::take(&mut *self.kept()));
         for record in records {
             let name = record.spec.name.clone();
+            if self.set().contains_key(&name) {
+                continue;
+            }
             match self.start(record.clone(), None).await {
                 Ok(()) => info!(workload = %name, "workload captured again after restart"),
                 Err(NodeError::Netns(e)) => {
                     warn!(workload = %name, error = %e, "the workload's namespace is gone; unenrolled")
                 }
                 Err(e) => {
-                    error!(workload = %name, error = %e, "cannot capture the workload again; kept for the next start");
-                    self.kept
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(record);
+                    error!(workload = %name, error = %e, "cannot capture the workload again yet; retrying");
+                    self.kept().push(record);
                 }
             }
         }
@@ -213,11 +229,46 @@ impl Node {
         self.tell_zone();
     }
 
+    /// Retries what could not be captured again after a restart (e.g. its
+    /// certificate expired while the zone was away), with backoff, until
+    /// none is left.
+    async fn retry_kept(self: Arc<Self>) {
+        let mut backoff = controller::Backoff::default();
+        while !self.kept().is_empty() {
+            tokio::time::sleep(backoff.next_delay()).await;
+            self.start_again(None).await;
+        }
+    }
+
     /// Enrols `spec` (idempotent for an identical spec): registers it with
     /// the zone and gets its certificate, opens its listeners in its
     /// namespace, then installs its capture rules. On error nothing is
     /// left behind.
     pub async fn enrol(
+        self: &Arc<Self>,
+        spec: NodeWorkload,
+        origin: Origin,
+    ) -> Result<(), NodeError> {
+        let name = spec.name.clone();
+        let result = self.enrol_inner(spec, origin).await;
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(
+                NodeError::Invalid(_)
+                | NodeError::Refused(_)
+                | NodeError::Conflict(_)
+                | NodeError::Full(_),
+            ) => "refused",
+            Err(_) => "failed",
+        };
+        self.shared.metrics.node_enrolment(outcome);
+        if let Err(e) = &result {
+            warn!(workload = %name, error = %e, "enrolment failed, nothing changed");
+        }
+        result
+    }
+
+    async fn enrol_inner(
         self: &Arc<Self>,
         spec: NodeWorkload,
         origin: Origin,
@@ -252,17 +303,26 @@ impl Node {
     /// drain in the background.
     pub async fn unenrol(self: &Arc<Self>, name: &str) -> Result<(), NodeError> {
         let _change = self.changes.lock().await;
-        let Some(enrolled) = self.set().remove(name) else {
-            return Err(NodeError::NotEnrolled(name.to_owned()));
+        let Some(mut enrolled) = self.set().remove(name) else {
+            // One still waiting to be captured again goes from the set.
+            let before = self.kept().len();
+            self.kept().retain(|r| r.spec.name != name);
+            if self.kept().len() == before {
+                return Err(NodeError::NotEnrolled(name.to_owned()));
+            }
+            self.persist();
+            return Ok(());
         };
         enrolled.renewal.abort();
         let removed = remove_rules(enrolled.netns.clone()).await;
+        enrolled.proxy.close_listeners().await;
         let drain = enrolled.proxy.drain.clone();
         let deadline = self.config().drain_timeout;
         tokio::spawn(async move { drain.drain(deadline).await });
         let _ = std::fs::remove_file(self.state.path(&enrolled.record.spec.identity_file()));
         self.persist();
         self.tell_zone();
+        self.shared.metrics.node_enrolment("unenrolled");
         info!(workload = %name, "workload unenrolled");
         removed
     }
@@ -333,8 +393,14 @@ impl Node {
             ports: spec.ports.clone(),
             netns: Some(netns.clone()),
         });
-        let proxy = WorkloadProxy::start(&self.shared, local, credentials.clone(), listeners)
-            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        let mut proxy = WorkloadProxy::start(
+            &self.shared,
+            local,
+            credentials.clone(),
+            listeners,
+            crate::drain::Drain::new(),
+        )
+        .map_err(|e| NodeError::Identity(e.to_string()))?;
         let script = crate::redirect::render_workload(&config, &spec.port_set())?;
         let ns = netns.clone();
         let installed =
@@ -345,7 +411,7 @@ impl Node {
             .map_err(NodeError::from)
             .and_then(|r| r.map_err(NodeError::from))
         {
-            proxy.drain.drain(Duration::ZERO).await;
+            proxy.close_listeners().await;
             return Err(e);
         }
         let renewal =
@@ -428,14 +494,9 @@ impl Node {
     }
 
     fn persist(&self) {
+        self.shared.metrics.node_workloads(self.set().len());
         let mut records: Vec<Record> = self.set().values().map(|e| e.record.clone()).collect();
-        records.extend(
-            self.kept
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
+        records.extend(self.kept().iter().cloned());
         let written = serde_json::to_vec_pretty(&records)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
