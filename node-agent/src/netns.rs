@@ -124,3 +124,23 @@ fn setns(file: &File) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_own_namespace_is_refused() {
+        let err = Netns::open(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(matches!(err, NetnsError::Own { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_no_namespace_is_refused_with_its_path() {
+        let err = Netns::open(Path::new("/proc/self/status")).unwrap_err();
+        assert!(matches!(err, NetnsError::Enter { .. }), "{err}");
+        assert!(err.to_string().contains("/proc/self/status"), "{err}");
+        let err = Netns::open(Path::new("/run/netns/no-such-weft-netns")).unwrap_err();
+        assert!(matches!(err, NetnsError::Open { .. }), "{err}");
+    }
+}
