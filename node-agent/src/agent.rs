@@ -88,47 +88,59 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         dns,
     };
     // The one place the mode is chosen: a gateway will be one more arm.
-    let (carried, locals, identity): (Carried, Option<Arc<dyn LocalWorkloads>>, String) =
-        match (config.mode, files, &config.workload) {
-            (Mode::Sidecar, Some(files), Some(workload)) => {
-                let credentials = Arc::new(Credentials::load(&files)?);
-                let identity = credentials.id();
-                metrics.certificate_expires(credentials.current().identity.not_after);
-                let listeners = Listeners::bind(&config, config.dns_enabled())?;
-                let local = Arc::new(LocalWorkload {
-                    name: workload.name.as_deref().unwrap_or(identity.as_str()).into(),
-                    address: workload.address,
-                    ports: workload.ports.clone(),
-                    netns: None,
-                });
-                let proxy = WorkloadProxy::start(
-                    &shared,
-                    local,
-                    credentials.clone(),
-                    listeners,
-                    drain.clone(),
-                )?;
-                let locals = Arc::new(Sidecar {
-                    config: config.clone(),
-                    credentials,
-                    metrics: metrics.clone(),
-                });
-                (
-                    Carried::Sidecar(proxy),
-                    Some(locals),
-                    identity.as_str().to_owned(),
-                )
-            }
-            (Mode::Node, None, None) => {
-                let state = state
-                    .clone()
-                    .context("node mode runs with a zone (`controller`)")?;
-                let node = Node::new(shared.clone(), state);
-                node.restore().await;
-                (Carried::Node(node.clone()), Some(node), "node".to_owned())
-            }
-            (mode, _, _) => anyhow::bail!("mode {mode:?} cannot run with this config"),
-        };
+    let (carried, locals, identity, outbounds): (
+        Carried,
+        Option<Arc<dyn LocalWorkloads>>,
+        String,
+        crate::resilience::Outbounds,
+    ) = match (config.mode, files, &config.workload) {
+        (Mode::Sidecar, Some(files), Some(workload)) => {
+            let credentials = Arc::new(Credentials::load(&files)?);
+            let identity = credentials.id();
+            metrics.certificate_expires(credentials.current().identity.not_after);
+            let listeners = Listeners::bind(&config, config.dns_enabled())?;
+            let local = Arc::new(LocalWorkload {
+                name: workload.name.as_deref().unwrap_or(identity.as_str()).into(),
+                address: workload.address,
+                ports: workload.ports.clone(),
+                netns: None,
+            });
+            let proxy = WorkloadProxy::start(
+                &shared,
+                local,
+                credentials.clone(),
+                listeners,
+                drain.clone(),
+            )?;
+            let locals = Arc::new(Sidecar {
+                config: config.clone(),
+                credentials,
+                metrics: metrics.clone(),
+            });
+            let outbound = proxy.outbound.clone();
+            (
+                Carried::Sidecar(proxy),
+                Some(locals),
+                identity.as_str().to_owned(),
+                Box::new(move || vec![outbound.clone()]),
+            )
+        }
+        (Mode::Node, None, None) => {
+            let state = state
+                .clone()
+                .context("node mode runs with a zone (`controller`)")?;
+            let node = Node::new(shared.clone(), state);
+            node.restore().await;
+            let outbounds = node.clone();
+            (
+                Carried::Node(node.clone()),
+                Some(node),
+                "node".to_owned(),
+                Box::new(move || outbounds.outbounds()),
+            )
+        }
+        (mode, _, _) => anyhow::bail!("mode {mode:?} cannot run with this config"),
+    };
 
     let controller = match (state, locals) {
         (Some(state), Some(locals)) => Some(Controller::new(
@@ -162,6 +174,11 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     });
 
     tokio::spawn(crate::l7::keep_timer_wheel_warm());
+    tokio::spawn(crate::resilience::supervise(
+        view.clone(),
+        outbounds,
+        drain.clone(),
+    ));
     tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),

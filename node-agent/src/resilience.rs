@@ -21,7 +21,7 @@ use weft_api::policy::conf::{CircuitBreakerConf, HealthCheckConf};
 use weft_api::Endpoint;
 
 use crate::outbound::Outbound;
-use crate::view::{MeshView, Service};
+use crate::view::{MeshView, Service, SharedView};
 
 /// The longest ejection, whatever the number of ejections (Envoy's
 /// default `max_ejection_time`): an endpoint always gets another chance.
@@ -403,6 +403,8 @@ struct Running {
     check: HealthCheck,
     target: SocketAddr,
     agent: SocketAddr,
+    /// The local workload whose tunnels carry the probes.
+    workload: crate::metrics::Label,
     handle: tokio::task::AbortHandle,
 }
 
@@ -412,17 +414,28 @@ impl Drop for Running {
     }
 }
 
+/// The outbound proxies whose policies ask for health checks: a
+/// sidecar's one, or every workload's of a node agent. Health state is
+/// per endpoint, shared by every workload, so each endpoint is checked
+/// once by the agent, not once per workload.
+pub type Outbounds = Box<dyn Fn() -> Vec<Arc<Outbound>> + Send + Sync>;
+
 /// Runs the active health checks the view in force asks for: one task per
 /// (destination, endpoint) with a HealthCheck, started and stopped as views
-/// change, until the agent drains.
-pub async fn supervise(outbound: Arc<Outbound>, drain: crate::drain::Drain) {
+/// and workloads change, until the agent drains.
+pub async fn supervise(view: SharedView, outbounds: Outbounds, drain: crate::drain::Drain) {
     let mut tasks: HashMap<Task, Running> = HashMap::new();
-    let mut seen: Option<Arc<MeshView>> = None;
+    let mut seen: Option<(Arc<MeshView>, Vec<crate::metrics::Label>)> = None;
     loop {
-        let view = outbound.view.load_full();
-        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &view)) {
-            reconcile(&outbound, &view, &mut tasks);
-            seen = Some(view);
+        let current = view.load_full();
+        let proxies = outbounds();
+        let names: Vec<_> = proxies.iter().map(|o| o.workload.clone()).collect();
+        let changed = !seen
+            .as_ref()
+            .is_some_and(|(v, n)| Arc::ptr_eq(v, &current) && *n == names);
+        if changed {
+            reconcile(&proxies, &current, &mut tasks);
+            seen = Some((current, names));
         }
         tokio::select! {
             () = tokio::time::sleep(SUPERVISE_EVERY) => {}
@@ -433,48 +446,32 @@ pub async fn supervise(outbound: Arc<Outbound>, drain: crate::drain::Drain) {
     tasks.clear();
 }
 
-fn reconcile(outbound: &Arc<Outbound>, view: &MeshView, tasks: &mut HashMap<Task, Running>) {
-    let policy = outbound.policy(view);
-    let mut wanted: HashMap<Task, (HealthCheck, SocketAddr, Endpoint, Arc<EndpointHealth>)> =
-        HashMap::new();
-    for service in view.services() {
-        let Some(check) = policy.outbound(service.key.as_str()).health_check.clone() else {
-            continue;
-        };
-        let port = if check.http.is_some() {
-            service.http_ports.first().or(service.ports.first())
-        } else {
-            service.ports.first()
-        };
-        let Some(&port) = port else {
-            debug!(
-                destination = service.key.as_str(),
-                "no port to health check"
-            );
-            continue;
-        };
-        for (e, health) in service.endpoints.iter().zip(service.health()) {
-            let task = Task {
-                service: service.key.as_str().to_owned(),
-                address: e.endpoint.address,
-            };
-            let target = SocketAddr::new(e.endpoint.address, port);
-            wanted.insert(
-                task,
-                (check.clone(), target, e.endpoint.clone(), health.clone()),
-            );
-        }
+type Wanted = (
+    HealthCheck,
+    SocketAddr,
+    Endpoint,
+    Arc<EndpointHealth>,
+    Arc<Outbound>,
+);
+
+fn reconcile(proxies: &[Arc<Outbound>], view: &MeshView, tasks: &mut HashMap<Task, Running>) {
+    let mut wanted: HashMap<Task, Wanted> = HashMap::new();
+    // The first workload whose policy asks for a check of an endpoint
+    // probes it for all.
+    for outbound in proxies {
+        wanted_by(outbound, view, &mut wanted);
     }
     tasks.retain(|task, running| {
         wanted
             .get(task)
-            .is_some_and(|(check, target, endpoint, _)| {
+            .is_some_and(|(check, target, endpoint, _, outbound)| {
                 running.check == *check
                     && running.target == *target
                     && running.agent == endpoint.agent
+                    && running.workload == outbound.workload
             })
     });
-    for (task, (check, target, endpoint, health)) in wanted {
+    for (task, (check, target, endpoint, health, outbound)) in wanted {
         if tasks.contains_key(&task) {
             continue;
         }
@@ -501,9 +498,48 @@ fn reconcile(outbound: &Arc<Outbound>, view: &MeshView, tasks: &mut HashMap<Task
                 check,
                 target,
                 agent: endpoint.agent,
+                workload: outbound.workload.clone(),
                 handle,
             },
         );
+    }
+}
+
+/// The checks `outbound`'s policy asks for that no earlier workload's did.
+fn wanted_by(outbound: &Arc<Outbound>, view: &MeshView, wanted: &mut HashMap<Task, Wanted>) {
+    let policy = outbound.policy(view);
+    for service in view.services() {
+        let Some(check) = policy.outbound(service.key.as_str()).health_check.clone() else {
+            continue;
+        };
+        let port = if check.http.is_some() {
+            service.http_ports.first().or(service.ports.first())
+        } else {
+            service.ports.first()
+        };
+        let Some(&port) = port else {
+            debug!(
+                destination = service.key.as_str(),
+                "no port to health check"
+            );
+            continue;
+        };
+        for (e, health) in service.endpoints.iter().zip(service.health()) {
+            let task = Task {
+                service: service.key.as_str().to_owned(),
+                address: e.endpoint.address,
+            };
+            let target = SocketAddr::new(e.endpoint.address, port);
+            wanted.entry(task).or_insert_with(|| {
+                (
+                    check.clone(),
+                    target,
+                    e.endpoint.clone(),
+                    health.clone(),
+                    outbound.clone(),
+                )
+            });
+        }
     }
 }
 

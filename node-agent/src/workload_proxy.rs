@@ -86,6 +86,8 @@ pub struct WorkloadProxy {
     /// Its connections: signalled, its listeners close and what is in
     /// flight runs to its end.
     pub drain: Drain,
+    /// Its outbound proxy, whose policy the agent's health checks follow.
+    pub outbound: Arc<Outbound>,
     /// The accept loops, which end (closing their sockets) once the drain
     /// is signalled.
     accepting: Vec<tokio::task::JoinHandle<()>>,
@@ -135,10 +137,6 @@ impl WorkloadProxy {
             tokio::spawn(plain.serve(listeners.plaintext)),
             tokio::spawn(outbound.clone().serve(listeners.capture, Target::Captured)),
         ];
-        tokio::spawn(crate::resilience::supervise(
-            outbound.clone(),
-            drain.clone(),
-        ));
         for (listener, target) in listeners.explicit {
             accepting.push(tokio::spawn(outbound.clone().serve(listener, target)));
         }
@@ -153,6 +151,7 @@ impl WorkloadProxy {
             local,
             credentials,
             drain,
+            outbound,
             accepting,
         })
     }

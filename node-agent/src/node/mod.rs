@@ -528,6 +528,14 @@ impl Node {
         tasks.join_all().await.into_iter().sum()
     }
 
+    /// Every workload's outbound proxy, for the agent's health checks.
+    pub fn outbounds(&self) -> Vec<Arc<crate::outbound::Outbound>> {
+        self.set()
+            .values()
+            .map(|e| e.proxy.outbound.clone())
+            .collect()
+    }
+
     /// Connections in flight across every workload.
     pub fn in_flight(&self) -> usize {
         self.set().values().map(|e| e.proxy.drain.active()).sum()
