@@ -200,15 +200,7 @@ impl NodeHost {
     /// Runs `curl` in workload `k`'s namespace (as root: captured all the
     /// same) and returns the HTTP status (0: no answer) and the body.
     pub fn curl_status(&self, k: usize, url: &str) -> Result<(u16, String)> {
-        let out = self.workloads[k]
-            .host
-            .command("curl")
-            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
-            .output()
-            .context("running curl (is it installed?)")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+        crate::vmzone::curl_status_in(&self.workloads[k].host, url)
     }
 
     /// Whether workload `k`'s namespace holds Weft's nftables table.

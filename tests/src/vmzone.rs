@@ -297,15 +297,7 @@ impl VmZone {
     /// Runs `curl` on VM `i` for `url` and returns the HTTP status (0 when
     /// no response came: refused, reset, timed out) and the body.
     pub fn curl_status(&self, i: usize, url: &str) -> Result<(u16, String)> {
-        let out = self.vms[i]
-            .host
-            .command("curl")
-            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
-            .output()
-            .context("running curl (is it installed?)")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+        curl_status_in(&self.vms[i].host, url)
     }
 
     /// Like [`VmZone::curl`], failing with its output unless it succeeds,
@@ -469,6 +461,20 @@ impl Running {
         })?;
         Ok(())
     }
+}
+
+/// Runs `curl` in `ns` (as root, so its traffic is captured) for `url` and
+/// returns the HTTP status (0 when no response came: refused, reset, timed
+/// out) and the body.
+pub fn curl_status_in(ns: &crate::netns::Netns, url: &str) -> Result<(u16, String)> {
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .context("running curl (is it installed?)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
 }
 
 /// Waits until `curl url` from VM `from` answers with `marker` in the body.
