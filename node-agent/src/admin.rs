@@ -64,6 +64,12 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
 impl AdminState {
     async fn admin(&self, req: Request<Incoming>) -> Reply {
         if req.uri().path() == "/workloads" || req.uri().path().starts_with("/workloads/") {
+            if req.method() != Method::GET {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "enrolment goes through the control socket (node.control_socket), which only the agent's user can reach\n",
+                );
+            }
             return self.workloads(req).await;
         }
         self.admin_sync(&req)
@@ -205,11 +211,13 @@ impl AdminState {
     }
 }
 
-/// Which of the two servers a listener runs.
+/// Which of the servers a listener runs.
 #[derive(Clone, Copy)]
 pub enum Endpoint {
     Admin,
     Metrics,
+    /// Node mode's enrolment, on the owner-only Unix socket.
+    Control,
 }
 
 /// Serves one endpoint until the process exits.
@@ -223,24 +231,72 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoint: Endp
                 continue;
             }
         };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let reply = match endpoint {
-                        Endpoint::Admin => state.admin(req).await,
-                        Endpoint::Metrics => state.metrics(&req),
-                    };
-                    Ok::<_, Infallible>(reply)
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
-                debug!(%remote, error = %e, "admin connection failed");
+        tokio::spawn(connection(tcp, remote.to_string(), state.clone(), endpoint));
+    }
+}
+
+/// Node mode: serves enrolment on the control socket until the process
+/// exits.
+pub async fn serve_control(listener: tokio::net::UnixListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                debug!(error = %e, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
             }
-        });
+        };
+        tokio::spawn(connection(
+            stream,
+            "control socket".to_owned(),
+            state.clone(),
+            Endpoint::Control,
+        ));
+    }
+}
+
+/// Binds the control socket owner-only, replacing a stale one.
+pub fn bind_control(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("node.control_socket: creating {}", parent.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "stale control socket removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("node.control_socket: {}", path.display()))
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("node.control_socket: cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("node.control_socket: chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn connection<IO>(io: IO, remote: String, state: Arc<AdminState>, endpoint: Endpoint)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            let reply = match endpoint {
+                Endpoint::Admin => state.admin(req).await,
+                Endpoint::Metrics => state.metrics(&req),
+                Endpoint::Control => state.workloads(req).await,
+            };
+            Ok::<_, Infallible>(reply)
+        }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        debug!(%remote, error = %e, "admin connection failed");
     }
 }

@@ -1,7 +1,7 @@
-//! The local commands' side of the admin endpoint (`weft-agent workload
-//! ...`): one HTTP/1.1 request to the agent on loopback.
+//! The local commands' side of the agent's control socket (`weft-agent
+//! workload ...`): one HTTP/1.1 request over the owner-only Unix socket.
 
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -11,15 +11,15 @@ use hyper_util::rt::TokioIo;
 /// Why the agent could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminCallError {
-    #[error("cannot reach the agent's admin endpoint at {addr} (is the agent running?): {source}")]
+    #[error("cannot reach the agent's control socket {} (is a node agent running, and are you its user or root?): {source}", .socket.display())]
     Connect {
-        addr: SocketAddr,
+        socket: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("admin endpoint at {addr}: {source}")]
+    #[error("control socket {}: {source}", .socket.display())]
     Http {
-        addr: SocketAddr,
+        socket: PathBuf,
         #[source]
         source: hyper::Error,
     },
@@ -29,23 +29,29 @@ pub enum AdminCallError {
 
 /// Sends one request and returns the status and body.
 pub async fn call(
-    addr: SocketAddr,
+    socket: &Path,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, String), AdminCallError> {
-    let tcp = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|source| AdminCallError::Connect { addr, source })?;
-    let http = |source| AdminCallError::Http { addr, source };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .map_err(|source| AdminCallError::Connect {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    let http = |source| AdminCallError::Http {
+        socket: socket.to_owned(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
     tokio::spawn(conn);
     let request = Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, addr.to_string())
+        .header(http::header::HOST, "weft-agent")
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let response = sender.send_request(request).await.map_err(http)?;

@@ -189,6 +189,11 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.clone(),
         admin::Endpoint::Metrics,
     ));
+    if matches!(carried, Carried::Node(_)) {
+        let control = admin::bind_control(&config.node.control_socket)?;
+        info!(socket = %config.node.control_socket.display(), "enrolment control socket listening");
+        tokio::spawn(admin::serve_control(control, state.clone()));
+    }
     if let Some(controller) = &controller {
         tokio::spawn(controller.clone().run(drain.clone()));
     }
@@ -216,6 +221,9 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.ready.store(true, Ordering::Release);
     }
 
+    tokio::spawn(crate::service_status::report(state.clone()));
+    weft_service_manager::spawn_watchdog();
+
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -230,6 +238,11 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         }
     };
     info!(signal = which, in_flight = carried.in_flight(), deadline = ?config.drain_timeout, "draining");
+    weft_service_manager::stopping(&format!(
+        "{which}: draining {} connection(s), at most {:?}",
+        carried.in_flight(),
+        config.drain_timeout
+    ));
     let (left, _) = tokio::join!(
         carried.drain(config.drain_timeout),
         drain.drain(config.drain_timeout)

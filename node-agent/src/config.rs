@@ -201,6 +201,11 @@ pub struct NodeConfig {
     /// buffers and one tunnel stream window.
     #[serde(default = "defaults::max_connections_per_workload")]
     pub max_connections_per_workload: usize,
+    /// The Unix socket `weft-agent workload enroll|unenroll` talks to.
+    /// Created owner-only (0600): enrolling decides whose traffic the
+    /// agent captures, so only the agent's user (or root) may ask.
+    #[serde(default = "defaults::control_socket")]
+    pub control_socket: PathBuf,
 }
 
 /// The DNS proxy that answers mesh names with virtual IPs.
@@ -433,6 +438,9 @@ mod defaults {
     }
     pub fn max_connections_per_workload() -> usize {
         1024
+    }
+    pub fn control_socket() -> PathBuf {
+        PathBuf::from("/run/weft/agent.sock")
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("/var/lib/weft/agent")
@@ -745,6 +753,15 @@ impl AgentConfig {
         }
         if self.node.max_workloads == 0 {
             return Err(invalid("node.max_workloads", "must be at least 1"));
+        }
+        if !self.node.control_socket.is_absolute() {
+            return Err(invalid(
+                "node.control_socket",
+                format!(
+                    "{} is not an absolute path",
+                    self.node.control_socket.display()
+                ),
+            ));
         }
         if self.node.max_connections_per_workload == 0 {
             return Err(invalid(

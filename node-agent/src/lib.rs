@@ -23,6 +23,7 @@ pub mod plaintext;
 pub mod pool;
 pub mod redirect;
 pub mod resilience;
+pub mod service_status;
 pub mod socket;
 pub mod splice;
 pub mod state;

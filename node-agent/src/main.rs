@@ -1,7 +1,6 @@
 //! The `weft-agent` command: run the agent, check a config, or manage the
 //! nftables rules of transparent capture.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,9 +35,9 @@ enum Command {
     },
     /// Node mode: enrol, unenrol or list the workloads of a running agent.
     Workload {
-        /// The agent's admin endpoint.
-        #[arg(long, default_value = "127.0.0.1:15000", global = true)]
-        admin: SocketAddr,
+        /// The node agent's control socket (`node.control_socket`).
+        #[arg(long, default_value = "/run/weft/agent.sock", global = true)]
+        socket: PathBuf,
         #[command(subcommand)]
         action: WorkloadAction,
     },
@@ -167,7 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: valid", config.display());
             Ok(())
         }
-        Command::Workload { admin, action } => workload(admin, action),
+        Command::Workload { socket, action } => workload(&socket, action),
         Command::Redirect { action } => match action {
             RedirectAction::Install { config } => {
                 let cfg = AgentConfig::load(&config)?;
@@ -200,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn workload(admin: SocketAddr, action: WorkloadAction) -> anyhow::Result<()> {
+fn workload(socket: &std::path::Path, action: WorkloadAction) -> anyhow::Result<()> {
     use http::Method;
     let (method, path, body) = match action {
         WorkloadAction::Enroll {
@@ -238,7 +237,7 @@ fn workload(admin: SocketAddr, action: WorkloadAction) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let (status, body) =
-        runtime.block_on(weft_agent::admin_client::call(admin, method, &path, body))?;
+        runtime.block_on(weft_agent::admin_client::call(socket, method, &path, body))?;
     if status.is_success() {
         print!("{body}");
         if !body.ends_with('\n') {

@@ -51,6 +51,8 @@ pub struct NodeWorkload {
 pub struct NodeHost {
     pub host: Host,
     pub workloads: Vec<NodeWorkload>,
+    /// The agent's enrolment control socket.
+    pub control: std::path::PathBuf,
 }
 
 impl NodeHost {
@@ -87,7 +89,11 @@ impl NodeHost {
                 &["route", "add", "10.211.0.0/16", "via", &NODE_IP.to_string()],
             )?;
         }
-        Ok(NodeHost { host, workloads })
+        Ok(NodeHost {
+            host,
+            workloads,
+            control: zone.dir.join("node-agent.sock"),
+        })
     }
 
     /// The node agent's config: node mode, enrolled with `token` at
@@ -118,7 +124,8 @@ impl NodeHost {
                 "dns",
                 json!({"enabled": true, "listen": "127.0.0.1:15053", "upstream": [format!("{CONTROLLER_IP}:53")]}),
             )
-            .set("redirect", json!({"exclude_ports": [22], "inbound": true, "dns": true}));
+            .set("redirect", json!({"exclude_ports": [22], "inbound": true, "dns": true}))
+            .set("node.control_socket", self.control.display().to_string());
         Ok(spec)
     }
 
@@ -152,27 +159,31 @@ impl NodeHost {
         let netns = w.host.path();
         let echo = ECHO_PORT.to_string();
         let http = format!("{HTTP_PORT}/http");
-        agent::cli(
-            &self.host,
-            &[
-                "workload",
-                "enroll",
-                "--name",
-                &w.name,
-                "--service",
-                &w.service,
-                "--service-account",
-                &w.service,
-                "--address",
-                &ip,
-                "--netns",
-                &netns,
-                "--port",
-                &echo,
-                "--port",
-                &http,
-            ],
-        )
+        self.cli(&[
+            "enroll",
+            "--name",
+            &w.name,
+            "--service",
+            &w.service,
+            "--service-account",
+            &w.service,
+            "--address",
+            &ip,
+            "--netns",
+            &netns,
+            "--port",
+            &echo,
+            "--port",
+            &http,
+        ])
+    }
+
+    /// `weft-agent workload ARGS` against this host's node agent.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let socket = self.control.display().to_string();
+        let mut all = vec!["workload", "--socket", socket.as_str()];
+        all.extend_from_slice(args);
+        agent::cli(&self.host, &all)
     }
 
     /// Like [`NodeHost::enrol`], failing with the command's output unless
@@ -191,10 +202,7 @@ impl NodeHost {
 
     /// `weft-agent workload unenroll` for workload `k`.
     pub fn unenrol(&self, k: usize) -> Result<Output> {
-        agent::cli(
-            &self.host,
-            &["workload", "unenroll", &self.workloads[k].name],
-        )
+        self.cli(&["unenroll", &self.workloads[k].name])
     }
 
     /// Runs `curl` in workload `k`'s namespace (as root: captured all the

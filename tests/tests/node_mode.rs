@@ -216,23 +216,35 @@ fn node_mode_enrols_running_workloads_with_their_own_identity() -> Result<()> {
     );
     let _ = probe;
 
+    // Enrolment goes through the owner-only control socket, not the
+    // loopback admin port any local user can reach.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&s.node.control)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "control socket mode {mode:o}");
+    let admin = "127.0.0.1:15000".parse()?;
+    let answer = s.node.host.enter(move || {
+        weft_e2e::http::request(admin, "DELETE", "/workloads/web-n0", Duration::from_secs(5))
+    })?;
+    ensure!(
+        answer.status == 403,
+        "DELETE on the admin port: {}",
+        answer.status
+    );
+    ensure!(s.node.has_rules(web)?, "the admin port unenrolled web");
+
     // A node agent cannot take another host's workload.
     let w0 = s.node.workloads[web].host.path();
-    let out = agent::cli(
-        &s.node.host,
-        &[
-            "workload",
-            "enroll",
-            "--name",
-            "api-1",
-            "--service",
-            "api",
-            "--address",
-            "10.211.9.2",
-            "--netns",
-            &w0,
-        ],
-    )?;
+    let out = s.node.cli(&[
+        "enroll",
+        "--name",
+        "api-1",
+        "--service",
+        "api",
+        "--address",
+        "10.211.9.2",
+        "--netns",
+        &w0,
+    ])?;
     let text = agent::describe(&out);
     ensure!(
         !out.status.success() && text.contains("403") && text.contains("api-1"),
@@ -363,8 +375,7 @@ spec:
     })?;
     wait_vm_curl(&s, api, &url("cart", "/"), &s.node_markers[cart])?;
     wait_node_curl(&s, cart, &url("api", "/"), &s.up.markers[api])?;
-    let listed = String::from_utf8_lossy(&agent::cli(&s.node.host, &["workload", "list"])?.stdout)
-        .into_owned();
+    let listed = String::from_utf8_lossy(&s.node.cli(&["list"])?.stdout).into_owned();
     ensure!(
         listed.contains("\"cart-n1\"")
             && listed.contains("\"zone\"")

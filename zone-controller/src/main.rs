@@ -20,7 +20,7 @@ mod views;
 mod zone_ca;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,6 +215,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         api,
         stop.clone(),
     ));
+    let status_task = tokio::spawn(report_status(
+        format!(
+            "zone {} on {bound} (API) and {grpc_bound} (agents), store {}",
+            args.zone,
+            store.url()
+        ),
+        leading.clone(),
+        stop.clone(),
+    ));
     let state = Arc::new(api_server::AppState::new(
         store.clone(),
         args.zone,
@@ -229,7 +238,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         state,
         grpc::stopped(stop.clone()),
     ));
+    weft_service_manager::spawn_watchdog();
     shutdown.await;
+    weft_service_manager::stopping("stopping: closing agent streams and API connections");
     // Nobody may be left to hear it; that is fine.
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -244,6 +255,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = cutoff_task.await;
         let _ = heartbeat_task.await;
         let _ = acks_task.await;
+        let _ = status_task.await;
     })
     .await;
     if drained.is_err() {
@@ -266,4 +278,34 @@ async fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = (
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+/// Tells systemd the zone serves (READY=1, once both servers are bound),
+/// then keeps its status line current: which replica role it has.
+async fn report_status(
+    serving: String,
+    leading: Arc<AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let line = |leader: bool| {
+        let role = if leader {
+            "leader"
+        } else {
+            "follower (another replica leads)"
+        };
+        format!("serving {serving}; {role}")
+    };
+    let mut leader = leading.load(Ordering::Acquire);
+    weft_service_manager::ready(&line(leader));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = leading.load(Ordering::Acquire);
+        if now != leader {
+            leader = now;
+            weft_service_manager::status(&line(leader));
+        }
+    }
 }

@@ -286,10 +286,15 @@ impl Node {
         if self.set().len() >= max {
             return Err(NodeError::Full(max));
         }
+        // A namespace that cannot be entered is refused before the zone
+        // hears of the workload.
+        Netns::open(&spec.netns)?;
         let issued = self.register(&spec).await?;
+        let file = spec.identity_file();
         let record = Record { spec, origin };
         if let Err(e) = self.start(record, Some(issued)).await {
-            // The zone has it registered: take that back.
+            // The zone has it registered: take that back, and its key.
+            let _ = std::fs::remove_file(self.state.path(&file));
             self.tell_zone();
             return Err(e);
         }
