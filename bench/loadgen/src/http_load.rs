@@ -154,7 +154,7 @@ fn percentile_ms(sorted: &[u64], q: f64) -> f64 {
 }
 
 pub fn main(args: HttpArgs) -> anyhow::Result<()> {
-    if !(args.rate > 0.0) || args.connections == 0 {
+    if !args.rate.is_finite() || args.rate <= 0.0 || args.connections == 0 {
         bail!("--rate must be positive and --connections at least 1");
     }
     let target = Arc::new(parse_url(&args.url)?);
