@@ -10,7 +10,9 @@ its namespace, keep-alive connections, latency from each request's due time).
 
 Measured per mode and N, over the load window (after a warm-up):
   - total RSS of the agents at the end of the load (sum of VmRSS) and the
-    sum of their peaks (VmHWM), plus the RSS when idle before the load;
+    sum of their peaks (VmHWM), plus the RSS when idle before the load; the
+    sum of PSS (shared pages such as the binary's text split between the
+    agents that map them) and of anonymous / file-backed RSS;
   - CPU seconds the agents used during the load (utime + stime deltas);
   - latency p50 / p99 / max merged over every request of every generator,
     and errors (a run with errors is not a valid result: the script says so
@@ -25,7 +27,7 @@ Topology (all inside namespaces this script creates and deletes at exit):
                                    nginx :8081, weft-loadgen http,
                                    the sidecar agent (sidecar mode)
 
-    sudo bench/nodemode.py [--counts 1,10,25,50] [--rate 20] [--duration 15]
+    sudo bench/nodemode.py [--counts 1,10,25,50] [--rate 50] [--duration 15]
                            [--modes node,sidecar] [--no-build]
 
 Needs root (namespaces, nftables, setns), nginx (nginx-light), nft, curl,
@@ -96,6 +98,19 @@ def proc_status(pid, field):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def pss_kib(pid):
+    """Proportional set size: shared pages (the binary's text, libc) split
+    between the processes that map them."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except FileNotFoundError:
         pass
@@ -426,6 +441,9 @@ def measure(mode, n, args):
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         rss = sum(proc_status(p, "VmRSS") for p in pids)
         hwm = sum(proc_status(p, "VmHWM") for p in pids)
+        pss = sum(pss_kib(p) for p in pids)
+        anon = sum(proc_status(p, "RssAnon") for p in pids)
+        file_backed = sum(proc_status(p, "RssFile") for p in pids)
         zone_rss = proc_status(run.zone.pid, "VmRSS")
         samples = sorted(s for r in results for s in r["samples_us"])
         errors = sum(r["errors"] for r in results)
@@ -440,6 +458,7 @@ def measure(mode, n, args):
             "requests": len(samples), "scheduled": scheduled, "errors": errors,
             "warmup_errors": warm_errors, "first_error": first_error,
             "rss_mib": rss / 1024, "hwm_mib": hwm / 1024, "idle_mib": idle / 1024,
+            "pss_mib": pss / 1024, "anon_mib": anon / 1024, "file_mib": file_backed / 1024,
             "cpu_s": cpu, "cpu_pct": 100 * cpu / wall, "p50": pct(0.5), "p99": pct(0.99),
             "max": pct(1.0), "zone_mib": zone_rss / 1024,
         }
@@ -525,7 +544,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="1,10,25,50")
     parser.add_argument("--modes", default="node,sidecar")
-    parser.add_argument("--rate", type=float, default=20.0, help="requests/s per workload")
+    parser.add_argument("--rate", type=float, default=50.0, help="requests/s per workload")
     parser.add_argument("--duration", type=int, default=15, help="seconds of measured load")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of load before it")
     parser.add_argument("--connections", type=int, default=2,
@@ -548,12 +567,12 @@ def main():
     delete_namespaces()
     print(f"# {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())} on {os.cpu_count()} cores; "
           f"{args.rate:g} req/s per workload (open loop, {args.connections} keep-alive "
-          f"connections each), {args.duration} s measured after {args.warmup} s warm-up", flush=True)
-    print("| mode | N | agents | req/s total | requests (errors) | agent RSS total, end of load "
-          "| sum of agent peaks | idle RSS | agent CPU s (% of a core) | p50 | p99 | max "
-          "| zone RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+          f"connections each), {args.duration} s measured after {args.warmup} s warm-up",
           flush=True)
+    print("| mode | N | agents | req/s total | requests (errors) | agent RSS total, end of load "
+          "| sum of agent peaks | idle RSS | PSS total | anon / file RSS "
+          "| agent CPU s (% of a core) | p50 | p99 | max | zone RSS |")
+    print("| --- " * 15 + "|", flush=True)
     rows = []
     invalid = False
     try:
@@ -566,6 +585,8 @@ def main():
                 print(f"| {mode} | {n} | {r['agents']} | {r['rate_total']:g} "
                       f"| {r['requests']} ({r['errors']}) | {r['rss_mib']:.1f} MiB "
                       f"| {r['hwm_mib']:.1f} MiB | {r['idle_mib']:.1f} MiB "
+                      f"| {r['pss_mib']:.1f} MiB "
+                      f"| {r['anon_mib']:.1f} / {r['file_mib']:.1f} MiB "
                       f"| {r['cpu_s']:.2f} ({r['cpu_pct']:.0f}%) | {r['p50']:.2f} ms "
                       f"| {r['p99']:.2f} ms | {r['max']:.1f} ms | {r['zone_mib']:.1f} MiB |",
                       flush=True)
