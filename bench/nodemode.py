@@ -12,7 +12,7 @@ Measured per mode and N, over the load window (after a warm-up):
   - total RSS of the agents at the end of the load (sum of VmRSS) and the
     sum of their peaks (VmHWM), plus the RSS when idle before the load; the
     sum of PSS (shared pages such as the binary's text split between the
-    agents that map them) and of anonymous / file-backed RSS;
+    agents that map them) and of anonymous / mapped (file, shmem) RSS;
   - CPU seconds the agents used during the load (utime + stime deltas);
   - latency p50 / p99 / max merged over every request of every generator,
     and errors (a run with errors is not a valid result: the script says so
@@ -443,7 +443,8 @@ def measure(mode, n, args):
         hwm = sum(proc_status(p, "VmHWM") for p in pids)
         pss = sum(pss_kib(p) for p in pids)
         anon = sum(proc_status(p, "RssAnon") for p in pids)
-        file_backed = sum(proc_status(p, "RssFile") for p in pids)
+        # File-backed and shmem (the binary on a tmpfs counts as shmem).
+        mapped = sum(proc_status(p, "RssFile") + proc_status(p, "RssShmem") for p in pids)
         zone_rss = proc_status(run.zone.pid, "VmRSS")
         samples = sorted(s for r in results for s in r["samples_us"])
         errors = sum(r["errors"] for r in results)
@@ -458,7 +459,7 @@ def measure(mode, n, args):
             "requests": len(samples), "scheduled": scheduled, "errors": errors,
             "warmup_errors": warm_errors, "first_error": first_error,
             "rss_mib": rss / 1024, "hwm_mib": hwm / 1024, "idle_mib": idle / 1024,
-            "pss_mib": pss / 1024, "anon_mib": anon / 1024, "file_mib": file_backed / 1024,
+            "pss_mib": pss / 1024, "anon_mib": anon / 1024, "mapped_mib": mapped / 1024,
             "cpu_s": cpu, "cpu_pct": 100 * cpu / wall, "p50": pct(0.5), "p99": pct(0.99),
             "max": pct(1.0), "zone_mib": zone_rss / 1024,
         }
@@ -570,7 +571,7 @@ def main():
           f"connections each), {args.duration} s measured after {args.warmup} s warm-up",
           flush=True)
     print("| mode | N | agents | req/s total | requests (errors) | agent RSS total, end of load "
-          "| sum of agent peaks | idle RSS | PSS total | anon / file RSS "
+          "| sum of agent peaks | idle RSS | PSS total | RSS anon / mapped "
           "| agent CPU s (% of a core) | p50 | p99 | max | zone RSS |")
     print("| --- " * 15 + "|", flush=True)
     rows = []
@@ -586,7 +587,7 @@ def main():
                       f"| {r['requests']} ({r['errors']}) | {r['rss_mib']:.1f} MiB "
                       f"| {r['hwm_mib']:.1f} MiB | {r['idle_mib']:.1f} MiB "
                       f"| {r['pss_mib']:.1f} MiB "
-                      f"| {r['anon_mib']:.1f} / {r['file_mib']:.1f} MiB "
+                      f"| {r['anon_mib']:.1f} / {r['mapped_mib']:.1f} MiB "
                       f"| {r['cpu_s']:.2f} ({r['cpu_pct']:.0f}%) | {r['p50']:.2f} ms "
                       f"| {r['p99']:.2f} ms | {r['max']:.1f} ms | {r['zone_mib']:.1f} MiB |",
                       flush=True)
