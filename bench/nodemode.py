@@ -474,9 +474,9 @@ def measure(mode, n, args):
 
 
 def svg_chart(rows, path):
-    """Total agent RSS (MiB) against N, one line per mode, the targets
-    dashed."""
-    w, h, left, right, top, bottom = 640, 400, 70, 170, 30, 50
+    """Total agent RSS (MiB) against N, one line per mode (and the sidecars'
+    PSS, dotted: their shared pages counted once), the targets dashed."""
+    w, h, left, right, top, bottom = 680, 400, 70, 210, 30, 50
     pw, ph = w - left - right, h - top - bottom
     ns = sorted({r["n"] for r in rows})
     xmax = max(ns)
@@ -515,22 +515,31 @@ def svg_chart(rows, path):
     out.append(f'<line x1="{x(0):.1f}" y1="{y(0):.1f}" x2="{x(xmax):.1f}" '
                f'y2="{y(SIDECAR_TARGET_MIB_EACH * xmax):.1f}" stroke="{colours["sidecar"]}" '
                f'stroke-dasharray="6 4"/>')
-    for mode in ("node", "sidecar"):
-        pts = sorted((r["n"], r["rss_mib"]) for r in rows if r["mode"] == mode)
+    series = [("node", "rss_mib", "", 2), ("sidecar", "rss_mib", "", 2),
+              ("sidecar", "pss_mib", "2 3", 1.5)]
+    for mode, key, dash, width in series:
+        pts = sorted((r["n"], r[key]) for r in rows if r["mode"] == mode and key in r)
         if not pts:
             continue
         line = " ".join(f"{x(n):.1f},{y(v):.1f}" for n, v in pts)
         out.append(f'<polyline points="{line}" fill="none" stroke="{colours[mode]}" '
-                   f'stroke-width="2"/>')
+                   f'stroke-width="{width}" stroke-dasharray="{dash or "none"}"/>')
         for n, v in pts:
-            out.append(f'<circle cx="{x(n):.1f}" cy="{y(v):.1f}" r="3.5" '
+            out.append(f'<circle cx="{x(n):.1f}" cy="{y(v):.1f}" r="3" '
                        f'fill="{colours[mode]}"/>')
-            out.append(f'<text x="{x(n) - 4:.1f}" y="{y(v) - 8:.1f}" text-anchor="end" '
-                       f'font-size="10" fill="{colours[mode]}">{v:.0f}</text>')
+            # Node mode's labels right of its points, the sidecars' left
+            # (none at the smallest N, where both modes meet).
+            if mode == "node":
+                out.append(f'<text x="{x(n) + 5:.1f}" y="{y(v) - 5:.1f}" font-size="10" '
+                           f'fill="{colours[mode]}">{v:.0f}</text>')
+            elif n != ns[0]:
+                out.append(f'<text x="{x(n) - 4:.1f}" y="{y(v) - 8:.1f}" text-anchor="end" '
+                           f'font-size="10" fill="{colours[mode]}">{v:.0f}</text>')
     lx, ly = left + pw + 12, top + 10
     legend = [("node", "node mode (1 agent)", ""), ("sidecar", "sidecar mode (N agents)", ""),
-              ("node", f"target: node < {NODE_TARGET_MIB} MiB", "6 4"),
-              ("sidecar", f"target: sidecars < N x {SIDECAR_TARGET_MIB_EACH} MiB", "6 4")]
+              ("sidecar", "sidecar mode, PSS", "2 3"),
+              ("node", f"target: node &lt; {NODE_TARGET_MIB} MiB", "6 4"),
+              ("sidecar", f"target: sidecars &lt; N x {SIDECAR_TARGET_MIB_EACH} MiB", "6 4")]
     for i, (mode, label, dash) in enumerate(legend):
         yy = ly + 18 * i
         out.append(f'<line x1="{lx}" y1="{yy}" x2="{lx + 22}" y2="{yy}" stroke="{colours[mode]}" '
