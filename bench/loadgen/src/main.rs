@@ -6,6 +6,7 @@
 //! RSS and CPU time, and the latency of one enrolment (token to
 //! certificate to first config).
 
+mod http_load;
 mod sim;
 mod zone;
 
@@ -31,8 +32,15 @@ const MARKER_PORT: u32 = 9001;
 
 /// Simulated agents against one zone controller.
 #[derive(Debug, Parser)]
-#[command(name = "weft-loadgen", version, about)]
+#[command(
+    name = "weft-loadgen",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Simulated agents (each one workload, one stream, one connection).
     #[arg(long, default_value_t = 1000)]
     agents: u32,
@@ -55,6 +63,13 @@ struct Args {
     settle: Duration,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Fixed-rate HTTP/1.1 load to one URL, with latency percentiles (the
+    /// data-plane benchmarks' client; see `bench/nodemode.py`).
+    Http(http_load::HttpArgs),
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -72,6 +87,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Http(http)) = args.command {
+        return http_load::main(http);
+    }
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();
