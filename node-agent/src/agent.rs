@@ -222,6 +222,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     }
 
     tokio::spawn(crate::service_status::report(state.clone()));
+    tokio::spawn(release_startup_code(state.clone()));
     weft_service_manager::spawn_watchdog();
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -266,6 +267,18 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("drained, exiting");
     }
     Ok(())
+}
+
+/// Once serving, drops the start-up code from the resident set (see
+/// [`crate::resident`]).
+async fn release_startup_code(state: Arc<AdminState>) {
+    while !state.ready.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match crate::resident::release_code_pages() {
+        Ok(bytes) => info!(released_kib = bytes / 1024, "start-up code pages released"),
+        Err(e) => warn!(error = %e, "cannot release the start-up code pages"),
+    }
 }
 
 /// SIGHUP: reads the identity files again. New tunnels use the new

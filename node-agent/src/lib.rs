@@ -22,6 +22,7 @@ pub mod outbound;
 pub mod plaintext;
 pub mod pool;
 pub mod redirect;
+pub mod resident;
 pub mod resilience;
 pub mod service_status;
 pub mod socket;
