@@ -50,6 +50,8 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The node agent's worker_threads (--node-threads).
+NODE_THREADS = 1
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 HOST_NS = "wnb-host"
 PREFIX = "wnb-"
@@ -268,7 +270,7 @@ http {{
             "outbound": {"capture_listen": "127.0.0.1:15001"},
             "admin": {"listen": "127.0.0.1:15000"},
             "metrics": {"listen": "0.0.0.0:15020"},
-            "log": {"level": "warn"},
+            "log": {"level": os.environ.get("BENCH_AGENT_LOG", "warn")},
         }
 
     def write_config(self, name, config):
@@ -290,6 +292,7 @@ http {{
             # Names outside the mesh go to the host, where nothing answers.
             "dns": {"enabled": True, "listen": "127.0.0.1:15053", "upstream": ["10.212.1.1:53"]},
             "redirect": {"exclude_ports": [22], "inbound": True, "dns": True},
+            "worker_threads": NODE_THREADS,
         })
         path = self.write_config("node", config)
         agent = self.spawn("node-agent", [os.path.join(BIN, "weft-agent"), "run", "-c", path])
@@ -562,7 +565,11 @@ def main():
     parser.add_argument("--chart", default=os.path.join(ROOT, "docs", "node-mode-memory.svg"))
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--node-threads", type=int, default=1,
+                        help="the node agent's worker_threads (sidecars keep their default, 1)")
     args = parser.parse_args()
+    global NODE_THREADS
+    NODE_THREADS = args.node_threads
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, nftables)")
     for tool in ("nginx", "nft", "curl", "setpriv", "ip"):

@@ -907,7 +907,11 @@ impl Controller {
 
     /// One connection's worth of config stream: Hello, then an answer to
     /// every update, until the stream ends.
-    async fn session(&self, backoff: &mut Backoff, drain: &Drain) -> Result<(), ControllerError> {
+    async fn session(
+        self: &Arc<Self>,
+        backoff: &mut Backoff,
+        drain: &Drain,
+    ) -> Result<(), ControllerError> {
         let mut client = agent_client(&self.config, &self.state).await?;
         let (tx, rx) = mpsc::channel::<AgentMessage>(OUTGOING);
         // The receiver is only dropped with the request stream, which ends
@@ -944,7 +948,18 @@ impl Controller {
                     // Only the last chunk of a version is applied and answered.
                     let answer = match chunks.push(chunk) {
                         Ok(None) => continue,
-                        Ok(Some(update)) => self.answer(update),
+                        // Checking, persisting (fsync) and compiling a
+                        // view is blocking work: off the runtime thread,
+                        // which carries every workload's traffic.
+                        Ok(Some(update)) => {
+                            let this = self.clone();
+                            match tokio::task::spawn_blocking(move || this.answer(update)).await {
+                                Ok(answer) => answer,
+                                Err(e) => {
+                                    self.refuse(version, format!("applying the update failed: {e}"))
+                                }
+                            }
+                        }
                         Err(error) => self.refuse(version, error.to_string()),
                     };
                     if tx.send(answer).await.is_err() {
