@@ -50,8 +50,10 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The node agent's worker_threads (--node-threads).
+# The node agent's worker_threads (--node-threads) and nice value
+# (--node-nice).
 NODE_THREADS = 1
+NODE_NICE = 0
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 HOST_NS = "wnb-host"
 PREFIX = "wnb-"
@@ -295,7 +297,10 @@ http {{
             "worker_threads": NODE_THREADS,
         })
         path = self.write_config("node", config)
-        agent = self.spawn("node-agent", [os.path.join(BIN, "weft-agent"), "run", "-c", path])
+        # --node-nice: the CPU weight a node agent gets as a system
+        # service (systemd CPUWeight=/Nice=) instead of one process's share.
+        nice = ["nice", "-n", str(NODE_NICE)] if NODE_NICE else []
+        agent = self.spawn("node-agent", nice + [os.path.join(BIN, "weft-agent"), "run", "-c", path])
         self.agents.append(agent)
         def ready():
             if agent.poll() is not None:
@@ -567,9 +572,12 @@ def main():
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--node-threads", type=int, default=1,
                         help="the node agent's worker_threads (sidecars keep their default, 1)")
+    parser.add_argument("--node-nice", type=int, default=0,
+                        help="run the node agent under nice -n N (e.g. -10: a system service's CPU weight)")
     args = parser.parse_args()
-    global NODE_THREADS
+    global NODE_THREADS, NODE_NICE
     NODE_THREADS = args.node_threads
+    NODE_NICE = args.node_nice
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, nftables)")
     for tool in ("nginx", "nft", "curl", "setpriv", "ip"):

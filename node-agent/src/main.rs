@@ -122,7 +122,7 @@ fn main() -> ExitCode {
 /// trim threshold the heap top is given back and taken again every few
 /// requests (a `brk` each time); keeping up to 1 MiB of it costs little
 /// memory and saves those syscalls.
-fn keep_heap_top() {
+fn keep_heap_top(worker_threads: usize) {
     // SAFETY: mallopt only tunes the allocator; it is called before any
     // other thread exists.
     unsafe {
@@ -131,6 +131,12 @@ fn keep_heap_top() {
         // Fixing the trim threshold also fixes glibc's mmap threshold at its
         // 128 KiB default; keep proxy buffers on the heap, not in mmaps.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        // An arena per thread that ever allocates (the runtime's workers,
+        // and the blocking pool's that apply config updates now and then)
+        // would keep each one's pages for the life of the agent: one arena
+        // per worker, which the occasional blocking thread shares.
+        let arenas = libc::c_int::try_from(worker_threads.max(1)).unwrap_or(libc::c_int::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
     }
 }
 
@@ -138,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            keep_heap_top();
+            keep_heap_top(cfg.worker_threads);
             // Every proxied connection takes two descriptors; the soft limit
             // (often 1024) would cap the agent long before its own limits.
             let nofile =
