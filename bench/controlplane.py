@@ -45,6 +45,8 @@ def http(method, url, body=None, content_type="application/json"):
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except OSError as e:
+        return 0, str(e).encode()
 
 
 def wait(what, probe, deadline=DEADLINE):

@@ -46,10 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from controlplane import http  # noqa: E402
+
 # The node agent's worker_threads (--node-threads) and nice value
 # (--node-nice).
 NODE_THREADS = 1
@@ -71,20 +72,6 @@ SIDECAR_TARGET_MIB_EACH = 12
 def sh(*args, check=True, **kw):
     return subprocess.run(args, check=check, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, **kw)
-
-
-def http(method, url, body=None, content_type="application/json"):
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("content-type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError as e:
-        return 0, str(e).encode()
 
 
 def wait(what, probe, deadline=120.0, every=0.1):
