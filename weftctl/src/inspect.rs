@@ -35,6 +35,23 @@ impl Inspected {
     }
 }
 
+/// An agent's host facts in a few words: OS, kernel, CPUs, memory, and
+/// the agent's own resident memory, as it reported them.
+fn host(h: &Value) -> String {
+    let mib = |v: &Value| v.as_u64().map(|b| b >> 20);
+    let (Some(os), Some(cpus)) = (h["os"].as_str(), h["cpus"].as_u64()) else {
+        return "-".to_owned();
+    };
+    let mut out = format!("{os}, {}, {cpus} CPU", h["kernel"].as_str().unwrap_or("?"));
+    if let Some(total) = mib(&h["memoryBytes"]) {
+        out.push_str(&format!(", {total} MiB"));
+    }
+    if let Some(rss) = mib(&h["agentRssBytes"]) {
+        out.push_str(&format!(", agent {rss} MiB"));
+    }
+    out
+}
+
 /// Runs `inspect`.
 pub(crate) async fn run(
     client: &Client,
@@ -150,6 +167,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 "APPLIED",
                 "LAST NACK",
                 "WORKLOADS",
+                "HOST",
             ],
             |a| {
                 vec![
@@ -160,7 +178,11 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                         Some(reason) if a["state"] == "gone" => format!("gone ({reason})"),
                         _ => cell(&a["state"]),
                     },
-                    cell(&a["hboneAddress"]),
+                    // A node agent's workloads each have their own.
+                    match a["hboneAddress"].as_str() {
+                        Some("") => "per workload".to_owned(),
+                        _ => cell(&a["hboneAddress"]),
+                    },
                     cell(&a["connectedReplica"]),
                     cell(&a["lastSeen"]),
                     short(&a["appliedVersion"]),
@@ -178,6 +200,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                         .map(|w| w.iter().map(cell).collect::<Vec<_>>().join(","))
                         .filter(|s| !s.is_empty())
                         .unwrap_or_else(|| "-".to_owned()),
+                    host(&a["host"]),
                 ]
             },
         ),
@@ -243,4 +266,20 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
     let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
     rows.extend(items.iter().map(row));
     crate::output::write_rows(out, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn host_facts_read_in_a_few_words() {
+        let h = json!({"os": "Debian GNU/Linux 12", "kernel": "6.1.0", "cpus": 2,
+                       "memoryBytes": 4u64 << 30, "agentRssBytes": 10u64 << 20});
+        assert_eq!(
+            super::host(&h),
+            "Debian GNU/Linux 12, 6.1.0, 2 CPU, 4096 MiB, agent 10 MiB"
+        );
+        assert_eq!(super::host(&json!({})), "-");
+    }
 }
