@@ -115,6 +115,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def runq_wait_seconds(pid):
+    """Time the agent's main thread (its runtime's, with one worker) spent
+    runnable but waiting for a CPU, from /proc/<pid>/schedstat."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def enter_netns(name):
     """Moves this (single-threaded) process into netns `name`: its sockets and
     its children live there from now on."""
@@ -430,10 +437,12 @@ def measure(mode, n, args):
                     raise SystemExit(f"pid {pid} is not the agent")
         idle = sum(proc_status(p, "VmRSS") for p in pids)
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        waits0 = [runq_wait_seconds(p) for p in pids]
         t0 = time.monotonic()
         results = run.load(args.rate, args.duration, args.connections, True)
         wall = time.monotonic() - t0
         cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        waits = [runq_wait_seconds(p) - w for p, w in zip(pids, waits0)]
         rss = sum(proc_status(p, "VmRSS") for p in pids)
         hwm = sum(proc_status(p, "VmHWM") for p in pids)
         pss = sum(pss_kib(p) for p in pids)
@@ -457,6 +466,7 @@ def measure(mode, n, args):
             "pss_mib": pss / 1024, "anon_mib": anon / 1024, "mapped_mib": mapped / 1024,
             "cpu_s": cpu, "cpu_pct": 100 * cpu / wall, "p50": pct(0.5), "p99": pct(0.99),
             "max": pct(1.0), "zone_mib": zone_rss / 1024,
+            "runq_wait_s": sum(waits), "runq_wait_max_s": max(waits),
         }
     finally:
         run.stop()
@@ -602,6 +612,8 @@ def main():
                       f"| {r['cpu_s']:.2f} ({r['cpu_pct']:.0f}%) | {r['p50']:.2f} ms "
                       f"| {r['p99']:.2f} ms | {r['max']:.1f} ms | {r['zone_mib']:.1f} MiB |",
                       flush=True)
+                print(f"<!-- {mode} N={n}: agents waited {r['runq_wait_s']:.2f} s in all for a CPU "
+                      f"(the most-waiting one {r['runq_wait_max_s']:.2f} s) -->", flush=True)
                 if r["errors"]:
                     print(f"<!-- {mode} N={n}: {r['errors']} errors, first: "
                           f"{r['first_error']} -->", flush=True)
