@@ -55,6 +55,8 @@ from controlplane import http  # noqa: E402
 # (--node-nice).
 NODE_THREADS = 1
 NODE_NICE = 0
+# The node agent's cpu.shares (--node-cpu-shares; 0: none of its own).
+NODE_CPU_SHARES = 0
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 HOST_NS = "wnb-host"
 PREFIX = "wnb-"
@@ -113,6 +115,29 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     # utime and stime are fields 14 and 15; fields[0] here is field 3.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+CGROUP = "/sys/fs/cgroup/cpu/weft-node-bench"
+
+
+def give_cpu_shares(pid, shares):
+    """Puts the node agent in a cpu cgroup (v1) of its own with `shares`
+    (1024 is one process's): the CPU entitlement a system service gets
+    from systemd's CPUWeight= or a DaemonSet from its requests, instead of
+    one process's share among the workloads' hundred."""
+    os.makedirs(CGROUP, exist_ok=True)
+    with open(os.path.join(CGROUP, "cpu.shares"), "w") as f:
+        f.write(str(shares))
+    with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+def remove_cgroup():
+    if os.path.isdir(CGROUP):
+        try:
+            os.rmdir(CGROUP)
+        except OSError:
+            pass
 
 
 def runq_wait_seconds(pid):
@@ -296,6 +321,8 @@ http {{
         nice = ["nice", "-n", str(NODE_NICE)] if NODE_NICE else []
         agent = self.spawn("node-agent", nice + [os.path.join(BIN, "weft-agent"), "run", "-c", path])
         self.agents.append(agent)
+        if NODE_CPU_SHARES:
+            give_cpu_shares(agent.pid, NODE_CPU_SHARES)
         def ready():
             if agent.poll() is not None:
                 raise SystemExit(f"the node agent exited; see {self.work}/node-agent.log")
@@ -569,12 +596,16 @@ def main():
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--node-threads", type=int, default=1,
                         help="the node agent's worker_threads (sidecars keep their default, 1)")
+    parser.add_argument("--node-cpu-shares", type=int, default=0,
+                        help="put the node agent in a cpu cgroup with these shares (e.g. 51200: "
+                             "the 50 sidecars' 50 x 1024)")
     parser.add_argument("--node-nice", type=int, default=0,
                         help="run the node agent under nice -n N (e.g. -10: a system service's CPU weight)")
     args = parser.parse_args()
-    global NODE_THREADS, NODE_NICE
+    global NODE_THREADS, NODE_NICE, NODE_CPU_SHARES
     NODE_THREADS = args.node_threads
     NODE_NICE = args.node_nice
+    NODE_CPU_SHARES = args.node_cpu_shares
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, nftables)")
     for tool in ("nginx", "nft", "curl", "setpriv", "ip"):
@@ -619,6 +650,7 @@ def main():
                           f"{r['first_error']} -->", flush=True)
     finally:
         delete_namespaces()
+        remove_cgroup()
     if rows:
         svg_chart(rows, args.chart)
         print(f"\nchart: {os.path.relpath(args.chart, ROOT)}", file=sys.stderr)
