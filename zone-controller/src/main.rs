@@ -291,7 +291,7 @@ async fn report_status(
         let role = if leader {
             "leader"
         } else {
-            "follower (another replica leads)"
+            "not leading (electing, or another replica leads)"
         };
         format!("serving {serving}; {role}")
     };
