@@ -32,16 +32,21 @@ enum Carried {
 }
 
 impl Carried {
-    fn in_flight(&self) -> usize {
+    /// Connections in flight that the agent's own drain does not track: a
+    /// sidecar's proxy runs on the agent's drain, a node agent's workloads
+    /// each on their own.
+    fn in_flight_elsewhere(&self) -> usize {
         match self {
-            Carried::Sidecar(p) => p.drain.active(),
+            Carried::Sidecar(_) => 0,
             Carried::Node(n) => n.in_flight(),
         }
     }
 
-    async fn drain(&self, deadline: Duration) -> usize {
+    /// Drains what [`Carried::in_flight_elsewhere`] counts; what is left
+    /// at the deadline.
+    async fn drain_elsewhere(&self, deadline: Duration) -> usize {
         match self {
-            Carried::Sidecar(p) => p.drain.drain(deadline).await,
+            Carried::Sidecar(_) => 0,
             Carried::Node(n) => n.drain(deadline).await,
         }
     }
@@ -238,16 +243,17 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
             },
         }
     };
-    info!(signal = which, in_flight = carried.in_flight(), deadline = ?config.drain_timeout, "draining");
+    info!(signal = which, in_flight = drain.active() + carried.in_flight_elsewhere(), deadline = ?config.drain_timeout, "draining");
     weft_service_manager::stopping(&format!(
         "{which}: draining {} connection(s), at most {:?}",
-        carried.in_flight(),
+        drain.active() + carried.in_flight_elsewhere(),
         config.drain_timeout
     ));
-    let (left, _) = tokio::join!(
-        carried.drain(config.drain_timeout),
+    let (elsewhere, own) = tokio::join!(
+        carried.drain_elsewhere(config.drain_timeout),
         drain.drain(config.drain_timeout)
     );
+    let left = elsewhere + own;
     if let Some(controller) = &controller {
         // The stream was closed when the drain began; make sure the zone
         // heard the goodbye before exiting.
