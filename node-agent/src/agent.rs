@@ -69,11 +69,17 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let view = view::shared(view);
 
     if config.redirect.on_start {
-        crate::redirect::install(&config).context(
+        let uid = crate::redirect::install_as_self(&config).context(
             "redirect.on_start: cannot install the capture rules (the agent needs CAP_NET_ADMIN, \
              or install them as root with `weft-agent redirect install`)",
         )?;
-        info!("capture rules installed (redirect.on_start)");
+        if uid == 0 {
+            warn!("capture exempts uid 0, the agent's: every process running as root bypasses it; run the agent as a dedicated user (the package's unit runs it as weft)");
+        }
+        info!(
+            exempt_uid = uid,
+            "capture rules installed (redirect.on_start)"
+        );
     }
     // Bind everything first: a port in use fails the start, naming its field.
     let admin_listener = bind("admin.listen", config.admin.listen)?;
