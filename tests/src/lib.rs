@@ -22,6 +22,7 @@ pub mod pattern;
 pub mod pki;
 pub mod postgres;
 pub mod process;
+pub mod realhost;
 pub mod servers;
 pub mod tempdir;
 pub mod topology;
