@@ -310,8 +310,12 @@ pub fn scrape(ip: Ipv4Addr) -> Result<Metrics> {
 pub fn plaintext_get(ip: Ipv4Addr, port: u16) -> Result<String> {
     use std::io::{Read, Write};
     let addr = SocketAddr::new(ip.into(), port);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
+    let mut stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        // Refused before a byte was exchanged: as good as a reset later.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(String::new()),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+    };
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let _ = stream.write_all(b"GET /marker.txt HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut answer = Vec::new();
