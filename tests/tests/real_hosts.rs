@@ -45,7 +45,8 @@ const AGENTS: [(&str, &str); 3] = [
 fn a_playbook_run_enrols_three_agents_that_carry_mtls_traffic() -> Result<()> {
     let zone_deb = packages::zone_deb()?;
     let agent_deb = packages::agent_deb()?;
-    let up = RealZone::boot(&AGENTS, FIREWALL)?;
+    // Bare hosts, as a fresh VM is: no firewall, nothing tracked.
+    let up = RealZone::boot(&AGENTS, false)?;
     up.wait_ssh()?;
     // The clock runs from booted hosts with no Weft on them to an enrolled
     // agent carrying traffic.
@@ -292,6 +293,7 @@ fn purging_the_agent_leaves_nothing_behind() -> Result<()> {
 #[test]
 fn the_rpm_installs_into_a_root_and_its_unit_starts_and_enrols() -> Result<()> {
     let zone_deb = packages::zone_deb()?;
+    let weftctl_deb = packages::weftctl_deb()?;
     let agent_rpm = packages::agent_rpm()?;
     let image = Image::get()?;
     let rpm_root = RpmRoot::install(&image, &[&agent_rpm])?;
@@ -317,7 +319,7 @@ fn the_rpm_installs_into_a_root_and_its_unit_starts_and_enrols() -> Result<()> {
             firewall: false,
         },
     )?;
-    let pin = install_zone_by_hand(&zone, &zone_deb, T)?;
+    let pin = install_zone_by_hand(&zone, &[&zone_deb, &weftctl_deb], T)?;
     let out = rpm_root.rpm().args(["-q", "weft-agent"]).output()?;
     ensure!(out.status.success(), "rpm -q weft-agent: {}", weft_e2e::realhost::describe(&out));
     host.sh_ok("getent passwd weft && systemctl cat weft-agent >/dev/null")?;
@@ -355,10 +357,11 @@ fn the_rpm_installs_into_a_root_and_its_unit_starts_and_enrols() -> Result<()> {
 fn an_ssh_session_open_while_the_agent_starts_keeps_working() -> Result<()> {
     use std::io::{BufRead, BufReader};
     let zone_deb = packages::zone_deb()?;
+    let weftctl_deb = packages::weftctl_deb()?;
     let agent_deb = packages::agent_deb()?;
     let up = RealZone::boot(&[("web-1", "web")], false)?;
     let web = &up.agent("web-1").host;
-    let pin = install_zone_by_hand(&up.zone, &zone_deb, T)?;
+    let pin = install_zone_by_hand(&up.zone, &[&zone_deb, &weftctl_deb], T)?;
     dpkg_install(web, &agent_deb)?;
     let token = issue_token(&up.zone, "web-1")?;
     let controller = format!("{}:5678", up.zone.ip());

@@ -24,6 +24,7 @@ const T: Duration = Duration::from_secs(240);
 #[test]
 fn a_vm_runs_the_zone_and_an_enrolled_agent_from_the_packages() -> Result<()> {
     let zone_deb = packages::zone_deb()?;
+    let weftctl_deb = packages::weftctl_deb()?;
     let agent_deb = packages::agent_deb()?;
     let image = Image::with_qemu()?;
     let vm = QemuVm::boot(&image, "vm-1", Duration::from_secs(400))?;
@@ -32,7 +33,7 @@ fn a_vm_runs_the_zone_and_an_enrolled_agent_from_the_packages() -> Result<()> {
     ensure!(kernel.contains("amd64"), "not Debian's kernel: {kernel}");
 
     let start = Instant::now();
-    let pin = install_zone_by_hand(&vm, &zone_deb, T)?;
+    let pin = install_zone_by_hand(&vm, &[&zone_deb, &weftctl_deb], T)?;
     dpkg_install(&vm, &agent_deb)?;
     // slirp gives the guest 10.0.2.15; the zone is on the same VM.
     let address = vm.sh_ok("ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1")?;

@@ -39,32 +39,35 @@ pub fn search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-/// The newest file in the search folders whose name starts with `prefix`
-/// and ends with `suffix` (e.g. `weft-agent_` and `.deb`).
+/// The file whose name starts with `prefix` and ends with `suffix` (e.g.
+/// `weft-agent_` and `.deb`) in the first search folder that has one (the
+/// newest there, when several builds are).
 pub fn find(prefix: &str, suffix: &str) -> Result<PathBuf> {
     let dirs = search_dirs();
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = dirs
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(prefix) && name.ends_with(suffix)
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    found.sort();
-    match found.pop() {
-        Some((_, path)) => Ok(path),
-        None => bail!(
-            "no {prefix}*{suffix} package in {}: run packaging/build first",
-            dirs.iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+    for dir in &dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(prefix) && name.ends_with(suffix)
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        found.sort();
+        if let Some((_, path)) = found.pop() {
+            return Ok(path);
+        }
     }
+    bail!(
+        "no {prefix}*{suffix} package in {}: run packaging/build first",
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// The weft-agent .deb.
@@ -75,6 +78,11 @@ pub fn agent_deb() -> Result<PathBuf> {
 /// The weft-zone .deb.
 pub fn zone_deb() -> Result<PathBuf> {
     find("weft-zone_", ".deb")
+}
+
+/// The weftctl .deb (the zone host's operator CLI, a package of its own).
+pub fn weftctl_deb() -> Result<PathBuf> {
+    find("weftctl_", ".deb")
 }
 
 /// The weft-agent .rpm.

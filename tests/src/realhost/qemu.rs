@@ -148,8 +148,10 @@ impl QemuVm {
 }
 
 /// SSH options for throw-away hosts: no host key checks or records, no
-/// prompts, no agent.
-pub fn ssh_options() -> [&'static str; 10] {
+/// prompts, no agent; a connection that stops answering fails within
+/// ~15 s instead of hanging (as one open while the agent installs its
+/// capture does on a host without a firewall: see docs/real-host-tests.md).
+pub fn ssh_options() -> [&'static str; 16] {
     [
         "-o",
         "StrictHostKeyChecking=no",
@@ -161,6 +163,12 @@ pub fn ssh_options() -> [&'static str; 10] {
         "BatchMode=yes",
         "-o",
         "IdentitiesOnly=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=2",
     ]
 }
 

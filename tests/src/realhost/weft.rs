@@ -381,26 +381,40 @@ spec:\n  trustDomain: realhost.test\n  workloadCertificateLifetime: 24h\n";
 
 /// Installs `deb` on `host` with dpkg, as an operator would by hand.
 pub fn dpkg_install(host: &dyn Machine, deb: &Path) -> Result<()> {
-    let name = deb
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("package file name")?;
-    let remote = format!("/tmp/{name}");
-    host.copy_in(deb, &remote)?;
+    dpkg_install_all(host, &[deb])
+}
+
+/// Installs `debs` on `host` with one `dpkg -i`.
+pub fn dpkg_install_all(host: &dyn Machine, debs: &[&Path]) -> Result<()> {
+    let mut remotes = Vec::new();
+    for deb in debs {
+        let name = deb
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("package file name")?;
+        let remote = format!("/tmp/{name}");
+        host.copy_in(deb, &remote)?;
+        remotes.push(format!("'{remote}'"));
+    }
     // No terminal: a conffile question would fail the install instead of
     // waiting forever; `timeout` bounds it anyway.
     host.sh_ok(&format!(
-        "DEBIAN_FRONTEND=noninteractive timeout 300 dpkg -i '{remote}' </dev/null"
+        "DEBIAN_FRONTEND=noninteractive timeout 300 dpkg -i {} </dev/null",
+        remotes.join(" ")
     ))?;
     Ok(())
 }
 
 /// Installs and starts the zone controller on `host` by hand
-/// (docs/vm-zone.md): the package, its flags in /etc/weft/zone.env
-/// (gRPC for agents on every address, the API on loopback), the Mesh.
-/// Returns the zone CA pin.
-pub fn install_zone_by_hand(host: &dyn Machine, deb: &Path, timeout: Duration) -> Result<String> {
-    dpkg_install(host, deb)?;
+/// (docs/vm-zone.md): the packages (`weft-zone` and `weftctl`), its flags
+/// in /etc/weft/zone.env (gRPC for agents on every address, the API on
+/// loopback), the Mesh. Returns the zone CA pin.
+pub fn install_zone_by_hand(
+    host: &dyn Machine,
+    debs: &[&Path],
+    timeout: Duration,
+) -> Result<String> {
+    dpkg_install_all(host, debs)?;
     host.write(
         "/etc/weft/zone.env",
         "WEFT_ZONE_ARGS=\"--zone realhost --store sqlite:///var/lib/weft/zone/zone.db \
