@@ -17,8 +17,8 @@ use weft_e2e::realhost::packages;
 use weft_e2e::realhost::rpmroot::RpmRoot;
 use weft_e2e::realhost::weft::{
     agent_entry, check_host_facts, configure_agent_by_hand, curl, install_zone_by_hand,
-    dpkg_install, issue_token, main_pid, plaintext_get, runs_installed_binary, scrape, start_agent,
-    start_workload, wait_curl, HandAgent, RealZone, WORKLOAD_PORT,
+    dpkg_install, issue_token, main_pid, plaintext_get, scrape, start_agent,
+    start_workload, wait_curl, wait_runs_installed_binary, HandAgent, RealZone, WORKLOAD_PORT,
 };
 use weft_e2e::realhost::Machine;
 use weft_e2e::tempdir::TempDir;
@@ -226,11 +226,8 @@ fn restart_and_upgrade_keep_the_operators_edits_and_the_enrolment() -> Result<()
     );
     let installed = payments.sh_ok("dpkg-query -W -f '${Version}' weft-agent")?;
     ensure!(installed == version, "installed {installed}, expected {version}");
-    runs_installed_binary(payments, "weft-agent")?;
-    eprintln!(
-        "upgrade restarted the agent: {}",
-        main_pid(payments, "weft-agent")? != before
-    );
+    let after = wait_runs_installed_binary(payments, "weft-agent", T)?;
+    eprintln!("the upgrade handed the agent over to a new process: {}", after != before);
     let config = payments.sh_ok("cat /etc/weft/agent.yaml")?;
     ensure!(
         config.contains("# operator: debug logs") && config.contains("level: debug"),

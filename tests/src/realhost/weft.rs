@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 
 use super::ansible;
@@ -359,20 +359,24 @@ pub fn main_pid(host: &dyn Machine, unit: &str) -> Result<u32> {
         .with_context(|| format!("MainPID of {unit}: {out}"))
 }
 
-/// Fails unless `unit` runs the binary installed on disk now (not one an
-/// upgrade replaced, which `/proc/PID/exe` shows as `(deleted)`).
-pub fn runs_installed_binary(host: &dyn Machine, unit: &str) -> Result<()> {
-    let pid = main_pid(host, unit)?;
-    ensure!(pid != 0, "{unit} does not run on {}", host.name());
-    let exe = host.sh_ok(&format!("readlink /proc/{pid}/exe"))?;
-    if exe.contains("(deleted)") {
-        bail!(
-            "{unit} on {} still runs the replaced binary: {}",
-            host.name(),
-            exe.trim()
-        );
-    }
-    Ok(())
+/// Waits until `unit`'s main process runs the binary installed on disk
+/// now, not one an upgrade replaced (which `/proc/PID/exe` shows as
+/// `(deleted)`): after an upgrade the agent hands over to a new process,
+/// which systemd takes as the main one once it serves. Returns its pid.
+pub fn wait_runs_installed_binary(host: &dyn Machine, unit: &str, timeout: Duration) -> Result<u32> {
+    let mut last = String::new();
+    let waited = wait::until(
+        &format!("{unit} on {} to run the installed binary", host.name()),
+        timeout,
+        || {
+            let pid = main_pid(host, unit)?;
+            let out = host.sh(&format!("readlink /proc/{pid}/exe"))?;
+            last = format!("MainPID {pid}: {}", String::from_utf8_lossy(&out.stdout).trim());
+            let exe = String::from_utf8_lossy(&out.stdout);
+            Ok((pid != 0 && out.status.success() && !exe.contains("(deleted)")).then_some(pid))
+        },
+    );
+    waited.map_err(|e| anyhow!("{e:#}\nlast: {last}\n{}", host.unit_report(unit)))
 }
 
 /// The Mesh the by-hand installs apply.
