@@ -640,6 +640,11 @@ fn host_json(host: Option<&pb::HostFacts>) -> serde_json::Value {
         "memoryBytes": h.memory_bytes,
         "agentRssBytes": h.agent_rss_bytes,
         "agentCpuSeconds": h.agent_cpu_seconds,
+        // When this replica heard them: facts older than the report
+        // period mean a stream that went quiet.
+        "reportedAtUnix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     })
 }
 
@@ -1222,6 +1227,12 @@ impl AgentApi {
                 tracing::info!(%agent, count = update.workloads.len(), "workloads re-registered");
                 Ok(())
             }
+            Some(pb::agent_message::Message::Host(host)) => self
+                .store
+                .update_host_facts(&self.zone, agent, &host_json(Some(&host)))
+                .await
+                .map(|_| ())
+                .map_err(store_status),
             Some(pb::agent_message::Message::Hello(_)) => {
                 tracing::debug!(%agent, "second Hello ignored");
                 Ok(())
