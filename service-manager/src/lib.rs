@@ -4,12 +4,20 @@
 //! `WatchdogSec=`, restarts it when its pings stop. Outside systemd
 //! (`NOTIFY_SOCKET` unset) every call here does nothing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tracing::{debug, info, warn};
 
+/// Set once another process is the service's main one: systemd ignores
+/// (and logs) anything this one would still say.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
 fn send(states: &[NotifyState<'_>]) {
+    if HANDED_OVER.load(Ordering::Acquire) {
+        return;
+    }
     if let Err(e) = sd_notify::notify(states) {
         warn!(error = %e, "cannot notify the service manager");
     }
@@ -31,6 +39,14 @@ pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
+/// Another process of the daemon takes over (a restart without downtime):
+/// systemd follows `pid` as the main process from now on, and this one
+/// says nothing more, watchdog pings included.
+pub fn hand_over(pid: u32, status: &str) {
+    send(&[NotifyState::MainPid(pid), NotifyState::Status(status)]);
+    HANDED_OVER.store(true, Ordering::Release);
+}
+
 /// Starts the watchdog pings when the unit asks for them (`WatchdogSec=`):
 /// WATCHDOG=1 at a third of the interval, from a task on the calling
 /// runtime. The task runs on the same event loop as the traffic, so a loop
@@ -45,6 +61,9 @@ pub fn spawn_watchdog() -> Option<Duration> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if HANDED_OVER.load(Ordering::Acquire) {
+                return;
+            }
             if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
                 debug!(error = %e, "watchdog ping failed");
             }
