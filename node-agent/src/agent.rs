@@ -164,6 +164,9 @@ pub async fn run(
         (mode, _, _) => anyhow::bail!("mode {mode:?} cannot run with this config"),
     };
     handoff::release_unused();
+    if matches!(carried, Carried::Sidecar(_)) {
+        handoff::keep_across_restarts(&sockets);
+    }
 
     let controller = match (state, locals) {
         (Some(state), Some(locals)) => Some(Controller::new(

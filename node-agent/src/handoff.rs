@@ -74,6 +74,14 @@ pub fn adopt_from_env() -> Option<Predecessor> {
         std::env::remove_var(CHANNEL_ENV);
     }
     let mut inherited = HashMap::new();
+    // From systemd's descriptor store, after a `systemctl restart`.
+    // SAFETY: still one thread (see above).
+    for (fd, name) in unsafe { weft_service_manager::take_listen_fds() } {
+        if let Some(fd) = owned(fd) {
+            inherited.insert(name, fd);
+        }
+    }
+    // From the previous process, after a handoff (same names; these win).
     for entry in fds.iter().flat_map(|f| f.split(',')) {
         let Some((field, fd)) = entry.split_once('=') else {
             continue;
@@ -87,10 +95,13 @@ pub fn adopt_from_env() -> Option<Predecessor> {
     Some(Predecessor(UnixStream::from(channel)))
 }
 
-/// Takes ownership of an inherited descriptor, if it is open.
+/// Takes ownership of an inherited descriptor, if it is open, and makes it
+/// close-on-exec like every other descriptor of the agent's (it must not
+/// leak into `nft` or a later successor other than by placement).
 fn owned(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: F_GETFD only reads the descriptor's flags.
-    if fd < FIRST_FD || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    // SAFETY: F_SETFD only changes the descriptor's close-on-exec flag,
+    // and fails on a descriptor that is not open.
+    if fd < FIRST_FD || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return None;
     }
     // SAFETY: the descriptor is open, was placed here by the previous
@@ -176,6 +187,22 @@ impl Predecessor {
             ),
         }
     }
+}
+
+/// Puts `sockets` in systemd's descriptor store (see
+/// [`weft_service_manager::store_fds`]), so that a restart keeps them.
+pub fn keep_across_restarts(sockets: &[Socket]) {
+    let borrowed: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = sockets
+        .iter()
+        // SAFETY: the sockets are open for the life of the agent's
+        // listeners, which outlive this call.
+        .map(|(name, fd)| {
+            (name.as_str(), unsafe {
+                std::os::fd::BorrowedFd::borrow_raw(*fd)
+            })
+        })
+        .collect();
+    weft_service_manager::store_fds(&borrowed);
 }
 
 /// A socket to hand over: its config field (with [`UDP_SUFFIX`] for UDP)

@@ -47,6 +47,44 @@ pub fn hand_over(pid: u32, status: &str) {
     HANDED_OVER.store(true, Ordering::Release);
 }
 
+/// Keeps the daemon's listening sockets in systemd's file descriptor store
+/// (the unit's `FileDescriptorStoreMax=`), each under its name: across a
+/// `systemctl restart` the sockets stay open, so connections arriving
+/// while the daemon is down wait in their backlog instead of being
+/// refused, and the next process gets them back ([`take_listen_fds`]).
+/// Without a store systemd refuses them and logs it; nothing else changes.
+pub fn store_fds(fds: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    for (name, fd) in fds {
+        send_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], *fd);
+    }
+}
+
+fn send_fds(states: &[NotifyState<'_>], fd: std::os::fd::BorrowedFd<'_>) {
+    if HANDED_OVER.load(Ordering::Acquire) {
+        return;
+    }
+    if let Err(e) = sd_notify::notify_with_fds(states, &[fd]) {
+        warn!(error = %e, "cannot store a socket with the service manager");
+    }
+}
+
+/// The sockets systemd passed at start (`LISTEN_FDS`, from the descriptor
+/// store or socket activation), with their names; the variables are
+/// removed so no child inherits them.
+///
+/// # Safety
+/// Changes the environment: call it while the process has one thread.
+pub unsafe fn take_listen_fds() -> Vec<(std::os::fd::RawFd, String)> {
+    // SAFETY: the caller guarantees a single thread.
+    match unsafe { sd_notify::listen_fds_with_names_and_unset_env() } {
+        Ok(fds) => fds.collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Starts the watchdog pings when the unit asks for them (`WatchdogSec=`):
 /// WATCHDOG=1 at a third of the interval, from a task on the calling
 /// runtime. The task runs on the same event loop as the traffic, so a loop
