@@ -869,6 +869,13 @@ fn the_debs_install_upgrade_keep_edits_and_purge_in_a_debian_root() -> Result<()
         );
     }
 
+    // The packaged zone settings are valid as shipped.
+    let zone_check = root.sh("weft-zone check --config /etc/weft/zone.yaml")?;
+    ensure!(
+        zone_check.starts_with("zone default: store sqlite:///var/lib/weft/zone/zone.db"),
+        "weft-zone check: {zone_check}"
+    );
+
     // The operator configures the agent (and it enrolled once: state).
     root.sh(FILL_AGENT_CONFIG)?;
     root.sh("weft-agent check -c /etc/weft/agent.yaml")?;
@@ -893,17 +900,24 @@ fn the_debs_install_upgrade_keep_edits_and_purge_in_a_debian_root() -> Result<()
     );
     ensure!(!root.exists("/etc/weft/agent.yaml.dpkg-dist"));
     let calls = root.take_systemctl_calls()?;
+    // The stand-in systemctl says every unit is active.
     ensure!(
-        calls.iter().any(|c| c == "try-restart weft-agent.service"),
-        "the upgrade did not restart a running agent: {calls:?}"
+        calls.iter().any(|c| c == "reload weft-agent.service"),
+        "the upgrade did not hand the running agent over to its new binary: {calls:?}"
     );
     ensure!(
-        !calls.iter().any(|c| c.starts_with("stop")),
-        "the upgrade stopped the agent before its new binary was in place: {calls:?}"
+        !calls
+            .iter()
+            .any(|c| c.starts_with("stop") || c.starts_with("restart")),
+        "the upgrade stopped the agent: {calls:?}"
     );
     ensure!(root
         .sh("dpkg-query -W -f='${Version}' weft-agent")?
         .ends_with("-900"));
+
+    // A node agent cannot hand over: the upgrade restarts it.
+    root.sh("sed -i 's/^mode: sidecar/mode: node/' /etc/weft/agent.yaml")?;
+    let edited = root.read("/etc/weft/agent.yaml")?;
 
     // A newer build whose default config changed: dpkg would ask which to
     // keep, and with no terminal it fails; --force-confold answers "keep
@@ -936,7 +950,12 @@ fn the_debs_install_upgrade_keep_edits_and_purge_in_a_debian_root() -> Result<()
             .trim()
             == "ii"
     );
-    root.take_systemctl_calls()?;
+    let calls = root.take_systemctl_calls()?;
+    ensure!(
+        calls.iter().any(|c| c == "restart weft-agent.service")
+            && !calls.iter().any(|c| c.starts_with("reload")),
+        "the upgrade did not restart the node agent: {calls:?}"
+    );
 
     // Remove: the agent is stopped and its capture rules go (they would
     // black-hole the host's traffic without it); config, state and the
@@ -1169,13 +1188,13 @@ fn the_rpms_install_reinstall_and_erase_in_a_debian_root() -> Result<()> {
     );
     let calls = root.take_systemctl_calls()?;
     ensure!(
-        calls.iter().any(|c| c == "try-restart weft-agent.service"),
-        "the upgrade did not restart a running agent: {calls:?}"
+        calls.iter().any(|c| c == "reload weft-agent.service"),
+        "the upgrade did not hand the running agent over to its new binary: {calls:?}"
     );
     ensure!(
         !calls
             .iter()
-            .any(|c| c.starts_with("enable") || c.starts_with("stop")),
+            .any(|c| c.starts_with("enable") || c.starts_with("stop") || c.starts_with("restart")),
         "{calls:?}"
     );
 
