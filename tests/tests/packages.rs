@@ -16,6 +16,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,9 +29,9 @@ use weft_e2e::tempdir::TempDir;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the Debian root holds besides minbase: what the packages depend on
-/// (nftables; libc6 is there already) and systemd for systemd-sysusers,
+/// (nftables, procps; libc6 is there already) and systemd for systemd-sysusers,
 /// systemctl and deb-systemd-helper, as on a real host.
-const ROOT_PACKAGES: &str = "systemd,nftables";
+const ROOT_PACKAGES: &str = "systemd,nftables,procps";
 const ROOT_SUITE: &str = "bookworm";
 /// Bumped when the way the root is made changes, so that a stale cache is
 /// not used.
@@ -170,7 +171,11 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+            // The whole process group (spawned with process_group(0)):
+            // debootstrap's dpkg and chroot children too.
+            // SAFETY: kill has no memory-safety preconditions; the child is
+            // not reaped yet, so its pid (and group id) cannot be reused.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
             let _ = self.0.wait();
         }
     }
@@ -301,6 +306,7 @@ fn bootstrap(scratch: &Path, tar: &Path) -> Result<()> {
             .arg(ROOT_SUITE)
             .arg(scratch)
             .arg(&mirror)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -593,10 +599,12 @@ fn the_debs_declare_and_carry_what_they_install() -> Result<()> {
             depends.contains("libc6 (>="),
             "{name} depends on {depends:?}: no libc6"
         );
-        ensure!(
-            depends.contains("nftables") == (name == "weft-agent"),
-            "{name} depends on {depends:?}: only the agent needs nftables"
-        );
+        for only_agent in ["nftables", "procps"] {
+            ensure!(
+                depends.contains(only_agent) == (name == "weft-agent"),
+                "{name} depends on {depends:?}: only the agent needs {only_agent}"
+            );
+        }
         let files = deb_files(deb)?;
         ensure!(
             files.contains(&format!("/usr/bin/{name}")),
@@ -686,10 +694,12 @@ fn the_rpms_declare_and_carry_what_they_install() -> Result<()> {
             requires.lines().any(|l| l.starts_with("libc.so.6")),
             "{name} requires {requires:?}: no libc"
         );
-        ensure!(
-            requires.lines().any(|l| l.trim() == "nftables") == (name == "weft-agent"),
-            "{name} requires {requires:?}: only the agent needs nftables"
-        );
+        for only_agent in ["nftables", "/usr/bin/kill"] {
+            ensure!(
+                requires.lines().any(|l| l.trim() == only_agent) == (name == "weft-agent"),
+                "{name} requires {requires:?}: only the agent needs {only_agent}"
+            );
+        }
         let files = rpm_query(rpm, &["--list"])?;
         ensure!(files.lines().any(|l| l == format!("/usr/bin/{name}")));
         ensure!(files
