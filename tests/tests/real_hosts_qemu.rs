@@ -28,7 +28,10 @@ fn a_vm_runs_the_zone_and_an_enrolled_agent_from_the_packages() -> Result<()> {
     let agent_deb = packages::agent_deb()?;
     let image = Image::with_qemu()?;
     let vm = QemuVm::boot(&image, "vm-1", Duration::from_secs(400))?;
-    eprintln!("TIMING qemu (TCG) boot to SSH: {:.1} s", vm.booted_in().as_secs_f64());
+    eprintln!(
+        "TIMING qemu (TCG) boot to SSH: {:.1} s",
+        vm.booted_in().as_secs_f64()
+    );
     let kernel = vm.sh_ok("uname -r")?;
     ensure!(kernel.contains("amd64"), "not Debian's kernel: {kernel}");
 

@@ -45,7 +45,13 @@ impl Bridge {
             _ledger: ledger,
         };
         ip(&["link", "add", &bridge.name, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("{}/24", bridge.gateway()), "dev", &bridge.name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", bridge.gateway()),
+            "dev",
+            &bridge.name,
+        ])?;
         ip(&["link", "set", &bridge.name, "up"])?;
         Ok(bridge)
     }
@@ -69,7 +75,9 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
         let _ = std::fs::remove_file(&self.claim);
     }
 }

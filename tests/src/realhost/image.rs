@@ -46,18 +46,18 @@ impl Image {
             .with_context(|| format!("running {}", script().display()))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
-            bail!(
-                "{} failed ({}):\n{stderr}",
-                script().display(),
-                out.status
-            );
+            bail!("{} failed ({}):\n{stderr}", script().display(), out.status);
         }
         if !stderr.trim().is_empty() {
             eprintln!("{}", stderr.trim());
         }
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if !dir.join("rootfs/etc/os-release").is_file() {
-            bail!("{} printed {}, which holds no root", script().display(), dir.display());
+            bail!(
+                "{} printed {}, which holds no root",
+                script().display(),
+                dir.display()
+            );
         }
         eprintln!(
             "real-host image {} ready in {:.1} s",

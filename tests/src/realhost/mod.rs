@@ -61,7 +61,9 @@ pub trait Machine {
         std::fs::write(&local, contents)?;
         let staged = format!("{path}.weft-test-new");
         self.copy_in(&local, &staged)?;
-        self.sh_ok(&format!("chmod {mode} '{staged}' && mv '{staged}' '{path}'"))?;
+        self.sh_ok(&format!(
+            "chmod {mode} '{staged}' && mv '{staged}' '{path}'"
+        ))?;
         Ok(())
     }
 

@@ -96,7 +96,10 @@ impl NspawnHost {
         let hosts = dir.join("hosts");
         std::fs::write(
             &hosts,
-            format!("127.0.0.1 localhost\n127.0.1.1 {}\n::1 localhost\n", boot.hostname),
+            format!(
+                "127.0.0.1 localhost\n127.0.1.1 {}\n::1 localhost\n",
+                boot.hostname
+            ),
         )?;
         let console = dir.join("console.log");
         let log = File::create(&console)?;
@@ -186,7 +189,11 @@ impl NspawnHost {
             // Not fatal (a unit a test does not need may fail in a
             // container), but worth seeing when a later check fails.
             let failed = self.sh_ok("systemctl --failed --no-legend --plain")?;
-            eprintln!("{}: degraded, failed units: {}", self.hostname, failed.trim());
+            eprintln!(
+                "{}: degraded, failed units: {}",
+                self.hostname,
+                failed.trim()
+            );
         }
         Ok(())
     }
@@ -235,7 +242,10 @@ impl NspawnHost {
         let mut cmd = Command::new("nsenter");
         cmd.args(["-t", &self.leader.to_string(), "-a", "--", program])
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("LANG", "C.UTF-8")
             .env("HOME", "/root")
             .env("TERM", "dumb");
@@ -314,19 +324,22 @@ impl Drop for NspawnHost {
 /// The child of `parent` that is PID 1 in its own pid namespace.
 fn child_pid1(parent: u32) -> Option<u32> {
     let parent = parent.to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
-        };
-        let is_child = field("PPid:")? == parent;
-        let nspid: Vec<&str> = field("NSpid:")?.split_whitespace().collect();
-        (is_child && nspid.len() >= 2 && nspid.last() == Some(&"1")).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+            };
+            let is_child = field("PPid:")? == parent;
+            let nspid: Vec<&str> = field("NSpid:")?.split_whitespace().collect();
+            (is_child && nspid.len() >= 2 && nspid.last() == Some(&"1")).then_some(pid)
+        })
 }
 
 fn tail_file(path: &Path) -> String {

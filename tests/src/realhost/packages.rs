@@ -99,7 +99,11 @@ pub fn deb_field(deb: &Path, field: &str) -> Result<String> {
         .output()
         .context("running dpkg-deb")?;
     if !out.status.success() {
-        bail!("dpkg-deb --field {}: {}", deb.display(), super::describe(&out));
+        bail!(
+            "dpkg-deb --field {}: {}",
+            deb.display(),
+            super::describe(&out)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

@@ -54,31 +54,38 @@ impl QemuVm {
         let ssh_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let console = dir.join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024", "-smp", "2"])
-            .arg("-kernel")
-            .arg(image.kernel())
-            .arg("-initrd")
-            .arg(image.initrd())
-            .args([
-                "-append",
-                &format!(
-                    "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={hostname}"
-                ),
-            ])
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
-            .args([
-                "-netdev",
-                &format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
-                "-device",
-                "virtio-net-pci,netdev=n0",
-            ])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.join("qemu.stdout"))?)
-            .stderr(File::create(dir.join("qemu.stderr"))?);
+        cmd.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+        ])
+        .arg("-kernel")
+        .arg(image.kernel())
+        .arg("-initrd")
+        .arg(image.initrd())
+        .args([
+            "-append",
+            &format!("root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={hostname}"),
+        ])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
+        .args([
+            "-netdev",
+            &format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.join("qemu.stdout"))?)
+        .stderr(File::create(dir.join("qemu.stderr"))?);
         let start = Instant::now();
         let qemu = cmd
             .spawn()

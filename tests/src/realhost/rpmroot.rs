@@ -43,12 +43,15 @@ impl RpmRoot {
         }
         let mut ledger = Ledger::new()?;
         ledger.mount(&merged);
-        run(Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            image.rootfs().display(),
-            upper.display(),
-            work.display()
-        )).arg(&merged))?;
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                image.rootfs().display(),
+                upper.display(),
+                work.display()
+            ))
+            .arg(&merged))?;
         let root = RpmRoot {
             merged,
             mounted: true,

@@ -329,7 +329,10 @@ pub fn check_host_facts(entry: &Value, host: &dyn Machine) -> Result<()> {
     let facts = &entry["host"];
     let kernel = host.sh_ok("uname -r")?;
     let os = facts["os"].as_str().unwrap_or_default();
-    ensure!(os.contains("Debian"), "os {os:?} is not Debian's: {entry:#}");
+    ensure!(
+        os.contains("Debian"),
+        "os {os:?} is not Debian's: {entry:#}"
+    );
     ensure!(
         facts["kernel"].as_str() == Some(kernel.trim()),
         "kernel {} is not the host's {}: {entry:#}",
@@ -363,7 +366,11 @@ pub fn main_pid(host: &dyn Machine, unit: &str) -> Result<u32> {
 /// now, not one an upgrade replaced (which `/proc/PID/exe` shows as
 /// `(deleted)`): after an upgrade the agent hands over to a new process,
 /// which systemd takes as the main one once it serves. Returns its pid.
-pub fn wait_runs_installed_binary(host: &dyn Machine, unit: &str, timeout: Duration) -> Result<u32> {
+pub fn wait_runs_installed_binary(
+    host: &dyn Machine,
+    unit: &str,
+    timeout: Duration,
+) -> Result<u32> {
     let mut last = String::new();
     let waited = wait::until(
         &format!("{unit} on {} to run the installed binary", host.name()),
@@ -371,7 +378,10 @@ pub fn wait_runs_installed_binary(host: &dyn Machine, unit: &str, timeout: Durat
         || {
             let pid = main_pid(host, unit)?;
             let out = host.sh(&format!("readlink /proc/{pid}/exe"))?;
-            last = format!("MainPID {pid}: {}", String::from_utf8_lossy(&out.stdout).trim());
+            last = format!(
+                "MainPID {pid}: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
             let exe = String::from_utf8_lossy(&out.stdout);
             Ok((pid != 0 && out.status.success() && !exe.contains("(deleted)")).then_some(pid))
         },
@@ -380,7 +390,8 @@ pub fn wait_runs_installed_binary(host: &dyn Machine, unit: &str, timeout: Durat
 }
 
 /// The Mesh the by-hand installs apply.
-pub const MESH_YAML: &str = "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata:\n  name: default\n\
+pub const MESH_YAML: &str =
+    "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata:\n  name: default\n\
 spec:\n  trustDomain: realhost.test\n  workloadCertificateLifetime: 24h\n";
 
 /// Installs `deb` on `host` with dpkg, as an operator would by hand.
