@@ -272,7 +272,11 @@ fn purging_the_agent_leaves_nothing_behind() -> Result<()> {
     let agent_deb = packages::agent_deb()?;
     let up = RealZone::boot(&[("web-1", "web")], FIREWALL)?;
     up.wait_ssh()?;
-    up.playbook(&zone_deb, &agent_deb, None)?;
+    let run = up.playbook(&zone_deb, &agent_deb, None)?;
+    eprintln!(
+        "TIMING booted zone + 1 agent host -> playbook -> enrolled agent: {:.1} s",
+        run.took.as_secs_f64()
+    );
     let web = &up.agent("web-1").host;
     // Before: everything the checks below look for is there, so that
     // their passing means removed, not never made.
