@@ -64,8 +64,9 @@ configure() {
   install -m 600 -o 1000 -g 1000 "$pub" "$root/home/ci/.ssh/authorized_keys"
   echo 'ci ALL=(ALL) NOPASSWD:ALL' >"$root/etc/sudoers.d/ci"
   chmod 440 "$root/etc/sudoers.d/ci"
-  # Host keys made once here, so every host boots without generating them
-  # (the tests do not pin them anyway).
+  # The SSH host keys openssh-server made at install are shared by every
+  # host booted from this root: none generates its own at boot, and the
+  # tests do not pin them.
   # No DNS server is reachable from a host; the tests bind their own.
   : >"$root/etc/resolv.conf"
   # sshd answers at once: no reverse DNS of the client.
