@@ -117,10 +117,16 @@ fn the_zone_says_ready_once_it_serves() -> Result<()> {
     let host = Host::new()?;
     host.run("ip", &["link", "set", "lo", "up"])?;
     let manager = Manager::new(dir.path())?;
+    // As the unit runs it: the settings file, and a flag over one of its keys.
+    let config = dir.join("zone.yaml");
     let store = format!("sqlite://{}", dir.join("zone.db").display());
+    std::fs::write(
+        &config,
+        format!("store: {store}\nlisten: 127.0.0.1:5681\ngrpc_listen: 10.9.9.9:1\n"),
+    )?;
     let mut cmd = host.command(weft_e2e::binaries::find("weft-zone", "WEFT_ZONE_BIN")?);
-    cmd.args(["run", "--store", &store, "--listen", "127.0.0.1:5681"])
-        .args(["--grpc-listen", "127.0.0.1:5678"]);
+    cmd.arg("run").arg("--config").arg(&config);
+    cmd.args(["--grpc-listen", "127.0.0.1:5678"]);
     without_weft_env(&mut cmd);
     serve_under_manager(&mut cmd, &manager);
     let mut zone = Proc::spawn("zone", cmd, dir.path())?;
@@ -142,6 +148,57 @@ fn the_zone_says_ready_once_it_serves() -> Result<()> {
     manager.until("STOPPING=1")?;
     let status = zone.wait_exit(T)?;
     ensure!(status.success(), "{status}\n{}", zone.logs());
+    Ok(())
+}
+
+/// A bad settings file is refused before anything starts, naming the key
+/// and the file; `check` accepts a good one.
+#[test]
+fn the_zone_refuses_a_bad_settings_file() -> Result<()> {
+    let dir = TempDir::new("weft-zone-settings")?;
+    let zone = weft_e2e::binaries::find("weft-zone", "WEFT_ZONE_BIN")?;
+    let cases = [
+        (
+            "listen_address: 0.0.0.0:5681\n",
+            "unknown field `listen_address`",
+        ),
+        (
+            "listen: everywhere\n",
+            "invalid listen \"everywhere\" (`listen` in ",
+        ),
+        (
+            "agent_grace: 5 minutes\n",
+            "invalid agent_grace \"5 minutes\"",
+        ),
+        ("zone: [east\n", "config file "),
+    ];
+    let config = dir.join("zone.yaml");
+    for (yaml, expected) in cases {
+        std::fs::write(&config, yaml)?;
+        for command in ["check", "run"] {
+            let out = Command::new(&zone)
+                .arg(command)
+                .arg("--config")
+                .arg(&config)
+                .output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(!out.status.success(), "{command} accepted {yaml:?}");
+            ensure!(stderr.contains(expected), "{command} {yaml:?}: {stderr}");
+        }
+    }
+    std::fs::write(&config, "zone: east\nsans: [zone.example]\n")?;
+    let out = Command::new(&zone)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(stdout.starts_with("zone east: "), "{stdout}");
     Ok(())
 }
 

@@ -15,20 +15,22 @@ mod hub;
 mod inspect;
 mod leader;
 mod mesh_ca;
+mod settings;
 mod tokens;
 mod views;
 mod zone_ca;
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use settings::Settings;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use weft_store::{Store, VipRange};
+use weft_store::Store;
 
 /// Weft zone controller.
 #[derive(Debug, Parser)]
@@ -42,49 +44,78 @@ struct Cli {
 enum Command {
     /// Runs the controller until SIGTERM or SIGINT.
     Run(RunArgs),
+    /// Checks the settings (the file and flags) and prints them, as `run`
+    /// would use them; exits 1 naming the field if one is invalid.
+    Check(RunArgs),
 }
 
+/// Each flag overrides the same-named key of the `--config` file, which
+/// overrides the default shown.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// A YAML settings file whose keys are these flags' names in snake_case
+    /// (e.g. /etc/weft/zone.yaml); unknown keys are refused.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The store: sqlite:///path/file.db (created if missing) or
-    /// postgres://user@host/db.
-    #[arg(long, default_value = "sqlite://weft-zone.db")]
-    store: String,
+    /// postgres://user@host/db [default: sqlite://weft-zone.db].
+    #[arg(long)]
+    store: Option<String>,
     /// Address of the HTTP API. Port 0 picks a free port; the bound address
-    /// is printed on stdout as `listening on ADDR`.
-    #[arg(long, default_value = "127.0.0.1:5681")]
-    listen: SocketAddr,
-    /// The name of this zone (a DNS-1123 label).
-    #[arg(long, default_value = "default")]
-    zone: String,
+    /// is printed on stdout as `listening on ADDR` [default: 127.0.0.1:5681].
+    #[arg(long)]
+    listen: Option<String>,
+    /// The name of this zone (a DNS-1123 label) [default: default].
+    #[arg(long)]
+    zone: Option<String>,
     /// Address of the agent gRPC API (mutual TLS). Port 0 picks a free
-    /// port; the bound address is printed as `grpc listening on ADDR`.
-    #[arg(long, default_value = "0.0.0.0:5678")]
-    grpc_listen: SocketAddr,
+    /// port; the bound address is printed as `grpc listening on ADDR`
+    /// [default: 0.0.0.0:5678].
+    #[arg(long)]
+    grpc_listen: Option<String>,
     /// An extra DNS name or IP address for the gRPC server certificate,
-    /// besides `weft-zone` (repeatable).
+    /// besides `weft-zone` (repeatable; added to the file's `sans`).
     #[arg(long = "san", value_name = "NAME_OR_IP")]
     sans: Vec<String>,
-    /// The IPv4 range services' virtual IPs are allocated from.
-    #[arg(long, default_value = "240.240.0.0/16")]
-    vip_range: VipRange,
+    /// The IPv4 range services' virtual IPs are allocated from
+    /// [default: 240.240.0.0/16].
+    #[arg(long)]
+    vip_range: Option<String>,
     /// This replica's id in the agent inventory (default: hostname and
     /// process id).
     #[arg(long)]
     replica_id: Option<String>,
     /// How long the built-in mesh CAs this controller generates are valid
-    /// (e.g. `87600h`); the leader rotates one at 80% of its life.
-    #[arg(long, default_value = "87600h")]
-    mesh_ca_lifetime: weft_api::Duration,
+    /// (e.g. `87600h`); the leader rotates one at 80% of its life
+    /// [default: 87600h].
+    #[arg(long)]
+    mesh_ca_lifetime: Option<String>,
     /// How long an agent may go unseen (no heartbeat, no stream) before the
     /// leader takes its workloads out of every endpoint list (e.g. `60s`).
-    /// Streams heartbeat every 5 s, or a third of this if shorter.
-    #[arg(long, default_value = "60s")]
-    agent_grace: weft_api::Duration,
+    /// Streams heartbeat every 5 s, or a third of this if shorter
+    /// [default: 60s].
+    #[arg(long)]
+    agent_grace: Option<String>,
 }
 
-/// The shortest `--agent-grace`: three heartbeats must fit in it.
-const MIN_AGENT_GRACE: Duration = Duration::from_secs(1);
+impl RunArgs {
+    fn settings(self) -> Result<Settings, settings::SettingsError> {
+        Settings::load(
+            self.config.as_deref(),
+            settings::Overrides {
+                zone: self.zone,
+                store: self.store,
+                listen: self.listen,
+                grpc_listen: self.grpc_listen,
+                sans: self.sans,
+                vip_range: self.vip_range,
+                replica_id: self.replica_id,
+                mesh_ca_lifetime: self.mesh_ca_lifetime,
+                agent_grace: self.agent_grace,
+            },
+        )
+    }
+}
 
 /// How long open streams and requests get to end at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -128,21 +159,20 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(args.settings()?)),
+        Command::Check(args) => {
+            let s = args.settings()?;
+            println!(
+                "zone {}: store {}, API {}, agents {}, certificate names {:?}, virtual IPs {}, agent grace {:?}, mesh CA lifetime {:?}",
+                s.zone, s.store, s.listen, s.grpc_listen, s.sans, s.vip_range, s.agent_grace, s.mesh_ca_lifetime
+            );
+            Ok(())
+        }
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if let Err(reason) = weft_api::validation::dns1123_label(&args.zone) {
-        bail!("invalid --zone {:?}: {reason}", args.zone);
-    }
-    let agent_grace = args.agent_grace.as_std();
-    if agent_grace < MIN_AGENT_GRACE {
-        bail!(
-            "invalid --agent-grace {}: must be at least 1s (streams heartbeat within a third of it)",
-            args.agent_grace
-        );
-    }
+async fn run(args: Settings) -> anyhow::Result<()> {
+    let agent_grace = args.agent_grace;
     let replica = args.replica_id.clone().unwrap_or_else(default_replica_id);
     let store = Store::open(&args.store)
         .await
@@ -157,7 +187,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("cannot read the bound address")?;
     let grpc_listener = TcpListener::bind(args.grpc_listen)
         .await
-        .with_context(|| format!("cannot listen on --grpc-listen {}", args.grpc_listen))?;
+        .with_context(|| format!("cannot listen on grpc_listen {}", args.grpc_listen))?;
     let grpc_bound = grpc_listener
         .local_addr()
         .context("cannot read the bound gRPC address")?;
@@ -169,10 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal().await?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let leading = Arc::new(AtomicBool::new(false));
-    let cas = Arc::new(mesh_ca::MeshCas::new(
-        store.clone(),
-        args.mesh_ca_lifetime.as_std(),
-    ));
+    let cas = Arc::new(mesh_ca::MeshCas::new(store.clone(), args.mesh_ca_lifetime));
     let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
     let cutoff = Arc::new(cutoff::Cutoff::new(store.clone(), args.zone.clone()));
