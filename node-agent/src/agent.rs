@@ -1,6 +1,7 @@
 //! Wires the agent together: loads the identity, binds every listener, runs
 //! until SIGTERM or SIGINT, then drains.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::controller::{self, Controller, LocalWorkloads, Sidecar};
 use crate::credentials::Credentials;
 use crate::dns::{self, Dns};
 use crate::drain::Drain;
+use crate::handoff::{self, Predecessor};
 use crate::listen::bind;
 use crate::local_workload::LocalWorkload;
 use crate::logging::LogHandle;
@@ -53,7 +55,11 @@ impl Carried {
 }
 
 /// Runs the agent until it is told to stop and has drained.
-pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    log: LogHandle,
+    predecessor: Option<Predecessor>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     // The agent's own drain: /ready, the controller stream and the admin
@@ -69,11 +75,17 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
     let view = view::shared(view);
 
     if config.redirect.on_start {
-        crate::redirect::install(&config).context(
+        let uid = crate::redirect::install_as_self(&config).context(
             "redirect.on_start: cannot install the capture rules (the agent needs CAP_NET_ADMIN, \
              or install them as root with `weft-agent redirect install`)",
         )?;
-        info!("capture rules installed (redirect.on_start)");
+        if uid == 0 {
+            warn!("capture exempts uid 0, the agent's: every process running as root bypasses it; run the agent as a dedicated user (the package's unit runs it as weft)");
+        }
+        info!(
+            exempt_uid = uid,
+            "capture rules installed (redirect.on_start)"
+        );
     }
     // Bind everything first: a port in use fails the start, naming its field.
     let admin_listener = bind("admin.listen", config.admin.listen)?;
@@ -92,6 +104,10 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         view: view.clone(),
         dns,
     };
+    let mut sockets: Vec<handoff::Socket> = vec![
+        ("admin.listen".to_owned(), admin_listener.as_raw_fd()),
+        ("metrics.listen".to_owned(), metrics_listener.as_raw_fd()),
+    ];
     // The one place the mode is chosen: a gateway will be one more arm.
     let (carried, locals, identity, outbounds): (
         Carried,
@@ -104,6 +120,7 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
             let identity = credentials.id();
             metrics.certificate_expires(credentials.current().identity.not_after);
             let listeners = Listeners::bind(&config, config.dns_enabled())?;
+            sockets.extend(listeners.sockets(&config));
             let local = Arc::new(LocalWorkload {
                 name: workload.name.as_deref().unwrap_or(identity.as_str()).into(),
                 address: workload.address,
@@ -146,6 +163,10 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         }
         (mode, _, _) => anyhow::bail!("mode {mode:?} cannot run with this config"),
     };
+    handoff::release_unused();
+    if matches!(carried, Carried::Sidecar(_)) {
+        handoff::keep_across_restarts(&sockets);
+    }
 
     let controller = match (state, locals) {
         (Some(state), Some(locals)) => Some(Controller::new(
@@ -184,16 +205,20 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         outbounds,
         drain.clone(),
     ));
-    tokio::spawn(admin::serve(
-        admin_listener,
-        state.clone(),
-        admin::Endpoint::Admin,
-    ));
-    tokio::spawn(admin::serve(
-        metrics_listener,
-        state.clone(),
-        admin::Endpoint::Metrics,
-    ));
+    // Kept to stop accepting after a handoff: the new process answers
+    // /ready and /metrics from then on.
+    let admin_tasks = [
+        tokio::spawn(admin::serve(
+            admin_listener,
+            state.clone(),
+            admin::Endpoint::Admin,
+        )),
+        tokio::spawn(admin::serve(
+            metrics_listener,
+            state.clone(),
+            admin::Endpoint::Metrics,
+        )),
+    ];
     if matches!(carried, Carried::Node(_)) {
         let control = admin::bind_control(&config.node.control_socket)?;
         info!(socket = %config.node.control_socket.display(), "enrolment control socket listening");
@@ -226,13 +251,14 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         state.ready.store(true, Ordering::Release);
     }
 
-    tokio::spawn(crate::service_status::report(state.clone()));
+    tokio::spawn(crate::service_status::report(state.clone(), predecessor));
     tokio::spawn(release_startup_code(state.clone()));
     weft_service_manager::spawn_watchdog();
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -241,6 +267,11 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
                 Carried::Sidecar(p) => reload(&p.credentials, &metrics),
                 Carried::Node(n) => n.reload("SIGHUP"),
             },
+            _ = usr2.recv() => {
+                if hand_over(&carried, &sockets, &admin_tasks).await {
+                    break "SIGUSR2 (handed over to a new process)";
+                }
+            }
         }
     };
     info!(signal = which, in_flight = drain.active() + carried.in_flight_elsewhere(), deadline = ?config.drain_timeout, "draining");
@@ -273,6 +304,40 @@ pub async fn run(config: AgentConfig, log: LogHandle) -> anyhow::Result<()> {
         info!("drained, exiting");
     }
     Ok(())
+}
+
+/// SIGUSR2: starts the binary on disk again with this process's sockets,
+/// and once it serves, stops answering on the admin ports; the caller then
+/// drains. Whether the new process took over (if not, this one serves on).
+async fn hand_over(
+    carried: &Carried,
+    sockets: &[handoff::Socket],
+    admin_tasks: &[tokio::task::JoinHandle<()>],
+) -> bool {
+    if matches!(carried, Carried::Node(_)) {
+        // A node agent's listeners live in its workloads' namespaces, one
+        // set each, opened as they are enrolled.
+        warn!("SIGUSR2: handing over is for sidecars; restart a node agent instead");
+        return false;
+    }
+    info!(
+        sockets = sockets.len(),
+        "SIGUSR2: handing the listening sockets to a new agent process"
+    );
+    match handoff::hand_over(sockets).await {
+        Ok(pid) => {
+            for task in admin_tasks {
+                task.abort();
+            }
+            info!(pid, "the new agent process serves; draining this one");
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "handoff failed; this process serves on");
+            weft_service_manager::status(&format!("handoff failed ({e}); serving on"));
+            false
+        }
+    }
 }
 
 /// Once serving, drops the start-up code from the resident set (see

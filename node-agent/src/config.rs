@@ -159,6 +159,10 @@ pub struct ControllerConfig {
     /// `workload.address` with the port of `inbound.listen`.
     #[serde(default)]
     pub hbone_address: Option<SocketAddr>,
+    /// How often the agent reports its host facts (its RSS and CPU time
+    /// move) on the config stream, besides at each connection.
+    #[serde(default = "defaults::host_facts_period", with = "humantime_serde")]
+    pub host_facts_period: Duration,
 }
 
 /// The workload this sidecar fronts.
@@ -432,6 +436,9 @@ mod defaults {
     }
     pub fn server_name() -> String {
         "weft-zone".to_owned()
+    }
+    pub fn host_facts_period() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn max_workloads() -> usize {
         256

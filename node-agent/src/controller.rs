@@ -925,9 +925,26 @@ impl Controller {
         let drained = drain.signaled();
         tokio::pin!(drained);
         let mut chunks = Chunks::default();
+        let period = self
+            .config
+            .controller
+            .as_ref()
+            .map_or(Duration::from_secs(60), |c| c.host_facts_period);
+        let mut facts = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        facts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let message = tokio::select! {
                 m = incoming.message() => m?,
+                _ = facts.tick() => {
+                    // Reading /proc is blocking work, however small.
+                    if let Ok(host) = tokio::task::spawn_blocking(host_facts).await {
+                        let report = AgentMessage { message: Some(agent_message::Message::Host(host)) };
+                        if tx.try_send(report).is_err() {
+                            debug!("the config stream is busy; host facts go with the next report");
+                        }
+                    }
+                    continue;
+                }
                 _ = &mut drained => {
                     // Ending our side is the clean goodbye; give the zone a
                     // moment to end its own.

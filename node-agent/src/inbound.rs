@@ -34,7 +34,7 @@ pub struct Inbound {
     config: Arc<AgentConfig>,
     credentials: Arc<Credentials>,
     metrics: Arc<Metrics>,
-    drain: Drain,
+    pub(crate) drain: Drain,
     view: SharedView,
     /// The workload's own SPIFFE ID, for metrics labels.
     local_id: SpiffeId,

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod dns;
 pub mod drain;
 pub mod grpc;
+pub mod handoff;
 pub mod inbound;
 pub mod l7;
 pub mod listen;

@@ -31,12 +31,16 @@ pub fn bind_udp(
         addr,
         source,
     };
-    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    let socket = match crate::handoff::take_udp(&field, addr) {
+        Some(socket) => socket,
+        None => std::net::UdpSocket::bind(addr).map_err(err)?,
+    };
     socket.set_nonblocking(true).map_err(err)?;
     tokio::net::UdpSocket::from_std(socket).map_err(err)
 }
 
-/// Binds `addr` with address reuse and a deep accept backlog.
+/// Binds `addr` with address reuse and a deep accept backlog, or takes
+/// the socket the previous agent process handed over for `field`.
 pub fn bind(field: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
     let field = field.into();
     let err = |source| BindError {
@@ -44,6 +48,10 @@ pub fn bind(field: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, B
         addr,
         source,
     };
+    if let Some(listener) = crate::handoff::take_tcp(&field, addr) {
+        listener.set_nonblocking(true).map_err(err)?;
+        return TcpListener::from_std(listener).map_err(err);
+    }
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {

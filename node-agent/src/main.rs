@@ -143,6 +143,8 @@ fn keep_heap_top(worker_threads: usize) {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
+            // Before anything opens a descriptor of its own.
+            let predecessor = weft_agent::handoff::adopt_from_env();
             let cfg = AgentConfig::load(&config)?;
             keep_heap_top(cfg.worker_threads);
             // Every proxied connection takes two descriptors; the soft limit
@@ -165,7 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("starting the runtime")?;
             let log = logging::init(&cfg.log);
             tracing::debug!(nofile, "open files limit");
-            runtime.block_on(agent::run(cfg, log))
+            runtime.block_on(agent::run(cfg, log, predecessor))
         }
         Command::Check { config } => {
             AgentConfig::load(&config)?;

@@ -64,7 +64,7 @@ enum Next {
 pub struct Outbound {
     config: Arc<AgentConfig>,
     pub(crate) metrics: Arc<Metrics>,
-    drain: Drain,
+    pub(crate) drain: Drain,
     pool: Arc<Pool>,
     pub(crate) view: SharedView,
     passthrough: PeerCounters,

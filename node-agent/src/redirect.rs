@@ -77,17 +77,20 @@ pub fn render(cfg: &AgentConfig) -> Result<String, RedirectError> {
     let uid = cfg.redirect.agent_uid.ok_or_else(|| {
         config_err(
             "redirect.agent_uid",
-            "is required to install redirect rules: it is how the agent's own connections are \
-             told apart, and without it they would be captured and sent back to the agent in a loop; \
-             set it to the uid the agent runs as",
+            "is required to install redirect rules from outside the agent: it is how the agent's own \
+             connections are told apart, and without it they would be captured and sent back to the \
+             agent in a loop; set it to the uid the agent runs as (with redirect.on_start the agent \
+             uses its own)",
         )
     })?;
-    let ports: BTreeSet<u16> = cfg
-        .workload
+    render_rules(cfg, Some(uid), &workload_ports(cfg))
+}
+
+fn workload_ports(cfg: &AgentConfig) -> BTreeSet<u16> {
+    cfg.workload
         .as_ref()
         .map(|w| w.ports.iter().map(|p| p.port).collect())
-        .unwrap_or_default();
-    render_rules(cfg, Some(uid), &ports)
+        .unwrap_or_default()
 }
 
 /// The rules for a node-mode workload's own network namespace, serving
@@ -263,6 +266,20 @@ fn dns_rules(s: &mut String, cfg: &AgentConfig, uid: Option<u32>) -> Result<(), 
 /// atomically.
 pub fn install(cfg: &AgentConfig) -> Result<(), RedirectError> {
     apply(&render(cfg)?)
+}
+
+/// Installs the rules from inside the agent (`redirect.on_start`): the
+/// process is the agent, so without `redirect.agent_uid` its own uid is the
+/// one exempted. That is what a package wants: the `weft` user's uid is
+/// allocated at install time and differs from host to host.
+pub fn install_as_self(cfg: &AgentConfig) -> Result<u32, RedirectError> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = cfg
+        .redirect
+        .agent_uid
+        .unwrap_or_else(|| unsafe { libc::geteuid() });
+    apply(&render_rules(cfg, Some(uid), &workload_ports(cfg))?)?;
+    Ok(uid)
 }
 
 /// Installs a rendered ruleset in the current network namespace, atomically.

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::AdminState;
+use crate::handoff::Predecessor;
 
 /// How often the status line is recomputed (sent only when it changed).
 const EVERY: Duration = Duration::from_secs(5);
+/// How long a process taking over waits for its config stream before it
+/// takes over all the same.
+const STREAM_WAIT: Duration = Duration::from_secs(10);
 
 /// The status line: the mode and whom the agent serves, the zone link and
 /// view version, and the connections in flight.
@@ -43,10 +47,27 @@ pub fn line(state: &AdminState) -> String {
 }
 
 /// Sends READY=1 once the agent is ready, then keeps the status line
-/// current until the drain begins.
-pub async fn report(state: Arc<AdminState>) {
+/// current until the drain begins. A process that took over from another
+/// ([`crate::handoff`]) first tells it that it serves, once its config
+/// stream is up too, so the zone hears from the new process before the
+/// old one says goodbye.
+pub async fn report(state: Arc<AdminState>, predecessor: Option<Predecessor>) {
     while !state.ready.load(Ordering::Acquire) {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(predecessor) = predecessor {
+        if let Some(controller) = &state.controller {
+            let connected = tokio::time::timeout(STREAM_WAIT, async {
+                while !controller.status().connected {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            if connected.is_err() {
+                tracing::warn!(waited = ?STREAM_WAIT, "taking over without a config stream (the zone is unreachable)");
+            }
+        }
+        predecessor.serving().await;
     }
     let mut last = line(&state);
     weft_service_manager::ready(&last);

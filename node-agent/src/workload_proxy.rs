@@ -79,6 +79,40 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// Every socket with the config field it was bound for, to hand over
+    /// to a new agent process (see [`crate::handoff`]).
+    pub fn sockets(&self, config: &AgentConfig) -> Vec<crate::handoff::Socket> {
+        use std::os::fd::AsRawFd;
+        let mut sockets = vec![
+            ("inbound.listen".to_owned(), self.hbone.as_raw_fd()),
+            (
+                "inbound.plaintext_listen".to_owned(),
+                self.plaintext.as_raw_fd(),
+            ),
+            (
+                "outbound.capture_listen".to_owned(),
+                self.capture.as_raw_fd(),
+            ),
+        ];
+        for (i, (listener, _)) in self.explicit.iter().enumerate() {
+            sockets.push((
+                format!("outbound.listeners[{i}].listen"),
+                listener.as_raw_fd(),
+            ));
+        }
+        if let Some((udp, tcp)) = &self.dns {
+            sockets.push(("dns.listen".to_owned(), tcp.as_raw_fd()));
+            sockets.push((
+                format!("dns.listen{}", crate::handoff::UDP_SUFFIX),
+                udp.as_raw_fd(),
+            ));
+        }
+        debug_assert!(config.outbound.listeners.len() == self.explicit.len());
+        sockets
+    }
+}
+
 /// A running workload proxy.
 pub struct WorkloadProxy {
     pub local: Arc<LocalWorkload>,

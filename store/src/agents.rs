@@ -237,6 +237,30 @@ impl Store {
         self.get_agent(zone, name).await
     }
 
+    /// Replaces the host facts an agent reports on its stream from time to
+    /// time (its RSS and CPU time move); not in the change feed: only
+    /// inspection reads them. Returns whether the agent is known.
+    pub async fn update_host_facts(
+        &self,
+        zone: &str,
+        name: &str,
+        host_facts: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        let op = format!("host facts of agent {name}");
+        let facts = host_facts.to_string();
+        let affected = on_pool!(self, pool => {
+            sqlx::query("UPDATE agents SET host_facts = $3 WHERE zone = $1 AND name = $2")
+                .bind(zone)
+                .bind(name)
+                .bind(&facts)
+                .execute(pool)
+                .await
+                .map_err(StoreError::db(&op))?
+                .rows_affected()
+        });
+        Ok(affected > 0)
+    }
+
     /// Marks an agent seen now, if `replica` still holds its stream; not in
     /// the change feed. Returns whether it did.
     pub async fn heartbeat_agent(

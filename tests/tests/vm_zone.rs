@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
 use serde_json::Value;
-use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, VmZone, ECHO_PORT, HTTP_PORT, MESH};
+use weft_e2e::vmzone::{
+    bring_up, service_vip, wait_curl, Running, VmZone, ECHO_PORT, HTTP_PORT, MESH,
+};
 use weft_e2e::zone::{agent_entry, Controller};
 use weft_e2e::{client, echo_bin, wait};
 
@@ -116,6 +118,46 @@ fn refused(
     let state = zone.path().join(format!("refused-{case}-state"));
     spec.set("controller.state_dir", state.to_string_lossy().as_ref());
     zone.agent_exits(i, &format!("refused-{case}"), &spec, T)
+}
+
+/// Host facts reach the zone at enrolment and again every
+/// `controller.host_facts_period`, and `weftctl inspect agents` shows them.
+#[test]
+fn agents_report_host_facts_periodically() -> Result<()> {
+    let zone = VmZone::new(echo_bin!(), &["web"])?;
+    let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
+    let mut up = Running::with_controller(zone, controller, "24h")?;
+    up.enrol_with(0, None, |spec| {
+        spec.set("controller.host_facts_period", "1s");
+    })?;
+    let workload = up.zone.vms[0].workload.clone();
+    let facts = |agents: &Value| agent_entry(agents, &workload).map(|a| a["host"].clone());
+    let first = up.controller.wait_inspect("agents", "host facts", T, |a| {
+        facts(a).is_some_and(|h| h["agentRssBytes"].as_u64().unwrap_or(0) > 0)
+    })?;
+    let first = facts(&first).unwrap_or_default();
+    for key in ["os", "kernel", "hostname"] {
+        ensure!(
+            first[key].as_str().is_some_and(|v| !v.is_empty()),
+            "{key}: {first:#}"
+        );
+    }
+    for key in ["cpus", "memoryBytes", "reportedAtUnix"] {
+        ensure!(first[key].as_u64().unwrap_or(0) > 0, "{key}: {first:#}");
+    }
+    ensure!(first["agentCpuSeconds"].as_f64().is_some(), "{first:#}");
+    // Reported again, not only at the stream's Hello.
+    let reported = first["reportedAtUnix"].as_u64().unwrap_or(0);
+    up.controller
+        .wait_inspect("agents", "a later host-facts report", T, |a| {
+            facts(a).is_some_and(|h| h["reportedAtUnix"].as_u64().unwrap_or(0) >= reported + 2)
+        })?;
+    let table = up.controller.weftctl_ok(&["inspect", "agents"])?;
+    ensure!(
+        table.contains("HOST") && table.contains(" s CPU"),
+        "{table}"
+    );
+    Ok(())
 }
 
 #[test]

@@ -48,6 +48,9 @@ fn host(h: &Value) -> String {
     }
     if let Some(rss) = mib(&h["agentRssBytes"]) {
         out.push_str(&format!(", agent {rss} MiB"));
+        if let Some(cpu) = h["agentCpuSeconds"].as_f64() {
+            out.push_str(&format!(" {cpu:.1} s CPU"));
+        }
     }
     out
 }
@@ -275,10 +278,11 @@ mod tests {
     #[test]
     fn host_facts_read_in_a_few_words() {
         let h = json!({"os": "Debian GNU/Linux 12", "kernel": "6.1.0", "cpus": 2,
-                       "memoryBytes": 4u64 << 30, "agentRssBytes": 10u64 << 20});
+                       "memoryBytes": 4u64 << 30, "agentRssBytes": 10u64 << 20,
+                       "agentCpuSeconds": 12.34});
         assert_eq!(
             super::host(&h),
-            "Debian GNU/Linux 12, 6.1.0, 2 CPU, 4096 MiB, agent 10 MiB"
+            "Debian GNU/Linux 12, 6.1.0, 2 CPU, 4096 MiB, agent 10 MiB 12.3 s CPU"
         );
         assert_eq!(super::host(&json!({})), "-");
     }

@@ -640,6 +640,11 @@ fn host_json(host: Option<&pb::HostFacts>) -> serde_json::Value {
         "memoryBytes": h.memory_bytes,
         "agentRssBytes": h.agent_rss_bytes,
         "agentCpuSeconds": h.agent_cpu_seconds,
+        // When this replica heard them: facts older than the report
+        // period mean a stream that went quiet.
+        "reportedAtUnix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     })
 }
 
@@ -801,8 +806,13 @@ impl AgentService for AgentApi {
         let inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let api = self.clone();
+        // Registered before the answer goes out (and before the checks, so
+        // that a revocation racing the Hello still cuts the stream): an
+        // agent that sees its new stream open may end its old one, and that
+        // end must find this stream newer.
+        let registered = self.cutoff.register(&agent);
         let task = async move {
-            if let Err(status) = api.run_stream(&agent, inbound, &outbound).await {
+            if let Err(status) = api.run_stream(&agent, registered, inbound, &outbound).await {
                 tracing::info!(%agent, code = ?status.code(), reason = status.message(), "config stream ended with an error");
                 // The agent may be gone already.
                 let _ = outbound.send(Box::new(Err(status))).await;
@@ -820,12 +830,10 @@ impl AgentApi {
     async fn run_stream(
         &self,
         agent: &str,
+        (cut_id, cut): (u64, CutReceiver),
         inbound: Streaming<pb::AgentMessage>,
         outbound: &Outbound,
     ) -> Result<(), Status> {
-        // Registered before the checks, so that a revocation racing the
-        // Hello still cuts the stream.
-        let (cut_id, cut) = self.cutoff.register(agent);
         let outcome = self
             .hello_and_follow(agent, cut_id, cut, inbound, outbound)
             .await;
@@ -982,6 +990,13 @@ impl AgentApi {
             )
             .await;
         self.hub.unregister(id);
+        if self.cutoff.newer_stream(agent, cut_id) {
+            // A restart without downtime (the new process connects before
+            // the old one leaves) or a reconnection that beat the old
+            // stream's end: the agent carries on on its newer stream.
+            tracing::info!(%agent, "an older config stream ended; the agent's newer stream carries on");
+            return outcome.map(|_| ());
+        }
         Box::pin(self.record_end(agent, &outcome)).await;
         outcome.map(|_| ())
     }
@@ -1222,6 +1237,12 @@ impl AgentApi {
                 tracing::info!(%agent, count = update.workloads.len(), "workloads re-registered");
                 Ok(())
             }
+            Some(pb::agent_message::Message::Host(host)) => self
+                .store
+                .update_host_facts(&self.zone, agent, &host_json(Some(&host)))
+                .await
+                .map(|_| ())
+                .map_err(store_status),
             Some(pb::agent_message::Message::Hello(_)) => {
                 tracing::debug!(%agent, "second Hello ignored");
                 Ok(())

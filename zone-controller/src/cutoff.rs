@@ -116,6 +116,14 @@ impl Cutoff {
         }
     }
 
+    /// Whether `agent` has a stream on this replica opened after stream
+    /// `id`: the end of `id` then says nothing about the agent.
+    pub fn newer_stream(&self, agent: &str, id: u64) -> bool {
+        self.lock()
+            .iter()
+            .any(|(other, e)| *other > id && e.agent == agent)
+    }
+
     /// Forgets a stream.
     pub fn unregister(&self, id: u64) {
         self.lock().remove(&id);

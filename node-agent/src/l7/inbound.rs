@@ -36,13 +36,35 @@ pub async fn serve(inbound: Arc<Inbound>, io: TunnelIo, peer: SpiffeId, target: 
         header: http::HeaderValue::from_str(peer.as_str()).ok(),
         id: peer,
     });
+    let drain = inbound.drain.clone();
+    let closing = Arc::new(super::DrainClose::default());
+    let on_drain = closing.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let inbound = inbound.clone();
         let caller = caller.clone();
-        async move { Ok::<_, Infallible>(handle(&inbound, req, &caller, target).await) }
+        let closing = closing.clone();
+        async move {
+            let version = req.version();
+            let mut response = handle(&inbound, req, &caller, target).await;
+            closing.on_response(version, inbound.drain.is_draining(), &mut response);
+            Ok::<_, Infallible>(response)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let done = tokio::select! {
+        done = conn.as_mut() => done,
+        // The caller's next request then opens a stream to whoever serves
+        // by then, rather than being cut at the drain deadline.
+        () = drain.signaled() => {
+            if on_drain.shut_down_now() {
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.await
+        }
+    };
+    if let Err(e) = done {
         debug!(error = %e, "inbound HTTP stream ended with an error");
     }
 }

@@ -39,3 +39,40 @@ pub async fn keep_timer_wheel_warm() {
         tick.tick().await;
     }
 }
+
+/// How an HTTP server connection of the agent ends when the agent drains
+/// (SIGTERM, or a handoff to a new process) without cutting a request.
+/// HTTP/2 gets GOAWAY at once: its in-flight streams finish and the caller
+/// opens new ones elsewhere. HTTP/1.1 is not closed while idle, since a
+/// request may be on its way (the keep-alive race); instead the next
+/// response says `Connection: close`.
+#[derive(Default)]
+pub struct DrainClose {
+    h2: std::sync::atomic::AtomicBool,
+}
+
+impl DrainClose {
+    /// Notes the request's version and, while draining, marks an HTTP/1.1
+    /// response as the connection's last.
+    pub fn on_response<B>(
+        &self,
+        version: http::Version,
+        draining: bool,
+        response: &mut http::Response<B>,
+    ) {
+        use std::sync::atomic::Ordering;
+        if version == http::Version::HTTP_2 {
+            self.h2.store(true, Ordering::Relaxed);
+        } else if draining {
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+    }
+
+    /// Whether the connection may be shut down gracefully now (HTTP/2).
+    pub fn shut_down_now(&self) -> bool {
+        self.h2.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -71,14 +71,21 @@ pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
         return serve_overflow(outbound, tcp, dialled).await;
     }
     let dialled = Arc::new(dialled);
+    let drain = outbound.drain.clone();
+    let closing = Arc::new(super::DrainClose::default());
+    let on_drain = closing.clone();
     let seen = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let outbound = outbound.clone();
         let dialled = dialled.clone();
         let seen = seen.clone();
+        let closing = closing.clone();
         async move {
             let _busy = seen.begin();
-            Ok::<_, Infallible>(handle(&outbound, req, &dialled).await)
+            let version = req.version();
+            let mut response = handle(&outbound, req, &dialled).await;
+            closing.on_response(version, outbound.drain.is_draining(), &mut response);
+            Ok::<_, Infallible>(response)
         }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -89,8 +96,20 @@ pub async fn serve(outbound: Arc<Outbound>, tcp: TcpStream, dialled: Dialled) {
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     tick.tick().await;
     let mut closing = false;
+    let mut drain_seen = false;
+    let drained = drain.signaled();
+    tokio::pin!(drained);
     loop {
         tokio::select! {
+            // Draining: the application's next connection goes to whoever
+            // serves by then (see `DrainClose`).
+            () = &mut drained, if !drain_seen => {
+                drain_seen = true;
+                if on_drain.shut_down_now() && !closing {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
             done = conn.as_mut() => {
                 if let Err(e) = done {
                     debug!(error = %e, "outbound HTTP connection ended with an error");
