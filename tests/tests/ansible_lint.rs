@@ -35,7 +35,10 @@ fn ansible_roles_pass_ansible_lint() -> Result<()> {
         .current_dir(&dir)
         .env("PATH", path)
         // Its cache and temporary files stay out of the source tree's way.
-        .env("ANSIBLE_HOME", std::env::temp_dir().join("weft-ansible-lint"))
+        .env(
+            "ANSIBLE_HOME",
+            std::env::temp_dir().join("weft-ansible-lint"),
+        )
         .output()
         .with_context(|| format!("running {}", lint.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -47,7 +50,8 @@ fn ansible_roles_pass_ansible_lint() -> Result<()> {
     );
     // --strict turns warnings into failures; the summary line says so too.
     ensure!(
-        stderr.contains("0 failure(s), 0 warning(s)") || stdout.contains("0 failure(s), 0 warning(s)"),
+        stderr.contains("0 failure(s), 0 warning(s)")
+            || stdout.contains("0 failure(s), 0 warning(s)"),
         "ansible-lint passed but its summary is not clean:\n{stdout}\n{stderr}"
     );
     Ok(())
