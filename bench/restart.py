@@ -103,12 +103,13 @@ class FdStore:
     """A stand-in for systemd's notify socket and descriptor store."""
 
     def __init__(self, d):
-        self.path = os.path.join(d, "notify.sock")
+        self.path = os.path.join(d, f"notify-{time.monotonic_ns()}.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.fds = {}  # name -> fd
         self.stop = False
-        threading.Thread(target=self.loop, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
 
     def loop(self):
         self.sock.settimeout(0.2)
@@ -208,7 +209,13 @@ class Traffic:
             start = time.time()
             err = None
             try:
-                with socket.create_connection(("127.0.0.1", LISTEN_PORT), timeout=5) as s:
+                s = socket.create_connection(("127.0.0.1", LISTEN_PORT), timeout=5)
+            except OSError:
+                # Not established: the prober counts refusals.
+                time.sleep(0.05)
+                continue
+            try:
+                with s:
                     s.settimeout(5)
                     while time.time() - start < life:
                         s.sendall(b"x" * 64)
@@ -223,6 +230,8 @@ class Traffic:
                 err = str(e)
             with self.lock:
                 self.held.append((start, time.time(), err is not None, err))
+            if err is not None:
+                time.sleep(0.05)
 
     def start(self):
         self.threads = [threading.Thread(target=self.probe_loop, daemon=True)]
@@ -301,12 +310,24 @@ def run_case(args, d, side, how):
             except ProcessLookupError:
                 break
     if store:
+        # As systemd does when a unit stops: the stored sockets close.
         store.stop = True
+        store.thread.join()
+        store.sock.close()
+        os.unlink(store.path)
+        for fd in store.fds.values():
+            os.close(fd)
+        store.fds.clear()
     window = [p for p in traffic.probes if p[0] >= t0 - 0.001]
     failed = [p for p in window if p[1] is None]
+    if window and len(failed) == len(window):
+        with open(logs[side], "rb") as f:
+            print(f.read().decode(errors="replace")[-3000:], file=sys.stderr)
     lat = [p[1] * 1000 for p in window if p[1] is not None]
     in_flight = [h for h in traffic.held if h[0] < t0 < h[1] or (h[0] < t0 and h[2])]
-    broken = [h for h in traffic.held if h[2]]
+    # Established before the action and broken after it; connections
+    # opened later that fail are new connections, which the prober counts.
+    broken = [h for h in traffic.held if h[2] and h[0] < t0]
     return {
         "case": f"{side} {how}",
         "probes": len(window),

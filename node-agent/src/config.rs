@@ -22,7 +22,24 @@ pub enum ConfigError {
     },
     #[error("config field `{field}`: {reason}")]
     Invalid { field: String, reason: String },
+    /// The packaged `/etc/weft/agent.yaml` marks with [`PLACEHOLDER`] the
+    /// values only the operator knows; all of them are named at once, so
+    /// that one `weft-agent check` says everything that is left to do.
+    #[error(
+        "config {path}: still the packaged placeholder {PLACEHOLDER} in {}: \
+         set {} (the comments in the file say what each is)",
+        fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "),
+        if fields.len() == 1 { "it" } else { "them" }
+    )]
+    Placeholders { path: PathBuf, fields: Vec<String> },
 }
+
+/// What the packaged config writes where a value must come from the
+/// operator (the zone's address, its CA pin, the workload). It is not a
+/// valid value of any of those fields, but some placeholders would
+/// otherwise pass (`CHANGE-ME:5678` is a `host:port`) and others fail as
+/// type errors one at a time, so they are looked for first, by name.
+pub const PLACEHOLDER: &str = "CHANGE-ME";
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -489,7 +506,7 @@ impl AgentConfig {
             path: path.to_owned(),
             cause,
         };
-        let cfg: AgentConfig = config::Config::builder()
+        let merged = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml))
             .add_source(
                 config::Environment::with_prefix("WEFT")
@@ -499,8 +516,20 @@ impl AgentConfig {
                     .source(Some(env_overrides(std::env::vars()))),
             )
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(load_err)?;
+        // Untyped first: a placeholder left in a typed field (an address, a
+        // port) would otherwise be reported as a type error, and only the
+        // first one.
+        let raw: serde_json::Value = merged.clone().try_deserialize().map_err(load_err)?;
+        let mut fields = Vec::new();
+        find_placeholders(&raw, "", &mut fields);
+        if !fields.is_empty() {
+            return Err(ConfigError::Placeholders {
+                path: path.to_owned(),
+                fields,
+            });
+        }
+        let cfg: AgentConfig = merged.try_deserialize().map_err(load_err)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -795,6 +824,30 @@ impl IdentityFiles {
             }
         }
         Ok(())
+    }
+}
+
+/// Appends to `out` the path (`workload.ports[0].port`) of every string
+/// value under `value` that contains [`PLACEHOLDER`].
+fn find_placeholders(value: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) if s.contains(PLACEHOLDER) => out.push(path.to_owned()),
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                find_placeholders(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (key, item) in fields {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                find_placeholders(item, &path, out);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1173,6 +1226,64 @@ mod tests {
         let mut v = serde_json::to_value(controller_cfg(serde_json::json!({}))).unwrap();
         v["controller"]["tokn_file"] = "x".into();
         assert!(serde_json::from_value::<AgentConfig>(v).is_err());
+    }
+
+    /// The file the weft-agent package installs as /etc/weft/agent.yaml:
+    /// as shipped, `check` names every placeholder left at once; filled in,
+    /// it is a valid controller-mode sidecar config.
+    #[test]
+    fn the_packaged_config_names_its_placeholders_and_is_valid_filled_in() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/agent.yaml");
+        match AgentConfig::load(&shipped) {
+            Err(e @ ConfigError::Placeholders { .. }) => {
+                let ConfigError::Placeholders { fields, .. } = &e else {
+                    unreachable!()
+                };
+                let mut fields = fields.clone();
+                fields.sort();
+                assert_eq!(
+                    fields,
+                    [
+                        "controller.address",
+                        "controller.ca_pin",
+                        "workload.address",
+                        "workload.name",
+                        "workload.ports[0].port",
+                        "workload.service",
+                    ]
+                );
+                let message = e.to_string();
+                assert!(
+                    message.contains("`controller.ca_pin`") && message.contains("CHANGE-ME"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected the placeholders to be named, got {other:?}"),
+        }
+        let text = std::fs::read_to_string(&shipped).unwrap();
+        let filled = text
+            .replace("CHANGE-ME:5678", "zone.example:5678")
+            .replace("sha256:CHANGE-ME", &format!("sha256:{}", "ab".repeat(32)))
+            .replace("name: CHANGE-ME", "name: web")
+            .replace("service: CHANGE-ME", "service: web")
+            .replace("address: CHANGE-ME", "address: 10.0.0.2")
+            .replace("port: CHANGE-ME", "port: 8080");
+        let path =
+            std::env::temp_dir().join(format!("weft-agent-packaged-{}.yaml", std::process::id()));
+        std::fs::write(&path, filled).unwrap();
+        let loaded = AgentConfig::load(&path);
+        let _ = std::fs::remove_file(&path);
+        let cfg = loaded.expect("the packaged config, filled in, is valid");
+        let controller = cfg.controller.as_ref().unwrap();
+        assert_eq!(
+            controller.token_file.as_deref(),
+            Some(Path::new("/etc/weft/agent.token"))
+        );
+        assert_eq!(controller.state_dir, Path::new("/var/lib/weft/agent"));
+        assert_eq!(
+            cfg.redirect.agent_uid, None,
+            "capture stays off until the operator opts in"
+        );
     }
 
     #[test]
