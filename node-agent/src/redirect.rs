@@ -70,6 +70,14 @@ fn config_err(field: impl Into<String>, reason: impl Into<String>) -> RedirectEr
     }
 }
 
+/// Only a connection's opening SYN is redirected. A nat chain sees the
+/// first packet conntrack tracks of each connection; for connections that
+/// were open before the rules came (an operator's SSH session, when no nat
+/// table existed and nothing was tracked), that is a packet picked up
+/// mid-stream, e.g. an SSH reply leaving from port 22, which must not be
+/// sent to the agent.
+const FIRST_PACKET_ONLY: &str = "tcp flags & (fin | syn | rst | ack) != syn return";
+
 /// The nftables script that `install` feeds to `nft -f -`: the replace
 /// prelude followed by the whole `table inet weft`. Pure, so that it can be
 /// tested and shown without touching the kernel.
@@ -142,6 +150,7 @@ fn render_rules(
         dns_rules(&mut s, cfg, uid)?;
     }
     let _ = writeln!(s, "\t\tmeta l4proto != tcp return");
+    let _ = writeln!(s, "\t\t{FIRST_PACKET_ONLY}");
     let _ = writeln!(s, "\t\toifname \"lo\" return");
     if let Some(uid) = uid {
         let _ = writeln!(s, "\t\tmeta skuid {uid} return");
@@ -185,6 +194,7 @@ fn render_rules(
             "\t\ttype nat hook prerouting priority -100; policy accept;"
         );
         let _ = writeln!(s, "\t\tiifname \"lo\" return");
+        let _ = writeln!(s, "\t\t{FIRST_PACKET_ONLY}");
         if !own_ports.is_empty() {
             let _ = writeln!(s, "\t\ttcp dport {} return", set(&own_ports));
         }
@@ -511,6 +521,8 @@ mod tests {
         }
         // Default exclusion: SSH, in both chains.
         assert_eq!(line_count(&s, "tcp dport { 22 } return"), 2, "{s}");
+        // Connections picked up mid-stream are never redirected, in both.
+        assert_eq!(line_count(&s, FIRST_PACKET_ONLY), 2, "{s}");
         // The skuid exemption comes before the redirect.
         let uid_at = s.find("meta skuid").expect("uid rule");
         let redirect_at = s.find("redirect to :15001").expect("redirect rule");

@@ -3,10 +3,11 @@
 //! captured (a host is never locked out); `unknown_destination` decides
 //! between passing other destinations through and refusing them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use weft_e2e::agent::{self, Agent, AGENT_UID};
 use weft_e2e::apps::{self, AppAddrs};
 use weft_e2e::client::{self, Probe};
@@ -110,5 +111,54 @@ fn unknown_destinations_pass_through_or_are_denied() -> Result<()> {
             "unknown_destination: {mode}: a connection to {outsider} (not in the mesh) got {got:?}"
         );
     }
+    Ok(())
+}
+
+/// Sends `data` on `conn` and reads it back.
+fn exchange(conn: &mut TcpStream, data: &[u8]) -> Result<()> {
+    conn.write_all(data)?;
+    let mut got = vec![0; data.len()];
+    conn.read_exact(&mut got)?;
+    ensure!(got == data, "echoed {:?}", String::from_utf8_lossy(&got));
+    Ok(())
+}
+
+/// Connections that were open before capture began keep working once the
+/// rules are in: with no nat table before, conntrack picks them up
+/// mid-stream, and their next packet out must not be taken for a new
+/// outbound connection. (An operator's SSH session whose server speaks
+/// next is the case that matters: its packets leave from port 22 to any
+/// port.) Here the host's own connection to an outside echo server sends
+/// first after the rules came.
+#[test]
+fn connections_open_before_capture_are_left_alone() -> Result<()> {
+    let pair = Pair::new(echo_bin!())?;
+    pair.server.run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDER_IP}/24"),
+            "dev",
+            &pair.server_if,
+        ],
+    )?;
+    let outside = SocketAddr::from((OUTSIDER_IP, 7000));
+    let _echo = decoy(&pair, false, "outside-echo", outside)?;
+    let mut session = pair.client.enter(|| {
+        let conn = TcpStream::connect_timeout(&outside, T)?;
+        conn.set_read_timeout(Some(T))?;
+        Ok::<_, anyhow::Error>(conn)
+    })?;
+    exchange(&mut session, b"before capture")?;
+    let _agent = capturing_client(&pair, "deny")?;
+    for i in 0..3 {
+        exchange(&mut session, format!("after capture {i}").as_bytes())?;
+    }
+    // A new connection to the same place is captured (and denied).
+    ensure!(
+        matches!(probe(&pair, outside)?, Probe::Refused(_)),
+        "a new connection was not captured"
+    );
     Ok(())
 }
