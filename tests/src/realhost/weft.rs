@@ -179,11 +179,12 @@ impl RealZone {
         Ok(path)
     }
 
-    /// Runs `ansible/site.yml` on these hosts with the packages `zone_deb`
-    /// and `agent_deb`; `only` limits the agents (the zone always runs).
+    /// Runs `ansible/site.yml` on these hosts with the packages
+    /// `zone_debs` (weft-zone's and weftctl's) and `agent_deb`; `only`
+    /// limits the agents (the zone always runs).
     pub fn playbook(
         &self,
-        zone_deb: &Path,
+        zone_debs: &[&Path],
         agent_deb: &Path,
         only: Option<&[&str]>,
     ) -> Result<ansible::Run> {
@@ -194,15 +195,18 @@ impl RealZone {
             "{} is missing: the real-host tests install with the repository's Ansible playbook",
             playbook.display()
         );
-        let zone_var = format!("weft_zone_package_file={}", zone_deb.display());
-        let agent_var = format!("weft_agent_package_file={}", agent_deb.display());
-        // Extra vars: they override ansible/group_vars/all.yml, which
-        // points at dist/ for operators.
+        // Extra vars (JSON, for the list): they override
+        // ansible/group_vars/all.yml, which points at target/ for operators.
+        let vars = serde_json::json!({
+            "weft_zone_package_files": zone_debs,
+            "weft_agent_package_file": agent_deb,
+        })
+        .to_string();
         ansible::run_playbook(
             &playbook,
             &inventory,
             // -v: each task's result, for a failure message.
-            &["-v", "-e", &zone_var, "-e", &agent_var],
+            &["-v", "-e", &vars],
             self.dir.path(),
             PLAYBOOK_TIMEOUT,
         )
