@@ -22,7 +22,7 @@ use weft_e2e::realhost::weft::{
 };
 use weft_e2e::realhost::Machine;
 use weft_e2e::tempdir::TempDir;
-use weft_e2e::unique_marker;
+use weft_e2e::{unique_marker, wait};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -178,6 +178,32 @@ fn log_level_in_force(host: &dyn Machine) -> Result<String> {
     Ok(level.to_owned())
 }
 
+/// Requests on one keep-alive connection for 6 s (argv: url, marker):
+/// prints `ok=N failed=M done`, with the first failure.
+const ACROSS_UPGRADE: &str = r#"import http.client, sys, time, urllib.parse
+u = urllib.parse.urlsplit(sys.argv[1])
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+ok = failed = 0
+first = ""
+end = time.time() + 6
+while time.time() < end:
+    try:
+        conn.request("GET", u.path)
+        body = conn.getresponse().read().decode()
+        if sys.argv[2] in body:
+            ok += 1
+        else:
+            failed += 1
+            first = first or body[:100]
+    except Exception as e:
+        failed += 1
+        first = first or repr(e)
+        conn.close()
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    time.sleep(0.02)
+print(f"ok={ok} failed={failed} first={first!r} done", flush=True)
+"#;
+
 #[test]
 fn restart_and_upgrade_keep_the_operators_edits_and_the_enrolment() -> Result<()> {
     let zone_deb = packages::zone_deb()?;
@@ -232,6 +258,13 @@ fn restart_and_upgrade_keep_the_operators_edits_and_the_enrolment() -> Result<()
     let newer = packages::newer_deb(&agent_deb, "upgrade1", scratch.path())?;
     let version = packages::deb_field(&newer, "Version")?;
     let before = main_pid(payments, "weft-agent")?;
+    // Traffic across the upgrade: web's application sends a request every
+    // 20 ms on one keep-alive connection (through both agents) for 6 s, in
+    // the background; every one must be answered.
+    web.sh_ok(&format!(
+        "cat > /tmp/across.py <<'EOF'\n{ACROSS_UPGRADE}EOF\n\
+         nohup python3 /tmp/across.py {url} {marker} > /tmp/across.out 2>&1 &"
+    ))?;
     let upgrade = Instant::now();
     weft_e2e::realhost::weft::dpkg_install(payments, &newer)?;
     payments.wait_active("weft-agent", T)?;
@@ -248,6 +281,15 @@ fn restart_and_upgrade_keep_the_operators_edits_and_the_enrolment() -> Result<()
     eprintln!(
         "the upgrade handed the agent over to a new process: {}",
         after != before
+    );
+    let across = wait::until("the requests across the upgrade to end", T, || {
+        let out = web.sh_ok("cat /tmp/across.out")?;
+        Ok(out.contains("done").then_some(out))
+    })?;
+    eprintln!("TIMING requests across the upgrade: {}", across.trim());
+    ensure!(
+        across.contains(" failed=0 ") && !across.contains("ok=0 "),
+        "requests failed across the upgrade: {across}"
     );
     let config = payments.sh_ok("cat /etc/weft/agent.yaml")?;
     ensure!(
