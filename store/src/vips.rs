@@ -13,6 +13,9 @@ use crate::backend::{on_pool, Store};
 use crate::error::StoreError;
 use crate::resources::ResourceKey;
 
+/// How often one allocation may lose a race for an address.
+const ALLOCATION_ATTEMPTS: usize = 64;
+
 /// An IPv4 range in CIDR notation (`240.0.0.0/16`) to allocate from; its
 /// network and broadcast addresses are never handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +98,11 @@ impl Store {
             reason: "only Services get virtual IPs".to_owned(),
         })?;
         let op = format!("allocate a virtual IP for {service}");
-        for _ in 0..8 {
+        // Each lost race is another allocation's success, so an allocation
+        // loses at most as often as others run at once: the leader makes
+        // them one at a time, and this bound only stops a livelock. (8 was
+        // too few for the store test's 10 at once on a loaded machine.)
+        for _ in 0..ALLOCATION_ATTEMPTS {
             let (existing, used): (Option<String>, Vec<String>) = on_pool!(self, pool => {
                 let existing = sqlx::query_scalar("SELECT ip FROM virtual_ips WHERE service = $1")
                     .bind(&name)
