@@ -124,3 +124,27 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.wait();
     }
 }
+
+/// Streams the file `src` into `cmd`'s standard input: `cmd` is a shell on
+/// `host` that writes it to `dst` (how each kind of host copies a file in).
+pub(crate) fn pipe_file(
+    mut cmd: std::process::Command,
+    src: &Path,
+    host: &str,
+    dst: &str,
+) -> Result<()> {
+    use anyhow::Context;
+    let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let out = cmd
+        .stdin(input)
+        .output()
+        .with_context(|| format!("copying {} into {host}", src.display()))?;
+    if !out.status.success() {
+        bail!(
+            "copying {} to {host}:{dst}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

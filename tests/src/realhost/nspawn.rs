@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::bridge::Bridge;
 use super::image::Image;
@@ -293,22 +293,9 @@ impl Machine for NspawnHost {
     }
 
     fn copy_in(&self, src: &Path, dst: &str) -> Result<()> {
-        let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-        let out = self
-            .command("/bin/sh")
-            .args(["-c", "cat > \"$1\"", "sh", dst])
-            .stdin(input)
-            .output()
-            .with_context(|| format!("copying {} into {}", src.display(), self.hostname))?;
-        if !out.status.success() {
-            bail!(
-                "copying {} to {}:{dst}: {}",
-                src.display(),
-                self.hostname,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        let mut cmd = self.command("/bin/sh");
+        cmd.args(["-c", "cat > \"$1\"", "sh", dst]);
+        super::pipe_file(cmd, src, &self.hostname, dst)
     }
 }
 

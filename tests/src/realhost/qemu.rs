@@ -193,22 +193,9 @@ impl Machine for QemuVm {
     }
 
     fn copy_in(&self, src: &Path, dst: &str) -> Result<()> {
-        let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-        let out = self
-            .ssh(&[])
-            .arg(format!("cat > '{dst}'"))
-            .stdin(input)
-            .output()
-            .with_context(|| format!("copying {} into {}", src.display(), self.hostname))?;
-        if !out.status.success() {
-            bail!(
-                "copying {} to {}:{dst}: {}",
-                src.display(),
-                self.hostname,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        let mut cmd = self.ssh(&[]);
+        cmd.arg(format!("cat > '{dst}'"));
+        super::pipe_file(cmd, src, &self.hostname, dst)
     }
 }
 
