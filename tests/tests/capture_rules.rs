@@ -48,6 +48,21 @@ fn capturing_client(pair: &Pair, unknown: &str) -> Result<Agent> {
     pair.start_client_agent(&spec, Some(AGENT_UID))
 }
 
+/// Gives the server host the outsider's address (not a mesh endpoint).
+fn add_outsider(pair: &Pair) -> Result<()> {
+    pair.server.run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDER_IP}/24"),
+            "dev",
+            &pair.server_if,
+        ],
+    )?;
+    Ok(())
+}
+
 fn probe(pair: &Pair, to: SocketAddr) -> Result<Probe> {
     let ping = unique_marker("probe");
     pair.client.enter(|| client::probe(to, ping.as_bytes(), T))
@@ -91,16 +106,7 @@ fn excluded_ports_and_loopback_are_not_captured() -> Result<()> {
 fn unknown_destinations_pass_through_or_are_denied() -> Result<()> {
     for (mode, should_answer) in [("passthrough", true), ("deny", false)] {
         let pair = Pair::new(echo_bin!())?;
-        pair.server.run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{OUTSIDER_IP}/24"),
-                "dev",
-                &pair.server_if,
-            ],
-        )?;
+        add_outsider(&pair)?;
         let outsider = SocketAddr::new(IpAddr::V4(OUTSIDER_IP), 8080);
         let _outsider = decoy(&pair, false, "outsider", outsider)?;
         let _client = capturing_client(&pair, mode)?;
@@ -133,16 +139,7 @@ fn exchange(conn: &mut TcpStream, data: &[u8]) -> Result<()> {
 #[test]
 fn connections_open_before_capture_are_left_alone() -> Result<()> {
     let pair = Pair::new(echo_bin!())?;
-    pair.server.run(
-        "ip",
-        &[
-            "addr",
-            "add",
-            &format!("{OUTSIDER_IP}/24"),
-            "dev",
-            &pair.server_if,
-        ],
-    )?;
+    add_outsider(&pair)?;
     let outside = SocketAddr::from((OUTSIDER_IP, 7000));
     let _echo = decoy(&pair, false, "outside-echo", outside)?;
     let mut session = pair.client.enter(|| {
