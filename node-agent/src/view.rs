@@ -1503,7 +1503,7 @@ mod tests {
         for (bad, field) in cases {
             let mut update = sample();
             update.external_services = vec![bad];
-            let error = MeshView::from_update(&update).err().expect("refused");
+            let error = MeshView::from_update(&update).expect_err("refused");
             assert_eq!(error.field, field, "{error}");
         }
     }

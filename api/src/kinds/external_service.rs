@@ -23,7 +23,14 @@ pub struct ExternalServiceStatus {
     pub virtual_ip: Option<IpAddr>,
 }
 
-/// A service outside the mesh, reached at a host and port.
+/// A service outside the mesh, reached at a host and port. The zone gives it
+/// a stable virtual IP; agents answer `<name>.<namespace>.mesh` (and `host`,
+/// when it is a DNS name) with that address, and a connection to it (or to
+/// `host` and `port`, when `host` is an IP address) is dialled by the
+/// caller's agent itself, in plaintext, under the outbound policies whose
+/// `to[]` names the ExternalService. HTTP requests name `host` in their
+/// `Host` header. Destinations no ExternalService declares go by the agent's
+/// `outbound.unknown_destination` (passthrough or deny).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalServiceSpec {
