@@ -449,7 +449,12 @@ pub async fn enrol(config: &AgentConfig, state: &StateDir) -> Result<Enrolment, 
         };
         match attempt.await {
             Ok(response) => break response,
-            Err(ControllerError::Status(s)) if ControllerError::Status(s.clone()).permanent() => {
+            // At enrolment, a name or workload that another agent holds is
+            // for the operator to sort out, not for retries.
+            Err(ControllerError::Status(s))
+                if s.code() == Code::AlreadyExists
+                    || ControllerError::Status(s.clone()).permanent() =>
+            {
                 return Err(ControllerError::Refused(format!(
                     "{}: {}",
                     s.code(),

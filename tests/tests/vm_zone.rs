@@ -214,6 +214,16 @@ fn bad_tokens_are_refused_with_their_cause() -> Result<()> {
             "{case}: the logs do not say `enrolment refused` and `{cause}`:\n{logs}"
         );
     }
+    // A good token, but the name of an agent that is online (a cloned
+    // host): refused, and the agent in place keeps its name.
+    let fresh = ctl.issue_token(MESH, &[&zone.vms[1].workload], "10m", 1)?;
+    let (code, logs) = refused(zone, ctl, 1, "name-in-use", &fresh.secret)?;
+    ensure!(
+        code == 1
+            && logs.contains("enrolment refused")
+            && logs.contains("in use by an online agent"),
+        "name in use: exit {code}\n{logs}"
+    );
     // A workload outside the token's scope is refused too.
     let other = ctl.issue_token(MESH, &["somebody-else"], "10m", 1)?;
     let (code, logs) = refused(zone, ctl, 1, "scope", &other.secret)?;

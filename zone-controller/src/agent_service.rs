@@ -520,6 +520,32 @@ impl AgentApi {
 
     /// The enrolled agent's mesh and token scope; refuses an agent that is
     /// unknown or whose token was revoked.
+    /// Refuses to enrol under the name of an agent that is online: two
+    /// hosts given one name (a cloned VM, an inventory default) would
+    /// otherwise take each other's place. An offline agent's name may be
+    /// taken again: that is an agent enrolling anew after losing its state.
+    /// Checked only once the caller proved a token, so that names cannot
+    /// be probed.
+    async fn refuse_name_in_use(&self, agent: &str) -> Result<(), Status> {
+        let Some(record) = self
+            .store
+            .get_agent(&self.zone, agent)
+            .await
+            .map_err(store_status)?
+        else {
+            return Ok(());
+        };
+        let now = weft_store::now_ms();
+        if record.left.is_some() || !crate::views::online(&record, now) {
+            return Ok(());
+        }
+        tracing::warn!(%agent, "enrolment refused: an online agent has the name");
+        Err(Status::already_exists(format!(
+            "agent_name: {agent:?} is in use by an online agent (seen {} s ago); give this one another name (`controller.agent_name`), or stop the other one first",
+            (now - record.last_seen_ms).max(0) / 1000
+        )))
+    }
+
     async fn enrolled(
         &self,
         agent: &str,
@@ -672,6 +698,7 @@ impl AgentService for AgentApi {
             .await
             .map_err(token_status)?;
         let mesh = self.mesh(&grant.mesh).await?;
+        self.refuse_name_in_use(agent).await?;
         let workloads = check_workloads(
             &request.workloads,
             &grant.workloads,
