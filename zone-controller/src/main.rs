@@ -178,7 +178,12 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the store {}", args.store))?;
     let zone_ca = Arc::new(zone_ca::ZoneCa::load_or_create(&store, &args.zone).await?);
-    let tls = zone_ca.server_config(&args.sans)?;
+    let server_cert = Arc::new(zone_ca::ServerCert::issue(
+        &zone_ca,
+        &args.sans,
+        zone_ca::SERVER_CERT_LIFETIME,
+    )?);
+    let tls = zone_ca.server_config(server_cert.clone())?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -214,6 +219,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         ))
     };
     let acks_task = tokio::spawn(hub.clone().write_acks(stop.clone()));
+    let server_cert_task = tokio::spawn(server_cert.renew(zone_ca.clone(), stop.clone()));
     let leader_task = tokio::spawn(
         leader::Leader {
             store: store.clone(),
@@ -282,6 +288,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         let _ = cutoff_task.await;
         let _ = heartbeat_task.await;
         let _ = acks_task.await;
+        let _ = server_cert_task.await;
         let _ = status_task.await;
     })
     .await;
