@@ -579,15 +579,7 @@ impl MeshView {
             let Some(vip) = service.virtual_ip_if_any() else {
                 continue;
             };
-            if let Some(other) = view.services.get(&vip) {
-                return Err(bad(
-                    format!("{field}.virtual_ip"),
-                    format!(
-                        "{vip} is also the virtual IP of {}.{}",
-                        other.name, other.namespace
-                    ),
-                ));
-            }
+            view.check_vip_free(&field, vip)?;
             let local = service.zone.is_empty() || service.zone == update.zone;
             for name in names(&service) {
                 // `<svc>.<ns>.mesh` prefers the local zone's instance.
@@ -630,6 +622,20 @@ impl MeshView {
         Ok(view)
     }
 
+    /// A virtual IP names one service only.
+    fn check_vip_free(&self, field: &str, vip: IpAddr) -> Result<(), ViewError> {
+        match self.services.get(&vip) {
+            Some(other) => Err(bad(
+                format!("{field}.virtual_ip"),
+                format!(
+                    "{vip} is also the virtual IP of {}.{}",
+                    other.name, other.namespace
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Adds an ExternalService: its virtual IP, its mesh names and its
     /// host's name unless a mesh service has them, and its host's address
     /// when declared by IP (so that a connection straight to it gets the
@@ -637,15 +643,7 @@ impl MeshView {
     fn add_external(&mut self, field: &str, e: &ExternalServiceView) -> Result<(), ViewError> {
         let service = external_service(field, e)?;
         let vip = service.virtual_ip;
-        if let Some(other) = self.services.get(&vip) {
-            return Err(bad(
-                format!("{field}.virtual_ip"),
-                format!(
-                    "{vip} is also the virtual IP of {}.{}",
-                    other.name, other.namespace
-                ),
-            ));
-        }
+        self.check_vip_free(field, vip)?;
         let service = Arc::new(service);
         let mut names = names(&service);
         if let Some(external) = &service.external {
