@@ -151,6 +151,11 @@ impl Controller {
         serde_json::from_slice(&resp.body).with_context(|| format!("GET {path} is not JSON"))
     }
 
+    /// `GET /metrics` on the API, parsed.
+    pub fn metrics(&self) -> Result<crate::metrics::Metrics> {
+        crate::metrics::scrape(&self.ns, self.api)
+    }
+
     /// Waits until `ok` holds for `GET /v1/inspect/<what>`, and returns it.
     pub fn wait_inspect(
         &self,

@@ -100,6 +100,35 @@ fn enrolled_services_call_each_other_by_dns_name() -> Result<()> {
             "inspect agents table: {table}"
         );
     }
+    // The zone's own metrics: three streams, enrolments, pushes acked.
+    let metrics = up.controller.metrics()?;
+    for (name, labels, at_least) in [
+        ("weft_zone_config_streams", &[][..], 3.0),
+        (
+            "weft_zone_enrolments_total",
+            &[("result", "enrolled")][..],
+            3.0,
+        ),
+        (
+            "weft_zone_config_answers_total",
+            &[("answer", "ack")][..],
+            3.0,
+        ),
+        ("weft_zone_config_ack_seconds_count", &[][..], 3.0),
+        ("weft_zone_leader", &[][..], 1.0),
+    ] {
+        let value = metrics.sum(name, labels);
+        ensure!(
+            value >= at_least,
+            "{name}{labels:?} is {value}, expected at least {at_least}:\n{}",
+            metrics.dump("weft_zone")
+        );
+    }
+    ensure!(
+        metrics.sum("weft_zone_config_streams", &[]) == 3.0,
+        "{}",
+        metrics.dump("weft_zone")
+    );
     Ok(())
 }
 

@@ -110,6 +110,8 @@ pub struct AgentApi {
     pub cutoff: Arc<Cutoff>,
     /// Turns true at shutdown: streams end.
     pub stop: watch::Receiver<bool>,
+    /// Streams, pushes, answers and enrolments, for `GET /metrics`.
+    pub metrics: Arc<crate::metrics::ZoneMetrics>,
 }
 
 fn store_status(error: StoreError) -> Status {
@@ -520,6 +522,65 @@ impl AgentApi {
 
     /// The enrolled agent's mesh and token scope; refuses an agent that is
     /// unknown or whose token was revoked.
+    /// Enrols an agent: checks its token, name, workloads and CSRs, then
+    /// spends a use of the token and signs.
+    async fn enrol(&self, request: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
+        let agent = request.agent_name.as_str();
+        check_agent_name(agent)?;
+        // Check everything before spending a use of the token.
+        let grant = self
+            .store
+            .peek_token(&request.token, &self.zone)
+            .await
+            .map_err(token_status)?;
+        let mesh = self.mesh(&grant.mesh).await?;
+        self.refuse_name_in_use(agent).await?;
+        let workloads = check_workloads(
+            &request.workloads,
+            &grant.workloads,
+            &grant.mesh,
+            agent,
+            "workloads",
+        )?;
+        let workloads = self.check_owners(agent, workloads).await?;
+        if request.agent_csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "agent_csr_pem: required (a CSR for the agent's control-plane identity)",
+            ));
+        }
+        let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
+        let certificates =
+            self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
+        let agent_cert = self.sign_agent(agent, &request.agent_csr_pem, &mesh)?;
+        let grant = self
+            .store
+            .consume_token(&request.token, &self.zone)
+            .await
+            .map_err(token_status)?;
+        self.store_workloads(agent, workloads).await?;
+        self.store
+            .enroll_agent(&AgentEnrollment {
+                name: agent.to_owned(),
+                zone: self.zone.clone(),
+                mesh: grant.mesh.clone(),
+                hbone_address: request.hbone_address.clone(),
+                host_facts: host_json(request.host.as_ref()),
+                token_id: grant.id.clone(),
+            })
+            .await
+            .map_err(store_status)?;
+        tracing::info!(%agent, mesh = %grant.mesh, token = %grant.id, workloads = request.workloads.len(), "agent enrolled");
+        Ok(pb::EnrollResponse {
+            agent_id: agent_cert.id.as_str().to_owned(),
+            mesh: grant.mesh,
+            zone: self.zone.clone(),
+            certificates,
+            trust_bundle_pem: cas.bundle_pem,
+            agent_chain_pem: agent_cert.chain_pem,
+            controller_ca_pem: self.zone_ca.pem.clone(),
+        })
+    }
+
     /// Refuses to enrol under the name of an agent that is online: two
     /// hosts given one name (a cloned VM, an inventory default) would
     /// otherwise take each other's place. An offline agent's name may be
@@ -688,61 +749,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let request = request.into_inner();
-        let agent = request.agent_name.as_str();
-        check_agent_name(agent)?;
-        // Check everything before spending a use of the token.
-        let grant = self
-            .store
-            .peek_token(&request.token, &self.zone)
-            .await
-            .map_err(token_status)?;
-        let mesh = self.mesh(&grant.mesh).await?;
-        self.refuse_name_in_use(agent).await?;
-        let workloads = check_workloads(
-            &request.workloads,
-            &grant.workloads,
-            &grant.mesh,
-            agent,
-            "workloads",
-        )?;
-        let workloads = self.check_owners(agent, workloads).await?;
-        if request.agent_csr_pem.is_empty() {
-            return Err(Status::invalid_argument(
-                "agent_csr_pem: required (a CSR for the agent's control-plane identity)",
-            ));
-        }
-        let cas = self.cas.get(&mesh).await.map_err(ca_status)?;
-        let certificates =
-            self.sign_workloads(&request.certificates, &workloads, &mesh, &cas.signing)?;
-        let agent_cert = self.sign_agent(agent, &request.agent_csr_pem, &mesh)?;
-        let grant = self
-            .store
-            .consume_token(&request.token, &self.zone)
-            .await
-            .map_err(token_status)?;
-        self.store_workloads(agent, workloads).await?;
-        self.store
-            .enroll_agent(&AgentEnrollment {
-                name: agent.to_owned(),
-                zone: self.zone.clone(),
-                mesh: grant.mesh.clone(),
-                hbone_address: request.hbone_address.clone(),
-                host_facts: host_json(request.host.as_ref()),
-                token_id: grant.id.clone(),
-            })
-            .await
-            .map_err(store_status)?;
-        tracing::info!(%agent, mesh = %grant.mesh, token = %grant.id, workloads = request.workloads.len(), "agent enrolled");
-        Ok(Response::new(pb::EnrollResponse {
-            agent_id: agent_cert.id.as_str().to_owned(),
-            mesh: grant.mesh,
-            zone: self.zone.clone(),
-            certificates,
-            trust_bundle_pem: cas.bundle_pem,
-            agent_chain_pem: agent_cert.chain_pem,
-            controller_ca_pem: self.zone_ca.pem.clone(),
-        }))
+        let result = self.enrol(request.into_inner()).await;
+        self.metrics.enrolment(result.is_ok());
+        result.map(Response::new)
     }
 
     async fn renew(
@@ -1089,6 +1098,9 @@ impl AgentApi {
         // cut-off registry before the Hello's checks, so a revocation
         // committed after them reaches `cut`.
         let mut last_sent = applied;
+        // When `last_sent` went out, until its answer (the ack latency).
+        let mut pushed_at: Option<tokio::time::Instant> = None;
+        let _open = self.metrics.stream_opened();
         // The view the agent was last sent and is taken to hold: the base
         // of the next delta (`None`: send the whole view).
         let mut base: Option<crate::views::Sent> = None;
@@ -1119,12 +1131,13 @@ impl AgentApi {
                         }
                     };
                     let answered = match &message.message {
-                        Some(pb::agent_message::Message::Ack(ack)) => ack.version == last_sent,
-                        Some(pb::agent_message::Message::Nack(nack)) => nack.version == last_sent,
-                        _ => false,
+                        Some(pb::agent_message::Message::Ack(ack)) if ack.version == last_sent => Some(true),
+                        Some(pb::agent_message::Message::Nack(nack)) if nack.version == last_sent => Some(false),
+                        _ => None,
                     };
-                    if answered {
+                    if let Some(acked) = answered {
                         awaiting = None;
+                        self.metrics.answered(acked, pushed_at.take().map(|at| at.elapsed()));
                     }
                     let resend = match &message.message {
                         Some(pb::agent_message::Message::Nack(nack)) if nack.version == last_sent => {
@@ -1146,6 +1159,7 @@ impl AgentApi {
                         }
                         base = Some(view.sent());
                         last_sent = view.version.clone();
+                        pushed_at = Some(tokio::time::Instant::now());
                         awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                     }
                 }
@@ -1179,6 +1193,7 @@ impl AgentApi {
                     }
                     base = Some(view.sent());
                     last_sent = view.version.clone();
+                    pushed_at = Some(tokio::time::Instant::now());
                     awaiting = Some(tokio::time::Instant::now() + ANSWER_WAIT);
                 }
                 () = outbound.closed() => return Ok(StreamEnd::Dropped),
@@ -1203,8 +1218,12 @@ impl AgentApi {
         sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
         let agent = stream.agent;
         let mut chunks = 0;
+        let mut delta = false;
         for update in view.messages(base, stream.patches) {
             chunks += 1;
+            // The first chunk says what was sent: a base no longer kept
+            // makes it whole.
+            delta |= chunks == 1 && !update.base_version.is_empty();
             let message = pb::ZoneMessage {
                 message: Some(pb::zone_message::Message::Config(update)),
             };
@@ -1212,7 +1231,8 @@ impl AgentApi {
                 return false;
             }
         }
-        tracing::debug!(%agent, version = %view.version, delta = base.is_some(), chunks, "config pushed");
+        self.metrics.pushed(delta);
+        tracing::debug!(%agent, version = %view.version, delta, chunks, "config pushed");
         true
     }
 

@@ -30,6 +30,7 @@ use weft_store::{Expect, ResourceKey, Store, StoreError, StoredResource};
 use crate::apply::{self, ApplyError};
 use crate::ca_rotation::RotateError;
 use crate::mesh_ca::{MeshCaError, MeshCas};
+use crate::metrics::ZoneMetrics;
 use crate::tokens::{self, IssueRefusal, Issued, TokenView};
 
 /// The largest request body accepted.
@@ -55,6 +56,8 @@ pub struct AppState {
     pub cas: Arc<MeshCas>,
     /// Serialises applies (validate-then-write) in this process.
     apply_lock: Mutex<()>,
+    /// What `GET /metrics` shows (none: 404).
+    metrics: Option<Arc<ZoneMetrics>>,
 }
 
 impl AppState {
@@ -77,6 +80,15 @@ impl AppState {
             replica,
             cas,
             apply_lock: Mutex::new(()),
+            metrics: None,
+        }
+    }
+
+    /// Serves `metrics` on `GET /metrics`.
+    pub fn with_metrics(self, metrics: Arc<ZoneMetrics>) -> Self {
+        AppState {
+            metrics: Some(metrics),
+            ..self
         }
     }
 }
@@ -189,6 +201,8 @@ impl From<StoreError> for ApiError {
 /// What a handler answers: a JSON body with a status, or an error.
 enum Answer {
     Json(StatusCode, Vec<u8>),
+    /// Prometheus text exposition.
+    Metrics(String),
     Error(ApiError),
     Invalid(InputErrors),
 }
@@ -205,6 +219,14 @@ async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Full<B
     let answer = route(state, request).await;
     let response = match answer {
         Answer::Json(status, body) => json_response(status, body),
+        Answer::Metrics(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         Answer::Error(error) => {
             let body = serde_json::json!({ "error": error.message });
             json_response(error.status, body.to_string().into_bytes())
@@ -276,6 +298,10 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
             StatusCode::OK,
             &serde_json::json!({ "status": "ok", "zone": state.zone }),
         ),
+        (["metrics"], &Method::GET) => match &state.metrics {
+            Some(metrics) => Answer::Metrics(metrics.encode()),
+            None => ApiError::new(StatusCode::NOT_FOUND, "no metrics here").into(),
+        },
         (["ready"], &Method::GET) => match state.store.current_seq().await {
             Ok(_) => to_json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
             Err(error) => ApiError::new(

@@ -18,6 +18,7 @@ use weft_api::Kind;
 use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
+use crate::metrics::ZoneMetrics;
 use crate::views::{AgentParts, AgentView, MeshSnapshot, ServiceSet, HISTORY};
 
 /// How often every view is recomputed even without a store change.
@@ -74,11 +75,12 @@ pub struct Hub {
     /// written together, so N agents acking one push cost one commit.
     acks: Mutex<HashMap<String, (String, Vec<String>)>>,
     acked: Notify,
+    metrics: Arc<ZoneMetrics>,
 }
 
 impl Hub {
     /// A hub with no streams.
-    pub fn new(store: Store, zone: String, cas: Arc<MeshCas>) -> Self {
+    pub fn new(store: Store, zone: String, cas: Arc<MeshCas>, metrics: Arc<ZoneMetrics>) -> Self {
         Hub {
             store,
             zone,
@@ -90,6 +92,7 @@ impl Hub {
             built: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             acked: Notify::new(),
+            metrics,
         }
     }
 
@@ -345,9 +348,11 @@ impl Hub {
             };
             let started = tokio::time::Instant::now();
             for mesh in meshes {
+                let began = tokio::time::Instant::now();
                 if let Err(error) = self.refresh(&mesh).await {
                     tracing::warn!(%mesh, %error, "cannot compute agent views");
                 }
+                self.metrics.refreshed(began.elapsed());
             }
             let pause = started.elapsed().clamp(MIN_PAUSE, MAX_PAUSE);
             tokio::select! {

@@ -15,6 +15,7 @@ mod hub;
 mod inspect;
 mod leader;
 mod mesh_ca;
+mod metrics;
 mod settings;
 mod tokens;
 mod views;
@@ -205,7 +206,13 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let leading = Arc::new(AtomicBool::new(false));
     let cas = Arc::new(mesh_ca::MeshCas::new(store.clone(), args.mesh_ca_lifetime));
-    let hub = Arc::new(hub::Hub::new(store.clone(), args.zone.clone(), cas.clone()));
+    let metrics = Arc::new(metrics::ZoneMetrics::new(leading.clone()));
+    let hub = Arc::new(hub::Hub::new(
+        store.clone(),
+        args.zone.clone(),
+        cas.clone(),
+        metrics.clone(),
+    ));
     let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
     let cutoff = Arc::new(cutoff::Cutoff::new(store.clone(), args.zone.clone()));
     let cutoff_task = tokio::spawn(cutoff.clone().run(stop.clone()));
@@ -240,6 +247,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         hub: hub.clone(),
         cutoff,
         stop: stop.clone(),
+        metrics: metrics.clone(),
     };
     let grpc_task = tokio::spawn(grpc::serve(
         grpc_listener,
@@ -257,15 +265,18 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         leading.clone(),
         stop.clone(),
     ));
-    let state = Arc::new(api_server::AppState::new(
-        store.clone(),
-        args.zone,
-        zone_ca.pem.clone(),
-        zone_ca.pin.clone(),
-        leading,
-        replica,
-        cas,
-    ));
+    let state = Arc::new(
+        api_server::AppState::new(
+            store.clone(),
+            args.zone,
+            zone_ca.pem.clone(),
+            zone_ca.pin.clone(),
+            leading,
+            replica,
+            cas,
+        )
+        .with_metrics(metrics),
+    );
     let http_task = tokio::spawn(api_server::serve(
         listener,
         state,
