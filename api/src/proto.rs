@@ -14,23 +14,29 @@ pub mod agent {
     pub const ENDPOINT_PATCHES: &str = "endpoint-patches";
 
     /// The order of a service's endpoints on both sides of the config
-    /// stream: by address, agent, SPIFFE ID, then readiness. The zone sorts
-    /// each service's endpoints this way and an agent applying a
-    /// `ServicePatch` sorts the result the same way, so a patched view is
-    /// the very view the zone would have sent whole (and hashed).
+    /// stream: by address, agent, SPIFFE ID, readiness, then location
+    /// (zone, region, zone, subzone: ties only between equal addresses,
+    /// and empty for zones that predate them, so the order of the first
+    /// four fields is unchanged). The zone sorts each service's endpoints
+    /// this way and an agent applying a `ServicePatch` sorts the result the
+    /// same way, so a patched view is the very view the zone would have
+    /// sent whole (and hashed). Equal in this order is equal in every
+    /// field: a patch removes an endpoint by it.
     pub fn endpoint_order(a: &v1::Endpoint, b: &v1::Endpoint) -> std::cmp::Ordering {
-        (
-            a.address.as_str(),
-            a.agent.as_str(),
-            a.spiffe_id.as_str(),
-            a.ready,
-        )
-            .cmp(&(
-                b.address.as_str(),
-                b.agent.as_str(),
-                b.spiffe_id.as_str(),
-                b.ready,
-            ))
+        #[allow(clippy::type_complexity)]
+        fn key(e: &v1::Endpoint) -> ((&str, &str, &str), bool, (&str, &str, &str, &str)) {
+            (
+                (e.address.as_str(), e.agent.as_str(), e.spiffe_id.as_str()),
+                e.ready,
+                (
+                    e.zone.as_str(),
+                    e.locality_region.as_str(),
+                    e.locality_zone.as_str(),
+                    e.locality_subzone.as_str(),
+                ),
+            )
+        }
+        key(a).cmp(&key(b))
     }
 }
 

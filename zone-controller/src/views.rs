@@ -200,6 +200,7 @@ impl MeshSnapshot {
                     .iter()
                     .filter_map(|w| {
                         let agent = self.live_owner(w)?;
+                        let locality = weft_api::Locality::from_labels(&w.metadata.labels);
                         Some(pb::Endpoint {
                             address: w.spec.address.to_string(),
                             // Node mode: the workload's own listener.
@@ -209,6 +210,13 @@ impl MeshSnapshot {
                             ),
                             spiffe_id: self.spiffe_id(w),
                             ready: online(agent, self.now_ms),
+                            // Empty: this zone, the zone of every view it
+                            // sends (a remote zone's endpoints will name
+                            // theirs once zones exchange inventories).
+                            zone: String::new(),
+                            locality_region: locality.region,
+                            locality_zone: locality.zone,
+                            locality_subzone: locality.subzone,
                         })
                     })
                     .collect();
@@ -931,6 +939,7 @@ mod tests {
             agent: format!("10.0.{}.{}:15008", i / 256, i % 256),
             spiffe_id: format!("spiffe://t/ns/default/sa/sa-{i}"),
             ready,
+            ..Default::default()
         }
     }
 

@@ -570,7 +570,7 @@ async fn attempts(
         .is_some_and(|n| n <= MAX_RETRY_BODY);
     // Retried only when the body can be sent again.
     let Some(retry) = retry.filter(|_| fits) else {
-        let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let endpoint = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts, Either::Left(body));
         let result = send(
@@ -588,7 +588,7 @@ async fn attempts(
     let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let mut attempt = 0;
     loop {
-        let endpoint = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let endpoint = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = service.track(endpoint);
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
         let result = send(
@@ -704,13 +704,17 @@ fn backoff(retry: &Retry, attempt: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
+/// An endpoint for one attempt: by the algorithm, within the nearest
+/// locality tier of the caller when the policy is locality-aware.
 fn pick<'s>(
     service: &'s Service,
     out: &Policy,
+    o: &Outbound,
     parts: &Parts,
     d: &Dialled,
 ) -> Option<&'s Endpoint> {
-    service.pick_with(&out.algorithm, parts, d.client.ip())
+    let tiers = out.locality_aware.then(|| service.tiers(&o.locality));
+    service.pick_with(&out.algorithm, tiers.as_deref(), parts, d.client.ip())
 }
 
 /// One attempt on one endpoint, through the tunnel to its agent.
