@@ -71,6 +71,68 @@ mod tests {
         );
     }
 
+    /// `weft.agent.v1.Endpoint` as agents and zones that predate
+    /// locality know it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EndpointV1 {
+        #[prost(string, tag = "1")]
+        address: String,
+        #[prost(string, tag = "2")]
+        agent: String,
+        #[prost(string, tag = "3")]
+        spiffe_id: String,
+        #[prost(bool, tag = "4")]
+        ready: bool,
+    }
+
+    #[test]
+    fn endpoint_locality_is_invisible_to_older_peers_and_free_when_unset() {
+        use super::agent::v1::Endpoint;
+        let old = EndpointV1 {
+            address: "10.0.0.1".into(),
+            agent: "10.0.0.1:15008".into(),
+            spiffe_id: "spiffe://td/ns/default/sa/api".into(),
+            ready: true,
+        };
+        let unlabelled = Endpoint {
+            address: old.address.clone(),
+            agent: old.agent.clone(),
+            spiffe_id: old.spiffe_id.clone(),
+            ready: true,
+            ..Default::default()
+        };
+        // Unset, the new fields cost no byte: a zone's views (and their
+        // content-hash versions) stay as they were for unlabelled meshes.
+        assert_eq!(unlabelled.encode_to_vec(), old.encode_to_vec());
+        // An older agent reads a labelled endpoint as before.
+        let labelled = Endpoint {
+            zone: "east".into(),
+            locality_region: "eu".into(),
+            locality_zone: "eu-1a".into(),
+            locality_subzone: "rack-3".into(),
+            ..unlabelled.clone()
+        };
+        let seen_by_old = EndpointV1::decode(labelled.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(seen_by_old, old);
+        // A newer agent reads an older zone's endpoint as unlabelled.
+        assert_eq!(
+            Endpoint::decode(old.encode_to_vec().as_slice()).unwrap(),
+            unlabelled
+        );
+        // Equal in the order means equal in every field (patches remove
+        // endpoints by it), and the location only breaks ties.
+        use super::agent::endpoint_order;
+        assert_ne!(
+            endpoint_order(&labelled, &unlabelled),
+            std::cmp::Ordering::Equal
+        );
+        let next = Endpoint {
+            address: "10.0.0.2".into(),
+            ..unlabelled.clone()
+        };
+        assert_eq!(endpoint_order(&labelled, &next), std::cmp::Ordering::Less);
+    }
+
     #[test]
     fn both_sides_of_the_service_are_generated() {
         // The zone implements the server trait; the agent uses the client.

@@ -1629,4 +1629,36 @@ mod tests {
         update.services[0].endpoints[1].zone = "west".into();
         assert_eq!(picks(&update), ["10.0.0.1", "10.0.0.3"]);
     }
+
+    #[test]
+    fn a_patch_moves_an_endpoint_between_localities() {
+        let mut base = sample();
+        base.services[0].endpoints = vec![
+            in_zone("10.0.0.1", "a", true),
+            in_zone("10.0.0.3", "b", true),
+        ];
+        let mut update = delta();
+        // The workload's zone label changed: removed as it was, added as
+        // it is.
+        update.patched_services = vec![patch(
+            api_now(vec![in_zone("10.0.0.1", "b", true)]),
+            vec![in_zone("10.0.0.1", "a", true)],
+        )];
+        let resolved = resolve(Some(&base), update).unwrap();
+        let api = resolved.services.iter().find(|s| s.name == "api").unwrap();
+        let zones: Vec<&str> = api
+            .endpoints
+            .iter()
+            .map(|e| e.locality_zone.as_str())
+            .collect();
+        assert_eq!(zones, ["b", "b"]);
+        // A removal must match the location too.
+        let mut wrong = delta();
+        wrong.patched_services = vec![patch(api_now(vec![]), vec![in_zone("10.0.0.1", "b", true)])];
+        let err = resolve(Some(&base), wrong).unwrap_err();
+        assert_eq!(
+            err.field, "patched_services[0].removed_endpoints[0]",
+            "{err}"
+        );
+    }
 }
