@@ -96,9 +96,11 @@ impl Locality {
     }
 }
 
+/// `region/zone/subzone`, without trailing empty parts (`eu/eu-1a`).
 impl fmt::Display for Locality {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)
+        let full = format!("{}/{}/{}", self.region, self.zone, self.subzone);
+        f.write_str(full.trim_end_matches('/'))
     }
 }
 
@@ -216,6 +218,12 @@ mod tests {
             (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
             ("eu", "eu-1a", "rack-3")
         );
+        assert_eq!(l.to_string(), "eu/eu-1a/rack-3");
+        let l = Locality {
+            subzone: String::new(),
+            ..l
+        };
+        assert_eq!(l.to_string(), "eu/eu-1a");
         assert!(Locality::from_labels(&std::collections::BTreeMap::new()).is_empty());
     }
 

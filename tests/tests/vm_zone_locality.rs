@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::json;
 use weft_e2e::vmzone::{wait_curl, Running, VmZone, HTTP_PORT};
+use weft_e2e::zone::agent_entry;
 use weft_e2e::{echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
@@ -88,6 +89,16 @@ fn locality_aware_load_balancing_prefers_the_callers_zone_and_fails_over() -> Re
         })?;
     }
     up.wait_converged(&up.controller)?;
+    // The zone knows where each workload runs.
+    let workloads = up.controller.inspect("workloads")?;
+    for (vm, z) in up.zone.vms.iter().zip(zones) {
+        let locality = agent_entry(&workloads, &vm.workload).and_then(|w| w.get("locality"));
+        ensure!(
+            locality.and_then(|l| l.as_str()) == Some(&format!("eu/{z}")),
+            "inspect workloads shows {} at {locality:?}",
+            vm.workload
+        );
+    }
 
     // No LoadBalancing: every instance serves web, whatever its zone.
     for i in [LOCAL, REMOTE[0], REMOTE[1]] {

@@ -69,6 +69,8 @@ pub struct ResolvedEndpoint {
     pub spiffe_id: String,
     /// Whether the owning agent is online.
     pub ready: bool,
+    /// Where the workload runs, from its labels.
+    pub locality: weft_api::Locality,
 }
 
 impl MeshSnapshot {
@@ -166,6 +168,7 @@ impl MeshSnapshot {
                     agent: agent.enrollment.name.clone(),
                     spiffe_id: self.spiffe_id(w),
                     ready: online(agent, self.now_ms),
+                    locality: weft_api::Locality::from_labels(&w.metadata.labels),
                 })
             })
             .collect()
