@@ -547,7 +547,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::kinds::{NodePlacement, PemSource, ProvidedCa, ServiceStatus};
+    use crate::kinds::{
+        ExternalServiceStatus, NodePlacement, PemSource, ProvidedCa, ServiceStatus,
+    };
 
     /// Examples that together set every field of every kind, including the
     /// optional ones and both sides of each one-of.
@@ -598,7 +600,16 @@ mod tests {
                 });
                 out.push(placed.into());
             }
-            Kind::Zone | Kind::ExternalService => {}
+            Kind::ExternalService => {
+                let Resource::ExternalService(mut with_status) = example(kind) else {
+                    unreachable!("example(ExternalService) is an ExternalService")
+                };
+                with_status.status = Some(ExternalServiceStatus {
+                    virtual_ip: Some(IpAddr::V4(Ipv4Addr::new(240, 0, 0, 2))),
+                });
+                out.push(with_status.into());
+            }
+            Kind::Zone => {}
             policy => out.extend(crate::policy::examples::variants(policy)),
         }
         for resource in &out {

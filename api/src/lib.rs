@@ -20,10 +20,11 @@ pub use duration::{Duration, DurationError};
 pub use identity::{IdentityError, SpiffeId};
 pub use kinds::{
     AccessLogSpec, BuiltinCa, CaChoice, CaSpec, CircuitBreakerSpec, ExternalServiceSpec,
-    FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec, HttpRouteTo, LoadBalancingSpec, MeshSpec,
-    NodePlacement, PemChoice, PemSource, PolicyRule, PolicyTo, ProvidedCa, RateLimitSpec,
-    RetrySpec, ServiceSpec, ServiceStatus, TcpRouteSpec, TcpRouteTo, TimeoutSpec, TraceBackend,
-    TraceConf, TraceSpec, TrafficPermissionSpec, WorkloadSpec, ZoneBackend, ZoneSpec,
+    ExternalServiceStatus, FaultInjectionSpec, HealthCheckSpec, HttpRouteSpec, HttpRouteTo,
+    LoadBalancingSpec, MeshSpec, NodePlacement, PemChoice, PemSource, PolicyRule, PolicyTo,
+    ProvidedCa, RateLimitSpec, RetrySpec, ServiceSpec, ServiceStatus, TcpRouteSpec, TcpRouteTo,
+    TimeoutSpec, TraceBackend, TraceConf, TraceSpec, TrafficPermissionSpec, WorkloadSpec,
+    ZoneBackend, ZoneSpec,
 };
 pub use mesh::{Endpoint, Locality, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};

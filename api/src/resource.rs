@@ -169,7 +169,7 @@ impl Kind {
 
     /// Whether the kind has a `status` block (fields set by the controller).
     pub const fn has_status(self) -> bool {
-        matches!(self, Kind::Service)
+        matches!(self, Kind::Service | Kind::ExternalService)
     }
 
     /// Whether the kind is a policy (selects workloads with `targetRef`).

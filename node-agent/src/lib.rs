@@ -9,6 +9,7 @@ pub mod controller;
 pub mod credentials;
 pub mod dns;
 pub mod drain;
+pub mod external;
 pub mod grpc;
 pub mod handoff;
 pub mod inbound;

@@ -1,6 +1,7 @@
 //! Outbound: application connections, taken from explicit listeners or from
 //! transparent capture, sent through an HBONE tunnel to the agent in front
-//! of the destination, or passed through when it is outside the mesh.
+//! of the destination, dialled by the agent for an ExternalService, or
+//! passed through when it is outside the mesh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,11 @@ pub enum Target {
 enum Next {
     Tunnel(Endpoint, SocketAddr),
     Http(Dialled),
+    External {
+        key: Label,
+        external: crate::external::External,
+        connect_timeout: std::time::Duration,
+    },
     Refuse(&'static str),
     Outside,
 }
@@ -186,6 +192,14 @@ impl Outbound {
                     endpoint,
                     authority,
                 } => Next::Tunnel(endpoint.clone(), authority),
+                Route::External { service, external } => Next::External {
+                    key: service.key.clone(),
+                    external: external.clone(),
+                    connect_timeout: self
+                        .policy(&view)
+                        .outbound(service.key.as_str())
+                        .connect_timeout,
+                },
                 Route::Refuse(reason) => Next::Refuse(reason),
                 Route::Outside => Next::Outside,
             };
@@ -206,6 +220,14 @@ impl Outbound {
                 }
             }
             Next::Http(dialled) => crate::l7::outbound::serve(self, tcp, dialled).await,
+            Next::External {
+                key,
+                external,
+                connect_timeout,
+            } => {
+                self.external(&mut tcp, &key, &external, connect_timeout)
+                    .await
+            }
             Next::Refuse(reason) => {
                 info!(%dst, reason, "mesh destination cannot be served, refusing");
                 self.metrics.connection_refused(Direction::Outbound, reason);
@@ -280,6 +302,42 @@ impl Outbound {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Carries a connection to an ExternalService's TCP port: the agent
+    /// dials the host itself and copies bytes both ways.
+    async fn external(
+        &self,
+        tcp: &mut TcpStream,
+        key: &Label,
+        external: &crate::external::External,
+        connect_timeout: std::time::Duration,
+    ) {
+        let connected = {
+            let view = self.view.clone();
+            external
+                .connect(connect_timeout, move |ip| view.load().knows(ip))
+                .await
+        };
+        let mut upstream = match connected {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                info!(destination = key.as_str(), error = %e, "ExternalService connect failed");
+                self.metrics
+                    .connection_refused(Direction::Outbound, "external_connect_failed");
+                return reset(tcp);
+            }
+        };
+        let counters = self.metrics.peer(
+            Direction::Outbound,
+            self.local_id.as_str(),
+            key.as_str(),
+            Transport::Plaintext,
+        );
+        let _open = ConnectionGuard::open(&counters);
+        if let Err(e) = copy_plain(tcp, &mut upstream, &counters.sent, &counters.received).await {
+            debug!(destination = key.as_str(), error = %e, "ExternalService connection ended abnormally");
         }
     }
 

@@ -16,7 +16,9 @@ use rustls_pki_types::CertificateDer;
 use weft_api::policy::compiled::WorkloadPolicy;
 use weft_api::policy::conf::{Algorithm, HashOn};
 use weft_api::proto::agent::endpoint_order;
-use weft_api::proto::agent::v1::{ConfigUpdate, Endpoint as PbEndpoint, ServiceView};
+use weft_api::proto::agent::v1::{
+    ConfigUpdate, Endpoint as PbEndpoint, ExternalServiceView, ServiceView,
+};
 use weft_api::{Endpoint, Locality, PeerMatch, SpiffeId};
 
 use crate::config::AgentConfig;
@@ -66,6 +68,9 @@ pub struct Service {
     /// Those of `ports` declared HTTP: served by the L7 proxy.
     pub http_ports: Vec<u16>,
     pub endpoints: Vec<ServiceEndpoint>,
+    /// An ExternalService: the agent dials this host itself (no endpoints,
+    /// no tunnel).
+    pub external: Option<crate::external::External>,
     next: AtomicUsize,
     /// Requests in flight per endpoint (same order), for least-request.
     load: Vec<std::sync::atomic::AtomicU32>,
@@ -281,6 +286,11 @@ pub enum Route<'a> {
         endpoint: &'a Endpoint,
         authority: SocketAddr,
     },
+    /// To an ExternalService's TCP port: dialled by the agent itself.
+    External {
+        service: &'a Service,
+        external: &'a crate::external::External,
+    },
     /// A mesh address that cannot be served: reset, with the reason.
     Refuse(&'static str),
     /// Not a mesh address.
@@ -484,8 +494,11 @@ pub struct MeshView {
     endpoints: HashMap<IpAddr, Endpoint>,
     services: HashMap<IpAddr, Arc<Service>>,
     names: HashMap<String, IpAddr>,
-    /// Services by `<namespace>/<name>`, for HTTPRoute backends.
+    /// Services by `<namespace>/<name>` (HTTPRoute backends), and
+    /// ExternalServices by `external:<namespace>/<name>`.
     by_key: HashMap<String, Arc<Service>>,
+    /// ExternalServices declared by IP address, by that address and port.
+    external_addresses: HashMap<SocketAddr, Arc<Service>>,
     /// Per local workload, by name: a sidecar has one, a node agent one per
     /// enrolled workload, all sharing the services and endpoints above.
     locals: HashMap<String, Local>,
@@ -551,6 +564,7 @@ impl MeshView {
                     http_ports: vec![l.target.port()],
                     load: endpoints.iter().map(|_| Default::default()).collect(),
                     endpoints,
+                    external: None,
                     next: AtomicUsize::new(0),
                     tiers: TierCache::default(),
                 };
@@ -636,6 +650,9 @@ impl MeshView {
             );
             view.services.insert(vip, service);
         }
+        for (i, e) in update.external_services.iter().enumerate() {
+            view.add_external(&format!("external_services[{i}]"), e)?;
+        }
         let (policies, fallback) = policies_of(&update.policy_json)?;
         view.fallback.policy = fallback;
         for (name, policy) in policies {
@@ -658,6 +675,43 @@ impl MeshView {
         Ok(view)
     }
 
+    /// Adds an ExternalService: its virtual IP, its mesh names and its
+    /// host's name unless a mesh service has them, and its host's address
+    /// when declared by IP (so that a connection straight to it gets the
+    /// same policies).
+    fn add_external(&mut self, field: &str, e: &ExternalServiceView) -> Result<(), ViewError> {
+        let service = external_service(field, e)?;
+        let vip = service.virtual_ip;
+        if let Some(other) = self.services.get(&vip) {
+            return Err(bad(
+                format!("{field}.virtual_ip"),
+                format!(
+                    "{vip} is also the virtual IP of {}.{}",
+                    other.name, other.namespace
+                ),
+            ));
+        }
+        let service = Arc::new(service);
+        let mut names = names(&service);
+        if let Some(external) = &service.external {
+            match &external.host {
+                crate::external::Host::Name(host) => names.push(host.clone()),
+                crate::external::Host::Ip(ip) => {
+                    self.external_addresses
+                        .entry(SocketAddr::new(*ip, external.port))
+                        .or_insert_with(|| service.clone());
+                }
+            }
+        }
+        for name in names {
+            self.names.entry(name).or_insert(vip);
+        }
+        self.by_key
+            .insert(service.key.as_str().to_owned(), service.clone());
+        self.services.insert(vip, service);
+        Ok(())
+    }
+
     /// Where a captured connection of local workload `local` (at
     /// `caller`) to `dst` goes.
     pub fn route(&self, dst: SocketAddr, local: &str, caller: &Locality) -> Route<'_> {
@@ -667,8 +721,12 @@ impl MeshView {
                 authority: dst,
             };
         }
-        let Some(service) = self.services.get(&dst.ip()) else {
-            return Route::Outside;
+        let service = match self.services.get(&dst.ip()) {
+            Some(service) => service,
+            None => match self.external_addresses.get(&dst) {
+                Some(service) => service,
+                None => return Route::Outside,
+            },
         };
         if !service.ports.is_empty() && !service.ports.contains(&dst.port()) {
             return Route::Refuse("port_not_in_service");
@@ -678,6 +736,9 @@ impl MeshView {
                 service,
                 port: dst.port(),
             };
+        }
+        if let Some(external) = &service.external {
+            return Route::External { service, external };
         }
         if let Some(route) = self
             .policy(local)
@@ -813,6 +874,21 @@ fn names(s: &Service) -> Vec<String> {
     out
 }
 
+/// A virtual IP as the zone sends it. None yet (allocation pending) is
+/// served by workload address only; the unspecified address marks it.
+fn virtual_ip(field: &str, text: &str) -> Result<IpAddr, ViewError> {
+    if text.is_empty() {
+        return Ok(IpAddr::from([0, 0, 0, 0]));
+    }
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| bad(field, format!("{text:?} is not an IP address")))?;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err(bad(field, format!("{ip} cannot be a virtual IP")));
+    }
+    Ok(ip)
+}
+
 fn label(field: &str, value: &str) -> Result<(), ViewError> {
     weft_api::validation::dns1123_label(value).map_err(|reason| bad(field, reason))
 }
@@ -828,25 +904,7 @@ fn service(
     if !s.zone.is_empty() {
         label(&format!("{field}.zone"), &s.zone)?;
     }
-    // No virtual IP yet (allocation pending) is served by workload address
-    // only; the unspecified address marks it.
-    let virtual_ip = if s.virtual_ip.is_empty() {
-        IpAddr::from([0, 0, 0, 0])
-    } else {
-        let ip: IpAddr = s.virtual_ip.parse().map_err(|_| {
-            bad(
-                format!("{field}.virtual_ip"),
-                format!("{:?} is not an IP address", s.virtual_ip),
-            )
-        })?;
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-            return Err(bad(
-                format!("{field}.virtual_ip"),
-                format!("{ip} cannot be a virtual IP"),
-            ));
-        }
-        ip
-    };
+    let virtual_ip = virtual_ip(&format!("{field}.virtual_ip"), &s.virtual_ip)?;
     let mut ports = Vec::with_capacity(s.ports.len());
     let mut http_ports = Vec::new();
     for (j, p) in s.ports.iter().enumerate() {
@@ -925,6 +983,56 @@ fn service(
         http_ports,
         load: endpoints.iter().map(|_| Default::default()).collect(),
         endpoints,
+        external: None,
+        next: AtomicUsize::new(0),
+        tiers: TierCache::default(),
+    })
+}
+
+/// An ExternalService of a zone's update, checked.
+fn external_service(field: &str, e: &ExternalServiceView) -> Result<Service, ViewError> {
+    label(&format!("{field}.name"), &e.name)?;
+    label(&format!("{field}.namespace"), &e.namespace)?;
+    let virtual_ip = virtual_ip(&format!("{field}.virtual_ip"), &e.virtual_ip)?;
+    if virtual_ip.is_unspecified() {
+        return Err(bad(
+            format!("{field}.virtual_ip"),
+            "missing: the zone sends ExternalServices once they have one",
+        ));
+    }
+    let port = e.port.unwrap_or_default();
+    let number = match u16::try_from(port.port) {
+        Ok(n) if n != 0 => n,
+        _ => {
+            return Err(bad(
+                format!("{field}.port.port"),
+                format!("{} is not a port", port.port),
+            ))
+        }
+    };
+    let host_ok = match e.host.parse::<IpAddr>() {
+        Ok(ip) => weft_api::validation::unicast_address(ip),
+        Err(_) => weft_api::validation::dns1123_subdomain(&e.host.to_ascii_lowercase()),
+    };
+    host_ok.map_err(|reason| bad(format!("{field}.host"), reason))?;
+    let external = crate::external::External::new(&e.host, number)
+        .ok_or_else(|| bad(format!("{field}.host"), "cannot be a Host header"))?;
+    let http = port.protocol == weft_api::proto::agent::v1::Protocol::Http as i32;
+    // The key policies name it by (`weft_api::policy::select::destination_key`).
+    let key = format!("external:{}/{}", e.namespace, e.name);
+    Ok(Service {
+        destination: crate::resilience::destination(&key),
+        health: Vec::new(),
+        name: e.name.clone(),
+        namespace: e.namespace.clone(),
+        key: key.as_str().into(),
+        zone: String::new(),
+        virtual_ip,
+        ports: vec![number],
+        http_ports: if http { vec![number] } else { Vec::new() },
+        load: Vec::new(),
+        endpoints: Vec::new(),
+        external: Some(external),
         next: AtomicUsize::new(0),
         tiers: TierCache::default(),
     })
@@ -980,7 +1088,9 @@ pub fn shared(view: MeshView) -> SharedView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::proto::agent::v1::{InboundRule, Port, ServicePatch, ServiceView};
+    use weft_api::proto::agent::v1::{
+        ExternalServiceView, InboundRule, Port, ServicePatch, ServiceView,
+    };
 
     fn bundle() -> String {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -1660,5 +1770,113 @@ mod tests {
             err.field, "patched_services[0].removed_endpoints[0]",
             "{err}"
         );
+    }
+
+    fn external(name: &str, vip: &str, host: &str, port: u32, http: bool) -> ExternalServiceView {
+        ExternalServiceView {
+            name: name.into(),
+            namespace: "pay".into(),
+            virtual_ip: vip.into(),
+            host: host.into(),
+            port: Some(Port {
+                port,
+                protocol: i32::from(http),
+            }),
+        }
+    }
+
+    #[test]
+    fn external_services_get_their_names_and_are_dialled_by_the_agent() {
+        let mut update = sample();
+        update.external_services = vec![
+            external("stripe", "10.96.0.9", "API.Stripe.com", 443, false),
+            external("ledger", "10.96.0.10", "192.0.2.7", 80, true),
+        ];
+        let view = MeshView::from_update(&update).unwrap();
+        let vip: IpAddr = "10.96.0.9".parse().unwrap();
+        assert_eq!(view.lookup("stripe.pay.mesh"), NameLookup::Service(vip));
+        // The host's own name too, so applications keep calling it.
+        assert_eq!(view.lookup("api.stripe.com."), NameLookup::Service(vip));
+        match view.route(SocketAddr::new(vip, 443), "web", &Locality::default()) {
+            Route::External { service, external } => {
+                assert_eq!(service.key.as_str(), "external:pay/stripe");
+                assert_eq!(external.authority, "api.stripe.com:443");
+            }
+            other => panic!("not external: {other:?}"),
+        }
+        assert!(matches!(
+            view.route(SocketAddr::new(vip, 80), "web", &Locality::default()),
+            Route::Refuse("port_not_in_service")
+        ));
+        // An HTTP port goes through L7, where policies find it by its key.
+        let ledger = SocketAddr::from(([10, 96, 0, 10], 80));
+        assert!(
+            matches!(view.route(ledger, "web", &Locality::default()), Route::Http { service, .. } if service.key.as_str() == "external:pay/ledger")
+        );
+        // Declared by address: a connection straight to it is the service too.
+        let direct = SocketAddr::from(([192, 0, 2, 7], 80));
+        assert!(matches!(
+            view.route(direct, "web", &Locality::default()),
+            Route::Http { .. }
+        ));
+        assert!(matches!(
+            view.route(
+                SocketAddr::from(([192, 0, 2, 7], 81)),
+                "web",
+                &Locality::default()
+            ),
+            Route::Outside
+        ));
+        assert!(view.service_by_key("external:pay/ledger").is_some());
+    }
+
+    #[test]
+    fn a_mesh_service_keeps_its_name_over_an_external_one() {
+        let mut update = sample();
+        update.external_services = vec![ExternalServiceView {
+            namespace: "default".into(),
+            ..external("api", "10.96.0.9", "api.example.com", 443, false)
+        }];
+        let view = MeshView::from_update(&update).unwrap();
+        assert_eq!(
+            view.lookup("api.default.mesh"),
+            NameLookup::Service("10.96.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            view.lookup("api.example.com"),
+            NameLookup::Service("10.96.0.9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn bad_external_services_are_refused_with_their_field() {
+        let cases = [
+            (
+                external("stripe", "10.96.0.1", "api.stripe.com", 443, false),
+                "external_services[0].virtual_ip",
+            ),
+            (
+                external("stripe", "", "api.stripe.com", 443, false),
+                "external_services[0].virtual_ip",
+            ),
+            (
+                external("stripe", "10.96.0.9", "not a host", 443, false),
+                "external_services[0].host",
+            ),
+            (
+                external("stripe", "10.96.0.9", "api.stripe.com", 0, false),
+                "external_services[0].port.port",
+            ),
+            (
+                external("Stripe", "10.96.0.9", "api.stripe.com", 443, false),
+                "external_services[0].name",
+            ),
+        ];
+        for (bad, field) in cases {
+            let mut update = sample();
+            update.external_services = vec![bad];
+            let error = MeshView::from_update(&update).expect_err("refused");
+            assert_eq!(error.field, field, "{error}");
+        }
     }
 }

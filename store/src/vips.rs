@@ -74,13 +74,16 @@ impl fmt::Display for VipRange {
     }
 }
 
-/// The name under which a Service's virtual IP is stored; `None` for other
-/// kinds.
+/// The name under which a Service's or an ExternalService's virtual IP is
+/// stored (the two kinds may share a name; a mesh name holds no `:`);
+/// `None` for other kinds.
 pub(crate) fn service_name(key: &ResourceKey) -> Option<String> {
-    (key.kind == Kind::Service).then(|| {
-        let (_, mesh, namespace, name) = key.columns();
-        format!("{mesh}/{namespace}/{name}")
-    })
+    let (_, mesh, namespace, name) = key.columns();
+    match key.kind {
+        Kind::Service => Some(format!("{mesh}/{namespace}/{name}")),
+        Kind::ExternalService => Some(format!("external:{mesh}/{namespace}/{name}")),
+        _ => None,
+    }
 }
 
 impl Store {
@@ -95,7 +98,7 @@ impl Store {
     ) -> Result<IpAddr, StoreError> {
         let name = service_name(service).ok_or_else(|| StoreError::Corrupt {
             what: format!("virtual IP request for {service}"),
-            reason: "only Services get virtual IPs".to_owned(),
+            reason: "only Services and ExternalServices get virtual IPs".to_owned(),
         })?;
         let op = format!("allocate a virtual IP for {service}");
         // Each lost race is another allocation's success, so an allocation

@@ -693,6 +693,14 @@ async fn virtual_ips(db: TestDb) {
         .allocate_vip(&workload_key("w", "ns"), &range)
         .await
         .is_err());
+    // An ExternalService named like a Service gets an address of its own,
+    // given back when it is deleted.
+    store.release_vip(&svc(0)).await.unwrap();
+    let external = ResourceKey::namespaced(Kind::ExternalService, "default", "ns", "s1");
+    let address = store.allocate_vip(&external, &range).await.unwrap();
+    assert_ne!(address, store.allocate_vip(&svc(1), &range).await.unwrap());
+    assert!(store.release_vip(&external).await.unwrap());
+    assert!(!store.release_vip(&external).await.unwrap());
 }
 
 async fn data_survives_reopen(db: TestDb) {

@@ -276,11 +276,20 @@ async fn prepare(
     resource.apply_defaults();
     let key = ResourceKey::of(&resource);
     let previous = store.get(&key).await?;
-    if let Resource::Service(service) = &mut resource {
-        service.status = match previous.as_ref().map(|p| &p.resource) {
-            Some(Resource::Service(old)) => old.status.clone(),
-            _ => None,
-        };
+    match (&mut resource, previous.as_ref().map(|p| &p.resource)) {
+        (Resource::Service(service), old) => {
+            service.status = match old {
+                Some(Resource::Service(old)) => old.status.clone(),
+                _ => None,
+            };
+        }
+        (Resource::ExternalService(external), old) => {
+            external.status = match old {
+                Some(Resource::ExternalService(old)) => old.status.clone(),
+                _ => None,
+            };
+        }
+        _ => {}
     }
     if let (Resource::Workload(workload), Some(Resource::Workload(old))) =
         (&mut resource, previous.as_ref().map(|p| &p.resource))

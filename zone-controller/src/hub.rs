@@ -159,6 +159,7 @@ impl Hub {
                 inbound,
                 policy_json,
                 placed,
+                external_services: snapshot.external_services.clone(),
             },
             mesh.to_owned(),
             self.zone.clone(),
@@ -387,6 +388,7 @@ impl Hub {
                 policy_json: snapshot.policy_json(own, &peers),
                 // One stream per agent, but a replaced one may linger.
                 placed: placed.get(agent.as_str()).cloned().unwrap_or_default(),
+                external_services: snapshot.external_services.clone(),
             };
             // Most rounds (the periodic recheck, a change in another part of
             // the mesh) leave most views as they were: checked by identity

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use weft_api::{Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus, WorkloadPort};
+use weft_api::{
+    ExternalServiceStatus, Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus,
+    WorkloadPort,
+};
 use weft_store::{now_ms, Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
 
 use crate::ca_rotation;
@@ -78,6 +81,9 @@ impl Leader {
             }
             if let Err(error) = self.reconcile().await {
                 tracing::warn!(%error, "cannot derive services; retrying");
+            }
+            if let Err(error) = self.address_external_services().await {
+                tracing::warn!(%error, "cannot give ExternalServices virtual IPs; retrying");
             }
             self.rotate_cas().await;
             self.remove_vanished().await;
@@ -193,6 +199,32 @@ impl Leader {
             self.write(Resource::Service(service), Expect::Absent)
                 .await?;
             tracing::info!(service = %key, %vip, "service derived from its workloads");
+        }
+        Ok(())
+    }
+
+    /// Gives every ExternalService its virtual IP (deleting one releases
+    /// the address in the same transaction: [`Store::delete`]).
+    async fn address_external_services(&self) -> Result<(), StoreError> {
+        for stored in self.store.list(Kind::ExternalService, None, None).await? {
+            let Resource::ExternalService(external) = &stored.resource else {
+                continue;
+            };
+            let key = ResourceKey::of(&stored.resource);
+            let vip = self.store.allocate_vip(&key, &self.vips).await?;
+            if external.status.as_ref().and_then(|s| s.virtual_ip) == Some(vip) {
+                continue;
+            }
+            let mut next = external.clone();
+            next.status = Some(ExternalServiceStatus {
+                virtual_ip: Some(vip),
+            });
+            self.write(
+                Resource::ExternalService(next),
+                Expect::Version(stored.version),
+            )
+            .await?;
+            tracing::info!(external_service = %key, %vip, "ExternalService given a virtual IP");
         }
         Ok(())
     }

@@ -26,7 +26,8 @@ use weft_api::policy::target::PeerRef;
 use weft_api::proto::agent::endpoint_order;
 use weft_api::proto::agent::v1 as pb;
 use weft_api::{
-    Kind, Mesh, PeerMatch, Protocol, Resource, Service, SpiffeId, Workload, WorkloadPort,
+    ExternalService, Kind, Mesh, PeerMatch, Protocol, Resource, Service, SpiffeId, Workload,
+    WorkloadPort,
 };
 use weft_store::{now_ms, AgentRecord, ResourceKey, Store, StoreError};
 
@@ -52,10 +53,28 @@ pub struct MeshSnapshot {
     pub workloads: Vec<Workload>,
     /// Its policies, by kind.
     pub policies: MeshPolicies,
+    /// Its ExternalServices that have a virtual IP, as every agent of the
+    /// mesh gets them (sorted by namespace and name).
+    pub external_services: Arc<[pb::ExternalServiceView]>,
     /// The zone's agents in this mesh, by name.
     pub agents: HashMap<String, AgentRecord>,
     /// When it was read (ms since the epoch), for liveness.
     pub now_ms: i64,
+}
+
+/// An ExternalService as agents get it; `None` until it has a virtual IP.
+fn external_view(external: &ExternalService) -> Option<pb::ExternalServiceView> {
+    let vip = external.status.as_ref()?.virtual_ip?;
+    Some(pb::ExternalServiceView {
+        name: external.metadata.name.clone(),
+        namespace: external.metadata.namespace.clone().unwrap_or_default(),
+        virtual_ip: vip.to_string(),
+        host: external.spec.host.clone(),
+        port: Some(port_to_proto(&WorkloadPort {
+            port: external.spec.port,
+            protocol: external.spec.protocol,
+        })),
+    })
 }
 
 /// One endpoint of a service, resolved.
@@ -106,6 +125,15 @@ impl MeshSnapshot {
                 policies.add(stored.resource);
             }
         }
+        let external_services = store
+            .list(Kind::ExternalService, Some(name), None)
+            .await?
+            .into_iter()
+            .filter_map(|s| match s.resource {
+                Resource::ExternalService(external) => external_view(&external),
+                _ => None,
+            })
+            .collect();
         let agents = store
             .list_agents(zone, Some(name))
             .await?
@@ -117,6 +145,7 @@ impl MeshSnapshot {
             services,
             workloads,
             policies,
+            external_services,
             agents,
             now_ms: now_ms(),
         }))
@@ -686,6 +715,8 @@ pub struct AgentParts {
     pub policy_json: Arc<str>,
     /// The workloads placed on the agent.
     pub placed: Vec<pb::PlacedWorkload>,
+    /// The mesh's ExternalServices (shared by its agents).
+    pub external_services: Arc<[pb::ExternalServiceView]>,
 }
 
 impl AgentParts {
@@ -694,6 +725,7 @@ impl AgentParts {
         view.inbound == self.inbound
             && view.policy_json == self.policy_json
             && view.placed == self.placed
+            && view.external_services == self.external_services
     }
 }
 
@@ -713,6 +745,8 @@ pub struct AgentView {
     /// Node mode: the workloads placed on the agent, as
     /// `ConfigUpdate.placed`.
     pub placed: Vec<pb::PlacedWorkload>,
+    /// The mesh's ExternalServices, as `ConfigUpdate.external_services`.
+    pub external_services: Arc<[pb::ExternalServiceView]>,
     /// The mesh's name.
     pub mesh: String,
     /// The zone's name.
@@ -739,6 +773,7 @@ impl AgentView {
             inbound: own.inbound,
             policy_json: own.policy_json,
             placed: own.placed,
+            external_services: own.external_services,
             mesh,
             zone,
             trust_bundle_pem,
@@ -782,6 +817,7 @@ impl AgentView {
             patched_services: Vec::new(),
             policy_json: self.policy_json.to_string(),
             placed: self.placed.clone(),
+            external_services: self.external_services.to_vec(),
         }
     }
 
@@ -1033,7 +1069,49 @@ mod tests {
             inbound: Vec::new(),
             policy_json: Arc::from(policy_json),
             placed,
+            external_services: Arc::from([]),
         }
+    }
+
+    #[test]
+    fn external_services_are_part_of_the_version_and_of_every_first_chunk() {
+        let set = Arc::new(ServiceSet::new(
+            (0..200).map(|i| service(&format!("s{i:03}"), 20)).collect(),
+            None,
+        ));
+        let with = |host: Option<&str>| {
+            let external_services: Arc<[pb::ExternalServiceView]> = host
+                .map(|host| pb::ExternalServiceView {
+                    name: "stripe".into(),
+                    namespace: "pay".into(),
+                    virtual_ip: "240.240.0.9".into(),
+                    host: host.into(),
+                    port: Some(port(443)),
+                })
+                .into_iter()
+                .collect();
+            AgentView::new(
+                set.clone(),
+                AgentParts {
+                    external_services,
+                    ..parts("", Vec::new())
+                },
+                "default".into(),
+                "z".into(),
+                Arc::from("bundle"),
+            )
+        };
+        let none = with(None);
+        let stripe = with(Some("api.stripe.com"));
+        let moved = with(Some("api2.stripe.com"));
+        assert_ne!(none.version, stripe.version);
+        assert_ne!(stripe.version, moved.version);
+        let messages: Vec<_> = stripe.messages(None, true).collect();
+        assert!(messages.len() > 1);
+        assert_eq!(messages[0].external_services.len(), 1);
+        assert!(messages[1..].iter().all(|m| m.external_services.is_empty()));
+        let delta = moved.messages(Some(&stripe.sent()), true).next().unwrap();
+        assert_eq!(delta.external_services[0].host, "api2.stripe.com");
     }
 
     #[test]

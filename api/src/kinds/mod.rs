@@ -24,7 +24,7 @@ pub use access_log::AccessLogSpec;
 pub use circuit_breaker::CircuitBreakerSpec;
 pub use health_check::HealthCheckSpec;
 
-pub use external_service::ExternalServiceSpec;
+pub use external_service::{ExternalServiceSpec, ExternalServiceStatus};
 pub use fault_injection::FaultInjectionSpec;
 pub use http_route::{HttpRouteSpec, HttpRouteTo};
 pub use load_balancing::LoadBalancingSpec;

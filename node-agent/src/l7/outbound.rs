@@ -1,11 +1,12 @@
 //! The caller's side of L7: an application's HTTP connection to a mesh
 //! service, served request by request. Each request is routed (HTTPRoute),
 //! limited (RateLimit), maybe delayed or aborted (FaultInjection), sent to
-//! an endpoint picked by the LoadBalancing policy through the HBONE tunnel,
-//! retried (Retry) within its Timeout, and counted and logged.
+//! an endpoint picked by the LoadBalancing policy through the HBONE tunnel
+//! (or to an ExternalService's host, dialled directly), retried (Retry)
+//! within its Timeout, and counted and logged.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use super::trace::{SpanEnd, SpanKind};
 use super::tunnel_io::TunnelIo;
 use super::upstream::{is_h2, Key, PooledBody, SendError};
 use super::Body;
+use crate::external::External;
 use crate::metrics::{Direction, HttpRequest, Label};
 use crate::outbound::Outbound;
 use crate::view::{MeshView, Service};
@@ -570,37 +572,29 @@ async fn attempts(
         .is_some_and(|n| n <= MAX_RETRY_BODY);
     // Retried only when the body can be sent again.
     let Some(retry) = retry.filter(|_| fits) else {
-        let endpoint = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
-        let _load = service.track(endpoint);
+        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let _load = to.endpoint().and_then(|e| service.track(e));
         let req = Request::from_parts(parts, Either::Left(body));
-        let result = send(
+        let result = send_to(
             o,
-            endpoint,
+            to,
             port,
             req,
             retry.and_then(|r| r.per_try_timeout),
             out.connect_timeout,
         )
         .await;
-        record(service, out, endpoint, &result);
+        record(service, out, to, &result);
         return result;
     };
     let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let mut attempt = 0;
     loop {
-        let endpoint = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
-        let _load = service.track(endpoint);
+        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let _load = to.endpoint().and_then(|e| service.track(e));
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
-        let result = send(
-            o,
-            endpoint,
-            port,
-            req,
-            retry.per_try_timeout,
-            out.connect_timeout,
-        )
-        .await;
-        record(service, out, endpoint, &result);
+        let result = send_to(o, to, port, req, retry.per_try_timeout, out.connect_timeout).await;
+        record(service, out, to, &result);
         let retryable = match &result {
             Ok((response, _)) => retry_on_response(retry, response),
             Err(Failure::Send(SendError::Connect(_))) => {
@@ -627,11 +621,11 @@ async fn attempts(
 fn record(
     service: &Service,
     out: &Policy,
-    endpoint: &Endpoint,
+    to: To<'_>,
     result: &Result<(Response<PooledBody>, SocketAddr), Failure>,
 ) {
     use crate::resilience::Attempt;
-    let Some(outlier) = &out.breaker.outlier else {
+    let (Some(outlier), Some(endpoint)) = (&out.breaker.outlier, to.endpoint()) else {
         return;
     };
     let attempt = match result {
@@ -704,17 +698,104 @@ fn backoff(retry: &Retry, attempt: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// An endpoint for one attempt: by the algorithm, within the nearest
-/// locality tier of the caller when the policy is locality-aware.
+/// Where one attempt goes.
+#[derive(Clone, Copy)]
+enum To<'s> {
+    /// A mesh endpoint, through the tunnel to its agent.
+    Endpoint(&'s Endpoint),
+    /// An ExternalService's host (the service's virtual IP keys its pooled
+    /// connections), dialled by this agent.
+    External(&'s External, IpAddr),
+}
+
+impl<'s> To<'s> {
+    fn endpoint(self) -> Option<&'s Endpoint> {
+        match self {
+            To::Endpoint(endpoint) => Some(endpoint),
+            To::External(..) => None,
+        }
+    }
+}
+
+/// Where one attempt goes: an ExternalService's host, or an endpoint by
+/// the algorithm, within the nearest locality tier of the caller when the
+/// policy is locality-aware.
 fn pick<'s>(
     service: &'s Service,
     out: &Policy,
     o: &Outbound,
     parts: &Parts,
     d: &Dialled,
-) -> Option<&'s Endpoint> {
+) -> Option<To<'s>> {
+    if let Some(external) = &service.external {
+        return Some(To::External(external, service.virtual_ip));
+    }
     let tiers = out.locality_aware.then(|| service.tiers(&o.locality));
-    service.pick_with(&out.algorithm, tiers.as_deref(), parts, d.client.ip())
+    service
+        .pick_with(&out.algorithm, tiers.as_deref(), parts, d.client.ip())
+        .map(To::Endpoint)
+}
+
+/// One attempt, wherever it goes.
+async fn send_to(
+    o: &Arc<Outbound>,
+    to: To<'_>,
+    port: u16,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+    connect_timeout: Duration,
+) -> Result<(Response<PooledBody>, SocketAddr), Failure> {
+    match to {
+        To::Endpoint(endpoint) => send(o, endpoint, port, req, per_try, connect_timeout).await,
+        To::External(external, vip) => {
+            let sent = send_external(o, external, vip, req, connect_timeout);
+            let response = match per_try {
+                Some(limit) => tokio::time::timeout(limit, sent)
+                    .await
+                    .map_err(|_| Failure::TryTimeout)??,
+                None => sent.await?,
+            };
+            Ok((response, SocketAddr::new(vip, external.port)))
+        }
+    }
+}
+
+/// One request to an ExternalService, on a pooled plaintext connection to
+/// its host. The request names the host (`Host`, or the HTTP/2 authority)
+/// as its server expects, not the mesh name the application dialled.
+async fn send_external(
+    o: &Arc<Outbound>,
+    external: &External,
+    vip: IpAddr,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<PooledBody>, SendError> {
+    let h2 = is_h2(req.version());
+    if h2 {
+        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        uri.authority = http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(
+            external.authority.as_bytes(),
+        ))
+        .ok();
+        *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        req.headers_mut().remove(http::header::HOST);
+    } else {
+        req.headers_mut()
+            .insert(http::header::HOST, external.authority.clone());
+    }
+    let key = Key {
+        authority: SocketAddr::new(vip, external.port),
+        agent: None,
+        h2,
+    };
+    let view = o.view.clone();
+    let connect = || async move {
+        external
+            .connect(connect_timeout, move |ip| view.load().knows(ip))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))
+    };
+    o.upstreams.send(key, req, connect).await
 }
 
 /// One attempt on one endpoint, through the tunnel to its agent.
