@@ -115,6 +115,12 @@ impl TierCache {
             return found.clone();
         }
         let tiers = Arc::new(Tiers::new(caller, places));
+        tracing::debug!(
+            caller = %caller,
+            endpoints = tiers.ranks.len(),
+            nearest = tiers.ranks.iter().min().copied().unwrap_or(Rank::MAX),
+            "locality tiers computed"
+        );
         self.computed.rcu(|kept| {
             let mut kept = Vec::clone(kept);
             if kept.len() < MAX_CALLERS && !kept.iter().any(|t| t.caller == *caller) {

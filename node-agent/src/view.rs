@@ -195,7 +195,9 @@ impl Service {
                 .map(|(i, _)| rank(i))
                 .min()
         });
-        let any_ready = self.endpoints.iter().any(|e| e.ready);
+        // Only the fallback below needs these: skip their passes when a
+        // tier has a usable endpoint.
+        let any_ready = nearest.is_some() || self.endpoints.iter().any(|e| e.ready);
         let any_healthy = nearest.is_some()
             || self
                 .endpoints
