@@ -26,7 +26,7 @@ pub use kinds::{
     TimeoutSpec, TraceBackend, TraceConf, TraceSpec, TrafficPermissionSpec, WorkloadSpec,
     ZoneBackend, ZoneSpec,
 };
-pub use mesh::{Endpoint, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
+pub use mesh::{Endpoint, Locality, PeerMatch, PeerMatchError, Protocol, WorkloadPort};
 pub use parse::{parse_json, parse_yaml, to_yaml, EncodeError};
 pub use resource::{
     AccessLog, CircuitBreaker, ExternalService, FaultInjection, HealthCheck, HttpRoute, Kind,

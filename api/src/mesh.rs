@@ -47,6 +47,63 @@ pub struct Endpoint {
     pub identity: SpiffeId,
 }
 
+/// The workload label naming its region (the Kubernetes well-known label,
+/// so that Kubernetes workloads carry it without configuration).
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The workload label naming its zone inside the region (a failure domain
+/// such as a cloud availability zone or a rack row, not a Weft zone).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The workload label naming its subzone inside the zone (e.g. a rack):
+/// Kubernetes has no well-known label for it, so Weft names its own.
+pub const SUBZONE_LABEL: &str = "topology.weft.io/subzone";
+
+/// A workload's failure domain inside its Weft zone, from its labels
+/// ([`REGION_LABEL`], [`ZONE_LABEL`], [`SUBZONE_LABEL`]), which
+/// locality-aware load balancing compares with the caller's. Empty parts
+/// are unknown and match only empty parts: an unlabelled endpoint is never
+/// "nearer" than a labelled one that matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    /// The region (`topology.kubernetes.io/region`).
+    pub region: String,
+    /// The zone inside the region (`topology.kubernetes.io/zone`).
+    pub zone: String,
+    /// The subzone inside the zone (`topology.weft.io/subzone`).
+    pub subzone: String,
+}
+
+impl Locality {
+    /// The locality a workload's labels give (missing labels: empty parts).
+    pub fn from_labels<'a, I>(labels: I) -> Self
+    where
+        I: IntoIterator<Item = (&'a String, &'a String)>,
+    {
+        let mut locality = Locality::default();
+        for (key, value) in labels {
+            match key.as_str() {
+                REGION_LABEL => locality.region.clone_from(value),
+                ZONE_LABEL => locality.zone.clone_from(value),
+                SUBZONE_LABEL => locality.subzone.clone_from(value),
+                _ => {}
+            }
+        }
+        locality
+    }
+
+    /// Whether no label was set.
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+}
+
+/// `region/zone/subzone`, without trailing empty parts (`eu/eu-1a`).
+impl fmt::Display for Locality {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let full = format!("{}/{}/{}", self.region, self.zone, self.subzone);
+        f.write_str(full.trim_end_matches('/'))
+    }
+}
+
 /// Why a peer matcher is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerMatchError {
@@ -143,6 +200,31 @@ mod tests {
             .matches(&id));
         assert!("*".parse::<PeerMatch>().is_err());
         assert!("spiffe://*".parse::<PeerMatch>().is_err());
+    }
+
+    #[test]
+    fn locality_comes_from_the_well_known_labels_only() {
+        let labels: std::collections::BTreeMap<String, String> = [
+            ("topology.kubernetes.io/region", "eu"),
+            ("topology.kubernetes.io/zone", "eu-1a"),
+            ("topology.weft.io/subzone", "rack-3"),
+            ("app", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let l = Locality::from_labels(&labels);
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str(), l.subzone.as_str()),
+            ("eu", "eu-1a", "rack-3")
+        );
+        assert_eq!(l.to_string(), "eu/eu-1a/rack-3");
+        let l = Locality {
+            subzone: String::new(),
+            ..l
+        };
+        assert_eq!(l.to_string(), "eu/eu-1a");
+        assert!(Locality::from_labels(&std::collections::BTreeMap::new()).is_empty());
     }
 
     #[test]

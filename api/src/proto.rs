@@ -14,23 +14,29 @@ pub mod agent {
     pub const ENDPOINT_PATCHES: &str = "endpoint-patches";
 
     /// The order of a service's endpoints on both sides of the config
-    /// stream: by address, agent, SPIFFE ID, then readiness. The zone sorts
-    /// each service's endpoints this way and an agent applying a
-    /// `ServicePatch` sorts the result the same way, so a patched view is
-    /// the very view the zone would have sent whole (and hashed).
+    /// stream: by address, agent, SPIFFE ID, readiness, then location
+    /// (zone, region, zone, subzone: ties only between equal addresses,
+    /// and empty for zones that predate them, so the order of the first
+    /// four fields is unchanged). The zone sorts each service's endpoints
+    /// this way and an agent applying a `ServicePatch` sorts the result the
+    /// same way, so a patched view is the very view the zone would have
+    /// sent whole (and hashed). Equal in this order is equal in every
+    /// field: a patch removes an endpoint by it.
     pub fn endpoint_order(a: &v1::Endpoint, b: &v1::Endpoint) -> std::cmp::Ordering {
-        (
-            a.address.as_str(),
-            a.agent.as_str(),
-            a.spiffe_id.as_str(),
-            a.ready,
-        )
-            .cmp(&(
-                b.address.as_str(),
-                b.agent.as_str(),
-                b.spiffe_id.as_str(),
-                b.ready,
-            ))
+        #[allow(clippy::type_complexity)]
+        fn key(e: &v1::Endpoint) -> ((&str, &str, &str), bool, (&str, &str, &str, &str)) {
+            (
+                (e.address.as_str(), e.agent.as_str(), e.spiffe_id.as_str()),
+                e.ready,
+                (
+                    e.zone.as_str(),
+                    e.locality_region.as_str(),
+                    e.locality_zone.as_str(),
+                    e.locality_subzone.as_str(),
+                ),
+            )
+        }
+        key(a).cmp(&key(b))
     }
 }
 
@@ -63,6 +69,68 @@ mod tests {
             AgentMessage::decode(nack.encode_to_vec().as_slice()).unwrap(),
             nack
         );
+    }
+
+    /// `weft.agent.v1.Endpoint` as agents and zones that predate
+    /// locality know it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EndpointV1 {
+        #[prost(string, tag = "1")]
+        address: String,
+        #[prost(string, tag = "2")]
+        agent: String,
+        #[prost(string, tag = "3")]
+        spiffe_id: String,
+        #[prost(bool, tag = "4")]
+        ready: bool,
+    }
+
+    #[test]
+    fn endpoint_locality_is_invisible_to_older_peers_and_free_when_unset() {
+        use super::agent::v1::Endpoint;
+        let old = EndpointV1 {
+            address: "10.0.0.1".into(),
+            agent: "10.0.0.1:15008".into(),
+            spiffe_id: "spiffe://td/ns/default/sa/api".into(),
+            ready: true,
+        };
+        let unlabelled = Endpoint {
+            address: old.address.clone(),
+            agent: old.agent.clone(),
+            spiffe_id: old.spiffe_id.clone(),
+            ready: true,
+            ..Default::default()
+        };
+        // Unset, the new fields cost no byte: a zone's views (and their
+        // content-hash versions) stay as they were for unlabelled meshes.
+        assert_eq!(unlabelled.encode_to_vec(), old.encode_to_vec());
+        // An older agent reads a labelled endpoint as before.
+        let labelled = Endpoint {
+            zone: "east".into(),
+            locality_region: "eu".into(),
+            locality_zone: "eu-1a".into(),
+            locality_subzone: "rack-3".into(),
+            ..unlabelled.clone()
+        };
+        let seen_by_old = EndpointV1::decode(labelled.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(seen_by_old, old);
+        // A newer agent reads an older zone's endpoint as unlabelled.
+        assert_eq!(
+            Endpoint::decode(old.encode_to_vec().as_slice()).unwrap(),
+            unlabelled
+        );
+        // Equal in the order means equal in every field (patches remove
+        // endpoints by it), and the location only breaks ties.
+        use super::agent::endpoint_order;
+        assert_ne!(
+            endpoint_order(&labelled, &unlabelled),
+            std::cmp::Ordering::Equal
+        );
+        let next = Endpoint {
+            address: "10.0.0.2".into(),
+            ..unlabelled.clone()
+        };
+        assert_eq!(endpoint_order(&labelled, &next), std::cmp::Ordering::Less);
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn endpoint(address: &str, ready: bool) -> Endpoint {
         agent: format!("{address}:15008"),
         spiffe_id: "spiffe://td/ns/default/sa/api".into(),
         ready,
+        ..Default::default()
     }
 }
 

@@ -126,6 +126,7 @@ pub async fn run(
                 address: workload.address,
                 ports: workload.ports.clone(),
                 netns: None,
+                locality: weft_api::Locality::from_labels(&workload.labels),
             });
             let proxy = WorkloadProxy::start(
                 &shared,

@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod l7;
 pub mod listen;
 pub mod local_workload;
+pub mod locality;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

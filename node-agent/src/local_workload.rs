@@ -23,6 +23,9 @@ pub struct LocalWorkload {
     pub ports: Vec<WorkloadPort>,
     /// Node mode: its own network namespace. `None`: the agent's.
     pub netns: Option<std::sync::Arc<Netns>>,
+    /// Where it runs (from its labels): locality-aware load balancing
+    /// prefers endpoints near it.
+    pub locality: weft_api::Locality,
 }
 
 impl LocalWorkload {

@@ -79,6 +79,8 @@ pub struct Outbound {
     pub(crate) local_id: Label,
     /// The local workload's name: the key of its policies in the view.
     pub(crate) workload: Label,
+    /// The local workload's locality, which locality-aware picks prefer.
+    pub(crate) locality: weft_api::Locality,
     /// L7 connections to peer workloads, through tunnels.
     pub(crate) upstreams: Arc<Upstreams>,
     /// Outbound settings when no policy is known.
@@ -89,14 +91,15 @@ impl Outbound {
     /// Routes by whatever mesh view is in force when a connection arrives;
     /// `unconfigured` is what HTTP calls get when no policy is known. The
     /// local workload is named by its identity (`source`, for metrics) and
-    /// its name (`workload`, the key of its policies).
+    /// its name (`workload`, the key of its policies); `locality` is where
+    /// it runs.
     pub fn new(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
         drain: Drain,
         pool: Arc<Pool>,
         view: SharedView,
-        (source, workload): (&str, Label),
+        (source, workload, locality): (&str, Label, weft_api::Locality),
         unconfigured: Policy,
     ) -> Self {
         let passthrough =
@@ -112,6 +115,7 @@ impl Outbound {
             limit,
             local_id: source.into(),
             workload,
+            locality,
             upstreams: Arc::default(),
             unconfigured: Arc::new(unconfigured),
         }
@@ -178,7 +182,7 @@ impl Outbound {
             // CircuitBreaker maxConnections of a service's virtual IP,
             // held while the connection lasts.
             let slot = crate::resilience::l4_connection(&view, self.policy(&view), dst);
-            let next = match view.route(dst, self.workload.as_str()) {
+            let next = match view.route(dst, self.workload.as_str(), &self.locality) {
                 Route::Http { service, port } => Next::Http(Dialled {
                     key: service.key.clone(),
                     port,

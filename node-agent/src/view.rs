@@ -19,10 +19,11 @@ use weft_api::proto::agent::endpoint_order;
 use weft_api::proto::agent::v1::{
     ConfigUpdate, Endpoint as PbEndpoint, ExternalServiceView, ServiceView,
 };
-use weft_api::{Endpoint, PeerMatch, SpiffeId};
+use weft_api::{Endpoint, Locality, PeerMatch, SpiffeId};
 
 use crate::config::AgentConfig;
 use crate::l7::policy::Policy;
+use crate::locality::{Place, TierCache, Tiers};
 
 /// The view in force, shared by every part of the agent.
 pub type SharedView = Arc<ArcSwap<MeshView>>;
@@ -43,11 +44,14 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> ViewError {
     }
 }
 
-/// One instance of a service and whether the zone reports it ready.
+/// One instance of a service, whether the zone reports it ready, and where
+/// it runs (for locality-aware picks). The place stays out of [`Endpoint`],
+/// which a connection clones: it would cost allocations per connection.
 #[derive(Debug, Clone)]
 pub struct ServiceEndpoint {
     pub endpoint: Endpoint,
     pub ready: bool,
+    pub place: Place,
 }
 
 /// A service reached through its virtual IP.
@@ -75,6 +79,9 @@ pub struct Service {
     /// Ejection and health check state per endpoint (same order), shared
     /// the same way.
     health: Vec<Arc<crate::resilience::EndpointHealth>>,
+    /// Locality tiers of the endpoints per caller locality, computed on
+    /// first use (see [`crate::locality`]).
+    tiers: TierCache,
 }
 
 impl Service {
@@ -83,13 +90,28 @@ impl Service {
     /// not-ready while they are in fact serving). Ejected or unhealthy
     /// endpoints are skipped unless all are (see [`Service::usable`]).
     pub fn pick(&self) -> Option<&Endpoint> {
+        self.pick_near(None)
+    }
+
+    /// [`Service::pick`] within the nearest tier of `tiers` that has a
+    /// usable endpoint (`None`: every endpoint alike).
+    pub fn pick_near(&self, tiers: Option<&Tiers>) -> Option<&Endpoint> {
         // Counted, not collected: this runs for every captured connection.
-        let usable = self.usable().count();
+        let usable = self.usable(tiers).count();
         if usable == 0 {
             return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.usable().nth(n % usable).map(|(_, e)| &e.endpoint)
+        let i = self.usable(tiers).nth(n % usable)?;
+        self.endpoints.get(i).map(|e| &e.endpoint)
+    }
+
+    /// The locality tiers of the endpoints for a caller at `caller`, for
+    /// [`Service::pick_near`] and [`Service::pick_with`]: computed once per
+    /// view and caller locality, then shared.
+    pub fn tiers(&self, caller: &Locality) -> Arc<Tiers> {
+        self.tiers
+            .get(caller, self.endpoints.iter().map(|e| &e.place))
     }
 
     /// The CircuitBreaker counts of the service.
@@ -127,69 +149,89 @@ impl Service {
     }
 
     /// Picks an endpoint for one HTTP request by the LoadBalancing
-    /// algorithm, among the ready ones (all of them when none is ready).
+    /// algorithm, among the ready ones (all of them when none is ready),
+    /// within the nearest tier of `tiers` that has a usable endpoint
+    /// (`None`: every endpoint alike).
     pub fn pick_with(
         &self,
         algorithm: &Algorithm,
+        tiers: Option<&Tiers>,
         req: &http::request::Parts,
         client: IpAddr,
     ) -> Option<&Endpoint> {
         let index = match algorithm {
-            Algorithm::RoundRobin => return self.pick(),
-            Algorithm::Random => self.random_index(),
+            Algorithm::RoundRobin => return self.pick_near(tiers),
+            Algorithm::Random => self.random_index(tiers),
             Algorithm::LeastRequest => {
                 // Power of two choices: near-best balance at O(1) cost.
-                let (a, b) = (self.random_index()?, self.random_index()?);
+                let (a, b) = (self.random_index(tiers)?, self.random_index(tiers)?);
                 let load = |i: usize| self.load[i].load(Ordering::Relaxed);
                 Some(if load(b) < load(a) { b } else { a })
             }
             Algorithm::ConsistentHash { hash_on } => match hash_key(hash_on, req, client) {
-                Some(key) => self.rendezvous(key),
-                None => self.random_index(),
+                Some(key) => self.rendezvous(key, tiers),
+                None => self.random_index(tiers),
             },
         }?;
         self.endpoints.get(index).map(|e| &e.endpoint)
     }
 
-    /// The endpoints a request may go to: the ready ones (all when none
-    /// is), less those ejected or failing health checks, unless that
-    /// leaves none (panic mode: better a likely failure than a certain
-    /// one).
-    fn usable(&self) -> impl Iterator<Item = (usize, &ServiceEndpoint)> {
-        let any_ready = self.endpoints.iter().any(|e| e.ready);
+    /// The endpoints a request may go to. With `tiers`: the usable ones
+    /// (ready, not ejected, not failing health checks) of the nearest tier
+    /// that has any. Otherwise, or when no endpoint anywhere is usable:
+    /// the ready ones (all when none is), less those ejected or failing
+    /// health checks, unless that leaves none (panic mode: better a likely
+    /// failure than a certain one).
+    /// Yields indices in [`Service::endpoints`].
+    fn usable<'s>(&'s self, tiers: Option<&'s Tiers>) -> impl Iterator<Item = usize> + 's {
         let now = crate::resilience::now_ms();
         let healthy = move |i: usize| self.health.get(i).is_none_or(|h| h.available(now));
-        let any_healthy = self
-            .endpoints
-            .iter()
-            .enumerate()
-            .any(|(i, e)| (e.ready || !any_ready) && healthy(i));
+        let rank = move |i: usize| tiers.map_or(0, |t| t.rank(i));
+        let nearest = tiers.and_then(|_| {
+            self.endpoints
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| e.ready && healthy(*i))
+                .map(|(i, _)| rank(i))
+                .min()
+        });
+        // Only the fallback below needs these: skip their passes when a
+        // tier has a usable endpoint.
+        let any_ready = nearest.is_some() || self.endpoints.iter().any(|e| e.ready);
+        let any_healthy = nearest.is_some()
+            || self
+                .endpoints
+                .iter()
+                .enumerate()
+                .any(|(i, e)| (e.ready || !any_ready) && healthy(i));
         self.endpoints
             .iter()
             .enumerate()
-            .filter(move |(i, e)| (e.ready || !any_ready) && (!any_healthy || healthy(*i)))
+            .filter(move |(i, e)| match nearest {
+                Some(tier) => e.ready && healthy(*i) && rank(*i) == tier,
+                None => (e.ready || !any_ready) && (!any_healthy || healthy(*i)),
+            })
+            .map(|(i, _)| i)
     }
 
-    fn random_index(&self) -> Option<usize> {
-        let n = self.usable().count();
+    fn random_index(&self, tiers: Option<&Tiers>) -> Option<usize> {
+        let n = self.usable(tiers).count();
         if n == 0 {
             return None;
         }
-        self.usable().nth(fastrand::usize(0..n)).map(|(i, _)| i)
+        self.usable(tiers).nth(fastrand::usize(0..n))
     }
 
     /// Rendezvous hashing: the same key keeps its endpoint while that
     /// endpoint stays, and only its keys move when one goes.
-    fn rendezvous(&self, key: u64) -> Option<usize> {
-        self.usable()
-            .max_by_key(|(_, e)| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                e.endpoint.address.hash(&mut h);
-                h.finish()
-            })
-            .map(|(i, _)| i)
+    fn rendezvous(&self, key: u64, tiers: Option<&Tiers>) -> Option<usize> {
+        self.usable(tiers).max_by_key(|&i| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            self.endpoints[i].endpoint.address.hash(&mut h);
+            h.finish()
+        })
     }
 
     /// Counts a request in flight to `endpoint` until the guard drops.
@@ -402,7 +444,7 @@ pub fn resolve(
     })
 }
 
-/// `endpoints` less one equal endpoint (all four fields) per entry of
+/// `endpoints` less one equal endpoint (every field) per entry of
 /// `removed`, each of which must be there; `field` names the patch in the
 /// error. Both sorted, then one walk: a large service stays cheap to patch.
 fn without(
@@ -502,6 +544,10 @@ impl MeshView {
                     .map(|e| ServiceEndpoint {
                         endpoint: e.clone(),
                         ready: true,
+                        place: Place {
+                            local_zone: true,
+                            locality: Locality::default(),
+                        },
                     })
                     .collect();
                 let destination = crate::resilience::destination(key);
@@ -522,6 +568,7 @@ impl MeshView {
                     endpoints,
                     external: None,
                     next: AtomicUsize::new(0),
+                    tiers: TierCache::default(),
                 };
                 Some((key.clone(), Arc::new(service)))
             })
@@ -570,7 +617,7 @@ impl MeshView {
         };
         for (i, s) in update.services.iter().enumerate() {
             let field = format!("services[{i}]");
-            let service = service(&field, s)?;
+            let service = service(&field, s, &update.zone)?;
             for e in &service.endpoints {
                 view.endpoints
                     .entry(e.endpoint.address)
@@ -665,8 +712,9 @@ impl MeshView {
         Ok(())
     }
 
-    /// Where a captured connection of local workload `local` to `dst` goes.
-    pub fn route(&self, dst: SocketAddr, local: &str) -> Route<'_> {
+    /// Where a captured connection of local workload `local` (at
+    /// `caller`) to `dst` goes.
+    pub fn route(&self, dst: SocketAddr, local: &str, caller: &Locality) -> Route<'_> {
         if let Some(endpoint) = self.endpoints.get(&dst.ip()) {
             return Route::Tunnel {
                 endpoint,
@@ -696,9 +744,9 @@ impl MeshView {
             .policy(local)
             .and_then(|p| p.tcp_route(service.key.as_str()))
         {
-            return self.tcp_routed(route, dst.port());
+            return self.tcp_routed(route, dst.port(), local, caller);
         }
-        match service.pick() {
+        match service.pick_near(self.tiers(service, local, caller).as_deref()) {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
                 authority: SocketAddr::new(endpoint.address, dst.port()),
@@ -709,7 +757,13 @@ impl MeshView {
 
     /// A TCP connection under a TCPRoute: a backend service by weight, then
     /// an endpoint of it, on the backend's port or the one dialled.
-    fn tcp_routed(&self, route: &crate::l7::policy::TcpRoute, port: u16) -> Route<'_> {
+    fn tcp_routed(
+        &self,
+        route: &crate::l7::policy::TcpRoute,
+        port: u16,
+        local: &str,
+        caller: &Locality,
+    ) -> Route<'_> {
         let Some(backend) = route.pick_backend() else {
             return Route::Refuse("no_backend");
         };
@@ -717,13 +771,23 @@ impl MeshView {
             tracing::info!(policy = %route.policy, backend = %backend.key, "TCPRoute backend is not a known service");
             return Route::Refuse("unknown_backend");
         };
-        match service.pick() {
+        match service.pick_near(self.tiers(service, local, caller).as_deref()) {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
                 authority: SocketAddr::new(endpoint.address, backend.port.unwrap_or(port)),
             },
             None => Route::Refuse("no_endpoints"),
         }
+    }
+
+    /// The locality tiers of `service` for local workload `local` at
+    /// `caller`, when its LoadBalancing policy for the service is
+    /// locality-aware; `None`: every endpoint alike.
+    fn tiers(&self, service: &Service, local: &str, caller: &Locality) -> Option<Arc<Tiers>> {
+        let aware = self
+            .policy(local)
+            .is_some_and(|p| p.outbound(service.key.as_str()).locality_aware);
+        aware.then(|| service.tiers(caller))
     }
 
     /// Looks a DNS name up (any case, with or without the final dot).
@@ -829,7 +893,12 @@ fn label(field: &str, value: &str) -> Result<(), ViewError> {
     weft_api::validation::dns1123_label(value).map_err(|reason| bad(field, reason))
 }
 
-fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<Service, ViewError> {
+/// One service of a view whose Weft zone is `view_zone`.
+fn service(
+    field: &str,
+    s: &weft_api::proto::agent::v1::ServiceView,
+    view_zone: &str,
+) -> Result<Service, ViewError> {
     label(&format!("{field}.name"), &s.name)?;
     label(&format!("{field}.namespace"), &s.namespace)?;
     if !s.zone.is_empty() {
@@ -876,6 +945,9 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
             .spiffe_id
             .parse()
             .map_err(|err| bad(format!("{f}.spiffe_id"), format!("{err}")))?;
+        if !e.zone.is_empty() {
+            label(&format!("{f}.zone"), &e.zone)?;
+        }
         endpoints.push(ServiceEndpoint {
             endpoint: Endpoint {
                 address,
@@ -883,6 +955,15 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
                 identity,
             },
             ready: e.ready,
+            place: Place {
+                // Empty: the zone of the view, which sent it.
+                local_zone: e.zone.is_empty() || e.zone == view_zone,
+                locality: Locality {
+                    region: e.locality_region.clone(),
+                    zone: e.locality_zone.clone(),
+                    subzone: e.locality_subzone.clone(),
+                },
+            },
         });
     }
     let key = format!("{}/{}", s.namespace, s.name);
@@ -904,6 +985,7 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
         endpoints,
         external: None,
         next: AtomicUsize::new(0),
+        tiers: TierCache::default(),
     })
 }
 
@@ -952,6 +1034,7 @@ fn external_service(field: &str, e: &ExternalServiceView) -> Result<Service, Vie
         endpoints: Vec::new(),
         external: Some(external),
         next: AtomicUsize::new(0),
+        tiers: TierCache::default(),
     })
 }
 
@@ -1024,6 +1107,7 @@ mod tests {
             agent: format!("{ip}:15008"),
             spiffe_id: "spiffe://td/ns/default/sa/api".into(),
             ready,
+            ..Default::default()
         }
     }
 
@@ -1101,7 +1185,9 @@ mod tests {
 
         // Ready endpoints in turn; the not-ready one is skipped.
         let vip = SocketAddr::new(api, 8080);
-        let picks: Vec<SocketAddr> = (0..4).map(|_| authority(view.route(vip, "web"))).collect();
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| authority(view.route(vip, "web", &Locality::default())))
+            .collect();
         let expected: Vec<SocketAddr> = [
             "10.0.0.1:8080",
             "10.0.0.3:8080",
@@ -1114,7 +1200,7 @@ mod tests {
         assert_eq!(picks, expected);
         // None ready: every endpoint is used rather than none.
         let mut seen: Vec<SocketAddr> = (0..2)
-            .map(|_| authority(view.route(SocketAddr::new(db, 5432), "web")))
+            .map(|_| authority(view.route(SocketAddr::new(db, 5432), "web", &Locality::default())))
             .collect();
         seen.sort();
         assert_eq!(
@@ -1126,14 +1212,17 @@ mod tests {
         );
         // A port the service does not declare.
         assert!(matches!(
-            view.route(SocketAddr::new(api, 9999), "web"),
+            view.route(SocketAddr::new(api, 9999), "web", &Locality::default()),
             Route::Refuse(_)
         ));
         // A workload address is routed as dialled.
         let direct: SocketAddr = "10.0.0.2:8080".parse().unwrap();
-        assert_eq!(authority(view.route(direct, "web")), direct);
+        assert_eq!(
+            authority(view.route(direct, "web", &Locality::default())),
+            direct
+        );
         assert!(matches!(
-            view.route("192.0.2.1:80".parse().unwrap(), "web"),
+            view.route("192.0.2.1:80".parse().unwrap(), "web", &Locality::default()),
             Route::Outside
         ));
 
@@ -1373,7 +1462,7 @@ mod tests {
         use crate::resilience::{Attempt, Outlier};
         let mut view = api_now(vec![endpoint("10.0.0.1", true), endpoint("10.0.0.2", true)]);
         view.name = "ejections".into();
-        let first = service("services[0]", &view).unwrap();
+        let first = service("services[0]", &view, "east").unwrap();
         let outlier = Outlier {
             consecutive_5xx: 1,
             consecutive_gateway: None,
@@ -1384,7 +1473,7 @@ mod tests {
         let bad = first.endpoints[1].endpoint.clone();
         first.record(&bad, Attempt::ServerError, &outlier);
         // A new view of the same service keeps the ejection.
-        let second = service("services[0]", &view).unwrap();
+        let second = service("services[0]", &view, "east").unwrap();
         for s in [&first, &second] {
             for _ in 0..4 {
                 assert_eq!(
@@ -1403,6 +1492,284 @@ mod tests {
             .filter_map(|_| second.pick().map(|e| e.address))
             .collect();
         assert_eq!(picked.len(), 2);
+    }
+
+    /// An endpoint of `api` in topology zone `zone` of region `eu`.
+    fn in_zone(ip: &str, zone: &str, ready: bool) -> PbEndpoint {
+        PbEndpoint {
+            locality_region: "eu".into(),
+            locality_zone: zone.into(),
+            ..endpoint(ip, ready)
+        }
+    }
+
+    fn caller_in(zone: &str) -> Locality {
+        Locality {
+            region: "eu".into(),
+            zone: zone.into(),
+            subzone: String::new(),
+        }
+    }
+
+    /// `api` with one endpoint in zone `a` (10.0.0.2) and two in `b`.
+    fn split_service(name: &str, a_ready: bool) -> Service {
+        let mut view = api_now(vec![
+            in_zone("10.0.0.1", "b", true),
+            in_zone("10.0.0.2", "a", a_ready),
+            in_zone("10.0.0.3", "b", true),
+        ]);
+        view.name = name.into();
+        service("services[0]", &view, "east").unwrap()
+    }
+
+    fn request() -> http::request::Parts {
+        http::Request::builder()
+            .header("x-user", "u")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn addresses(picks: impl Iterator<Item = IpAddr>) -> std::collections::BTreeSet<String> {
+        picks.map(|ip| ip.to_string()).collect()
+    }
+
+    const ALGORITHMS: [fn() -> Algorithm; 4] = [
+        || Algorithm::RoundRobin,
+        || Algorithm::Random,
+        || Algorithm::LeastRequest,
+        || Algorithm::ConsistentHash {
+            hash_on: HashOn::Header {
+                name: "x-user".into(),
+            },
+        },
+    ];
+
+    #[test]
+    fn locality_aware_picks_keep_to_the_callers_zone_with_every_algorithm() {
+        let s = split_service("tiers-local", true);
+        let tiers = s.tiers(&caller_in("a"));
+        let client: IpAddr = "10.0.9.9".parse().unwrap();
+        for algorithm in ALGORITHMS.map(|a| a()) {
+            let picked = addresses((0..30).filter_map(|_| {
+                s.pick_with(&algorithm, Some(&tiers), &request(), client)
+                    .map(|e| e.address)
+            }));
+            assert_eq!(
+                picked,
+                addresses(["10.0.0.2".parse().unwrap()].into_iter()),
+                "{algorithm:?}"
+            );
+        }
+        // A caller in `b` keeps to `b`'s two, spread between them.
+        let tiers = s.tiers(&caller_in("b"));
+        let picked = addresses((0..6).filter_map(|_| s.pick_near(Some(&tiers)).map(|e| e.address)));
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.3"]
+        );
+    }
+
+    #[test]
+    fn without_locality_awareness_picks_spread_over_every_zone() {
+        let s = split_service("tiers-spread", true);
+        let picked = addresses((0..6).filter_map(|_| s.pick_near(None).map(|e| e.address)));
+        assert_eq!(picked.len(), 3, "{picked:?}");
+        let client: IpAddr = "10.0.9.9".parse().unwrap();
+        let picked = addresses((0..200).filter_map(|_| {
+            s.pick_with(&Algorithm::Random, None, &request(), client)
+                .map(|e| e.address)
+        }));
+        assert_eq!(picked.len(), 3, "{picked:?}");
+    }
+
+    #[test]
+    fn an_unready_local_endpoint_fails_over_to_the_next_tier() {
+        let s = split_service("tiers-unready", false);
+        let tiers = s.tiers(&caller_in("a"));
+        let picked = addresses((0..6).filter_map(|_| s.pick_near(Some(&tiers)).map(|e| e.address)));
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.3"]
+        );
+    }
+
+    #[test]
+    fn an_ejected_local_endpoint_fails_over_to_the_next_tier() {
+        use crate::resilience::{Attempt, Outlier};
+        let s = split_service("tiers-ejected", true);
+        let tiers = s.tiers(&caller_in("a"));
+        let outlier = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: None,
+            interval_ms: 10_000,
+            base_ms: 60_000,
+            max_percent: 100,
+        };
+        let local = s.endpoints[1].endpoint.clone();
+        assert_eq!(s.pick_near(Some(&tiers)).unwrap().address, local.address);
+        s.record(&local, Attempt::ServerError, &outlier);
+        let picked = addresses((0..6).filter_map(|_| s.pick_near(Some(&tiers)).map(|e| e.address)));
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.3"]
+        );
+        // Every endpoint ejected: panic mode spreads over all, as without
+        // tiers.
+        for e in [&s.endpoints[0], &s.endpoints[2]] {
+            s.record(&e.endpoint, Attempt::ServerError, &outlier);
+        }
+        let picked = addresses((0..6).filter_map(|_| s.pick_near(Some(&tiers)).map(|e| e.address)));
+        assert_eq!(picked.len(), 3, "{picked:?}");
+    }
+
+    #[test]
+    fn consistent_hash_stays_within_the_tier_and_moves_only_on_failover() {
+        let mut view = api_now(vec![
+            in_zone("10.0.0.1", "a", true),
+            in_zone("10.0.0.2", "a", true),
+            in_zone("10.0.0.3", "b", true),
+            in_zone("10.0.0.4", "b", true),
+        ]);
+        view.name = "tiers-hash".into();
+        let s = service("services[0]", &view, "east").unwrap();
+        let hash = Algorithm::ConsistentHash {
+            hash_on: HashOn::Header {
+                name: "x-user".into(),
+            },
+        };
+        let client: IpAddr = "10.0.9.9".parse().unwrap();
+        let with_user = |user: &str| {
+            http::Request::builder()
+                .header("x-user", user)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let tiers = s.tiers(&caller_in("a"));
+        let mut seen = std::collections::BTreeSet::new();
+        let mut first = Vec::new();
+        for user in 0..40 {
+            let req = with_user(&user.to_string());
+            let picked = s
+                .pick_with(&hash, Some(&tiers), &req, client)
+                .unwrap()
+                .address;
+            for _ in 0..3 {
+                let again = s
+                    .pick_with(&hash, Some(&tiers), &req, client)
+                    .unwrap()
+                    .address;
+                assert_eq!(again, picked, "user {user}");
+            }
+            seen.insert(picked.to_string());
+            first.push(picked);
+        }
+        // Keys spread over the local tier only.
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        // 10.0.0.1 goes unready: only its keys move, and within the tier.
+        let mut s = s;
+        s.endpoints[0].ready = false;
+        let tiers = s.tiers(&caller_in("a"));
+        for (user, before) in first.iter().enumerate() {
+            let req = with_user(&user.to_string());
+            let now = s
+                .pick_with(&hash, Some(&tiers), &req, client)
+                .unwrap()
+                .address;
+            assert_eq!(now.to_string(), "10.0.0.2", "user {user} was on {before}");
+        }
+        // The whole local tier unready: keys fail over to `b`, still
+        // hashed (both of its endpoints get some).
+        s.endpoints[1].ready = false;
+        let moved = addresses((0..40).map(|user| {
+            s.pick_with(&hash, Some(&tiers), &with_user(&user.to_string()), client)
+                .unwrap()
+                .address
+        }));
+        assert_eq!(
+            moved.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.3", "10.0.0.4"]
+        );
+    }
+
+    #[test]
+    fn a_load_balancing_policy_makes_l4_routes_locality_aware_by_default() {
+        let mut update = sample();
+        update.services[0].endpoints = vec![
+            in_zone("10.0.0.1", "b", true),
+            in_zone("10.0.0.2", "a", true),
+            in_zone("10.0.0.3", "b", true),
+        ];
+        update.services[0].name = "tiers-route".into();
+        let vip = SocketAddr::new("10.96.0.1".parse().unwrap(), 8080);
+        let picks = |update: &ConfigUpdate| {
+            let view = MeshView::from_update(update).unwrap();
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..6 {
+                seen.insert(
+                    authority(view.route(vip, "web", &caller_in("a")))
+                        .ip()
+                        .to_string(),
+                );
+            }
+            seen.into_iter().collect::<Vec<_>>()
+        };
+        // No policy at all: spread, as before locality awareness.
+        assert_eq!(picks(&update), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        // A LoadBalancing that only sets the algorithm: locality-aware.
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"algorithm": {"type": "RoundRobin"}}}}]"#
+            .into();
+        assert_eq!(picks(&update), ["10.0.0.2"]);
+        // localityAware: false spreads again.
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"algorithm": {"type": "RoundRobin"}, "localityAware": false}}}]"#
+            .into();
+        assert_eq!(picks(&update), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        // Endpoints of another Weft zone come last, after every local tier.
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"localityAware": true}}}]"#
+            .into();
+        update.services[0].endpoints[1].zone = "west".into();
+        assert_eq!(picks(&update), ["10.0.0.1", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn a_patch_moves_an_endpoint_between_localities() {
+        let mut base = sample();
+        base.services[0].endpoints = vec![
+            in_zone("10.0.0.1", "a", true),
+            in_zone("10.0.0.3", "b", true),
+        ];
+        let mut update = delta();
+        // The workload's zone label changed: removed as it was, added as
+        // it is.
+        update.patched_services = vec![patch(
+            api_now(vec![in_zone("10.0.0.1", "b", true)]),
+            vec![in_zone("10.0.0.1", "a", true)],
+        )];
+        let resolved = resolve(Some(&base), update).unwrap();
+        let api = resolved.services.iter().find(|s| s.name == "api").unwrap();
+        let zones: Vec<&str> = api
+            .endpoints
+            .iter()
+            .map(|e| e.locality_zone.as_str())
+            .collect();
+        assert_eq!(zones, ["b", "b"]);
+        // A removal must match the location too.
+        let mut wrong = delta();
+        wrong.patched_services = vec![patch(api_now(vec![]), vec![in_zone("10.0.0.1", "b", true)])];
+        let err = resolve(Some(&base), wrong).unwrap_err();
+        assert_eq!(
+            err.field, "patched_services[0].removed_endpoints[0]",
+            "{err}"
+        );
     }
 
     fn external(name: &str, vip: &str, host: &str, port: u32, http: bool) -> ExternalServiceView {
@@ -1430,7 +1797,7 @@ mod tests {
         assert_eq!(view.lookup("stripe.pay.mesh"), NameLookup::Service(vip));
         // The host's own name too, so applications keep calling it.
         assert_eq!(view.lookup("api.stripe.com."), NameLookup::Service(vip));
-        match view.route(SocketAddr::new(vip, 443), "web") {
+        match view.route(SocketAddr::new(vip, 443), "web", &Locality::default()) {
             Route::External { service, external } => {
                 assert_eq!(service.key.as_str(), "external:pay/stripe");
                 assert_eq!(external.authority, "api.stripe.com:443");
@@ -1438,19 +1805,26 @@ mod tests {
             other => panic!("not external: {other:?}"),
         }
         assert!(matches!(
-            view.route(SocketAddr::new(vip, 80), "web"),
+            view.route(SocketAddr::new(vip, 80), "web", &Locality::default()),
             Route::Refuse("port_not_in_service")
         ));
         // An HTTP port goes through L7, where policies find it by its key.
         let ledger = SocketAddr::from(([10, 96, 0, 10], 80));
         assert!(
-            matches!(view.route(ledger, "web"), Route::Http { service, .. } if service.key.as_str() == "external:pay/ledger")
+            matches!(view.route(ledger, "web", &Locality::default()), Route::Http { service, .. } if service.key.as_str() == "external:pay/ledger")
         );
         // Declared by address: a connection straight to it is the service too.
         let direct = SocketAddr::from(([192, 0, 2, 7], 80));
-        assert!(matches!(view.route(direct, "web"), Route::Http { .. }));
         assert!(matches!(
-            view.route(SocketAddr::from(([192, 0, 2, 7], 81)), "web"),
+            view.route(direct, "web", &Locality::default()),
+            Route::Http { .. }
+        ));
+        assert!(matches!(
+            view.route(
+                SocketAddr::from(([192, 0, 2, 7], 81)),
+                "web",
+                &Locality::default()
+            ),
             Route::Outside
         ));
         assert!(view.service_by_key("external:pay/ledger").is_some());

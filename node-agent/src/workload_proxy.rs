@@ -155,7 +155,7 @@ impl WorkloadProxy {
             drain.clone(),
             pool,
             view.clone(),
-            (source.as_str(), local.name.clone()),
+            (source.as_str(), local.name.clone(), local.locality.clone()),
             crate::l7::policy::Policy::unconfigured()
                 .map_err(|e| anyhow::anyhow!("compiling the default outbound policy: {e}"))?,
         ));

@@ -243,6 +243,7 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                 "MODE",
                 "READY",
                 "SPIFFE ID",
+                "LOCALITY",
             ],
             |w| {
                 // A node agent's workload has its own HBONE listener.
@@ -262,6 +263,8 @@ fn table(what: Inspected, items: &[Value], out: &mut dyn Write) -> Result<(), Er
                     mode.to_owned(),
                     cell(&w["ready"]),
                     cell(&w["spiffeId"]),
+                    // region/zone/subzone, for locality-aware picks.
+                    cell(&w["locality"]),
                 ]
             },
         ),

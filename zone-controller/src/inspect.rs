@@ -101,6 +101,10 @@ pub struct EndpointView {
     agent: String,
     spiffe_id: String,
     ready: bool,
+    /// `region/zone/subzone` from the workload's labels, which
+    /// locality-aware load balancing compares; absent without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locality: Option<String>,
 }
 
 /// A workload as `inspect workloads` shows it.
@@ -122,6 +126,15 @@ pub struct WorkloadView {
     /// Node mode: the node agent the operator placed it on.
     #[serde(skip_serializing_if = "Option::is_none")]
     placed_on: Option<String>,
+    /// As in [`EndpointView`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locality: Option<String>,
+}
+
+/// How inspect shows a locality: `region/zone/subzone`, absent when no
+/// label is set.
+fn locality_text(locality: &weft_api::Locality) -> Option<String> {
+    (!locality.is_empty()).then(|| locality.to_string())
 }
 
 /// Every mesh's snapshot, by mesh name.
@@ -201,6 +214,7 @@ pub async fn services(store: &Store, zone: &str) -> Result<Vec<ServiceView>, Sto
                         agent: e.agent,
                         spiffe_id: e.spiffe_id,
                         ready: e.ready,
+                        locality: locality_text(&e.locality),
                     })
                     .collect(),
             });
@@ -226,6 +240,7 @@ pub async fn workloads(store: &Store, zone: &str) -> Result<Vec<WorkloadView>, S
                 spiffe_id: snapshot.spiffe_id(w),
                 hbone_address: w.spec.hbone_address.map(|a| a.to_string()),
                 placed_on: w.spec.node.as_ref().map(|n| n.agent.clone()),
+                locality: locality_text(&weft_api::Locality::from_labels(&w.metadata.labels)),
             });
         }
     }

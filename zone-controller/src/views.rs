@@ -88,6 +88,8 @@ pub struct ResolvedEndpoint {
     pub spiffe_id: String,
     /// Whether the owning agent is online.
     pub ready: bool,
+    /// Where the workload runs, from its labels.
+    pub locality: weft_api::Locality,
 }
 
 impl MeshSnapshot {
@@ -195,6 +197,7 @@ impl MeshSnapshot {
                     agent: agent.enrollment.name.clone(),
                     spiffe_id: self.spiffe_id(w),
                     ready: online(agent, self.now_ms),
+                    locality: weft_api::Locality::from_labels(&w.metadata.labels),
                 })
             })
             .collect()
@@ -229,6 +232,7 @@ impl MeshSnapshot {
                     .iter()
                     .filter_map(|w| {
                         let agent = self.live_owner(w)?;
+                        let locality = weft_api::Locality::from_labels(&w.metadata.labels);
                         Some(pb::Endpoint {
                             address: w.spec.address.to_string(),
                             // Node mode: the workload's own listener.
@@ -238,6 +242,13 @@ impl MeshSnapshot {
                             ),
                             spiffe_id: self.spiffe_id(w),
                             ready: online(agent, self.now_ms),
+                            // Empty: this zone, the zone of every view it
+                            // sends (a remote zone's endpoints will name
+                            // theirs once zones exchange inventories).
+                            zone: String::new(),
+                            locality_region: locality.region,
+                            locality_zone: locality.zone,
+                            locality_subzone: locality.subzone,
                         })
                     })
                     .collect();
@@ -967,6 +978,7 @@ mod tests {
             agent: format!("10.0.{}.{}:15008", i / 256, i % 256),
             spiffe_id: format!("spiffe://t/ns/default/sa/sa-{i}"),
             ready,
+            ..Default::default()
         }
     }
 

@@ -77,7 +77,14 @@ fn endpoints_of<'a>(update: &'a pb::ConfigUpdate, service: &str) -> Option<&'a p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_stream_nack_renew() {
     let setup = ZoneWithMesh::start(MESH).await;
-    let web1 = workload("web-1", "web", "10.0.0.1", 8080);
+    let mut web1 = workload("web-1", "web", "10.0.0.1", 8080);
+    // Where it runs: sent on with its endpoint, for locality-aware picks.
+    for (label, value) in [
+        ("topology.kubernetes.io/region", "eu"),
+        ("topology.kubernetes.io/zone", "eu-1a"),
+    ] {
+        web1.labels.insert(label.into(), value.into());
+    }
     let (enrolled, identity) = enroll(&setup, "vm-1", vec![web1.clone()]).await;
     assert_eq!(enrolled.mesh, "default");
     assert_eq!(
@@ -115,6 +122,18 @@ async fn enroll_stream_nack_renew() {
     assert_eq!(
         web.endpoints[0].spiffe_id,
         "spiffe://weft.test/ns/default/sa/web"
+    );
+    // The endpoint's Weft zone is left out (the view's own); its
+    // failure domain comes from the workload's labels.
+    let e = &web.endpoints[0];
+    assert_eq!(
+        (
+            e.zone.as_str(),
+            e.locality_region.as_str(),
+            e.locality_zone.as_str(),
+            e.locality_subzone.as_str()
+        ),
+        ("", "eu", "eu-1a", "")
     );
     assert_eq!(update.inbound.len(), 1);
     assert_eq!(update.inbound[0].allow, ["spiffe://weft.test/*"]);

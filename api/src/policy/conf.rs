@@ -527,8 +527,12 @@ pub struct LoadBalancingConf {
     /// How an endpoint is picked (default `RoundRobin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<Algorithm>,
-    /// Prefer endpoints in the caller's zone while any is ready (default
-    /// true).
+    /// Prefer the endpoints nearest the caller while any of them is usable
+    /// (ready, not ejected, not failing health checks): same Weft zone,
+    /// region, zone and subzone first (labels `topology.kubernetes.io/region`,
+    /// `topology.kubernetes.io/zone`, `topology.weft.io/subzone`), then
+    /// progressively wider, other Weft zones last. Default true when a
+    /// LoadBalancing applies; without any, endpoints are used alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_aware: Option<bool>,
 }
@@ -537,6 +541,17 @@ merge_fields!(LoadBalancingConf {
     algorithm,
     locality_aware
 });
+
+impl LoadBalancingConf {
+    /// Whether endpoints are picked by locality tier: as set, else true
+    /// when a LoadBalancing applies (it set a field) and false when none
+    /// does, so that meshes without the policy keep spreading calls over
+    /// every endpoint as they always did (as Kuma and Istio do: local
+    /// preference is opt-in there too).
+    pub fn locality_aware(&self) -> bool {
+        self.locality_aware.unwrap_or(self.algorithm.is_some())
+    }
+}
 
 /// How a load balancer picks an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]

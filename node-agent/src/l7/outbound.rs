@@ -572,7 +572,7 @@ async fn attempts(
         .is_some_and(|n| n <= MAX_RETRY_BODY);
     // Retried only when the body can be sent again.
     let Some(retry) = retry.filter(|_| fits) else {
-        let to = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = to.endpoint().and_then(|e| service.track(e));
         let req = Request::from_parts(parts, Either::Left(body));
         let result = send_to(
@@ -590,7 +590,7 @@ async fn attempts(
     let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let mut attempt = 0;
     loop {
-        let to = pick(service, out, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
         let _load = to.endpoint().and_then(|e| service.track(e));
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
         let result = send_to(o, to, port, req, retry.per_try_timeout, out.connect_timeout).await;
@@ -717,12 +717,22 @@ impl<'s> To<'s> {
     }
 }
 
-fn pick<'s>(service: &'s Service, out: &Policy, parts: &Parts, d: &Dialled) -> Option<To<'s>> {
+/// Where one attempt goes: an ExternalService's host, or an endpoint by
+/// the algorithm, within the nearest locality tier of the caller when the
+/// policy is locality-aware.
+fn pick<'s>(
+    service: &'s Service,
+    out: &Policy,
+    o: &Outbound,
+    parts: &Parts,
+    d: &Dialled,
+) -> Option<To<'s>> {
     if let Some(external) = &service.external {
         return Some(To::External(external, service.virtual_ip));
     }
+    let tiers = out.locality_aware.then(|| service.tiers(&o.locality));
     service
-        .pick_with(&out.algorithm, parts, d.client.ip())
+        .pick_with(&out.algorithm, tiers.as_deref(), parts, d.client.ip())
         .map(To::Endpoint)
 }
 

@@ -247,6 +247,9 @@ pub struct Outbound {
     pub faults: Vec<HttpFault>,
     /// How endpoints are picked.
     pub algorithm: Algorithm,
+    /// Whether picks keep to the nearest locality tier with a usable
+    /// endpoint (LoadBalancing `localityAware`).
+    pub locality_aware: bool,
     /// Access log of calls out, if configured.
     pub access_log: Option<Arc<AccessLog>>,
     /// Requests in flight, for the retry budget.
@@ -578,6 +581,7 @@ fn compile_outbound(
             .algorithm
             .clone()
             .unwrap_or(Algorithm::RoundRobin),
+        locality_aware: conf.load_balancing.locality_aware(),
         access_log: access_log(&conf.access_log, &format!("{field}.accessLog"), logs)?,
         in_flight: AtomicU32::new(0),
         retries_in_flight: AtomicU32::new(0),

@@ -397,6 +397,7 @@ impl Node {
             address: spec.address,
             ports: spec.ports.clone(),
             netns: Some(netns.clone()),
+            locality: weft_api::Locality::from_labels(&spec.labels),
         });
         let mut proxy = WorkloadProxy::start(
             &self.shared,

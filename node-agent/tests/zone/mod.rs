@@ -437,6 +437,7 @@ pub fn update(version: &str, bundle: &str) -> ConfigUpdate {
                 agent: "10.0.0.3:15008".into(),
                 spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/api"),
                 ready: true,
+                ..Default::default()
             }],
         }],
         inbound: vec![InboundRule {
