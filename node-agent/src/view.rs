@@ -102,7 +102,12 @@ impl Service {
             return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let i = self.usable(tiers).nth(n % usable)?;
+        // Health may change between the two walks (another task ejects an
+        // endpoint): then the first usable one left, not a refusal.
+        let i = self
+            .usable(tiers)
+            .nth(n % usable)
+            .or_else(|| self.usable(tiers).next())?;
         self.endpoints.get(i).map(|e| &e.endpoint)
     }
 
@@ -219,7 +224,9 @@ impl Service {
         if n == 0 {
             return None;
         }
-        self.usable(tiers).nth(fastrand::usize(0..n))
+        self.usable(tiers)
+            .nth(fastrand::usize(0..n))
+            .or_else(|| self.usable(tiers).next())
     }
 
     /// Rendezvous hashing: the same key keeps its endpoint while that
