@@ -165,7 +165,7 @@ fn good_resources_of_every_kind() {
     assert_eq!(workload.spec.ports[0].protocol, Protocol::Http);
     assert_eq!(
         workload.spec.ports[1].protocol,
-        Protocol::Tcp,
+        Protocol::Detect,
         "default protocol"
     );
     assert_eq!(workload.metadata.labels["weft.io/version"], "v1.2");

@@ -61,6 +61,9 @@ pub struct Service {
     pub ports: Vec<u16>,
     /// Those of `ports` declared HTTP: served by the L7 proxy.
     pub http_ports: Vec<u16>,
+    /// Those of `ports` with no declared protocol: each connection is
+    /// classified by its first bytes (`crate::detect`).
+    pub detect_ports: Vec<u16>,
     pub endpoints: Vec<ServiceEndpoint>,
     next: AtomicUsize,
     /// Requests in flight per endpoint (same order), for least-request.
@@ -477,7 +480,7 @@ impl MeshView {
             .outbound
             .listeners
             .iter()
-            .filter(|l| l.protocol == weft_api::Protocol::Http)
+            .filter(|l| l.protocol != weft_api::Protocol::Tcp)
             .filter_map(|l| {
                 let key = l.service.as_ref()?;
                 let (namespace, name) = key.split_once('/')?;
@@ -505,6 +508,7 @@ impl MeshView {
                     virtual_ip: IpAddr::from([0, 0, 0, 0]),
                     ports: vec![l.target.port()],
                     http_ports: vec![l.target.port()],
+                    detect_ports: Vec::new(),
                     load: endpoints.iter().map(|_| Default::default()).collect(),
                     endpoints,
                     next: AtomicUsize::new(0),
@@ -648,6 +652,36 @@ impl MeshView {
         }
     }
 
+    /// Whether a connection to `dst` is classified before it is routed: a
+    /// service's port of no declared protocol.
+    pub fn detects(&self, dst: SocketAddr) -> bool {
+        !self.endpoints.contains_key(&dst.ip())
+            && self
+                .services
+                .get(&dst.ip())
+                .is_some_and(|s| s.detect_ports.contains(&dst.port()))
+    }
+
+    /// `route`, for a connection `crate::detect` classified: HTTP on a
+    /// service's undeclared port goes to the L7 proxy as on a port declared
+    /// HTTP; anything else is routed as TCP.
+    pub fn route_detected(
+        &self,
+        dst: SocketAddr,
+        local: &str,
+        detected: crate::detect::Detected,
+    ) -> Route<'_> {
+        if detected == crate::detect::Detected::Http && self.detects(dst) {
+            if let Some(service) = self.services.get(&dst.ip()) {
+                return Route::Http {
+                    service,
+                    port: dst.port(),
+                };
+            }
+        }
+        self.route(dst, local)
+    }
+
     /// A TCP connection under a TCPRoute: a backend service by weight, then
     /// an endpoint of it, on the backend's port or the one dialled.
     fn tcp_routed(&self, route: &crate::l7::policy::TcpRoute, port: u16) -> Route<'_> {
@@ -782,12 +816,15 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
     };
     let mut ports = Vec::with_capacity(s.ports.len());
     let mut http_ports = Vec::new();
+    let mut detect_ports = Vec::new();
     for (j, p) in s.ports.iter().enumerate() {
         match u16::try_from(p.port) {
             Ok(port) if port != 0 => {
                 ports.push(port);
                 if p.protocol == weft_api::proto::agent::v1::Protocol::Http as i32 {
                     http_ports.push(port);
+                } else if p.protocol == weft_api::proto::agent::v1::Protocol::Detect as i32 {
+                    detect_ports.push(port);
                 }
             }
             _ => {
@@ -844,6 +881,7 @@ fn service(field: &str, s: &weft_api::proto::agent::v1::ServiceView) -> Result<S
         virtual_ip,
         ports,
         http_ports,
+        detect_ports,
         load: endpoints.iter().map(|_| Default::default()).collect(),
         endpoints,
         next: AtomicUsize::new(0),

@@ -917,6 +917,7 @@ pub fn port_to_proto(port: &WorkloadPort) -> pb::Port {
         protocol: match port.protocol {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Http => pb::Protocol::Http,
+            Protocol::Detect => pb::Protocol::Detect,
         } as i32,
     }
 }
