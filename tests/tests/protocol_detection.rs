@@ -352,3 +352,115 @@ fn undeclared_ports_are_detected_on_both_sides() -> Result<()> {
     }
     Ok(())
 }
+
+/// Through a zone, DNS and transparent capture: the service's undeclared
+/// ports reach the caller's agent as `detect` (PROTOCOL_DETECT), which
+/// classifies captured connections to the virtual IP.
+#[test]
+fn captured_connections_to_undeclared_service_ports_are_detected() -> Result<()> {
+    use weft_e2e::vmzone::{self, Running, VmZone};
+    const VM_T: Duration = Duration::from_secs(30);
+    let zone = VmZone::new(echo_bin!(), &["web", "payments"])?;
+    let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
+    let mut up = Running::with_controller(zone, controller, "24h")?;
+    let (web, payments) = (0, 1);
+    up.enrol(web)?;
+    up.enrol_with(payments, None, |spec| {
+        spec.set(
+            "workload.ports",
+            json!([{"port": vmzone::ECHO_PORT}, {"port": vmzone::HTTP_PORT}, {"port": GREET_PORT}]),
+        );
+    })?;
+    up.wait_converged(&up.controller)?;
+    let zone = &up.zone;
+    let payments_ip = zone.vms[payments].ip;
+    let _greeter = weft_e2e::apps::start_greeter(
+        &zone.vms[payments].host,
+        &zone.echo_bin(),
+        zone.path(),
+        "payments-greeter",
+        SocketAddr::new(payments_ip.into(), GREET_PORT),
+        &up.markers[payments],
+    )?;
+    let services = up.controller.inspect("services")?;
+    let entry = services
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "payments"))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        entry["ports"]
+            .as_array()
+            .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["protocol"] == "detect")),
+        "{services:#}"
+    );
+    let vip: std::net::IpAddr = vmzone::service_vip(&services, "payments")
+        .ok_or_else(|| anyhow::anyhow!("no VIP: {services:#}"))?
+        .parse()?;
+
+    // The mesh's allow-all lets web in at L4; one deny on /secret can only
+    // act on requests that payments' agent parses.
+    up.controller.apply(
+        &zone.path().join("no-secret.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: TrafficPermission
+metadata: { name: no-secret, mesh: default }
+spec:
+  targetRef: { kind: Service, name: payments }
+  rules:
+  - from: { kind: Mesh }
+    default:
+      action: Deny
+      http: [ { path: { type: PathPrefix, value: /secret } } ]
+",
+    )?;
+    let url = |path: &str| format!("http://payments.mesh:{}{path}", vmzone::HTTP_PORT);
+    weft_e2e::wait::until("payments' agent to deny /secret", VM_T, || {
+        let (status, body) = zone.curl_status(web, &url("/secret"))?;
+        Ok((status == 403 && body.contains("no-secret")).then_some(()))
+    })?;
+    let (status, body) = zone.curl_status(web, &url("/hello"))?;
+    ensure!(
+        status == 200
+            && body.contains(&up.markers[payments])
+            && body.contains("header x-weft-peer-identity: spiffe://"),
+        "{status} {body}"
+    );
+    detections(&up.agents[web], "outbound", "http", "http1")?;
+    up.agents[web].wait_metric(
+        "weft_http_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("destination", "default/payments"),
+        ],
+        1.0,
+    )?;
+
+    // Raw bytes to the virtual IP's undeclared echo port: TCP, intact.
+    let data = payload("detect-zone", 64 * 1024);
+    zone.vms[web]
+        .host
+        .enter(|| client::echo_roundtrip(SocketAddr::new(vip, vmzone::ECHO_PORT), &data, VM_T))?;
+    detections(&up.agents[web], "outbound", "tcp", "not_http")?;
+    detections(&up.agents[payments], "inbound", "tcp", "hint")?;
+
+    // A server-first protocol answers through capture after the wait.
+    let (greeting, waited) = zone.vms[web]
+        .host
+        .enter(|| greeted(SocketAddr::new(vip, GREET_PORT), VM_T))?;
+    ensure!(
+        greeting
+            == format!(
+                "220 payments-greeter ready marker={}\r\n",
+                up.markers[payments]
+            ),
+        "{greeting:?}"
+    );
+    ensure!(
+        waited < Duration::from_secs(5),
+        "the greeting took {waited:?}"
+    );
+    detections(&up.agents[web], "outbound", "tcp", "timeout")?;
+    Ok(())
+}
