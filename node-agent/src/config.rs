@@ -1018,6 +1018,7 @@ const SECTIONS: &[&str] = &[
     "inbound",
     "outbound",
     "tunnel",
+    "detect",
     "admin",
     "metrics",
     "log",
@@ -1128,6 +1129,23 @@ mod tests {
         assert!(!cfg.agent_name().is_empty());
         let named = controller_cfg(serde_json::json!({"controller": {"agent_name": "vm-7"}}));
         assert_eq!(named.agent_name(), "vm-7");
+    }
+
+    #[test]
+    fn detection_waits_100ms_by_default_and_boundedly() {
+        let cfg = controller_cfg(serde_json::json!({}));
+        assert_eq!(cfg.detect.timeout, Duration::from_millis(100));
+        let ports = &cfg.workload.as_ref().unwrap().ports;
+        assert!(ports
+            .iter()
+            .all(|p| p.protocol == weft_api::Protocol::Detect));
+        for bad in ["0s", "11s"] {
+            let cfg = controller_cfg(serde_json::json!({"detect": {"timeout": bad}}));
+            assert_eq!(field_of(&cfg), "detect.timeout", "{bad}");
+        }
+        let cfg = controller_cfg(serde_json::json!({"detect": {"timeout": "250ms"}}));
+        cfg.validate().unwrap();
+        assert_eq!(cfg.detect.timeout, Duration::from_millis(250));
     }
 
     #[test]
