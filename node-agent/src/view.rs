@@ -664,7 +664,8 @@ impl MeshView {
 
     /// `route`, for a connection `crate::detect` classified: HTTP on a
     /// service's undeclared port goes to the L7 proxy as on a port declared
-    /// HTTP; anything else is routed as TCP.
+    /// HTTP, unless a TCPRoute of `local` routes the service (the operator
+    /// asked for L4 routing there); anything else is routed as TCP.
     pub fn route_detected(
         &self,
         dst: SocketAddr,
@@ -673,10 +674,15 @@ impl MeshView {
     ) -> Route<'_> {
         if detected == crate::detect::Detected::Http && self.detects(dst) {
             if let Some(service) = self.services.get(&dst.ip()) {
-                return Route::Http {
-                    service,
-                    port: dst.port(),
-                };
+                let tcp_routed = self
+                    .policy(local)
+                    .is_some_and(|p| p.tcp_route(service.key.as_str()).is_some());
+                if !tcp_routed {
+                    return Route::Http {
+                        service,
+                        port: dst.port(),
+                    };
+                }
             }
         }
         self.route(dst, local)
@@ -1334,5 +1340,34 @@ mod tests {
             .filter_map(|_| second.pick().map(|e| e.address))
             .collect();
         assert_eq!(picked.len(), 2);
+    }
+    #[test]
+    fn undeclared_service_ports_are_detected_and_routed_by_the_verdict() {
+        use crate::detect::Detected;
+        let mut u = sample();
+        u.services[0].ports.push(Port {
+            port: 8081,
+            protocol: 2,
+        });
+        let view = MeshView::from_update(&u).unwrap();
+        let declared: SocketAddr = "10.96.0.1:8080".parse().unwrap();
+        let undeclared: SocketAddr = "10.96.0.1:8081".parse().unwrap();
+        assert!(!view.detects(declared));
+        assert!(view.detects(undeclared));
+        // A workload's own address is left to the agent in front of it.
+        assert!(!view.detects("10.0.0.1:8081".parse().unwrap()));
+        assert!(matches!(
+            view.route_detected(undeclared, "web", Detected::Http),
+            Route::Http { port: 8081, .. }
+        ));
+        assert!(matches!(
+            view.route_detected(undeclared, "web", Detected::Tcp),
+            Route::Tunnel { .. }
+        ));
+        // On a port declared tcp the verdict changes nothing.
+        assert!(matches!(
+            view.route_detected(declared, "web", Detected::Http),
+            Route::Tunnel { .. }
+        ));
     }
 }
