@@ -339,14 +339,59 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, server) = pair().await;
         client.write_all(b"GE").await.unwrap();
-        let writer = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            client.write_all(b"T / HTTP/1.1\r\n\r\n").await.unwrap();
-            client
-        });
+        // Two bytes that may start a request: no verdict before the deadline.
+        assert_eq!(
+            peek(&server, Duration::from_millis(30)).await,
+            Outcome::TIMEOUT
+        );
+        client.write_all(b"T / HTTP/1.1\r\n\r\n").await.unwrap();
         let outcome = peek(&server, Duration::from_secs(5)).await;
         assert_eq!(outcome.reason, "http1");
-        drop(writer.await.unwrap());
+    }
+
+    /// A tunnel stream (h2 over an in-memory pipe) whose client sends
+    /// `chunks` as separate DATA frames, then waits.
+    async fn stream_of(chunks: &'static [&'static [u8]]) -> (RecvStream, impl Sized) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = tokio::spawn(async move {
+            let (send, conn) = h2::client::handshake(a).await.unwrap();
+            tokio::spawn(conn);
+            let mut send = send.ready().await.unwrap();
+            let request = http::Request::post("http://a/").body(()).unwrap();
+            let (_response, mut body) = send.send_request(request, false).unwrap();
+            for chunk in chunks {
+                body.send_data(Bytes::from_static(chunk), false).unwrap();
+                tokio::task::yield_now().await;
+            }
+            // Kept open: the stream must not end while the test reads.
+            std::future::pending::<()>().await;
+        });
+        let mut server = h2::server::handshake(b).await.unwrap();
+        let (request, _respond) = server.accept().await.unwrap().unwrap();
+        let driver = tokio::spawn(async move { while server.accept().await.is_some() {} });
+        (request.into_body(), (client, driver, _respond))
+    }
+
+    #[tokio::test]
+    async fn inbound_joins_short_frames_and_hands_every_byte_back() {
+        let (mut rx, _keep) = stream_of(&[b"PO", b"ST /x HTTP/1.1\r\n\r\n"]).await;
+        let (outcome, held) = read(&mut rx, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(outcome.reason, "http1");
+        assert_eq!(&held[..], b"POST /x HTTP/1.1\r\n\r\n");
+
+        let (mut rx, _keep) = stream_of(&[b"\x00\x01binary"]).await;
+        let (outcome, held) = read(&mut rx, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(outcome.reason, "not_http");
+        assert_eq!(&held[..], b"\x00\x01binary");
+
+        let (mut rx, _keep) = stream_of(&[b"PRI * HT"]).await;
+        let (outcome, held) = read(&mut rx, Duration::from_millis(30)).await.unwrap();
+        assert_eq!(outcome, Outcome::TIMEOUT);
+        assert_eq!(
+            &held[..],
+            b"PRI * HT",
+            "what came before the timeout is replayed"
+        );
     }
 
     #[tokio::test]
