@@ -189,3 +189,10 @@ write("dns", "aaaa.bin", dns_query(2, "db.data.east.mesh", 28))
 write("dns", "unknown.bin", dns_query(3, "nope.default.mesh", 1))
 write("dns", "outside.bin", dns_query(4, "example.com", 1))
 write("dns", "resolv.conf", "# generated\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nsearch default.svc\noptions ndots:5\n")
+
+# protocol_detect: a client's first bytes, HTTP and not.
+write("protocol_detect", "get.bin", b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+write("protocol_detect", "h2.bin", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+write("protocol_detect", "tls.bin", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+write("protocol_detect", "partial.bin", b"OPTI")
+write("protocol_detect", "postgres.bin", b"\x00\x00\x00\x08\x04\xd2\x16\x2f")

@@ -17,7 +17,7 @@ timeout_per_input="${FUZZ_TIMEOUT:-10}"
 rss_limit_mb="${FUZZ_RSS_MB:-2048}"
 toolchain="${FUZZ_TOOLCHAIN:-+nightly}"
 
-all_targets=(resources policy_compile config_update http_request access_log_template dns)
+all_targets=(resources policy_compile config_update http_request access_log_template dns protocol_detect)
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else

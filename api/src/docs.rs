@@ -753,7 +753,11 @@ mod tests {
             find("spec.ports[].protocol")
                 .map(|r| r.type_name)
                 .as_deref(),
-            Some("string: one of `tcp`, `http`")
+            Some("string: one of `tcp`, `http`, `detect`")
+        );
+        assert_eq!(
+            find("spec.ports[].protocol").map(|r| r.default).as_deref(),
+            Some("`detect`")
         );
         assert_eq!(
             find("metadata.labels").map(|r| r.type_name).as_deref(),

@@ -12,15 +12,23 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{IdentityError, SpiffeId};
 
 /// The application protocol spoken on a workload port; HTTP ports are the
-/// ones that later get L7 policy.
+/// ones that get L7 policy. A port that declares none is detected, so that
+/// HTTP gets L7 policy without every port having to be spelled out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// Opaque TCP: L4 policy only.
-    #[default]
+    /// Opaque TCP: L4 policy only, never parsed. The explicit opt-out from
+    /// detection, and the right choice for server-first protocols (MySQL,
+    /// SMTP), which would otherwise wait out the detection timeout.
     Tcp,
     /// HTTP/1.1, HTTP/2 or gRPC: parsed by the agent for L7 policy.
     Http,
+    /// Not declared (the default): the agent looks at the first bytes the
+    /// client sends and carries the connection as HTTP when they start an
+    /// HTTP/1.x request or the HTTP/2 preface, as TCP otherwise (or when the
+    /// client sends nothing within the agent's `detect.timeout`).
+    #[default]
+    Detect,
 }
 
 /// One port a workload serves. Only these ports can be reached through the
@@ -30,7 +38,9 @@ pub enum Protocol {
 pub struct WorkloadPort {
     /// The port number (1-65535).
     pub port: u16,
-    /// The application protocol on this port: `tcp`, or `http` to get L7 policy.
+    /// The application protocol on this port: `http` to get L7 policy,
+    /// `tcp` never to parse it; omitted (`detect`), the agent tells HTTP
+    /// from other protocols by the first bytes of each connection.
     #[serde(default)]
     pub protocol: Protocol,
 }

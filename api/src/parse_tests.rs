@@ -165,7 +165,7 @@ fn good_resources_of_every_kind() {
     assert_eq!(workload.spec.ports[0].protocol, Protocol::Http);
     assert_eq!(
         workload.spec.ports[1].protocol,
-        Protocol::Tcp,
+        Protocol::Detect,
         "default protocol"
     );
     assert_eq!(workload.metadata.labels["weft.io/version"], "v1.2");
@@ -189,6 +189,30 @@ fn good_resources_of_every_kind() {
     };
     assert_eq!(external.spec.host, "api.stripe.com");
     assert_eq!(external.spec.protocol, Protocol::Tcp);
+}
+
+#[test]
+fn an_undeclared_port_is_detected_and_a_declared_one_kept() {
+    // Workloads stored before detection existed were written with their
+    // protocol spelled out (`tcp` by default then): they stay TCP.
+    let input = WORKLOAD.replace("  - port: 9000\n", "  - port: 9000\n    protocol: tcp\n");
+    let Resource::Workload(workload) = one(&input) else {
+        panic!("not a Workload")
+    };
+    assert_eq!(workload.spec.ports[1].protocol, Protocol::Tcp);
+    let input = WORKLOAD.replace("  - port: 9000\n", "  - port: 9000\n    protocol: detect\n");
+    let Resource::Workload(workload) = one(&input) else {
+        panic!("not a Workload")
+    };
+    assert_eq!(workload.spec.ports[1].protocol, Protocol::Detect);
+    // Written back, an undeclared port says `detect`, so a later change of
+    // the default never changes what a stored port means.
+    let json = serde_json::to_value(&workload.spec.ports[1]).unwrap();
+    assert_eq!(json["protocol"], "detect");
+
+    // An external service is not detected.
+    let error = only_error(&format!("{EXTERNAL_SERVICE}  protocol: detect\n"));
+    assert_eq!(error.path.to_string(), "spec.protocol");
 }
 
 #[test]
@@ -339,7 +363,7 @@ fn wrong_type() {
     assert_eq!(error.path.to_string(), "spec.ports[0].protocol");
     assert_eq!(
         error.reason,
-        "unknown variant `udp`, expected `tcp` or `http`"
+        "unknown variant `udp`, expected one of `tcp`, `http`, `detect`"
     );
 
     let error = only_error("[1, 2]\n");

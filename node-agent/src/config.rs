@@ -112,6 +112,9 @@ pub struct AgentConfig {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Protocol detection on ports that declare no protocol.
+    #[serde(default)]
+    pub detect: DetectConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -295,6 +298,23 @@ pub struct OutboundListener {
     pub service: Option<String>,
 }
 
+/// Protocol detection on ports whose protocol is not declared: how long
+/// the agent waits for a client's first bytes before carrying the
+/// connection as TCP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// The longest wait for bytes that decide HTTP or not. Client-first
+    /// protocols send at once, so it only delays server-first protocols
+    /// (the client waits for a greeting), by this much at connection
+    /// setup: 100 ms by default, well above a client's send after connect
+    /// (microseconds, a few ms on a loaded host) and small next to a
+    /// greeting's usual client timeouts (seconds). Declare such ports
+    /// `tcp` to skip the wait.
+    #[serde(default = "defaults::detect_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
 /// Limits and tuning of the HBONE tunnels.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,6 +441,9 @@ mod defaults {
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn detect_timeout() -> Duration {
+        Duration::from_millis(100)
+    }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(300)
     }
@@ -495,6 +518,7 @@ default_from_serde!(
     MetricsConfig,
     LogConfig,
     RedirectConfig,
+    DetectConfig,
     DnsConfig,
     NodeConfig
 );
@@ -649,7 +673,14 @@ impl AgentConfig {
                         && weft_api::validation::dns1123_label(name).is_ok()
                 })
             });
-            if self.controller.is_none() && l.protocol == weft_api::Protocol::Http && !service_ok {
+            // A detect listener may name no service (HTTP is then only
+            // seen by the destination's agent), but not a malformed one.
+            let needs_service = match l.protocol {
+                weft_api::Protocol::Http => true,
+                weft_api::Protocol::Detect => l.service.is_some(),
+                weft_api::Protocol::Tcp => false,
+            };
+            if self.controller.is_none() && needs_service && !service_ok {
                 return Err(invalid(
                     format!("outbound.listeners[{i}].service"),
                     "an http listener names the service it reaches as <namespace>/<name>",
@@ -677,6 +708,14 @@ impl AgentConfig {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1"));
             }
+        }
+        // Zero would carry every connection as TCP before its first byte;
+        // a long wait stalls server-first protocols for that long.
+        if self.detect.timeout.is_zero() || self.detect.timeout > Duration::from_secs(10) {
+            return Err(invalid(
+                "detect.timeout",
+                "must be more than 0 and at most 10s",
+            ));
         }
         // HTTP/2 caps windows at 2^31-1 and a smaller window than a frame
         // would stall every stream.
@@ -979,6 +1018,7 @@ const SECTIONS: &[&str] = &[
     "inbound",
     "outbound",
     "tunnel",
+    "detect",
     "admin",
     "metrics",
     "log",
@@ -1089,6 +1129,23 @@ mod tests {
         assert!(!cfg.agent_name().is_empty());
         let named = controller_cfg(serde_json::json!({"controller": {"agent_name": "vm-7"}}));
         assert_eq!(named.agent_name(), "vm-7");
+    }
+
+    #[test]
+    fn detection_waits_100ms_by_default_and_boundedly() {
+        let cfg = controller_cfg(serde_json::json!({}));
+        assert_eq!(cfg.detect.timeout, Duration::from_millis(100));
+        let ports = &cfg.workload.as_ref().unwrap().ports;
+        assert!(ports
+            .iter()
+            .all(|p| p.protocol == weft_api::Protocol::Detect));
+        for bad in ["0s", "11s"] {
+            let cfg = controller_cfg(serde_json::json!({"detect": {"timeout": bad}}));
+            assert_eq!(field_of(&cfg), "detect.timeout", "{bad}");
+        }
+        let cfg = controller_cfg(serde_json::json!({"detect": {"timeout": "250ms"}}));
+        cfg.validate().unwrap();
+        assert_eq!(cfg.detect.timeout, Duration::from_millis(250));
     }
 
     #[test]

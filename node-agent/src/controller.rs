@@ -296,6 +296,7 @@ pub fn workload_proto(w: &crate::config::WorkloadConfig, hbone_address: String) 
                 protocol: match p.protocol {
                     weft_api::Protocol::Tcp => 0,
                     weft_api::Protocol::Http => 1,
+                    weft_api::Protocol::Detect => 2,
                 },
             })
             .collect(),

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
+use h2::Reason;
 use http::{Method, Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -18,6 +20,7 @@ use weft_api::SpiffeId;
 
 use crate::config::{AgentConfig, MtlsMode};
 use crate::credentials::Credentials;
+use crate::detect::{Detected, Outcome, HINT_HEADER};
 use crate::drain::Drain;
 use crate::l7::tunnel_io::TunnelIo;
 use crate::l7::upstream::Upstreams;
@@ -44,6 +47,29 @@ pub struct Inbound {
     upstreams: Arc<Upstreams>,
     /// Streams into the workload at once, across every tunnel.
     streams: Arc<Semaphore>,
+}
+
+/// How an admitted stream's bytes are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// Spliced to the workload: a port declared `tcp`.
+    Tcp,
+    /// Served by the L7 proxy: a port declared `http`.
+    Http,
+    /// A port of no declared protocol: classified by its first bytes.
+    Detect,
+    /// A port of no declared protocol whose caller's agent said how
+    /// (`HINT_HEADER`): carried so without waiting for bytes.
+    Hinted(Detected),
+}
+
+impl Carry {
+    /// Whether admission is decided for L7: per request later, so a
+    /// connection only L7 rules allow gets in (and is checked again as TCP
+    /// if it turns out not to be HTTP).
+    fn l7(self) -> bool {
+        !matches!(self, Carry::Tcp | Carry::Hinted(Detected::Tcp))
+    }
 }
 
 /// One authenticated peer connection, shared by its streams.
@@ -281,10 +307,10 @@ impl Inbound {
     /// any authenticated peer unless an allow-list is given.
     /// The rules are the ones in force when the stream arrives, so a
     /// caller removed from them gets no new stream on an old connection.
-    fn admits(&self, id: &SpiffeId, port: u16) -> Result<(), String> {
+    fn admits(&self, id: &SpiffeId, l7: bool) -> Result<(), String> {
         let view = self.view.load();
         if let Some(policy) = view.policy(self.local.name.as_str()) {
-            let verdict = policy.inbound.connection(id, self.local.is_http_port(port));
+            let verdict = policy.inbound.connection(id, l7);
             if verdict.allowed() {
                 return Ok(());
             }
@@ -303,13 +329,31 @@ impl Inbound {
         }
     }
 
+    /// How a stream to the workload's `port` is carried: as the port
+    /// declares, or for an undeclared one as the caller's agent says, or
+    /// detected here.
+    fn carry(&self, request: &Request<h2::RecvStream>, port: u16) -> Carry {
+        match self.local.protocol(port) {
+            Some(weft_api::Protocol::Http) => Carry::Http,
+            Some(weft_api::Protocol::Detect) => match request
+                .headers()
+                .get(HINT_HEADER)
+                .and_then(|v| Detected::from_hint(v.as_bytes()))
+            {
+                Some(hint) => Carry::Hinted(hint),
+                None => Carry::Detect,
+            },
+            _ => Carry::Tcp,
+        }
+    }
+
     /// Decides whether a CONNECT may proceed: the status to refuse it with,
-    /// the metric reason, and the target otherwise.
+    /// the metric reason, and the target and how to carry it otherwise.
     fn admit(
         &self,
         request: &Request<h2::RecvStream>,
         peer: &Peer,
-    ) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    ) -> Result<(SocketAddr, Carry), (StatusCode, &'static str)> {
         if request.method() != Method::CONNECT {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect"));
         }
@@ -324,11 +368,12 @@ impl Inbound {
         if !self.local.serves_port(target.port()) {
             return Err((StatusCode::FORBIDDEN, "port_not_served"));
         }
-        if let Err(policy) = self.admits(&peer.id, target.port()) {
+        let carry = self.carry(request, target.port());
+        if let Err(policy) = self.admits(&peer.id, carry.l7()) {
             info!(peer = %peer.id, port = target.port(), policy, "connection denied by TrafficPermission");
             return Err((StatusCode::FORBIDDEN, "not_allowed"));
         }
-        Ok(target)
+        Ok((target, carry))
     }
 
     async fn stream(
@@ -342,16 +387,24 @@ impl Inbound {
             info!(peer = %peer.id, workload = self.local.name.as_str(), "inbound stream limit reached, refusing");
             return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         };
-        let target = match self.admit(&request, peer) {
-            Ok(target) => target,
+        let (target, carry) = match self.admit(&request, peer) {
+            Ok(admitted) => admitted,
             Err((status, reason)) => {
                 self.metrics.stream_denied(peer.id.as_str(), reason);
                 info!(peer = %peer.id, authority = ?request.uri().authority(), reason, "inbound stream refused");
                 return reply(&mut respond, status);
             }
         };
-        if self.local.is_http_port(target.port()) {
-            return self.http_stream(request, respond, peer, target).await;
+        if let Carry::Hinted(hint) = carry {
+            self.metrics
+                .protocol_detected(Direction::Inbound, Outcome::hinted(hint));
+        }
+        match carry {
+            Carry::Http | Carry::Hinted(Detected::Http) => {
+                return self.http_stream(request, respond, peer, target).await
+            }
+            Carry::Detect => return self.detect_stream(request, respond, peer, target).await,
+            Carry::Tcp | Carry::Hinted(Detected::Tcp) => {}
         }
         let connect = self
             .local
@@ -404,6 +457,81 @@ impl Inbound {
         let _open = ConnectionGuard::open(&peer.counters);
         let io = TunnelIo::new(request.into_body(), tx);
         crate::l7::inbound::serve(self.clone(), io, peer.id.clone(), target).await;
+    }
+}
+
+impl Inbound {
+    /// A port of no declared protocol: the stream is answered (the caller's
+    /// agent sends the client's bytes only then), its first bytes are read
+    /// to classify it, and they are replayed first to whoever carries it:
+    /// the L7 proxy, or the workload's socket before splicing.
+    async fn detect_stream(
+        self: &Arc<Self>,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: &Peer,
+        target: SocketAddr,
+    ) {
+        let mut tx = match respond.send_response(Response::new(()), false) {
+            Ok(tx) => tx,
+            Err(e) => {
+                return debug!(peer = %peer.id, error = %e, "stream reset before it was answered")
+            }
+        };
+        let _open = ConnectionGuard::open(&peer.counters);
+        let mut rx = request.into_body();
+        let (outcome, held) = match crate::detect::read(&mut rx, self.config.detect.timeout).await {
+            Ok(read) => read,
+            Err(e) => {
+                return debug!(peer = %peer.id, %target, error = %e, "inbound stream ended during protocol detection")
+            }
+        };
+        self.metrics.protocol_detected(Direction::Inbound, outcome);
+        debug!(peer = %peer.id, %target, protocol = outcome.protocol.as_str(), reason = outcome.reason, "inbound protocol detected");
+        if outcome.protocol == Detected::Http {
+            let io = TunnelIo::replaying(rx, tx, held);
+            return crate::l7::inbound::serve(self.clone(), io, peer.id.clone(), target).await;
+        }
+        // Admitted as L7 could be, where each request is decided; as TCP
+        // the connection must pass L4 authorization, which refuses one that
+        // only L7 rules allow. The stream was answered already: reset it.
+        if let Err(policy) = self.admits(&peer.id, false) {
+            info!(peer = %peer.id, port = target.port(), policy, "connection denied by TrafficPermission (detected as TCP)");
+            self.metrics.stream_denied(peer.id.as_str(), "not_allowed");
+            return tx.send_reset(Reason::REFUSED_STREAM);
+        }
+        let mut app = match self
+            .local
+            .connect(target, self.config.tunnel.connect_timeout)
+            .await
+        {
+            Ok(app) => app,
+            Err(e) => {
+                info!(peer = %peer.id, %target, error = %e, "connecting to the workload failed");
+                return tx.send_reset(Reason::CONNECT_ERROR);
+            }
+        };
+        let _ = app.set_nodelay(true);
+        if !held.is_empty() {
+            if let Err(e) = app.write_all(&held).await {
+                debug!(peer = %peer.id, %target, error = %e, "workload closed before the first bytes");
+                crate::socket::reset(&app);
+                return tx.send_reset(Reason::CONNECT_ERROR);
+            }
+            peer.counters.received.inc_by(held.len() as u64);
+            // The window of the bytes detection held goes back only now
+            // that they reached the workload.
+            if rx.flow_control().release_capacity(held.len()).is_err() {
+                return;
+            }
+        }
+        let counters = SpliceCounters {
+            up: &peer.counters.sent,
+            down: &peer.counters.received,
+        };
+        if let Err(e) = splice(&mut app, rx, tx, counters).await {
+            debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod controller;
 pub mod credentials;
+pub mod detect;
 pub mod dns;
 pub mod drain;
 pub mod external;

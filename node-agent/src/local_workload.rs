@@ -41,6 +41,14 @@ impl LocalWorkload {
             .any(|p| p.port == port && p.protocol == weft_api::Protocol::Http)
     }
 
+    /// The protocol declared for `port` (`Detect` when none was).
+    pub fn protocol(&self, port: u16) -> Option<weft_api::Protocol> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.protocol)
+    }
+
     /// Connects to the workload at `target`, from inside its namespace in
     /// node mode, within `timeout`.
     pub async fn connect(

@@ -62,7 +62,8 @@ enum WorkloadAction {
         namespace: String,
         #[arg(long, default_value = "default")]
         service_account: String,
-        /// A port it serves, `8080` or `8080/http`; repeatable.
+        /// A port it serves: `8080` (protocol detected), `8080/http` or
+        /// `8080/tcp` (never parsed); repeatable.
         #[arg(long = "port", value_parser = parse_port)]
         ports: Vec<weft_api::WorkloadPort>,
         /// A label, `key=value`; repeatable.
@@ -77,14 +78,15 @@ enum WorkloadAction {
 }
 
 fn parse_port(s: &str) -> Result<weft_api::WorkloadPort, String> {
-    let (port, protocol) = s.split_once('/').unwrap_or((s, "tcp"));
+    let (port, protocol) = s.split_once('/').unwrap_or((s, "detect"));
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{port:?} is not a port number"))?;
     let protocol = match protocol {
         "tcp" => weft_api::Protocol::Tcp,
         "http" => weft_api::Protocol::Http,
-        other => return Err(format!("{other:?} is not a protocol (tcp or http)")),
+        "detect" => weft_api::Protocol::Detect,
+        other => return Err(format!("{other:?} is not a protocol (tcp, http or detect)")),
     };
     Ok(weft_api::WorkloadPort { port, protocol })
 }

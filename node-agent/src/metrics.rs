@@ -79,6 +79,13 @@ struct PeerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetectionLabels {
+    direction: Direction,
+    protocol: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -196,6 +203,7 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<HttpDurationLabels, Histogram>,
     http_local: Family<HttpLocalLabels, Counter>,
+    protocol_detections: Family<DetectionLabels, Counter>,
 }
 
 /// The counters of one (direction, source, destination, transport), cloned
@@ -249,6 +257,7 @@ impl Metrics {
                 ))
             }),
             http_local: Family::default(),
+            protocol_detections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -362,6 +371,11 @@ impl Metrics {
             m.http_local.clone(),
         );
         registry.register(
+            "protocol_detections",
+            "Connections on ports of no declared protocol, by direction, how they were carried (http, tcp) and why (http1, http2, tls, not_http, timeout, closed, hint: the caller's agent said)",
+            m.protocol_detections.clone(),
+        );
+        registry.register(
             "trace_spans_exported",
             "Spans a collector accepted (Trace policy)",
             crate::l7::trace::SPANS_EXPORTED.clone(),
@@ -411,6 +425,19 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts a protocol detection by its result, so that a port whose
+    /// clients time out into TCP (a server-first protocol to declare `tcp`)
+    /// shows up.
+    pub fn protocol_detected(&self, direction: Direction, outcome: crate::detect::Outcome) {
+        self.protocol_detections
+            .get_or_create(&DetectionLabels {
+                direction,
+                protocol: outcome.protocol.as_str(),
+                reason: outcome.reason,
+            })
+            .inc();
     }
 
     /// Counts a completed handshake.

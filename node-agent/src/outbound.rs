@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use weft_api::Endpoint;
 
 use crate::config::{AgentConfig, UnknownDestination};
+use crate::detect::{Detected, HINT_HEADER};
 use crate::drain::Drain;
 use crate::l7::outbound::Dialled;
 use crate::l7::policy::Policy;
@@ -49,13 +50,21 @@ pub enum Target {
     /// A static HTTP listener: the service (`<namespace>/<name>`) and port
     /// its requests go to, through the L7 proxy.
     Service { key: Arc<str>, port: u16 },
+    /// A static listener of no declared protocol: its connections are
+    /// classified first, then served by the L7 proxy (with the outbound
+    /// policies of `service`, when it names one) or tunnelled to `target`.
+    Detect {
+        target: SocketAddr,
+        service: Option<Arc<str>>,
+    },
     /// The destination the application dialled, recovered from nftables.
     Captured,
 }
 
 /// What an accepted connection turns into, decided from the view.
 enum Next {
-    Tunnel(Endpoint, SocketAddr),
+    /// With what detection found, if the port was classified.
+    Tunnel(Endpoint, SocketAddr, Option<Detected>),
     Http(Dialled),
     External {
         key: Label,
@@ -156,8 +165,22 @@ impl Outbound {
         _permit: OwnedSemaphorePermit,
     ) {
         let _ = tcp.set_nodelay(true);
+        let mut detected = None;
         let dst = match target {
             Target::Fixed(dst) => dst,
+            Target::Detect { target, service } => {
+                let protocol = self.detect(&tcp, target).await;
+                if let (Detected::Http, Some(key)) = (protocol, service) {
+                    let dialled = Dialled {
+                        key: crate::metrics::Label(key),
+                        port: target.port(),
+                        client,
+                    };
+                    return crate::l7::outbound::serve(self, tcp, dialled).await;
+                }
+                detected = Some(protocol);
+                target
+            }
             Target::Service { key, port } => {
                 let dialled = Dialled {
                     key: crate::metrics::Label(key),
@@ -174,6 +197,12 @@ impl Outbound {
                 }
             },
         };
+        // A service port of no declared protocol: classified by the first
+        // bytes (peeked, so the connection is carried from its first byte
+        // either way) before the view is read for the route.
+        if detected.is_none() && self.view.load().detects(dst) {
+            detected = Some(self.detect(&tcp, dst).await);
+        }
         // The view is read once; the connection keeps the endpoint it got
         // even if a new view arrives meanwhile (an HTTP connection instead
         // reads the view in force at each request).
@@ -182,7 +211,13 @@ impl Outbound {
             // CircuitBreaker maxConnections of a service's virtual IP,
             // held while the connection lasts.
             let slot = crate::resilience::l4_connection(&view, self.policy(&view), dst);
-            let next = match view.route(dst, self.workload.as_str(), &self.locality) {
+            let route = match detected {
+                Some(protocol) => {
+                    view.route_detected(dst, self.workload.as_str(), &self.locality, protocol)
+                }
+                None => view.route(dst, self.workload.as_str(), &self.locality),
+            };
+            let next = match route {
                 Route::Http { service, port } => Next::Http(Dialled {
                     key: service.key.clone(),
                     port,
@@ -191,7 +226,7 @@ impl Outbound {
                 Route::Tunnel {
                     endpoint,
                     authority,
-                } => Next::Tunnel(endpoint.clone(), authority),
+                } => Next::Tunnel(endpoint.clone(), authority, detected),
                 Route::External { service, external } => Next::External {
                     key: service.key.clone(),
                     external: external.clone(),
@@ -211,8 +246,8 @@ impl Outbound {
             }
         };
         match next {
-            Next::Tunnel(endpoint, authority) => {
-                let result = self.tunnel(&mut tcp, authority, &endpoint).await;
+            Next::Tunnel(endpoint, authority, detected) => {
+                let result = self.tunnel(&mut tcp, authority, &endpoint, detected).await;
                 crate::resilience::record_l4(&self, dst, &endpoint, &result);
                 if let Err(e) = result {
                     info!(%dst, %authority, agent = %endpoint.agent, error = %e, "outbound tunnel failed");
@@ -237,13 +272,23 @@ impl Outbound {
         }
     }
 
+    /// Classifies a connection to a port of no declared protocol, counted
+    /// and logged.
+    async fn detect(&self, tcp: &TcpStream, dst: SocketAddr) -> Detected {
+        let outcome = crate::detect::peek(tcp, self.config.detect.timeout).await;
+        self.metrics.protocol_detected(Direction::Outbound, outcome);
+        debug!(%dst, protocol = outcome.protocol.as_str(), reason = outcome.reason, "outbound protocol detected");
+        outcome.protocol
+    }
+
     async fn tunnel(
         &self,
         tcp: &mut TcpStream,
         dst: SocketAddr,
         endpoint: &Endpoint,
+        detected: Option<Detected>,
     ) -> Result<(), TunnelError> {
-        let (checkout, response, tx) = self.open_stream(dst, endpoint).await?;
+        let (checkout, response, tx) = self.open_stream_as(dst, endpoint, detected).await?;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused(response.status()));
         }
@@ -269,6 +314,19 @@ impl Outbound {
         dst: SocketAddr,
         endpoint: &Endpoint,
     ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
+        self.open_stream_as(dst, endpoint, None).await
+    }
+
+    /// `open_stream`, telling the destination's agent how the stream's
+    /// bytes are to be carried (`HINT_HEADER`) when this agent knows: what
+    /// it detected, or HTTP from its L7 proxy. The destination uses it only
+    /// on ports of no declared protocol, to skip its own detection.
+    pub(crate) async fn open_stream_as(
+        &self,
+        dst: SocketAddr,
+        endpoint: &Endpoint,
+        hint: Option<Detected>,
+    ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
         loop {
@@ -279,6 +337,11 @@ impl Outbound {
                 *request.method_mut() = Method::CONNECT;
                 *request.uri_mut() =
                     Uri::try_from(dst.to_string()).map_err(|_| TunnelError::Authority(dst))?;
+                if let Some(hint) = hint {
+                    request
+                        .headers_mut()
+                        .insert(HINT_HEADER, http::HeaderValue::from_static(hint.as_str()));
+                }
                 Ok::<_, TunnelError>(sender.send_request(request, false)?)
             };
             let (response, tx) = match sent.await {

@@ -67,6 +67,9 @@ pub struct Service {
     pub ports: Vec<u16>,
     /// Those of `ports` declared HTTP: served by the L7 proxy.
     pub http_ports: Vec<u16>,
+    /// Those of `ports` with no declared protocol: each connection is
+    /// classified by its first bytes (`crate::detect`).
+    pub detect_ports: Vec<u16>,
     pub endpoints: Vec<ServiceEndpoint>,
     /// An ExternalService: the agent dials this host itself (no endpoints,
     /// no tunnel).
@@ -539,7 +542,7 @@ impl MeshView {
             .outbound
             .listeners
             .iter()
-            .filter(|l| l.protocol == weft_api::Protocol::Http)
+            .filter(|l| l.protocol != weft_api::Protocol::Tcp)
             .filter_map(|l| {
                 let key = l.service.as_ref()?;
                 let (namespace, name) = key.split_once('/')?;
@@ -571,6 +574,7 @@ impl MeshView {
                     virtual_ip: IpAddr::from([0, 0, 0, 0]),
                     ports: vec![l.target.port()],
                     http_ports: vec![l.target.port()],
+                    detect_ports: Vec::new(),
                     load: endpoints.iter().map(|_| Default::default()).collect(),
                     endpoints,
                     external: None,
@@ -762,6 +766,43 @@ impl MeshView {
         }
     }
 
+    /// Whether a connection to `dst` is classified before it is routed: a
+    /// service's port of no declared protocol.
+    pub fn detects(&self, dst: SocketAddr) -> bool {
+        !self.endpoints.contains_key(&dst.ip())
+            && self
+                .services
+                .get(&dst.ip())
+                .is_some_and(|s| s.detect_ports.contains(&dst.port()))
+    }
+
+    /// `route`, for a connection `crate::detect` classified: HTTP on a
+    /// service's undeclared port goes to the L7 proxy as on a port declared
+    /// HTTP, unless a TCPRoute of `local` routes the service (the operator
+    /// asked for L4 routing there); anything else is routed as TCP.
+    pub fn route_detected(
+        &self,
+        dst: SocketAddr,
+        local: &str,
+        caller: &Locality,
+        detected: crate::detect::Detected,
+    ) -> Route<'_> {
+        if detected == crate::detect::Detected::Http && self.detects(dst) {
+            if let Some(service) = self.services.get(&dst.ip()) {
+                let tcp_routed = self
+                    .policy(local)
+                    .is_some_and(|p| p.tcp_route(service.key.as_str()).is_some());
+                if !tcp_routed {
+                    return Route::Http {
+                        service,
+                        port: dst.port(),
+                    };
+                }
+            }
+        }
+        self.route(dst, local, caller)
+    }
+
     /// A TCP connection under a TCPRoute: a backend service by weight, then
     /// an endpoint of it, on the backend's port or the one dialled.
     fn tcp_routed(
@@ -914,12 +955,15 @@ fn service(
     let virtual_ip = virtual_ip(&format!("{field}.virtual_ip"), &s.virtual_ip)?;
     let mut ports = Vec::with_capacity(s.ports.len());
     let mut http_ports = Vec::new();
+    let mut detect_ports = Vec::new();
     for (j, p) in s.ports.iter().enumerate() {
         match u16::try_from(p.port) {
             Ok(port) if port != 0 => {
                 ports.push(port);
                 if p.protocol == weft_api::proto::agent::v1::Protocol::Http as i32 {
                     http_ports.push(port);
+                } else if p.protocol == weft_api::proto::agent::v1::Protocol::Detect as i32 {
+                    detect_ports.push(port);
                 }
             }
             _ => {
@@ -988,6 +1032,7 @@ fn service(
         virtual_ip,
         ports,
         http_ports,
+        detect_ports,
         load: endpoints.iter().map(|_| Default::default()).collect(),
         endpoints,
         external: None,
@@ -1037,6 +1082,9 @@ fn external_service(field: &str, e: &ExternalServiceView) -> Result<Service, Vie
         virtual_ip,
         ports: vec![number],
         http_ports: if http { vec![number] } else { Vec::new() },
+        // An ExternalService's protocol is declared (the zone refuses
+        // `detect` there).
+        detect_ports: Vec::new(),
         load: Vec::new(),
         endpoints: Vec::new(),
         external: Some(external),
@@ -1885,5 +1933,35 @@ mod tests {
             let error = MeshView::from_update(&update).expect_err("refused");
             assert_eq!(error.field, field, "{error}");
         }
+    }
+
+    #[test]
+    fn undeclared_service_ports_are_detected_and_routed_by_the_verdict() {
+        use crate::detect::Detected;
+        let mut u = sample();
+        u.services[0].ports.push(Port {
+            port: 8081,
+            protocol: 2,
+        });
+        let view = MeshView::from_update(&u).unwrap();
+        let declared: SocketAddr = "10.96.0.1:8080".parse().unwrap();
+        let undeclared: SocketAddr = "10.96.0.1:8081".parse().unwrap();
+        assert!(!view.detects(declared));
+        assert!(view.detects(undeclared));
+        // A workload's own address is left to the agent in front of it.
+        assert!(!view.detects("10.0.0.1:8081".parse().unwrap()));
+        assert!(matches!(
+            view.route_detected(undeclared, "web", &Locality::default(), Detected::Http),
+            Route::Http { port: 8081, .. }
+        ));
+        assert!(matches!(
+            view.route_detected(undeclared, "web", &Locality::default(), Detected::Tcp),
+            Route::Tunnel { .. }
+        ));
+        // On a port declared tcp the verdict changes nothing.
+        assert!(matches!(
+            view.route_detected(declared, "web", &Locality::default(), Detected::Http),
+            Route::Tunnel { .. }
+        ));
     }
 }

@@ -54,6 +54,14 @@ impl Listeners {
                         port: l.target.port(),
                     }
                 }
+                // Under a zone, the service's ports say whether to
+                // detect (the view), as for captured connections.
+                (service, weft_api::Protocol::Detect) if config.controller.is_none() => {
+                    Target::Detect {
+                        target: l.target,
+                        service: service.as_deref().map(Arc::from),
+                    }
+                }
                 _ => Target::Fixed(l.target),
             };
             explicit.push((

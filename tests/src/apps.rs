@@ -91,3 +91,26 @@ pub fn start_h2(
     }
     Ok(proc)
 }
+
+/// Runs `weft-echo serve --greet addr` in `ns` (as root): a server-first
+/// protocol whose greeting is `220 <name> ready marker=<marker>\r\n`, then
+/// echo; returns once it accepts connections.
+pub fn start_greeter(
+    ns: &Netns,
+    echo_bin: &Path,
+    log_dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    marker: &str,
+) -> Result<Proc> {
+    let mut cmd = ns.command(echo_bin);
+    cmd.arg("serve")
+        .args(["--greet", &addr.to_string()])
+        .args(["--name", name, "--marker", marker]);
+    let mut proc = Proc::spawn(name, cmd, log_dir)?;
+    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
+        proc.kill();
+        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
+    }
+    Ok(proc)
+}

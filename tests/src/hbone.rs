@@ -340,6 +340,119 @@ async fn send_request(
     Attempt::Connected(got)
 }
 
+/// What [`exchange`] does on an HBONE stream once its CONNECT is answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exchange<'a> {
+    /// Extra CONNECT request headers.
+    pub headers: &'a [(&'a str, &'a str)],
+    /// Sent once the CONNECT is answered; empty sends nothing (a client of
+    /// a server-first protocol, waiting for the greeting).
+    pub send: &'a [u8],
+    /// Half-close after sending.
+    pub half_close: bool,
+    /// Stop reading once what came back contains this; empty reads to EOF.
+    pub until: &'a [u8],
+}
+
+/// Like [`attempt`], with control over the stream: extra CONNECT headers,
+/// whether to half-close, and when to stop reading (see [`Exchange`]), so
+/// that a scenario can speak a protocol through the tunnel as a peer agent
+/// would, or differently.
+pub fn exchange(
+    identity: &IdentityFiles,
+    agent: SocketAddr,
+    authority: &str,
+    x: Exchange<'_>,
+    timeout: Duration,
+) -> Result<Attempt> {
+    let config = client_config(identity)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::time::timeout(timeout, exchange_async(config, agent, authority, x))
+            .await
+            .map_err(|_| {
+                anyhow!("HBONE exchange with {authority} via {agent} took longer than {timeout:?}")
+            })?
+    })
+}
+
+async fn exchange_async(
+    config: Arc<rustls::ClientConfig>,
+    agent: SocketAddr,
+    authority: &str,
+    x: Exchange<'_>,
+) -> Result<Attempt> {
+    let tcp = tokio::net::TcpStream::connect(agent)
+        .await
+        .with_context(|| format!("TCP connect to {agent}"))?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::IpAddress(agent.ip().into());
+    let tls = match tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    {
+        Ok(tls) => tls,
+        Err(e) => return Ok(Attempt::Refused(format!("TLS handshake: {e}"))),
+    };
+    let (send, conn) = match h2::client::handshake(tls).await {
+        Ok(pair) => pair,
+        Err(e) => return Ok(Attempt::Refused(format!("HTTP/2 handshake: {e}"))),
+    };
+    let driver = tokio::spawn(conn);
+    let outcome = async {
+        let mut send = match send.ready().await {
+            Ok(s) => s,
+            Err(e) => return classify("waiting to send CONNECT", e),
+        };
+        let mut request = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority);
+        for (name, value) in x.headers {
+            request = request.header(*name, *value);
+        }
+        let request = match request.body(()) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Refused(format!("bad CONNECT {authority:?}: {e}")),
+        };
+        let (response, mut body_tx) = match send.send_request(request, false) {
+            Ok(pair) => pair,
+            Err(e) => return classify("sending CONNECT", e),
+        };
+        let response = match response.await {
+            Ok(r) => r,
+            Err(e) => return classify("CONNECT answer", e),
+        };
+        if response.status() != http::StatusCode::OK {
+            return Attempt::Status(response.status().as_u16());
+        }
+        if !x.send.is_empty() || x.half_close {
+            if let Err(e) = body_tx.send_data(Bytes::copy_from_slice(x.send), x.half_close) {
+                return classify("sending data", e);
+            }
+        }
+        let mut body = response.into_body();
+        let mut got = Vec::new();
+        while x.until.is_empty() || !got.windows(x.until.len()).any(|w| w == x.until) {
+            match body.data().await {
+                None => break,
+                Some(Ok(bytes)) => {
+                    let _ = body.flow_control().release_capacity(bytes.len());
+                    got.extend_from_slice(&bytes);
+                }
+                Some(Err(e)) => {
+                    return classify(&format!("reading data after {} bytes", got.len()), e)
+                }
+            }
+        }
+        Attempt::Connected(got)
+    }
+    .await;
+    driver.abort();
+    Ok(outcome)
+}
+
 /// The end-entity certificate (DER) that the agent at `agent` presents to a
 /// client holding `identity`. Runs in the calling thread's namespace.
 pub fn peer_certificate(

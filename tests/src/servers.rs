@@ -33,6 +33,21 @@ pub fn serve_echo_marked(listener: TcpListener, marker: String) {
     }
 }
 
+/// Serves a server-first protocol on `listener` forever (as SMTP or MySQL
+/// do): each connection gets `greeting` at once, before the client sends
+/// anything, then everything the client sends is echoed.
+pub fn serve_greeting(listener: TcpListener, greeting: String) {
+    let greeting: Arc<[u8]> = greeting.into_bytes().into();
+    for mut conn in listener.incoming().flatten() {
+        let greeting = greeting.clone();
+        std::thread::spawn(move || {
+            if conn.write_all(&greeting).is_ok() {
+                echo(conn);
+            }
+        });
+    }
+}
+
 fn echo(conn: TcpStream) {
     echo_with(conn, None)
 }

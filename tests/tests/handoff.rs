@@ -137,12 +137,15 @@ fn hand_over_mid_transfer(which: &str) -> Result<()> {
         old.proc.logs()
     );
     // It took the very sockets (their logs share the old one's files).
-    let logs = old.proc.logs();
+    // The whole logs, not their tail: per-connection debug lines (protocol
+    // detection) can push the handoff's out of it.
+    let logs = format!("{}\n{}", old.proc.stdout(), old.proc.stderr());
     ensure!(
         logs.contains("handoff complete: this process is the agent now"),
-        "{logs}"
+        "{}",
+        old.proc.logs()
     );
-    ensure!(!logs.contains("binding anew"), "{logs}");
+    ensure!(!logs.contains("binding anew"), "{}", old.proc.logs());
     // SAFETY: kill with signal 0 only checks that the process exists.
     ensure!(
         unsafe { libc::kill(successor.0 as libc::pid_t, 0) } == 0,

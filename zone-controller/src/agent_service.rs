@@ -220,6 +220,7 @@ fn to_resource(
         let protocol = match pb::Protocol::try_from(p.protocol) {
             Ok(pb::Protocol::Tcp) => Protocol::Tcp,
             Ok(pb::Protocol::Http) => Protocol::Http,
+            Ok(pb::Protocol::Detect) => Protocol::Detect,
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "{}: unknown protocol {}",

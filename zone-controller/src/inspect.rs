@@ -75,6 +75,7 @@ fn ports(ports: &[WorkloadPort]) -> Vec<PortView> {
             protocol: match p.protocol {
                 Protocol::Tcp => "tcp",
                 Protocol::Http => "http",
+                Protocol::Detect => "detect",
             },
         })
         .collect()

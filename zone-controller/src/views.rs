@@ -964,6 +964,7 @@ pub fn port_to_proto(port: &WorkloadPort) -> pb::Port {
         protocol: match port.protocol {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Http => pb::Protocol::Http,
+            Protocol::Detect => pb::Protocol::Detect,
         } as i32,
     }
 }

@@ -39,9 +39,16 @@ pub struct ExternalServiceSpec {
     pub host: String,
     /// The port it listens on (1-65535).
     pub port: u16,
-    /// The protocol it speaks: `tcp`, or `http` to get L7 policy.
-    #[serde(default)]
+    /// The protocol it speaks: `tcp` (the default), or `http` to get L7
+    /// policy. Not detected: `detect` is for workload ports.
+    #[serde(default = "tcp")]
     pub protocol: Protocol,
+}
+
+/// External services keep `tcp` as their default: the agent detects
+/// protocols on workload ports only.
+fn tcp() -> Protocol {
+    Protocol::Tcp
 }
 
 impl Spec for ExternalServiceSpec {
@@ -59,6 +66,12 @@ impl Spec for ExternalServiceSpec {
             problems.add(
                 path.field("port"),
                 "must be between 1 and 65535 (0 is not a port)",
+            );
+        }
+        if self.protocol == Protocol::Detect {
+            problems.add(
+                path.field("protocol"),
+                "must be tcp or http: detect is for workload ports",
             );
         }
     }

@@ -814,9 +814,12 @@ async fn send(
         h2: is_h2(req.version()),
     };
     let connect = || async move {
-        let opened = tokio::time::timeout(connect_timeout, o.open_stream(authority, endpoint))
-            .await
-            .map_err(|_| SendError::Connect("connect timeout (Timeout policy)".to_owned()))?;
+        let opened = tokio::time::timeout(
+            connect_timeout,
+            o.open_stream_as(authority, endpoint, Some(crate::detect::Detected::Http)),
+        )
+        .await
+        .map_err(|_| SendError::Connect("connect timeout (Timeout policy)".to_owned()))?;
         let (checkout, response, tx) = opened.map_err(|e| SendError::Connect(e.to_string()))?;
         if response.status() != StatusCode::OK {
             return Err(SendError::Refused(response.status()));

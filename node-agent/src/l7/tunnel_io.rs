@@ -41,6 +41,16 @@ impl TunnelIo {
         }
     }
 
+    /// Wraps an established stream whose first bytes were already read off
+    /// it (protocol detection): `replay` is read first, and its flow-control
+    /// window is released as it is handed over, like any other frame's.
+    pub fn replaying(recv: RecvStream, send: SendStream<Bytes>, replay: Bytes) -> Self {
+        TunnelIo {
+            pending: replay,
+            ..TunnelIo::new(recv, send)
+        }
+    }
+
     /// Keeps the tunnel connection's stream slot for as long as the stream
     /// lives.
     pub fn holding(mut self, slot: crate::pool::Checkout) -> Self {

@@ -111,6 +111,7 @@ impl NodeWorkload {
                     protocol: match p.protocol {
                         Protocol::Tcp => 0,
                         Protocol::Http => 1,
+                        Protocol::Detect => 2,
                     },
                 })
                 .collect(),
@@ -137,10 +138,12 @@ impl NodeWorkload {
                     format!("{} is not 1-65535", p.port),
                 )
             })?;
-            let protocol = if p.protocol == 1 {
-                Protocol::Http
-            } else {
-                Protocol::Tcp
+            let protocol = match p.protocol {
+                1 => Protocol::Http,
+                2 => Protocol::Detect,
+                // 0, and values from a newer zone this agent does not
+                // know: never parsed.
+                _ => Protocol::Tcp,
             };
             ports.push(WorkloadPort { port, protocol });
         }

@@ -4,6 +4,7 @@
 //! ```text
 //! weft-echo serve [--echo ADDR] [--http ADDR] [--h2 ADDR] [--name NAME] [--marker STR]
 //!                 [--sink ADDR [--stall-until-file PATH]]  # see servers::serve_sink
+//!                 [--greet ADDR]                            # server-first: greets, then echoes
 //! weft-echo client ADDR [--bytes N] [--marker STR]     # echo round trip, exit 0 if intact
 //! weft-echo http-get ADDR [PATH]                        # prints status and body, exit 0 on 2xx
 //! ```
@@ -58,8 +59,14 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
             let marker = option(&mut args, "--marker")?.unwrap_or_default();
             let sink = option(&mut args, "--sink")?;
             let stall = option(&mut args, "--stall-until-file")?.map(PathBuf::from);
-            if echo.is_none() && http_addr.is_none() && h2_addr.is_none() && sink.is_none() {
-                bail!("serve needs --echo ADDR, --http ADDR, --h2 ADDR and/or --sink ADDR");
+            let greet = option(&mut args, "--greet")?;
+            if echo.is_none()
+                && http_addr.is_none()
+                && h2_addr.is_none()
+                && sink.is_none()
+                && greet.is_none()
+            {
+                bail!("serve needs --echo ADDR, --http ADDR, --h2 ADDR, --sink ADDR and/or --greet ADDR");
             }
             if stall.is_some() && sink.is_none() {
                 bail!("--stall-until-file applies to --sink");
@@ -69,6 +76,13 @@ fn run(mut args: Vec<String>) -> Result<ExitCode> {
                 let listener = servers::bind(addr(&a)?)?;
                 threads.push(std::thread::spawn(move || {
                     servers::serve_sink(listener, stall)
+                }));
+            }
+            if let Some(a) = greet {
+                let listener = servers::bind(addr(&a)?)?;
+                let greeting = format!("220 {name} ready marker={marker}\r\n");
+                threads.push(std::thread::spawn(move || {
+                    servers::serve_greeting(listener, greeting)
                 }));
             }
             if let Some(a) = echo {
