@@ -7,6 +7,8 @@
 #   weft-l7       two agents, the port declared http, with L7 policies in
 #                 force: an HTTPRoute rule (header filter), a Retry policy
 #                 and a TrafficPermission rule on method and path
+#   weft-l7-detect  the same with the port's protocol left undeclared:
+#                 both agents detect HTTP from each connection's first bytes
 # and prints latency percentiles with one connection (closed loop),
 # requests/s with 16 connections, and the proxies' peak RSS and CPU.
 #   bench/http.sh            (DUR=10 by default)
@@ -124,6 +126,8 @@ weft_pair() { # name listen_port proto policy(yes|no) n
           rule: { default: { filters: [ { type: RequestHeaderModifier, set: [ { name: x-route, value: tag } ] } ] } }
       retry: { numRetries: 2, retryOn: [ 5xx, ConnectFailure ] }"
     listener_extra=", protocol: http, service: default/server"
+    # Undeclared: both agents detect HTTP from the first bytes.
+    [ "$proto" = detect ] && listener_extra=", service: default/server"
   fi
   local allow='allow: [ "spiffe://bench.local/ns/default/sa/client" ]'
   [ "$policy" = yes ] && allow=""
@@ -157,3 +161,4 @@ YAML
 }
 [ -n "${ONLY_L7:-}" ] || weft_pair weft-l4 19411 tcp no 41
 weft_pair weft-l7 19421 http yes 42
+[ -n "${ONLY_L7:-}" ] || weft_pair weft-l7-detect 19431 detect yes 43
