@@ -429,8 +429,11 @@ impl Inbound {
         };
         let _open = ConnectionGuard::open(&peer.counters);
         let counters = SpliceCounters {
-            up: &peer.counters.sent,
-            down: &peer.counters.received,
+            // The socket is the workload's: what it sends goes back to
+            // the caller (received), what the tunnel brings is the
+            // caller's (sent).
+            up: &peer.counters.received,
+            down: &peer.counters.sent,
         };
         if let Err(e) = splice(&mut app, request.into_body(), tx, counters).await {
             debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");
@@ -518,7 +521,7 @@ impl Inbound {
                 crate::socket::reset(&app);
                 return tx.send_reset(Reason::CONNECT_ERROR);
             }
-            peer.counters.received.inc_by(held.len() as u64);
+            peer.counters.sent.inc_by(held.len() as u64);
             // The window of the bytes detection held goes back only now
             // that they reached the workload.
             if rx.flow_control().release_capacity(held.len()).is_err() {
@@ -526,8 +529,11 @@ impl Inbound {
             }
         }
         let counters = SpliceCounters {
-            up: &peer.counters.sent,
-            down: &peer.counters.received,
+            // The socket is the workload's: what it sends goes back to
+            // the caller (received), what the tunnel brings is the
+            // caller's (sent).
+            up: &peer.counters.received,
+            down: &peer.counters.sent,
         };
         if let Err(e) = splice(&mut app, rx, tx, counters).await {
             debug!(peer = %peer.id, %target, error = %e, "inbound stream ended abnormally");

@@ -232,5 +232,17 @@ fn backpressure_bounds_a_fast_writer_while_the_server_stalls() -> Result<()> {
         client.metric("weft_handshakes_total", &[("direction", "outbound")])?,
         1.0
     );
+    // Bytes are counted by direction on both sides: "sent" from the caller
+    // towards the workload (the sink's many MiB), "received" back (the
+    // echo's 1 MiB and the verdict).
+    for (agent, direction) in [(&client, "outbound"), (&server, "inbound")] {
+        let labels = [("direction", direction)];
+        let towards = agent.wait_metric("weft_bytes_sent_total", &labels, sent as f64)?;
+        let back = agent.metric("weft_bytes_received_total", &labels)?;
+        assert!(
+            back < (sent as f64) / 2.0,
+            "{direction}: {back} bytes counted from the workload back to the caller, {towards} towards it; {sent} were sent"
+        );
+    }
     Ok(())
 }
