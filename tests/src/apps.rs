@@ -35,9 +35,21 @@ pub fn start_app(
         .args(["--echo", &addrs.echo.to_string()])
         .args(["--http", &addrs.http.to_string()])
         .args(["--name", name, "--marker", marker]);
+    spawn_listening(ns, name, cmd, log_dir, &[addrs.echo, addrs.http])
+}
+
+/// Starts `cmd` and waits until it accepts connections on every address
+/// of `addrs` (killed, with its logs in the error, if it does not).
+fn spawn_listening(
+    ns: &Netns,
+    name: &str,
+    cmd: std::process::Command,
+    log_dir: &Path,
+    addrs: &[SocketAddr],
+) -> Result<Proc> {
     let mut proc = Proc::spawn(name, cmd, log_dir)?;
-    for addr in [addrs.echo, addrs.http] {
-        if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
+    for addr in addrs {
+        if let Err(e) = wait::port_open(ns, *addr, Duration::from_secs(10)) {
             proc.kill();
             anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
         }
@@ -61,12 +73,7 @@ pub fn start_sink(
     if let Some(path) = stall_until {
         cmd.arg("--stall-until-file").arg(path);
     }
-    let mut proc = Proc::spawn(name, cmd, log_dir)?;
-    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
-        proc.kill();
-        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
-    }
-    Ok(proc)
+    spawn_listening(ns, name, cmd, log_dir, &[addr])
 }
 
 /// Runs `weft-echo serve --h2 addr` in `ns` (as root): an HTTP/2 server
@@ -84,12 +91,7 @@ pub fn start_h2(
     cmd.arg("serve")
         .args(["--h2", &addr.to_string()])
         .args(["--marker", marker]);
-    let mut proc = Proc::spawn(name, cmd, log_dir)?;
-    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
-        proc.kill();
-        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
-    }
-    Ok(proc)
+    spawn_listening(ns, name, cmd, log_dir, &[addr])
 }
 
 /// Runs `weft-echo serve --greet addr` in `ns` (as root): a server-first
@@ -107,10 +109,5 @@ pub fn start_greeter(
     cmd.arg("serve")
         .args(["--greet", &addr.to_string()])
         .args(["--name", name, "--marker", marker]);
-    let mut proc = Proc::spawn(name, cmd, log_dir)?;
-    if let Err(e) = wait::port_open(ns, addr, Duration::from_secs(10)) {
-        proc.kill();
-        anyhow::bail!("{name} did not start: {e:#}\n{}", proc.logs());
-    }
-    Ok(proc)
+    spawn_listening(ns, name, cmd, log_dir, &[addr])
 }
