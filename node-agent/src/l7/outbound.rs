@@ -390,7 +390,7 @@ async fn routed(
                     percentage,
                 } => {
                     if body.is_end_stream() && roll(*percentage) {
-                        mirror(o, view, key, mirror_port.unwrap_or(d.port), parts);
+                        mirror(o, view, key, mirror_port.unwrap_or(d.port), parts, d);
                     }
                 }
             }
@@ -1003,33 +1003,37 @@ pub fn redirect_location(
 }
 
 /// Sends a copy of a bodiless request to another service and drops the
-/// answer; never delays or fails the original.
-fn mirror(o: &Arc<Outbound>, view: &MeshView, key: &str, port: u16, parts: &Parts) {
+/// answer; never delays or fails the original. The copy's destination is
+/// picked as a request to that service would be (its LoadBalancing,
+/// locality, or an ExternalService's host).
+fn mirror(o: &Arc<Outbound>, view: &MeshView, key: &str, port: u16, parts: &Parts, d: &Dialled) {
     let Some(service) = view.service_by_key(key) else {
         return;
     };
-    let Some(endpoint) = service.pick().cloned() else {
-        return;
+    let out = o.policy(view).outbound(key);
+    let to = match pick(service, out, o, parts, d) {
+        Some(To::Endpoint(endpoint)) => Mirrored::Endpoint(endpoint.clone()),
+        Some(To::External(external, vip)) => Mirrored::External(external.clone(), vip),
+        None => return,
     };
     let mut copy = parts.clone();
     prepare(&mut copy);
     let req = Request::from_parts(copy, Either::Right(Full::new(Bytes::new())));
     let o = o.clone();
     tokio::spawn(async move {
-        let deadline = Duration::from_secs(5);
-        match tokio::time::timeout(
-            deadline,
-            send(
-                &o,
-                &endpoint,
-                port,
-                req,
-                None,
-                super::policy::DEFAULT_CONNECT_TIMEOUT,
-            ),
-        )
-        .await
-        {
+        let to = match &to {
+            Mirrored::Endpoint(endpoint) => To::Endpoint(endpoint),
+            Mirrored::External(external, vip) => To::External(external, *vip),
+        };
+        let sent = send_to(
+            &o,
+            to,
+            port,
+            req,
+            None,
+            super::policy::DEFAULT_CONNECT_TIMEOUT,
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
             Ok(Ok((response, _))) => {
                 let _ = response.into_body().collect().await;
             }
@@ -1037,6 +1041,12 @@ fn mirror(o: &Arc<Outbound>, view: &MeshView, key: &str, port: u16, parts: &Part
             Err(_) => debug!("mirrored request timed out"),
         }
     });
+}
+
+/// Where a mirrored copy goes, owned by its task.
+enum Mirrored {
+    Endpoint(Endpoint),
+    External(External, IpAddr),
 }
 
 fn roll(percentage: u8) -> bool {
