@@ -212,10 +212,19 @@ impl Outbound {
             // held while the connection lasts.
             let slot = crate::resilience::l4_connection(&view, self.policy(&view), dst);
             let route = match detected {
-                Some(protocol) => {
-                    view.route_detected(dst, self.workload.as_str(), &self.locality, protocol)
-                }
-                None => view.route(dst, self.workload.as_str(), &self.locality),
+                Some(protocol) => view.route_detected(
+                    dst,
+                    self.workload.as_str(),
+                    &self.locality,
+                    Some(client.ip()),
+                    protocol,
+                ),
+                None => view.route_from(
+                    dst,
+                    self.workload.as_str(),
+                    &self.locality,
+                    Some(client.ip()),
+                ),
             };
             let next = match route {
                 Route::Http { service, port } => Next::Http(Dialled {

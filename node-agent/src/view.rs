@@ -264,6 +264,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The hash of a client address, the same for an HTTP request and a TCP
+/// connection from it.
+fn hash_ip(client: IpAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client.hash(&mut h);
+    h.finish()
+}
+
 fn hash_key(hash_on: &HashOn, req: &http::request::Parts, client: IpAddr) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -282,7 +291,7 @@ fn hash_key(hash_on: &HashOn, req: &http::request::Parts, client: IpAddr) -> Opt
                 })?;
             value.hash(&mut h);
         }
-        HashOn::SourceIp => client.hash(&mut h),
+        HashOn::SourceIp => return Some(hash_ip(client)),
     }
     Some(h.finish())
 }
@@ -726,6 +735,19 @@ impl MeshView {
     /// Where a captured connection of local workload `local` (at
     /// `caller`) to `dst` goes.
     pub fn route(&self, dst: SocketAddr, local: &str, caller: &Locality) -> Route<'_> {
+        self.route_from(dst, local, caller, None)
+    }
+
+    /// [`MeshView::route`] for a connection from application address
+    /// `client`, which a LoadBalancing consistent hash on `SourceIp` keeps
+    /// on one endpoint.
+    pub fn route_from(
+        &self,
+        dst: SocketAddr,
+        local: &str,
+        caller: &Locality,
+        client: Option<IpAddr>,
+    ) -> Route<'_> {
         if let Some(endpoint) = self.endpoints.get(&dst.ip()) {
             return Route::Tunnel {
                 endpoint,
@@ -755,9 +777,9 @@ impl MeshView {
             .policy(local)
             .and_then(|p| p.tcp_route(service.key.as_str()))
         {
-            return self.tcp_routed(route, dst.port(), local, caller);
+            return self.tcp_routed(route, dst.port(), local, caller, client);
         }
-        match service.pick_near(self.tiers(service, local, caller).as_deref()) {
+        match self.pick_connection(service, local, caller, client) {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
                 authority: SocketAddr::new(endpoint.address, dst.port()),
@@ -785,6 +807,7 @@ impl MeshView {
         dst: SocketAddr,
         local: &str,
         caller: &Locality,
+        client: Option<IpAddr>,
         detected: crate::detect::Detected,
     ) -> Route<'_> {
         if detected == crate::detect::Detected::Http && self.detects(dst) {
@@ -800,7 +823,7 @@ impl MeshView {
                 }
             }
         }
-        self.route(dst, local, caller)
+        self.route_from(dst, local, caller, client)
     }
 
     /// A TCP connection under a TCPRoute: a backend service by weight, then
@@ -811,6 +834,7 @@ impl MeshView {
         port: u16,
         local: &str,
         caller: &Locality,
+        client: Option<IpAddr>,
     ) -> Route<'_> {
         let Some(backend) = route.pick_backend() else {
             return Route::Refuse("no_backend");
@@ -819,7 +843,7 @@ impl MeshView {
             tracing::info!(policy = %route.policy, backend = %backend.key, "TCPRoute backend is not a known service");
             return Route::Refuse("unknown_backend");
         };
-        match service.pick_near(self.tiers(service, local, caller).as_deref()) {
+        match self.pick_connection(service, local, caller, client) {
             Some(endpoint) => Route::Tunnel {
                 endpoint,
                 authority: SocketAddr::new(endpoint.address, backend.port.unwrap_or(port)),
@@ -831,6 +855,36 @@ impl MeshView {
     /// The locality tiers of `service` for local workload `local` at
     /// `caller`, when its LoadBalancing policy for the service is
     /// locality-aware; `None`: every endpoint alike.
+    /// An endpoint of `service` for one TCP connection of `local`, by the
+    /// LoadBalancing that applies: within the caller's nearest usable tier
+    /// when locality-aware, then `Random`, a consistent hash on the
+    /// client's address (`SourceIp`), or round robin (also for
+    /// `LeastRequest`, which counts HTTP requests, and for header or cookie
+    /// hashes, which a TCP connection has none of).
+    fn pick_connection<'s>(
+        &'s self,
+        service: &'s Service,
+        local: &str,
+        caller: &Locality,
+        client: Option<IpAddr>,
+    ) -> Option<&'s Endpoint> {
+        let tiers = self.tiers(service, local, caller);
+        let algorithm = self
+            .policy(local)
+            .map(|p| &p.outbound(service.key.as_str()).algorithm);
+        let index = match (algorithm, client) {
+            (Some(Algorithm::Random), _) => service.random_index(tiers.as_deref()),
+            (
+                Some(Algorithm::ConsistentHash {
+                    hash_on: HashOn::SourceIp,
+                }),
+                Some(client),
+            ) => service.rendezvous(hash_ip(client), tiers.as_deref()),
+            _ => return service.pick_near(tiers.as_deref()),
+        }?;
+        service.endpoints.get(index).map(|e| &e.endpoint)
+    }
+
     fn tiers(&self, service: &Service, local: &str, caller: &Locality) -> Option<Arc<Tiers>> {
         let aware = self
             .policy(local)
@@ -1796,6 +1850,38 @@ mod tests {
     }
 
     #[test]
+    fn tcp_connections_follow_a_source_ip_hash_and_random() {
+        let mut update = sample();
+        update.services[0].endpoints = (1..=4)
+            .map(|i| endpoint(&format!("10.0.0.{i}"), true))
+            .collect();
+        let vip = SocketAddr::new("10.96.0.1".parse().unwrap(), 8080);
+        let from = |view: &MeshView, client: &str| {
+            let client: IpAddr = client.parse().unwrap();
+            authority(view.route_from(vip, "web", &Locality::default(), Some(client))).ip()
+        };
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"algorithm": {"type": "ConsistentHash", "hashOn": {"type": "SourceIp"}}}}}]"#
+            .into();
+        let view = MeshView::from_update(&update).unwrap();
+        // One client keeps its endpoint; many clients spread.
+        let first = from(&view, "192.0.2.7");
+        assert!((0..20).all(|_| from(&view, "192.0.2.7") == first));
+        let spread: std::collections::HashSet<IpAddr> = (1..=60)
+            .map(|i| from(&view, &format!("192.0.2.{i}")))
+            .collect();
+        assert!(spread.len() >= 3, "{spread:?}");
+        // Random: one client's connections go to several endpoints.
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"algorithm": {"type": "Random"}}}}]"#
+            .into();
+        let view = MeshView::from_update(&update).unwrap();
+        let picked: std::collections::HashSet<IpAddr> =
+            (0..60).map(|_| from(&view, "192.0.2.7")).collect();
+        assert!(picked.len() >= 3, "{picked:?}");
+    }
+
+    #[test]
     fn a_patch_moves_an_endpoint_between_localities() {
         let mut base = sample();
         base.services[0].endpoints = vec![
@@ -1951,16 +2037,22 @@ mod tests {
         // A workload's own address is left to the agent in front of it.
         assert!(!view.detects("10.0.0.1:8081".parse().unwrap()));
         assert!(matches!(
-            view.route_detected(undeclared, "web", &Locality::default(), Detected::Http),
+            view.route_detected(
+                undeclared,
+                "web",
+                &Locality::default(),
+                None,
+                Detected::Http
+            ),
             Route::Http { port: 8081, .. }
         ));
         assert!(matches!(
-            view.route_detected(undeclared, "web", &Locality::default(), Detected::Tcp),
+            view.route_detected(undeclared, "web", &Locality::default(), None, Detected::Tcp),
             Route::Tunnel { .. }
         ));
         // On a port declared tcp the verdict changes nothing.
         assert!(matches!(
-            view.route_detected(declared, "web", &Locality::default(), Detected::Http),
+            view.route_detected(declared, "web", &Locality::default(), None, Detected::Http),
             Route::Tunnel { .. }
         ));
     }

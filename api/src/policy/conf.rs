@@ -559,12 +559,15 @@ impl LoadBalancingConf {
 pub enum Algorithm {
     /// Each endpoint in turn.
     RoundRobin,
-    /// The one with fewer requests in flight of two picked at random.
+    /// The one with fewer requests in flight of two picked at random (HTTP
+    /// requests; TCP connections go round robin).
     LeastRequest,
     /// One at random.
     Random,
-    /// The same endpoint for the same key while the endpoints stay the same
-    /// (HTTP only; connections without a key fall back to random).
+    /// The same endpoint for the same key while the endpoints stay the same.
+    /// A TCP connection has only its source address: on a TCP port a
+    /// `Header` or `Cookie` key falls back to round robin, and an HTTP
+    /// request without the key to random.
     ConsistentHash {
         /// Where the key comes from.
         hash_on: HashOn,
