@@ -171,6 +171,7 @@ fn the_zone_refuses_a_bad_settings_file() -> Result<()> {
             "invalid agent_grace \"5 minutes\"",
         ),
         ("zone: [east\n", "config file "),
+        ("log_format: xml\n", "invalid log_format \"xml\""),
     ];
     let config = dir.join("zone.yaml");
     for (yaml, expected) in cases {
@@ -199,6 +200,55 @@ fn the_zone_refuses_a_bad_settings_file() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     ensure!(stdout.starts_with("zone east: "), "{stdout}");
+
+    // `log_format: json`: every log line is one JSON object.
+    std::fs::write(
+        &config,
+        format!(
+            "log_format: json\nstore: sqlite://{}\nlisten: 127.0.0.1:0\ngrpc_listen: 127.0.0.1:0\n",
+            dir.join("json.db").display()
+        ),
+    )?;
+    let mut child = Command::new(&zone)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let serving = (|| -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .context("no `weft-zone serving` line in 20 s")?;
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("a log line that is not JSON: {line}"))?;
+            if value.pointer("/fields/message").and_then(|m| m.as_str())
+                == Some("weft-zone serving")
+            {
+                return Ok(value);
+            }
+        }
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let serving = serving?;
+    ensure!(
+        serving.pointer("/fields/zone").and_then(|z| z.as_str()) == Some("default"),
+        "{serving}"
+    );
     Ok(())
 }
 

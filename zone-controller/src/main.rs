@@ -97,6 +97,10 @@ struct RunArgs {
     /// [default: 60s].
     #[arg(long)]
     agent_grace: Option<String>,
+    /// How log lines are written on stderr: `human` or `json` (one object
+    /// per line, for log pipelines) [default: human]. RUST_LOG sets the level.
+    #[arg(long)]
+    log_format: Option<String>,
 }
 
 impl RunArgs {
@@ -113,6 +117,7 @@ impl RunArgs {
                 replica_id: self.replica_id,
                 mesh_ca_lifetime: self.mesh_ca_lifetime,
                 agent_grace: self.agent_grace,
+                log_format: self.log_format,
             },
         )
     }
@@ -148,27 +153,37 @@ fn limit_malloc_arenas() {
 fn main() -> anyhow::Result<()> {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let (settings, check) = match cli.command {
+        Command::Run(args) => (args.settings()?, false),
+        Command::Check(args) => (args.settings()?, true),
+    };
+    init_logging(settings.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command {
-        Command::Run(args) => runtime.block_on(run(args.settings()?)),
-        Command::Check(args) => {
-            let s = args.settings()?;
-            println!(
-                "zone {}: store {}, API {}, agents {}, certificate names {:?}, virtual IPs {}, agent grace {:?}, mesh CA lifetime {:?}",
-                s.zone, s.store, s.listen, s.grpc_listen, s.sans, s.vip_range, s.agent_grace, s.mesh_ca_lifetime
-            );
-            Ok(())
-        }
+    if !check {
+        return runtime.block_on(run(settings));
+    }
+    let s = settings;
+    println!(
+        "zone {}: store {}, API {}, agents {}, certificate names {:?}, virtual IPs {}, agent grace {:?}, mesh CA lifetime {:?}, logs {:?}",
+        s.zone, s.store, s.listen, s.grpc_listen, s.sans, s.vip_range, s.agent_grace, s.mesh_ca_lifetime, s.log_format
+    );
+    Ok(())
+}
+
+/// Log lines on stderr at RUST_LOG's level (default info), as text or JSON.
+fn init_logging(format: settings::LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        settings::LogFormat::Json => builder.json().init(),
+        settings::LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }
 

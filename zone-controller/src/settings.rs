@@ -27,6 +27,28 @@ pub struct SettingsFile {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Option<String>,
     pub agent_grace: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// How the controller writes its log lines (on stderr, the journal under
+/// systemd): human-readable text, or JSON for log pipelines (the words
+/// the agent's `log.format` uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("must be human or json"),
+        }
+    }
 }
 
 /// The settings in force, checked.
@@ -41,6 +63,7 @@ pub struct Settings {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Duration,
     pub agent_grace: Duration,
+    pub log_format: LogFormat,
 }
 
 /// Why the settings cannot be used.
@@ -131,6 +154,7 @@ pub struct Overrides {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Option<String>,
     pub agent_grace: Option<String>,
+    pub log_format: Option<String>,
 }
 
 impl Settings {
@@ -200,6 +224,7 @@ impl Settings {
             replica_id: flags.replica_id.or(file.replica_id),
             mesh_ca_lifetime: mesh_ca_lifetime.as_std(),
             agent_grace: agent_grace.as_std(),
+            log_format: src.pick("log_format", flags.log_format, file.log_format, "human")?,
         })
     }
 }
@@ -221,6 +246,9 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:5681".parse().unwrap());
         assert_eq!(s.grpc_listen, "0.0.0.0:5678".parse().unwrap());
         assert_eq!(s.agent_grace, Duration::from_secs(60));
+        assert_eq!(s.log_format, LogFormat::Human);
+        let s = file("log_format: json\n").expect("valid");
+        assert_eq!(s.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -274,6 +302,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("(--vip-range)"), "{err}");
+        let err = file("log_format: xml\n").unwrap_err().to_string();
+        assert!(
+            err.contains("invalid log_format \"xml\" (`log_format` in ")
+                && err.contains("human or json"),
+            "{err}"
+        );
         let err = file("zone: [a\n").unwrap_err().to_string();
         assert!(err.starts_with("config file "), "{err}");
     }
