@@ -868,11 +868,13 @@ impl MeshView {
         caller: &Locality,
         client: Option<IpAddr>,
     ) -> Option<&'s Endpoint> {
-        let tiers = self.tiers(service, local, caller);
-        let algorithm = self
-            .policy(local)
-            .map(|p| &p.outbound(service.key.as_str()).algorithm);
-        let index = match (algorithm, client) {
+        // One lookup of the outbound policy for both the tiers and the
+        // algorithm: this runs for every captured connection.
+        let out = self.policy(local).map(|p| p.outbound(service.key.as_str()));
+        let tiers = out
+            .filter(|o| o.locality_aware)
+            .map(|_| service.tiers(caller));
+        let index = match (out.map(|o| &o.algorithm), client) {
             (Some(Algorithm::Random), _) => service.random_index(tiers.as_deref()),
             (
                 Some(Algorithm::ConsistentHash {
@@ -883,13 +885,6 @@ impl MeshView {
             _ => return service.pick_near(tiers.as_deref()),
         }?;
         service.endpoints.get(index).map(|e| &e.endpoint)
-    }
-
-    fn tiers(&self, service: &Service, local: &str, caller: &Locality) -> Option<Arc<Tiers>> {
-        let aware = self
-            .policy(local)
-            .is_some_and(|p| p.outbound(service.key.as_str()).locality_aware);
-        aware.then(|| service.tiers(caller))
     }
 
     /// Looks a DNS name up (any case, with or without the final dot).
