@@ -377,6 +377,18 @@ impl Outbound {
         }
     }
 
+    /// Dials an ExternalService's host (L4 and L7 alike), never a mesh
+    /// address its name may resolve to.
+    pub(crate) async fn dial_external(
+        &self,
+        external: &crate::external::External,
+        connect_timeout: std::time::Duration,
+    ) -> Result<TcpStream, crate::external::ConnectError> {
+        external
+            .connect(connect_timeout, |ip| self.view.load().knows(ip))
+            .await
+    }
+
     /// Carries a connection to an ExternalService's TCP port: the agent
     /// dials the host itself and copies bytes both ways.
     async fn external(
@@ -386,13 +398,7 @@ impl Outbound {
         external: &crate::external::External,
         connect_timeout: std::time::Duration,
     ) {
-        let connected = {
-            let view = self.view.clone();
-            external
-                .connect(connect_timeout, move |ip| view.load().knows(ip))
-                .await
-        };
-        let mut upstream = match connected {
+        let mut upstream = match self.dial_external(external, connect_timeout).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 info!(destination = key.as_str(), error = %e, "ExternalService connect failed");

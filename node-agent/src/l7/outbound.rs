@@ -788,10 +788,8 @@ async fn send_external(
         agent: None,
         h2,
     };
-    let view = o.view.clone();
     let connect = || async move {
-        external
-            .connect(connect_timeout, move |ip| view.load().knows(ip))
+        o.dial_external(external, connect_timeout)
             .await
             .map_err(|e| SendError::Connect(e.to_string()))
     };
