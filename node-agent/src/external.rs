@@ -23,6 +23,8 @@ pub struct External {
     /// The `Host` header (and HTTP/2 authority) for requests to it: what a
     /// server at that name expects, not the mesh name the caller used.
     pub authority: HeaderValue,
+    /// The same as an HTTP/2 `:authority`, parsed once.
+    pub uri_authority: http::uri::Authority,
 }
 
 /// A declared host.
@@ -58,7 +60,7 @@ pub enum ConnectError {
 
 impl External {
     /// An ExternalService at `host` (a DNS name or an IP address) and
-    /// `port`; `None` if `host` cannot be a `Host` header.
+    /// `port`; `None` if `host` cannot be a `Host` header or an authority.
     pub fn new(host: &str, port: u16) -> Option<Self> {
         let parsed = match host.parse::<IpAddr>() {
             Ok(ip) => Host::Ip(ip),
@@ -72,6 +74,7 @@ impl External {
         Some(External {
             host: parsed,
             port,
+            uri_authority: authority.parse().ok()?,
             authority: HeaderValue::from_str(&authority).ok()?,
         })
     }

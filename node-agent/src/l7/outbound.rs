@@ -773,10 +773,7 @@ async fn send_external(
     let h2 = is_h2(req.version());
     if h2 {
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
-        uri.authority = http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(
-            external.authority.as_bytes(),
-        ))
-        .ok();
+        uri.authority = Some(external.uri_authority.clone());
         *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
         req.headers_mut().remove(http::header::HOST);
     } else {
