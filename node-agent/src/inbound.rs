@@ -49,6 +49,30 @@ pub struct Inbound {
     streams: Arc<Semaphore>,
 }
 
+/// The CONNECT request header by which a caller's agent marks a stream as
+/// an active TCP health check (value [`PROBE_TCP`]). On a port declared
+/// `tcp` the workload is dialled before the CONNECT is answered anyway, but
+/// on an `http` or `detect` port the stream is answered first (the L7 proxy
+/// or detection needs the caller's bytes before it dials), so without the
+/// mark a dead workload behind a live agent would pass its checks. A marked
+/// stream is answered `200` only once the workload's port accepted a
+/// connection, which is closed at once: no bytes are carried. An agent that
+/// does not know the header ignores it and answers as before.
+pub const PROBE_HEADER: &str = "x-weft-probe";
+
+/// The value of [`PROBE_HEADER`] for a TCP check; anything else is not a
+/// probe, so that other kinds can be added without old agents mistaking
+/// them for this one.
+pub const PROBE_TCP: &str = "tcp";
+
+/// Whether a CONNECT's headers mark it a TCP health check probe (see
+/// [`PROBE_HEADER`]).
+fn is_probe(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(PROBE_HEADER)
+        .is_some_and(|v| v.as_bytes() == PROBE_TCP.as_bytes())
+}
+
 /// How an admitted stream's bytes are carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Carry {
@@ -395,6 +419,11 @@ impl Inbound {
                 return reply(&mut respond, status);
             }
         };
+        // Before the carry: an HTTP or detected port would answer the
+        // CONNECT before dialling the workload, which a probe must reach.
+        if is_probe(request.headers()) {
+            return self.probe(respond, peer, target).await;
+        }
         if let Carry::Hinted(hint) = carry {
             self.metrics
                 .protocol_detected(Direction::Inbound, Outcome::hinted(hint));
@@ -406,19 +435,9 @@ impl Inbound {
             Carry::Detect => return self.detect_stream(request, respond, peer, target).await,
             Carry::Tcp | Carry::Hinted(Detected::Tcp) => {}
         }
-        let connect = self
-            .local
-            .connect(target, self.config.tunnel.connect_timeout);
-        let mut app = match connect.await {
+        let mut app = match self.dial(peer, target).await {
             Ok(app) => app,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                info!(peer = %peer.id, %target, "connecting to the workload timed out");
-                return reply(&mut respond, StatusCode::GATEWAY_TIMEOUT);
-            }
-            Err(e) => {
-                info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
-                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            }
+            Err(status) => return reply(&mut respond, status),
         };
         let _ = app.set_nodelay(true);
         let tx = match respond.send_response(Response::new(()), false) {
@@ -442,6 +461,41 @@ impl Inbound {
 }
 
 impl Inbound {
+    /// Connects to the workload's `target` for a stream; the status to
+    /// refuse the CONNECT with when it cannot be reached.
+    async fn dial(&self, peer: &Peer, target: SocketAddr) -> Result<TcpStream, StatusCode> {
+        match self
+            .local
+            .connect(target, self.config.tunnel.connect_timeout)
+            .await
+        {
+            Ok(app) => Ok(app),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                info!(peer = %peer.id, %target, "connecting to the workload timed out");
+                Err(StatusCode::GATEWAY_TIMEOUT)
+            }
+            Err(e) => {
+                info!(peer = %peer.id, %target, error = %e, "workload refused the connection");
+                Err(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        }
+    }
+
+    /// A TCP health check probe (see [`PROBE_HEADER`]), whatever the
+    /// port's protocol: answered `200` once the workload accepted a
+    /// connection, which is closed unused, or refused as a stream to a
+    /// `tcp` port would be.
+    async fn probe(&self, mut respond: SendResponse<Bytes>, peer: &Peer, target: SocketAddr) {
+        let status = match self.dial(peer, target).await {
+            // Dropped unused: the workload sees a connection open and close,
+            // as it would from a plain TCP check.
+            Ok(_app) => StatusCode::OK,
+            Err(status) => status,
+        };
+        debug!(peer = %peer.id, %target, status = status.as_u16(), "health check probe answered");
+        reply(&mut respond, status);
+    }
+
     /// An HTTP port: the stream is accepted at once and its requests are
     /// served one by one, each authorized on its own.
     async fn http_stream(
@@ -545,4 +599,19 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = status;
     let _ = respond.send_response(response, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_tcp_probe_value_marks_a_probe() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!is_probe(&headers), "an ordinary CONNECT");
+        headers.insert(PROBE_HEADER, http::HeaderValue::from_static(PROBE_TCP));
+        assert!(is_probe(&headers));
+        headers.insert(PROBE_HEADER, http::HeaderValue::from_static("http"));
+        assert!(!is_probe(&headers), "another kind of probe");
+    }
 }

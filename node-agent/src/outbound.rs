@@ -313,20 +313,21 @@ impl Outbound {
         Ok(())
     }
 
-    /// Sends the CONNECT and waits for its answer. Nothing has been read
-    /// from the application yet, so two failures are retried: a pooled
-    /// connection that died or got GOAWAY since checkout (retried on another
-    /// connection), and REFUSED_STREAM, which the peer sends only for
-    /// streams it did not process.
-    pub(crate) async fn open_stream(
+    /// One TCP health check of `dst` through the tunnel to `endpoint`'s
+    /// agent: the CONNECT is marked as a probe
+    /// ([`crate::inbound::PROBE_HEADER`]), so the answer says whether the
+    /// workload's port accepted a connection, whatever its protocol.
+    pub(crate) async fn probe_tcp(
         &self,
         dst: SocketAddr,
         endpoint: &Endpoint,
-    ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
-        self.open_stream_as(dst, endpoint, None).await
+    ) -> Result<StatusCode, TunnelError> {
+        let mark = (crate::inbound::PROBE_HEADER, crate::inbound::PROBE_TCP);
+        let (_checkout, response, _tx) = self.open_stream_with(dst, endpoint, Some(mark)).await?;
+        Ok(response.status())
     }
 
-    /// `open_stream`, telling the destination's agent how the stream's
+    /// Sends the CONNECT, telling the destination's agent how the stream's
     /// bytes are to be carried (`HINT_HEADER`) when this agent knows: what
     /// it detected, or HTTP from its L7 proxy. The destination uses it only
     /// on ports of no declared protocol, to skip its own detection.
@@ -335,6 +336,22 @@ impl Outbound {
         dst: SocketAddr,
         endpoint: &Endpoint,
         hint: Option<Detected>,
+    ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
+        let header = hint.map(|hint| (HINT_HEADER, hint.as_str()));
+        self.open_stream_with(dst, endpoint, header).await
+    }
+
+    /// Sends the CONNECT with `header` (a static name and value, so
+    /// nothing is allocated for it) and waits for its answer. Nothing has
+    /// been read from the application yet, so two failures are retried: a
+    /// pooled connection that died or got GOAWAY since checkout (retried on
+    /// another connection), and REFUSED_STREAM, which the peer sends only
+    /// for streams it did not process.
+    async fn open_stream_with(
+        &self,
+        dst: SocketAddr,
+        endpoint: &Endpoint,
+        header: Option<(&'static str, &'static str)>,
     ) -> Result<(Checkout, Response<RecvStream>, SendStream<Bytes>), TunnelError> {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
@@ -346,10 +363,10 @@ impl Outbound {
                 *request.method_mut() = Method::CONNECT;
                 *request.uri_mut() =
                     Uri::try_from(dst.to_string()).map_err(|_| TunnelError::Authority(dst))?;
-                if let Some(hint) = hint {
+                if let Some((name, value)) = header {
                     request
                         .headers_mut()
-                        .insert(HINT_HEADER, http::HeaderValue::from_static(hint.as_str()));
+                        .insert(name, http::HeaderValue::from_static(value));
                 }
                 Ok::<_, TunnelError>(sender.send_request(request, false)?)
             };

@@ -609,14 +609,18 @@ async fn probe(
 ) -> Result<(), String> {
     match &check.http {
         None => {
-            let (_checkout, response, _tx) = o
-                .open_stream(target, endpoint)
+            // Marked as a probe: the destination's agent answers 200 only
+            // once the workload's port accepted a connection, also on HTTP
+            // and detected ports, where an ordinary CONNECT is answered
+            // before the workload is dialled.
+            let status = o
+                .probe_tcp(target, endpoint)
                 .await
                 .map_err(|e| e.to_string())?;
-            if response.status() == http::StatusCode::OK {
+            if status == http::StatusCode::OK {
                 Ok(())
             } else {
-                Err(format!("tunnel answered {}", response.status()))
+                Err(format!("tunnel answered {status}"))
             }
         }
         Some((path, _)) => {

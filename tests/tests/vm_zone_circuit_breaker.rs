@@ -4,15 +4,18 @@
 //! check keeps the failing one out; passive outlier detection ejects it
 //! after consecutive 5xx and lets it back after the ejection time;
 //! `maxRequests` answers the requests over it `503 overflow` at once, and
-//! `maxConnections` resets the TCP connections over it. Real
-//! controller, real agents, DNS names through transparent capture.
+//! `maxConnections` resets the TCP connections over it. A TCP health check
+//! fails an instance whose application is gone while its agent runs, also
+//! on a port of no declared protocol. Real controller, real agents, DNS
+//! names through transparent capture.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, ECHO_PORT, HTTP_PORT};
+use serde_json::json;
+use weft_e2e::vmzone::{bring_up, service_vip, wait_curl, Running, VmZone, ECHO_PORT, HTTP_PORT};
 use weft_e2e::{echo_bin, wait};
 
 const T: Duration = Duration::from_secs(30);
@@ -200,6 +203,71 @@ spec:
         "weft_connections_refused_total",
         &[("reason", "overflow")],
         1.0,
+    )?;
+    Ok(())
+}
+
+/// A TCP HealthCheck must reach the workload, not only its agent: on a
+/// port of no declared protocol (and on an HTTP port) the destination's
+/// agent answers an ordinary CONNECT before it dials the workload, so the
+/// check is marked as a probe and answered only once the workload accepted
+/// a connection. Both `payments` instances declare their first port
+/// (`ECHO_PORT`, the one a TCP check dials) `detect`; the bad instance's
+/// application is killed while its agent keeps running, and the check must
+/// keep it out.
+#[test]
+fn a_tcp_health_check_fails_a_dead_workload_behind_a_live_agent() -> Result<()> {
+    let zone = VmZone::new(echo_bin!(), &["web", "payments", "payments"])?;
+    let controller = zone.start_controller("zone", &zone.sqlite_store("zone.db"))?;
+    let mut up = Running::with_controller(zone, controller, "24h")?;
+    for i in 0..3 {
+        up.enrol_with(i, None, |spec| {
+            if i > 0 {
+                spec.set(
+                    "workload.ports",
+                    json!([
+                        {"port": ECHO_PORT, "protocol": "detect"},
+                        {"port": HTTP_PORT, "protocol": "http"},
+                    ]),
+                );
+            }
+        })?;
+    }
+    up.wait_converged(&up.controller)?;
+    let (web, good, bad) = (0, 1, 2);
+    let good_marker = up.markers[good].clone();
+    let zone = &up.zone;
+    wait_curl(zone, web, &url("payments", "/public"), &good_marker)?;
+    wait_curl(zone, web, &url("payments", "/public"), &up.markers[bad])?;
+
+    up.controller.apply(
+        &zone.path().join("health.yaml"),
+        "\
+apiVersion: weft.io/v1alpha1
+kind: HealthCheck
+metadata: { name: payments-tcp, mesh: default }
+spec:
+  to:
+  - targetRef: { kind: Service, name: payments }
+    default:
+      interval: 300ms
+      timeout: 1s
+      unhealthyThreshold: 2
+      tcp: {}
+",
+    )?;
+    // The agent stays up; only the workload behind it goes.
+    up.apps[bad].kill();
+    wait::until(
+        "the TCP health check to keep the dead instance out",
+        T,
+        || {
+            let all_good = (0..10).all(|_| {
+                zone.curl_status(web, &url("payments", "/public"))
+                    .is_ok_and(|(status, body)| status == 200 && body.contains(&good_marker))
+            });
+            Ok(all_good.then_some(()))
+        },
     )?;
     Ok(())
 }

@@ -734,8 +734,10 @@ pub struct HealthCheckConf {
     /// again (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
-    /// A TCP check: the tunnelled connection to the endpoint must open
-    /// (the default when `http` is not set).
+    /// A TCP check: the endpoint's workload must accept a connection on
+    /// the destination's first port, dialled by its agent through the
+    /// tunnel, whatever the port's protocol (the default when `http` is
+    /// not set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpHealthCheck>,
     /// An HTTP check: a `GET` of `path` must be answered with an expected
