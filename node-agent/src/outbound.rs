@@ -63,8 +63,14 @@ pub enum Target {
 
 /// What an accepted connection turns into, decided from the view.
 enum Next {
-    /// With what detection found, if the port was classified.
-    Tunnel(Endpoint, SocketAddr, Option<Detected>),
+    /// With what detection found, if the port was classified, and the
+    /// connection's count on the endpoint, held while it lasts.
+    Tunnel(
+        Endpoint,
+        SocketAddr,
+        Option<Detected>,
+        Option<crate::resilience::OpenConnection>,
+    ),
     Http(Dialled),
     External {
         key: Label,
@@ -235,7 +241,8 @@ impl Outbound {
                 Route::Tunnel {
                     endpoint,
                     authority,
-                } => Next::Tunnel(endpoint.clone(), authority, detected),
+                    open,
+                } => Next::Tunnel(endpoint.clone(), authority, detected, open),
                 Route::External { service, external } => Next::External {
                     key: service.key.clone(),
                     external: external.clone(),
@@ -255,7 +262,7 @@ impl Outbound {
             }
         };
         match next {
-            Next::Tunnel(endpoint, authority, detected) => {
+            Next::Tunnel(endpoint, authority, detected, _open) => {
                 let result = self.tunnel(&mut tcp, authority, &endpoint, detected).await;
                 crate::resilience::record_l4(&self, dst, &endpoint, &result);
                 if let Err(e) = result {

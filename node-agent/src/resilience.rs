@@ -54,6 +54,12 @@ pub struct EndpointHealth {
     ejections: AtomicU32,
     /// Failed by active health checks.
     unhealthy: AtomicBool,
+    /// TCP connections this agent has open to the endpoint through the
+    /// tunnel, which LoadBalancing `LeastRequest` compares at L4. Kept here
+    /// rather than in the view because a connection outlives the view it
+    /// was routed by: the next view must see it, and its close must count
+    /// down the same number.
+    connections: AtomicU32,
 }
 
 impl EndpointHealth {
@@ -71,6 +77,31 @@ impl EndpointHealth {
     /// Whether active health checks have marked the endpoint unhealthy.
     pub fn unhealthy(&self) -> bool {
         self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections open to the endpoint (see [`OpenConnection`]).
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts a TCP connection to the endpoint until the guard drops.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+}
+
+/// One TCP connection open to an endpoint, counted in its
+/// [`EndpointHealth`] while it lives. It holds the endpoint's state by
+/// `Arc` (no allocation: the state exists already), so the count stays
+/// right across view swaps and goes down exactly once, when the connection
+/// ends.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<EndpointHealth>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -99,6 +99,12 @@ impl Service {
     /// [`Service::pick`] within the nearest tier of `tiers` that has a
     /// usable endpoint (`None`: every endpoint alike).
     pub fn pick_near(&self, tiers: Option<&Tiers>) -> Option<&Endpoint> {
+        let i = self.round_robin_index(tiers)?;
+        self.endpoints.get(i).map(|e| &e.endpoint)
+    }
+
+    /// The index in [`Service::endpoints`] of [`Service::pick_near`]'s pick.
+    fn round_robin_index(&self, tiers: Option<&Tiers>) -> Option<usize> {
         // Counted, not collected: this runs for every captured connection.
         let usable = self.usable(tiers).count();
         if usable == 0 {
@@ -107,11 +113,9 @@ impl Service {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         // Health may change between the two walks (another task ejects an
         // endpoint): then the first usable one left, not a refusal.
-        let i = self
-            .usable(tiers)
+        self.usable(tiers)
             .nth(n % usable)
-            .or_else(|| self.usable(tiers).next())?;
-        self.endpoints.get(i).map(|e| &e.endpoint)
+            .or_else(|| self.usable(tiers).next())
     }
 
     /// The locality tiers of the endpoints for a caller at `caller`, for
@@ -170,12 +174,9 @@ impl Service {
         let index = match algorithm {
             Algorithm::RoundRobin => return self.pick_near(tiers),
             Algorithm::Random => self.random_index(tiers),
-            Algorithm::LeastRequest => {
-                // Power of two choices: near-best balance at O(1) cost.
-                let (a, b) = (self.random_index(tiers)?, self.random_index(tiers)?);
-                let load = |i: usize| self.load[i].load(Ordering::Relaxed);
-                Some(if load(b) < load(a) { b } else { a })
-            }
+            Algorithm::LeastRequest => self.least_loaded(tiers, |i| {
+                self.load.get(i).map_or(0, |l| l.load(Ordering::Relaxed))
+            }),
             Algorithm::ConsistentHash { hash_on } => match hash_key(hash_on, req, client) {
                 Some(key) => self.rendezvous(key, tiers),
                 None => self.random_index(tiers),
@@ -230,6 +231,56 @@ impl Service {
         self.usable(tiers)
             .nth(fastrand::usize(0..n))
             .or_else(|| self.usable(tiers).next())
+    }
+
+    /// Power of two choices: of two distinct usable endpoints picked at
+    /// random, the one with the lower `load` (the first on a tie, which is
+    /// as random as the second). Near-best balance at O(1) cost, and, with
+    /// distinct choices, the less loaded of two endpoints always. Yields an
+    /// index in [`Service::endpoints`].
+    fn least_loaded(&self, tiers: Option<&Tiers>, load: impl Fn(usize) -> u32) -> Option<usize> {
+        let n = self.usable(tiers).count();
+        if n < 2 {
+            return self.usable(tiers).next();
+        }
+        let a = fastrand::usize(0..n);
+        let b = match fastrand::usize(0..n - 1) {
+            b if b >= a => b + 1,
+            b => b,
+        };
+        // One walk for both; health may change meanwhile (another task
+        // ejects an endpoint): then whichever was found, or the first
+        // usable one left, not a refusal.
+        let (lo, hi) = (a.min(b), a.max(b));
+        let mut walk = self.usable(tiers);
+        let at_lo = walk.nth(lo);
+        let at_hi = walk.nth(hi - lo - 1);
+        let (x, y) = if a < b {
+            (at_lo, at_hi)
+        } else {
+            (at_hi, at_lo)
+        };
+        match (x, y) {
+            (Some(x), Some(y)) => Some(if load(y) < load(x) { y } else { x }),
+            (Some(one), None) | (None, Some(one)) => Some(one),
+            (None, None) => self.usable(tiers).next(),
+        }
+    }
+
+    /// The route of one TCP connection to endpoint `index`, CONNECT to
+    /// `port`, counted as open to it while the route's guard lives.
+    fn tunnel_to(&self, index: usize, port: u16) -> Route<'_> {
+        match self.endpoints.get(index) {
+            Some(e) => Route::Tunnel {
+                endpoint: &e.endpoint,
+                authority: SocketAddr::new(e.endpoint.address, port),
+                open: self
+                    .health
+                    .get(index)
+                    .map(crate::resilience::EndpointHealth::open_connection),
+            },
+            None => Route::Refuse("no_endpoints"),
+        }
     }
 
     /// Rendezvous hashing: the same key keeps its endpoint while that
@@ -306,6 +357,10 @@ pub enum Route<'a> {
     Tunnel {
         endpoint: &'a Endpoint,
         authority: SocketAddr,
+        /// The connection counted as open to a service's endpoint, for
+        /// LoadBalancing `LeastRequest` at L4: to be held while it lasts.
+        /// `None` for a workload's own address (no service to balance).
+        open: Option<crate::resilience::OpenConnection>,
     },
     /// To an ExternalService's TCP port: dialled by the agent itself.
     External {
@@ -752,6 +807,7 @@ impl MeshView {
             return Route::Tunnel {
                 endpoint,
                 authority: dst,
+                open: None,
             };
         }
         let service = match self.services.get(&dst.ip()) {
@@ -780,10 +836,7 @@ impl MeshView {
             return self.tcp_routed(route, dst.port(), local, caller, client);
         }
         match self.pick_connection(service, local, caller, client) {
-            Some(endpoint) => Route::Tunnel {
-                endpoint,
-                authority: SocketAddr::new(endpoint.address, dst.port()),
-            },
+            Some(index) => service.tunnel_to(index, dst.port()),
             None => Route::Refuse("no_endpoints"),
         }
     }
@@ -844,47 +897,45 @@ impl MeshView {
             return Route::Refuse("unknown_backend");
         };
         match self.pick_connection(service, local, caller, client) {
-            Some(endpoint) => Route::Tunnel {
-                endpoint,
-                authority: SocketAddr::new(endpoint.address, backend.port.unwrap_or(port)),
-            },
+            Some(index) => service.tunnel_to(index, backend.port.unwrap_or(port)),
             None => Route::Refuse("no_endpoints"),
         }
     }
 
-    /// The locality tiers of `service` for local workload `local` at
-    /// `caller`, when its LoadBalancing policy for the service is
-    /// locality-aware; `None`: every endpoint alike.
     /// An endpoint of `service` for one TCP connection of `local`, by the
     /// LoadBalancing that applies: within the caller's nearest usable tier
-    /// when locality-aware, then `Random`, a consistent hash on the
-    /// client's address (`SourceIp`), or round robin (also for
-    /// `LeastRequest`, which counts HTTP requests, and for header or cookie
-    /// hashes, which a TCP connection has none of).
-    fn pick_connection<'s>(
-        &'s self,
-        service: &'s Service,
+    /// when locality-aware, then `Random`, `LeastRequest` (the endpoint
+    /// with fewer TCP connections open from this agent, of two), a
+    /// consistent hash on the client's address (`SourceIp`), or round robin
+    /// (also for header or cookie hashes, which a TCP connection has none
+    /// of). Yields an index in [`Service::endpoints`].
+    fn pick_connection(
+        &self,
+        service: &Service,
         local: &str,
         caller: &Locality,
         client: Option<IpAddr>,
-    ) -> Option<&'s Endpoint> {
+    ) -> Option<usize> {
         // One lookup of the outbound policy for both the tiers and the
         // algorithm: this runs for every captured connection.
         let out = self.policy(local).map(|p| p.outbound(service.key.as_str()));
         let tiers = out
             .filter(|o| o.locality_aware)
             .map(|_| service.tiers(caller));
-        let index = match (out.map(|o| &o.algorithm), client) {
-            (Some(Algorithm::Random), _) => service.random_index(tiers.as_deref()),
+        let tiers = tiers.as_deref();
+        match (out.map(|o| &o.algorithm), client) {
+            (Some(Algorithm::Random), _) => service.random_index(tiers),
+            (Some(Algorithm::LeastRequest), _) => service.least_loaded(tiers, |i| {
+                service.health.get(i).map_or(0, |h| h.connections())
+            }),
             (
                 Some(Algorithm::ConsistentHash {
                     hash_on: HashOn::SourceIp,
                 }),
                 Some(client),
-            ) => service.rendezvous(hash_ip(client), tiers.as_deref()),
-            _ => return service.pick_near(tiers.as_deref()),
-        }?;
-        service.endpoints.get(index).map(|e| &e.endpoint)
+            ) => service.rendezvous(hash_ip(client), tiers),
+            _ => service.round_robin_index(tiers),
+        }
     }
 
     /// Looks a DNS name up (any case, with or without the final dot).
@@ -1874,6 +1925,54 @@ mod tests {
         let picked: std::collections::HashSet<IpAddr> =
             (0..60).map(|_| from(&view, "192.0.2.7")).collect();
         assert!(picked.len() >= 3, "{picked:?}");
+    }
+
+    #[test]
+    fn tcp_least_request_goes_to_fewer_open_connections_across_views() {
+        let mut update = sample();
+        update.services[0].name = "least-connections".into();
+        update.services[0].endpoints = vec![endpoint("10.0.0.1", true), endpoint("10.0.0.2", true)];
+        update.policy_json = r#"[{"workload": "web", "outboundDefaults":
+            {"loadBalancing": {"algorithm": {"type": "LeastRequest"}}}}]"#
+            .into();
+        let vip = SocketAddr::new("10.96.0.1".parse().unwrap(), 8080);
+        let here = Locality::default();
+        // A connection held open, as the outbound proxy holds it: its
+        // count outlives the route and the view.
+        let view = MeshView::from_update(&update).unwrap();
+        let Route::Tunnel {
+            authority: busy,
+            open: Some(held),
+            ..
+        } = view.route(vip, "web", &here)
+        else {
+            panic!("a service's TCP connection should be counted");
+        };
+        // Each new connection (closed at once) goes to the other endpoint.
+        for _ in 0..20 {
+            assert_ne!(authority(view.route(vip, "web", &here)), busy);
+        }
+        // A config update replaces the view: the new one sees the open
+        // connection all the same.
+        let next = MeshView::from_update(&update).unwrap();
+        drop(view);
+        for _ in 0..20 {
+            assert_ne!(authority(next.route(vip, "web", &here)), busy);
+        }
+        // Once it closes, both endpoints take connections again.
+        drop(held);
+        let picked: std::collections::HashSet<SocketAddr> = (0..40)
+            .map(|_| authority(next.route(vip, "web", &here)))
+            .collect();
+        assert_eq!(picked.len(), 2, "{picked:?}");
+        // Connections held open spread evenly: the less loaded of the two
+        // endpoints always takes the next one.
+        let open: Vec<Route<'_>> = (0..10).map(|_| next.route(vip, "web", &here)).collect();
+        let on_busy = open
+            .iter()
+            .filter(|r| matches!(r, Route::Tunnel { authority, .. } if *authority == busy))
+            .count();
+        assert_eq!(on_busy, 5, "{open:?}");
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! both sides of each call: TrafficPermission (default deny once the
 //! initial allow-all is gone, deny wins, 403 at L7 and a reset at L4),
 //! HTTPRoute (header match, weighted split across services), Retry and
-//! Timeout, and `weftctl inspect policies`. Real controller, real agents,
+//! Timeout, LoadBalancing (per request at L7, per connection at L4), and
+//! `weftctl inspect policies`. Real controller, real agents,
 //! DNS names through transparent capture.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -307,4 +310,97 @@ spec:
         16.0,
     )?;
     Ok(())
+}
+
+/// LoadBalancing `LeastRequest` on TCP connections: each new connection
+/// goes to the endpoint with fewer connections open from the caller's
+/// agent, counted across config updates. A source IP hash first pins three
+/// long-lived connections from web to one api instance; once LeastRequest
+/// replaces it (a new view, which must still see those three), the next
+/// three all go to the other instance. Round robin would split them.
+#[test]
+fn least_request_sends_tcp_connections_to_the_endpoint_with_fewer_open() -> Result<()> {
+    let up = bring_up(echo_bin!(), &["web", "api", "api"], "24h")?;
+    let zone = &up.zone;
+    let (web, api) = (0, [1, 2]);
+    let vip = service_vip(&up.controller.inspect("services")?, "api")
+        .ok_or_else(|| anyhow::anyhow!("api has no virtual IP"))?;
+    let target = format!("{vip}:{ECHO_PORT}");
+    let host = &zone.vms[web].host;
+    // A connection through web's capture that the api instance answers.
+    let connect = || -> Result<TcpStream> {
+        let mut conn = host.enter(|| Ok(TcpStream::connect(&target)?))?;
+        ensure!(echoes(&mut conn), "a connection to api should be served");
+        Ok(conn)
+    };
+    // The tunnelled connections each api instance's agent carries, once
+    // the ones closed before have gone and the `total` open ones are in.
+    let open = |total: f64| -> Result<[f64; 2]> {
+        wait::until(&format!("{total} connections open to api"), T, || {
+            let counts = [
+                up.agents[api[0]].metric("weft_open_streams", &[("direction", "inbound")])?,
+                up.agents[api[1]].metric("weft_open_streams", &[("direction", "inbound")])?,
+            ];
+            Ok((counts[0] + counts[1] == total).then_some(counts))
+        })
+    };
+    let algorithm = |algorithm: &str| {
+        up.controller.apply(
+            &zone.path().join("lb.yaml"),
+            &format!(
+                "\
+apiVersion: weft.io/v1alpha1
+kind: LoadBalancing
+metadata: {{ name: api-connections, mesh: default }}
+spec:
+  targetRef: {{ kind: Service, name: web }}
+  to:
+  - targetRef: {{ kind: Service, name: api }}
+    default:
+      algorithm: {algorithm}
+      localityAware: false
+"
+            ),
+        )
+    };
+
+    // Every connection of web has its one source address: hashed on it,
+    // all go to one instance (without the policy, round robin splits them).
+    algorithm("{ type: ConsistentHash, hashOn: { type: SourceIp } }")?;
+    let (mut held, busy) = wait::until("a source IP hash to pin web's connections", T, || {
+        open(0.0)?;
+        let conns = (0..3).map(|_| connect()).collect::<Result<Vec<_>>>()?;
+        let counts = open(3.0)?;
+        Ok(counts.iter().position(|c| *c == 3.0).map(|i| (conns, i)))
+    })?;
+    let idle = 1 - busy;
+
+    // LeastRequest: the three held connections count, so the next one goes
+    // to the idle instance (while the hash is still in force it would not).
+    algorithm("{ type: LeastRequest }")?;
+    let first = wait::until("LeastRequest to pick the idle instance", T, || {
+        open(3.0)?;
+        let conn = connect()?;
+        Ok((open(4.0)?[idle] == 1.0).then_some(conn))
+    })?;
+    held.push(first);
+    // And so do the next two: it has fewer open all along.
+    for _ in 0..2 {
+        held.push(connect()?);
+    }
+    let counts = open(6.0)?;
+    ensure!(
+        counts[idle] == 3.0,
+        "new connections should all go to the instance with fewer open: {counts:?} (idle: {idle})"
+    );
+    drop(held);
+    open(0.0)?;
+    Ok(())
+}
+
+/// Whether `ping` comes back on the connection (false: reset or closed).
+fn echoes(conn: &mut TcpStream) -> bool {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut back = [0u8; 4];
+    conn.write_all(b"ping").is_ok() && conn.read_exact(&mut back).is_ok() && &back == b"ping"
 }

@@ -559,8 +559,9 @@ impl LoadBalancingConf {
 pub enum Algorithm {
     /// Each endpoint in turn.
     RoundRobin,
-    /// The one with fewer requests in flight of two picked at random (HTTP
-    /// requests; TCP connections go round robin).
+    /// Of two endpoints picked at random, the one with less load from this
+    /// agent: fewer HTTP requests in flight for a request, fewer TCP
+    /// connections open for a TCP connection.
     LeastRequest,
     /// One at random.
     Random,
