@@ -96,6 +96,22 @@ pub struct AgentRecord {
     pub withdrawn: Vec<String>,
 }
 
+/// What endpoint lists need of an agent: the few columns a zone reads for
+/// every agent of a mesh at each change, without decoding its host facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPresence {
+    /// The agent's name.
+    pub name: String,
+    /// Where its tunnel listens.
+    pub hbone_address: String,
+    /// Whether a replica holds its stream.
+    pub connected: bool,
+    /// When it was last seen, milliseconds since the epoch.
+    pub last_seen_ms: i64,
+    /// Whether it left (goodbye, revoked token, vanished).
+    pub left: bool,
+}
+
 const SELECT_AGENT: &str = "SELECT zone, name, mesh, hbone_address, host_facts, token_id, \
      connected_replica, last_seen, applied_version, nack_version, nack_reason, applied_cas, \
      left_at, left_reason, withdrawn FROM agents";
@@ -649,6 +665,40 @@ impl Store {
                 .map_err(StoreError::db(&op))?;
             row.as_ref().map(decode_agent).transpose()
         })
+    }
+
+    /// The [`AgentPresence`] of every agent of `mesh` in `zone`.
+    pub async fn list_presence(
+        &self,
+        zone: &str,
+        mesh: &str,
+    ) -> Result<Vec<AgentPresence>, StoreError> {
+        let op = "list the presence of agents";
+        /// name, hbone_address, connected_replica, last_seen, left_at.
+        type PresenceRow = (String, String, Option<String>, i64, Option<i64>);
+        let rows: Vec<PresenceRow> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT name, hbone_address, connected_replica, last_seen, left_at \
+                 FROM agents WHERE zone = $1 AND mesh = $2",
+            )
+            .bind(zone)
+            .bind(mesh)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(op))?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(name, hbone_address, replica, last_seen_ms, left_at)| AgentPresence {
+                    name,
+                    hbone_address,
+                    connected: replica.is_some(),
+                    last_seen_ms,
+                    left: left_at.is_some(),
+                },
+            )
+            .collect())
     }
 
     /// The agents of a zone, optionally of one mesh only, by name.

@@ -2,6 +2,7 @@
 //! that say when to read it again.
 
 use tokio::sync::broadcast;
+use weft_api::Kind;
 
 use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
 use crate::backend::{on_pool, Store};
@@ -183,6 +184,47 @@ impl Store {
                 FeedEntry::Agent { .. } | FeedEntry::MeshCa { .. } => None,
             })
             .collect())
+    }
+
+    /// The keys of the resources of `kind` (in `mesh`, or in any) put or deleted after
+    /// `seq`, each once, oldest change first; `None` when more than
+    /// `limit` changed (re-reading the whole listing is cheaper then).
+    /// What lets a reader that kept a listing bring it up to date.
+    pub async fn changed_keys_since(
+        &self,
+        seq: u64,
+        kind: Kind,
+        mesh: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<ResourceKey>>, StoreError> {
+        let after = i64::try_from(seq).unwrap_or(i64::MAX);
+        let most = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let op = format!("read the {kind} changes since {seq}");
+        let rows: Vec<(String, String, String)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT mesh, namespace, name FROM changes \
+                 WHERE seq > $1 AND kind = $2 AND ($3 IS NULL OR mesh = $3) \
+                 ORDER BY seq LIMIT $4",
+            )
+            .bind(after)
+            .bind(kind.as_str())
+            .bind(mesh)
+            .bind(most)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(&op))?
+        });
+        if rows.len() > limit {
+            return Ok(None);
+        }
+        let mut keys: Vec<ResourceKey> = Vec::with_capacity(rows.len());
+        for (mesh, namespace, name) in rows {
+            let key = ResourceKey::from_columns(kind.as_str(), mesh, namespace, name)?;
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        Ok(Some(keys))
     }
 
     /// Every entry of the feed after `seq`, resources, agents and CAs, oldest

@@ -27,7 +27,9 @@ mod resources;
 mod tokens;
 mod vips;
 
-pub use agents::{AgentDeparture, AgentEnrollment, AgentNack, AgentRecord, VanishedAgent};
+pub use agents::{
+    AgentDeparture, AgentEnrollment, AgentNack, AgentPresence, AgentRecord, VanishedAgent,
+};
 pub use backend::Store;
 pub use ca::CaMaterial;
 pub use changes::{Change, ChangeEvent, FeedEntry, Watch};
@@ -35,6 +37,6 @@ pub use clock::now_ms;
 pub use error::StoreError;
 pub use leader::LeaderGuard;
 pub use mesh_cas::{CaRole, CaSource, MeshCaRecord, NewMeshCa};
-pub use resources::{Expect, ResourceKey, StoredResource};
+pub use resources::{Expect, ListingMark, ListingMarks, ResourceKey, StoredResource};
 pub use tokens::{TokenError, TokenGrant, TokenInfo, TokenSpec, WorkloadScope};
 pub use vips::VipRange;

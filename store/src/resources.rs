@@ -146,6 +146,32 @@ pub struct StoredResource {
     pub seq: u64,
 }
 
+/// What one kind's listing looked like: its row count and the newest
+/// change sequence among its rows. Every write gives its row a sequence
+/// above all others and a delete lowers the count, so an equal mark means
+/// an equal listing: a reader that kept the listing need not read and
+/// decode it again (the zone's hub re-reads a mesh on every change).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListingMark {
+    rows: u64,
+    newest: u64,
+}
+
+/// The [`ListingMark`] of every kind with rows, from one query.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListingMarks(Vec<(Kind, ListingMark)>);
+
+impl ListingMarks {
+    /// The mark of `kind` (an empty listing's when it has no rows).
+    pub fn of(&self, kind: Kind) -> ListingMark {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, mark)| *mark)
+            .unwrap_or_default()
+    }
+}
+
 fn decode_row<R>(row: &R) -> Result<StoredResource, StoreError>
 where
     R: Row,
@@ -370,6 +396,39 @@ impl Store {
             .map_err(StoreError::db(&op))?;
             row.as_ref().map(decode_row).transpose()
         })
+    }
+
+    /// The mark of every kind's listing, in one mesh or in all of them
+    /// (see [`ListingMarks`]). Take the marks *before* the listings they
+    /// guard: a write between the two then only makes the next mark differ.
+    pub async fn listing_marks(&self, mesh: Option<&str>) -> Result<ListingMarks, StoreError> {
+        let op = "read the listing marks";
+        let rows: Vec<(String, i64, i64)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT kind, COUNT(*), COALESCE(MAX(seq), 0) FROM resources \
+                 WHERE ($1 IS NULL OR mesh = $1) GROUP BY kind",
+            )
+            .bind(mesh)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::db(op))?
+        });
+        let mut marks = ListingMarks::default();
+        for (kind, rows, newest) in rows {
+            // A kind this build does not know (a newer replica's) is no
+            // listing it makes.
+            let Ok(kind) = kind.parse::<Kind>() else {
+                continue;
+            };
+            marks.0.push((
+                kind,
+                ListingMark {
+                    rows: to_u64(rows, "resources count")?,
+                    newest: to_u64(newest, "resources.seq")?,
+                },
+            ));
+        }
+        Ok(marks)
     }
 
     /// Lists the resources of a kind, optionally only those of one mesh

@@ -40,6 +40,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     put_get_list_delete,
     lists_see_every_write_through_the_decoded_cache,
+    listing_marks_and_changed_keys_follow_every_write,
     invalid_resources_are_refused,
     put_many_is_all_or_nothing,
     concurrent_puts_with_expected_versions,
@@ -144,6 +145,93 @@ async fn lists_see_every_write_through_the_decoded_cache(db: TestDb) {
             .unwrap(),
     );
     assert_eq!(listed, ["a=10.0.0.9", "b=10.0.0.7"]);
+}
+
+async fn listing_marks_and_changed_keys_follow_every_write(db: TestDb) {
+    let store = db.open().await;
+    let replica = db.open().await;
+    store.put(&mesh("default"), Expect::Absent).await.unwrap();
+    let marks = || async { store.listing_marks(Some("default")).await.unwrap() };
+    let empty = marks().await;
+    assert_eq!(empty.of(Kind::Workload), Default::default());
+    let start = store.current_seq().await.unwrap();
+    for (name, address) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
+        store
+            .put(&workload(name, "ns", address), Expect::Any)
+            .await
+            .unwrap();
+    }
+    let three = marks().await;
+    assert_ne!(three.of(Kind::Workload), empty.of(Kind::Workload));
+    // Nothing written: the same mark, for this kind and the others.
+    assert_eq!(marks().await, three);
+    assert_eq!(
+        store.listing_marks(None).await.unwrap().of(Kind::Workload),
+        three.of(Kind::Workload)
+    );
+    // A replace (by another replica), a delete, and a delete followed by a
+    // put that brings the count back: each gives another mark.
+    replica
+        .put(&workload("a", "ns", "10.0.0.9"), Expect::Any)
+        .await
+        .unwrap();
+    let replaced = marks().await;
+    assert_ne!(replaced.of(Kind::Workload), three.of(Kind::Workload));
+    assert!(replica
+        .delete(&workload_key("c", "ns"), Expect::Any)
+        .await
+        .unwrap());
+    let deleted = marks().await;
+    assert_ne!(deleted.of(Kind::Workload), replaced.of(Kind::Workload));
+    assert!(store
+        .delete(&workload_key("b", "ns"), Expect::Any)
+        .await
+        .unwrap());
+    store
+        .put(&workload("d", "ns", "10.0.0.4"), Expect::Any)
+        .await
+        .unwrap();
+    let swapped = marks().await;
+    assert_ne!(swapped.of(Kind::Workload), deleted.of(Kind::Workload));
+    // Other kinds kept theirs.
+    assert_eq!(swapped.of(Kind::Service), empty.of(Kind::Service));
+
+    // Every key written since `start`, once each, oldest change first.
+    let names =
+        |keys: Vec<ResourceKey>| -> Vec<String> { keys.into_iter().map(|k| k.name).collect() };
+    let changed = store
+        .changed_keys_since(start, Kind::Workload, Some("default"), 10)
+        .await
+        .unwrap()
+        .expect("under the limit");
+    assert_eq!(names(changed), ["a", "b", "c", "d"]);
+    let all_meshes = store
+        .changed_keys_since(start, Kind::Workload, None, 10)
+        .await
+        .unwrap()
+        .expect("under the limit");
+    assert_eq!(names(all_meshes), ["a", "b", "c", "d"]);
+    assert_eq!(
+        store
+            .changed_keys_since(start, Kind::Workload, Some("default"), 3)
+            .await
+            .unwrap(),
+        None,
+        "more changes than the limit"
+    );
+    assert!(store
+        .changed_keys_since(start, Kind::Workload, Some("other"), 10)
+        .await
+        .unwrap()
+        .expect("none")
+        .is_empty());
+    let now = store.current_seq().await.unwrap();
+    assert!(store
+        .changed_keys_since(now, Kind::Workload, None, 10)
+        .await
+        .unwrap()
+        .expect("none")
+        .is_empty());
 }
 
 async fn put_get_list_delete(db: TestDb) {
