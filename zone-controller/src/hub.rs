@@ -24,15 +24,53 @@ use crate::views::{AgentParts, AgentView, MeshSnapshot, ServiceSet, HISTORY};
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
 
-/// The least pause between two rounds of refreshes. Under churn (agents
-/// joining by the hundred, a controller restart) the changes of a pause
-/// are coalesced into one round instead of a round per change.
-const MIN_PAUSE: Duration = Duration::from_millis(50);
+/// How much refreshing may run back to back before rounds are paced: an
+/// isolated change (and the Service the leader derives from it a moment
+/// later) is pushed at once, without waiting.
+const BURST: Duration = Duration::from_secs(1);
 
-/// The most a round's pause grows to: a round is followed by a pause as
-/// long as itself, so refreshing takes at most half of this replica's
-/// time however large the mesh.
+/// The most one pause lasts.
 const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Paces refresh rounds under churn (agents joining by the hundred, a
+/// controller restart): once rounds used up [`BURST`], each is followed by
+/// a pause as long as itself, so that changes arriving meanwhile make one
+/// round and refreshing takes at most half of this replica's time however
+/// large the mesh. Idle time earns the burst back.
+struct Pacer {
+    credit: Duration,
+    last_end: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Pacer {
+            credit: BURST,
+            last_end: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Called as a round starts: the time since the last one ended is
+    /// credit again.
+    fn start(&mut self) {
+        self.credit = (self.credit + self.last_end.elapsed()).min(BURST);
+    }
+
+    /// Called as a round of `took` ends: how long to pause before the next.
+    fn end(&mut self, took: Duration) -> Duration {
+        self.last_end = tokio::time::Instant::now();
+        match self.credit.checked_sub(took) {
+            Some(left) if !left.is_zero() => {
+                self.credit = left;
+                Duration::ZERO
+            }
+            _ => {
+                self.credit = Duration::ZERO;
+                took.min(MAX_PAUSE)
+            }
+        }
+    }
+}
 
 /// The newest view of one stream (`None` until the first is computed).
 pub type ViewReceiver = watch::Receiver<Option<Arc<AgentView>>>;
@@ -297,6 +335,7 @@ impl Hub {
         };
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pacer = Pacer::new();
         loop {
             let mut all = false;
             tokio::select! {
@@ -347,6 +386,7 @@ impl Hub {
                 local.intersection(&dirty).cloned().collect()
             };
             let started = tokio::time::Instant::now();
+            pacer.start();
             for mesh in meshes {
                 let began = tokio::time::Instant::now();
                 if let Err(error) = self.refresh(&mesh).await {
@@ -354,7 +394,15 @@ impl Hub {
                 }
                 self.metrics.refreshed(began.elapsed());
             }
-            let pause = started.elapsed().clamp(MIN_PAUSE, MAX_PAUSE);
+            let pause = pacer.end(started.elapsed());
+            tracing::debug!(
+                took_ms = started.elapsed().as_millis(),
+                pause_ms = pause.as_millis(),
+                "views refreshed"
+            );
+            if pause.is_zero() {
+                continue;
+            }
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 _ = stop.changed() => return,
@@ -365,13 +413,25 @@ impl Hub {
     /// Recomputes the views of every local stream in `mesh`: one read of
     /// the store and one set of services for all of them.
     async fn refresh(&self, mesh: &str) -> anyhow::Result<()> {
-        let Some(snapshot) = MeshSnapshot::load(&self.store, &self.zone, mesh).await? else {
+        let started = std::time::Instant::now();
+        let previous = self
+            .built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mesh)
+            .map(|b| b.snapshot.clone());
+        let loaded = MeshSnapshot::load(&self.store, &self.zone, mesh, previous.as_deref()).await?;
+        // Shared listings are freed once the new snapshot replaces it.
+        drop(previous);
+        let Some(snapshot) = loaded else {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
         let snapshot = Arc::new(snapshot);
+        let loaded_in = started.elapsed();
         let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
         let services = self.services_of(mesh, &snapshot, &bundle);
+        let services_in = started.elapsed() - loaded_in;
         let inbound = snapshot.inbound_by_agent();
         let by_agent = snapshot.workloads_by_agent();
         let placed = snapshot.placed_by_agent();
@@ -421,6 +481,13 @@ impl Hub {
                 !same
             });
         }
+        tracing::debug!(
+            %mesh,
+            load_ms = loaded_in.as_millis(),
+            services_ms = services_in.as_millis(),
+            views_ms = (started.elapsed() - loaded_in - services_in).as_millis(),
+            "mesh views computed"
+        );
         Ok(())
     }
 

@@ -142,7 +142,9 @@ fn locality_text(locality: &weft_api::Locality) -> Option<String> {
 async fn snapshots(store: &Store, zone: &str) -> Result<Vec<MeshSnapshot>, StoreError> {
     let mut all = Vec::new();
     for stored in store.list(Kind::Mesh, None, None).await? {
-        if let Some(snapshot) = MeshSnapshot::load(store, zone, stored.resource.name()).await? {
+        if let Some(snapshot) =
+            MeshSnapshot::load(store, zone, stored.resource.name(), None).await?
+        {
             all.push(snapshot);
         }
     }
@@ -195,7 +197,7 @@ pub async fn agents(store: &Store, zone: &str) -> Result<Vec<AgentView>, StoreEr
 pub async fn services(store: &Store, zone: &str) -> Result<Vec<ServiceView>, StoreError> {
     let mut out = Vec::new();
     for snapshot in snapshots(store, zone).await? {
-        for service in &snapshot.services {
+        for service in snapshot.services.iter() {
             out.push(ServiceView {
                 mesh: snapshot.mesh.metadata.name.clone(),
                 namespace: service.metadata.namespace.clone().unwrap_or_default(),
@@ -228,7 +230,7 @@ pub async fn services(store: &Store, zone: &str) -> Result<Vec<ServiceView>, Sto
 pub async fn workloads(store: &Store, zone: &str) -> Result<Vec<WorkloadView>, StoreError> {
     let mut out = Vec::new();
     for snapshot in snapshots(store, zone).await? {
-        for w in &snapshot.workloads {
+        for w in snapshot.workloads.iter() {
             out.push(WorkloadView {
                 mesh: snapshot.mesh.metadata.name.clone(),
                 namespace: w.metadata.namespace.clone().unwrap_or_default(),
@@ -270,7 +272,7 @@ pub async fn workload_policies(
     namespace: &str,
     name: &str,
 ) -> Result<Option<WorkloadPoliciesView>, StoreError> {
-    let Some(snapshot) = MeshSnapshot::load(store, zone, mesh).await? else {
+    let Some(snapshot) = MeshSnapshot::load(store, zone, mesh, None).await? else {
         return Ok(None);
     };
     let Some(workload) = snapshot

@@ -14,9 +14,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use weft_api::{
     ExternalServiceStatus, Kind, ObjectMeta, Resource, Service, ServiceSpec, ServiceStatus,
-    WorkloadPort,
+    Workload, WorkloadPort,
 };
-use weft_store::{now_ms, Expect, LeaderGuard, ResourceKey, Store, StoreError, VipRange};
+use weft_store::{
+    now_ms, Expect, LeaderGuard, ListingMarks, ResourceKey, Store, StoreError, VipRange,
+};
 
 use crate::ca_rotation;
 use crate::mesh_ca::MeshCas;
@@ -74,19 +76,20 @@ impl Leader {
     async fn lead(&self, mut guard: LeaderGuard, stop: &mut watch::Receiver<bool>) -> bool {
         let mut watch = self.store.watch();
         let mut recheck = tokio::time::interval(RETRY);
+        // The listings the Services and addresses were last derived from.
+        let mut derived: Option<ListingMarks> = None;
+        // The Workloads as last read.
+        let mut workloads: Option<Workloads> = None;
         loop {
             if let Err(error) = guard.check().await {
                 tracing::warn!(%error, "leader lock lost");
                 return false;
             }
-            if let Err(error) = self.reconcile().await {
-                tracing::warn!(%error, "cannot derive services; retrying");
-            }
-            if let Err(error) = self.address_external_services().await {
-                tracing::warn!(%error, "cannot give ExternalServices virtual IPs; retrying");
-            }
+            let started = std::time::Instant::now();
+            derived = self.derive(derived.take(), &mut workloads).await;
             self.rotate_cas().await;
             self.remove_vanished().await;
+            tracing::debug!(took_ms = started.elapsed().as_millis(), "leader round");
             tokio::select! {
                 changed = watch.changed() => if changed.is_err() { return false },
                 _ = recheck.tick() => {}
@@ -98,25 +101,91 @@ impl Leader {
         }
     }
 
-    /// Makes the Services match the Workloads.
-    async fn reconcile(&self) -> Result<(), StoreError> {
-        // (mesh, namespace, service) -> port -> protocol (first one wins).
-        let mut desired: BTreeMap<(String, String, String), BTreeMap<u16, WorkloadPort>> =
-            BTreeMap::new();
-        for stored in self.store.list(Kind::Workload, None, None).await? {
-            let Resource::Workload(w) = stored.resource else {
-                continue;
-            };
-            let key = (
-                w.mesh().unwrap_or_default().to_owned(),
-                w.metadata.namespace.clone().unwrap_or_default(),
-                w.spec.service.clone(),
-            );
-            let ports = desired.entry(key).or_default();
-            for port in &w.spec.ports {
-                ports.entry(port.port).or_insert_with(|| port.clone());
+    /// Derives Services and gives addresses, unless nothing they are made
+    /// from changed since `last` (the marks of the last round that did all
+    /// of it): most changes of a zone (agents connecting, policies) touch
+    /// neither Workloads, Services nor ExternalServices, and deriving
+    /// reads every Workload of the zone. Returns the marks to compare the
+    /// next round with.
+    async fn derive(
+        &self,
+        last: Option<ListingMarks>,
+        workloads: &mut Option<Workloads>,
+    ) -> Option<ListingMarks> {
+        const INPUTS: [Kind; 3] = [Kind::Workload, Kind::Service, Kind::ExternalService];
+        let marks = match self.store.listing_marks(None).await {
+            Ok(marks) => Some(marks),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the listing marks; deriving anyway");
+                None
+            }
+        };
+        if let (Some(last), Some(marks)) = (&last, &marks) {
+            if INPUTS.iter().all(|k| last.of(*k) == marks.of(*k)) {
+                return Some(last.clone());
             }
         }
+        let mut done = true;
+        match self.workloads(workloads.take()).await {
+            Ok(read) => {
+                if let Err(error) = self.reconcile(&read.desired()).await {
+                    tracing::warn!(%error, "cannot derive services; retrying");
+                    done = false;
+                }
+                *workloads = Some(read);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read workloads to derive services; retrying");
+                done = false;
+            }
+        }
+        if let Err(error) = self.address_external_services().await {
+            tracing::warn!(%error, "cannot give ExternalServices virtual IPs; retrying");
+            done = false;
+        }
+        marks.filter(|_| done)
+    }
+
+    /// The Workloads as last read, brought up to date: the few changed
+    /// since `last` was read (by the change feed) are read again, else
+    /// they are all listed. A change to one Workload of 10,000 then costs
+    /// the leader a few reads, not a listing of the zone.
+    async fn workloads(&self, last: Option<Workloads>) -> Result<Workloads, StoreError> {
+        /// Past this many changes, one listing is cheaper.
+        const REREAD_MOST: usize = 64;
+        // Before the reads: a write in between is read again, not missed.
+        let feed_seq = self.store.current_seq().await?;
+        if let Some(mut last) = last {
+            let changed = self
+                .store
+                .changed_keys_since(last.feed_seq, Kind::Workload, None, REREAD_MOST)
+                .await?;
+            if let Some(keys) = changed {
+                for key in keys {
+                    match self.store.get(&key).await?.map(|s| s.resource) {
+                        Some(Resource::Workload(w)) => {
+                            last.asked.insert(key, Asked::of(&w));
+                        }
+                        _ => {
+                            last.asked.remove(&key);
+                        }
+                    }
+                }
+                last.feed_seq = feed_seq;
+                return Ok(last);
+            }
+        }
+        let mut asked = BTreeMap::new();
+        for stored in self.store.list(Kind::Workload, None, None).await? {
+            if let Resource::Workload(w) = &stored.resource {
+                asked.insert(ResourceKey::of(&stored.resource), Asked::of(w));
+            }
+        }
+        Ok(Workloads { feed_seq, asked })
+    }
+
+    /// Makes the Services match what the Workloads ask for.
+    async fn reconcile(&self, desired: &Desired) -> Result<(), StoreError> {
         let existing = self.store.list(Kind::Service, None, None).await?;
         let mut seen = BTreeSet::new();
         for stored in &existing {
@@ -180,14 +249,14 @@ impl Leader {
             if seen.contains(&(mesh.clone(), namespace.clone(), name.clone())) {
                 continue;
             }
-            let mut metadata = ObjectMeta::namespaced(&mesh, &namespace, &name);
+            let mut metadata = ObjectMeta::namespaced(mesh, namespace, name);
             metadata
                 .labels
                 .insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
             let mut service = Service::new(
                 metadata,
                 ServiceSpec {
-                    ports: ports.into_values().collect(),
+                    ports: ports.values().cloned().collect(),
                 },
             );
             let key = ResourceKey::of(&Resource::Service(service.clone()));
@@ -283,6 +352,52 @@ impl Leader {
             Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
             Err(error) => Err(error),
         }
+    }
+}
+
+/// Per (mesh, namespace, service): its ports, the union of its
+/// Workloads' (the first protocol given for a port wins).
+type Desired = BTreeMap<(String, String, String), BTreeMap<u16, WorkloadPort>>;
+
+/// What one Workload asks of its Service.
+struct Asked {
+    /// (mesh, namespace, service).
+    service: (String, String, String),
+    ports: Vec<WorkloadPort>,
+}
+
+impl Asked {
+    fn of(w: &Workload) -> Asked {
+        Asked {
+            service: (
+                w.mesh().unwrap_or_default().to_owned(),
+                w.metadata.namespace.clone().unwrap_or_default(),
+                w.spec.service.clone(),
+            ),
+            ports: w.spec.ports.clone(),
+        }
+    }
+}
+
+/// Every Workload of the zone as the leader last read them, and the change
+/// feed's position before that read.
+struct Workloads {
+    feed_seq: u64,
+    asked: BTreeMap<ResourceKey, Asked>,
+}
+
+impl Workloads {
+    /// What they ask for together, in key order (so the first protocol
+    /// given for a port is that of the first Workload by key).
+    fn desired(&self) -> Desired {
+        let mut desired = Desired::new();
+        for asked in self.asked.values() {
+            let ports = desired.entry(asked.service.clone()).or_default();
+            for port in &asked.ports {
+                ports.entry(port.port).or_insert_with(|| port.clone());
+            }
+        }
+        desired
     }
 }
 

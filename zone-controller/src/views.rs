@@ -29,7 +29,9 @@ use weft_api::{
     ExternalService, Kind, Mesh, PeerMatch, Protocol, Resource, Service, SpiffeId, Workload,
     WorkloadPort,
 };
-use weft_store::{now_ms, AgentRecord, ResourceKey, Store, StoreError};
+use weft_store::{
+    now_ms, AgentPresence, AgentRecord, ListingMarks, ResourceKey, Store, StoreError,
+};
 
 use crate::zone_ca::hex;
 
@@ -40,7 +42,16 @@ pub const ONLINE_WINDOW_MS: i64 = 15_000;
 
 /// Whether an agent is online: it holds a stream and was seen recently.
 pub fn online(agent: &AgentRecord, now_ms: i64) -> bool {
-    agent.connected_replica.is_some() && now_ms - agent.last_seen_ms < ONLINE_WINDOW_MS
+    seen_online(
+        agent.connected_replica.is_some(),
+        agent.last_seen_ms,
+        now_ms,
+    )
+}
+
+/// [`online`] from the few columns a snapshot reads.
+fn seen_online(connected: bool, last_seen_ms: i64, now_ms: i64) -> bool {
+    connected && now_ms - last_seen_ms < ONLINE_WINDOW_MS
 }
 
 /// One mesh's state, read in one go.
@@ -48,18 +59,85 @@ pub struct MeshSnapshot {
     /// The Mesh resource.
     pub mesh: Mesh,
     /// Its Services, by namespace and name.
-    pub services: Vec<Service>,
+    pub services: Arc<Vec<Service>>,
     /// Its Workloads, by namespace and name.
-    pub workloads: Vec<Workload>,
+    pub workloads: Arc<Vec<Workload>>,
     /// Its policies, by kind.
-    pub policies: MeshPolicies,
+    pub policies: Arc<MeshPolicies>,
     /// Its ExternalServices that have a virtual IP, as every agent of the
     /// mesh gets them (sorted by namespace and name).
     pub external_services: Arc<[pb::ExternalServiceView]>,
     /// The zone's agents in this mesh, by name.
-    pub agents: HashMap<String, AgentRecord>,
+    pub agents: HashMap<String, AgentPresence>,
+    /// The marks of the listings above: a later load with equal marks
+    /// shares them instead of reading them again.
+    marks: ListingMarks,
+    /// The change feed's position before the listings were read: a later
+    /// load re-reads only the Workloads changed after it.
+    feed_seq: u64,
     /// When it was read (ms since the epoch), for liveness.
     pub now_ms: i64,
+}
+
+/// The resources of `kind` in `mesh` that `pick` keeps, in listing order.
+async fn list_of<T>(
+    store: &Store,
+    kind: Kind,
+    mesh: &str,
+    pick: impl Fn(Resource) -> Option<T>,
+) -> Result<Vec<T>, StoreError> {
+    Ok(store
+        .list(kind, Some(mesh), None)
+        .await?
+        .into_iter()
+        .filter_map(|stored| pick(stored.resource))
+        .collect())
+}
+
+/// How many changed Workloads a load re-reads one by one; past that it
+/// lists them all again.
+const REREAD_MOST: usize = 64;
+
+/// Workloads in snapshot order: by namespace, then name.
+fn workload_order(w: &Workload) -> (&str, &str) {
+    (
+        w.metadata.namespace.as_deref().unwrap_or_default(),
+        &w.metadata.name,
+    )
+}
+
+/// `previous`'s Workloads with the ones changed since it was read (put or
+/// deleted, by the change feed) read again; `None` when more than
+/// [`REREAD_MOST`] changed. A change to one Workload of 10,000 then costs
+/// a few reads instead of a listing of them all.
+async fn updated_workloads(
+    store: &Store,
+    mesh: &str,
+    previous: &MeshSnapshot,
+) -> Result<Option<Vec<Workload>>, StoreError> {
+    let Some(keys) = store
+        .changed_keys_since(previous.feed_seq, Kind::Workload, Some(mesh), REREAD_MOST)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut workloads = (*previous.workloads).clone();
+    for key in keys {
+        let wanted = (
+            key.namespace.as_deref().unwrap_or_default(),
+            key.name.as_str(),
+        );
+        let at = workloads.binary_search_by(|w| workload_order(w).cmp(&wanted));
+        match (store.get(&key).await?.map(|s| s.resource), at) {
+            (Some(Resource::Workload(w)), Ok(i)) => workloads[i] = w,
+            (Some(Resource::Workload(w)), Err(i)) => workloads.insert(i, w),
+            (_, Ok(i)) => {
+                workloads.remove(i);
+            }
+            (_, Err(_)) => {}
+        }
+    }
+    Ok(Some(workloads))
 }
 
 /// An ExternalService as agents get it; `None` until it has a virtual IP.
@@ -94,51 +172,89 @@ pub struct ResolvedEndpoint {
 
 impl MeshSnapshot {
     /// Reads mesh `name` of `zone`; `None` if the mesh does not exist.
-    pub async fn load(store: &Store, zone: &str, name: &str) -> Result<Option<Self>, StoreError> {
+    /// The listings that did not change since `previous` (the same mesh's
+    /// last snapshot) are shared with it, not read again: a change to one
+    /// Service of a mesh of 10,000 Workloads no longer reads them all.
+    pub async fn load(
+        store: &Store,
+        zone: &str,
+        name: &str,
+        previous: Option<&MeshSnapshot>,
+    ) -> Result<Option<Self>, StoreError> {
+        // Before the listings they guard: a write in between is then seen
+        // again, never missed (see Store::listing_marks).
+        let feed_seq = store.current_seq().await?;
+        let marks = store.listing_marks(Some(name)).await?;
         let Some(stored) = store.get(&ResourceKey::global(Kind::Mesh, name)).await? else {
             return Ok(None);
         };
         let Resource::Mesh(mesh) = stored.resource else {
             return Ok(None);
         };
-        let services = store
-            .list(Kind::Service, Some(name), None)
-            .await?
-            .into_iter()
-            .filter_map(|s| match s.resource {
-                Resource::Service(service) => Some(service),
-                _ => None,
-            })
-            .collect();
-        let workloads = store
-            .list(Kind::Workload, Some(name), None)
-            .await?
-            .into_iter()
-            .filter_map(|s| match s.resource {
-                Resource::Workload(workload) => Some(workload),
-                _ => None,
-            })
-            .collect();
-        let mut policies = MeshPolicies::default();
-        for kind in Kind::POLICIES {
-            for stored in store.list(kind, Some(name), None).await? {
-                policies.add(stored.resource);
+        let previous = previous.filter(|p| p.mesh.metadata.name == mesh.metadata.name);
+        let kept = |kinds: &[Kind]| {
+            previous.filter(|p| kinds.iter().all(|k| p.marks.of(*k) == marks.of(*k)))
+        };
+        let services = match kept(&[Kind::Service]) {
+            Some(p) => p.services.clone(),
+            None => Arc::new(
+                list_of(store, Kind::Service, name, |r| match r {
+                    Resource::Service(service) => Some(service),
+                    _ => None,
+                })
+                .await?,
+            ),
+        };
+        let workloads = match kept(&[Kind::Workload]) {
+            Some(p) => p.workloads.clone(),
+            None => {
+                let updated = match previous {
+                    Some(p) => updated_workloads(store, name, p).await?,
+                    None => None,
+                };
+                let mut workloads = match updated {
+                    Some(workloads) => workloads,
+                    None => {
+                        list_of(store, Kind::Workload, name, |r| match r {
+                            Resource::Workload(workload) => Some(workload),
+                            _ => None,
+                        })
+                        .await?
+                    }
+                };
+                // In this process's order, whatever the database's
+                // collation, so that both ways give the same snapshot.
+                workloads.sort_by(|a, b| workload_order(a).cmp(&workload_order(b)));
+                Arc::new(workloads)
             }
-        }
-        let external_services = store
-            .list(Kind::ExternalService, Some(name), None)
-            .await?
-            .into_iter()
-            .filter_map(|s| match s.resource {
+        };
+        let policies = match kept(&Kind::POLICIES) {
+            Some(p) => p.policies.clone(),
+            None => {
+                let mut policies = MeshPolicies::default();
+                for kind in Kind::POLICIES {
+                    for stored in store.list(kind, Some(name), None).await? {
+                        policies.add(stored.resource);
+                    }
+                }
+                Arc::new(policies)
+            }
+        };
+        let external_services = match kept(&[Kind::ExternalService]) {
+            Some(p) => p.external_services.clone(),
+            None => list_of(store, Kind::ExternalService, name, |r| match r {
                 Resource::ExternalService(external) => external_view(&external),
                 _ => None,
             })
-            .collect();
+            .await?
+            .into(),
+        };
+        // Read every time: liveness moves with heartbeats, not with the feed.
         let agents = store
-            .list_agents(zone, Some(name))
+            .list_presence(zone, name)
             .await?
             .into_iter()
-            .map(|a| (a.enrollment.name.clone(), a))
+            .map(|a| (a.name.clone(), a))
             .collect();
         Ok(Some(MeshSnapshot {
             mesh,
@@ -147,6 +263,8 @@ impl MeshSnapshot {
             policies,
             external_services,
             agents,
+            marks,
+            feed_seq,
             now_ms: now_ms(),
         }))
     }
@@ -160,7 +278,7 @@ impl MeshSnapshot {
     }
 
     /// The agent that registered a workload, if it is known.
-    pub fn owner(&self, workload: &Workload) -> Option<&AgentRecord> {
+    pub fn owner(&self, workload: &Workload) -> Option<&AgentPresence> {
         workload
             .metadata
             .labels
@@ -170,13 +288,18 @@ impl MeshSnapshot {
 
     /// The agent of a workload if it has not left (goodbye, revoked token,
     /// vanished): only those workloads are in endpoint lists.
-    fn live_owner(&self, workload: &Workload) -> Option<&AgentRecord> {
-        self.owner(workload).filter(|a| a.left.is_none())
+    fn live_owner(&self, workload: &Workload) -> Option<&AgentPresence> {
+        self.owner(workload).filter(|a| !a.left)
+    }
+
+    /// Whether an agent of this snapshot is online.
+    fn is_online(&self, agent: &AgentPresence) -> bool {
+        seen_online(agent.connected, agent.last_seen_ms, self.now_ms)
     }
 
     /// Whether a workload's agent is online.
     pub fn ready(&self, workload: &Workload) -> bool {
-        self.owner(workload).is_some_and(|a| online(a, self.now_ms))
+        self.owner(workload).is_some_and(|a| self.is_online(a))
     }
 
     /// The workloads behind a service (same namespace, `spec.service` is
@@ -194,9 +317,9 @@ impl MeshSnapshot {
                 let agent = self.live_owner(w)?;
                 Some(ResolvedEndpoint {
                     address: w.spec.address.to_string(),
-                    agent: agent.enrollment.name.clone(),
+                    agent: agent.name.clone(),
                     spiffe_id: self.spiffe_id(w),
-                    ready: online(agent, self.now_ms),
+                    ready: self.is_online(agent),
                     locality: weft_api::Locality::from_labels(&w.metadata.labels),
                 })
             })
@@ -212,7 +335,7 @@ impl MeshSnapshot {
         // Index once: finding each service's workloads by scanning all of
         // them made a change cost O(services x workloads).
         let mut by_service: HashMap<(&str, &str), Vec<&Workload>> = HashMap::new();
-        for w in &self.workloads {
+        for w in self.workloads.iter() {
             let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
             by_service
                 .entry((namespace, w.spec.service.as_str()))
@@ -236,12 +359,12 @@ impl MeshSnapshot {
                         Some(pb::Endpoint {
                             address: w.spec.address.to_string(),
                             // Node mode: the workload's own listener.
-                            agent: w.spec.hbone_address.map_or_else(
-                                || agent.enrollment.hbone_address.clone(),
-                                |a| a.to_string(),
-                            ),
+                            agent: w
+                                .spec
+                                .hbone_address
+                                .map_or_else(|| agent.hbone_address.clone(), |a| a.to_string()),
                             spiffe_id: self.spiffe_id(w),
-                            ready: online(agent, self.now_ms),
+                            ready: self.is_online(agent),
                             // Empty: this zone, the zone of every view it
                             // sends (a remote zone's endpoints will name
                             // theirs once zones exchange inventories).
@@ -275,7 +398,7 @@ impl MeshSnapshot {
     /// sorted by namespace and name.
     pub fn workloads_by_agent(&self) -> HashMap<&str, Vec<&Workload>> {
         let mut by_agent: HashMap<&str, Vec<&Workload>> = HashMap::new();
-        for w in &self.workloads {
+        for w in self.workloads.iter() {
             if let Some(agent) = w.metadata.labels.get(AGENT_LABEL) {
                 by_agent.entry(agent.as_str()).or_default().push(w);
             }
@@ -334,7 +457,7 @@ impl MeshSnapshot {
     /// sent, so its registration does not cause a push.
     pub fn placed_by_agent(&self) -> HashMap<&str, Vec<pb::PlacedWorkload>> {
         let mut placed: HashMap<&str, Vec<(&Workload, &str)>> = HashMap::new();
-        for w in &self.workloads {
+        for w in self.workloads.iter() {
             if let Some(node) = &w.spec.node {
                 placed
                     .entry(node.agent.as_str())
@@ -367,7 +490,7 @@ impl MeshSnapshot {
         // this in a later issue).
         let allow_all = self.allow_all();
         let mut rules: HashMap<&str, Vec<pb::InboundRule>> = HashMap::new();
-        for w in &self.workloads {
+        for w in self.workloads.iter() {
             if let Some(agent) = w.metadata.labels.get(AGENT_LABEL) {
                 rules
                     .entry(agent.as_str())
