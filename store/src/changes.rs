@@ -227,6 +227,34 @@ impl Store {
         Ok(Some(keys))
     }
 
+    /// Whether an agent of `mesh` in `zone` was enrolled, connected,
+    /// disconnected, left or cut off after `seq` (the inventory entries of
+    /// the feed; heartbeats are not in it).
+    pub async fn agents_changed_since(
+        &self,
+        seq: u64,
+        zone: &str,
+        mesh: &str,
+    ) -> Result<bool, StoreError> {
+        let after = i64::try_from(seq).unwrap_or(i64::MAX);
+        let op = format!("read the agent changes since {seq}");
+        let found: Option<i64> = on_pool!(self, pool => {
+            // The zone is kept in the namespace column.
+            sqlx::query_scalar(
+                "SELECT seq FROM changes \
+                 WHERE seq > $1 AND kind = $2 AND mesh = $3 AND namespace = $4 LIMIT 1",
+            )
+            .bind(after)
+            .bind(AGENT_KIND)
+            .bind(mesh)
+            .bind(zone)
+            .fetch_optional(pool)
+            .await
+            .map_err(StoreError::db(&op))?
+        });
+        Ok(found.is_some())
+    }
+
     /// Every entry of the feed after `seq`, resources, agents and CAs, oldest
     /// first.
     pub async fn feed_since(&self, seq: u64) -> Result<Vec<FeedEntry>, StoreError> {

@@ -916,7 +916,24 @@ async fn agent_inventory(db: TestDb) {
         host_facts: serde_json::json!({"hostname": "vm-1"}),
         token_id: "t1".to_owned(),
     };
+    assert!(!store
+        .agents_changed_since(start, "z1", "default")
+        .await
+        .unwrap());
     store.enroll_agent(&enrollment).await.unwrap();
+    assert!(store
+        .agents_changed_since(start, "z1", "default")
+        .await
+        .unwrap());
+    assert!(!store
+        .agents_changed_since(start, "z2", "default")
+        .await
+        .unwrap());
+    assert!(!store
+        .agents_changed_since(start, "z1", "other")
+        .await
+        .unwrap());
+    let enrolled = store.current_seq().await.unwrap();
     assert!(store
         .connect_agent("z1", "nobody", "r1", "", &serde_json::json!({}))
         .await
@@ -935,6 +952,25 @@ async fn agent_inventory(db: TestDb) {
         .unwrap();
     assert_eq!(connected.connected_replica.as_deref(), Some("r1"));
     assert_eq!(connected.enrollment.hbone_address, "10.0.0.2:15008");
+    // A connection is an inventory change; a heartbeat is not.
+    assert!(store
+        .agents_changed_since(enrolled, "z1", "default")
+        .await
+        .unwrap());
+    let now = store.current_seq().await.unwrap();
+    store
+        .heartbeat_agents("z1", "r1", &["vm-1".to_owned()])
+        .await
+        .unwrap();
+    assert!(!store
+        .agents_changed_since(now, "z1", "default")
+        .await
+        .unwrap());
+    let presence = store.list_presence("z1", "default").await.unwrap();
+    assert_eq!(presence.len(), 1);
+    assert_eq!(presence[0].name, "vm-1");
+    assert_eq!(presence[0].hbone_address, "10.0.0.2:15008");
+    assert!(presence[0].connected && !presence[0].left);
     assert!(store.heartbeat_agent("z1", "vm-1", "r1").await.unwrap());
     assert!(!store.heartbeat_agent("z1", "vm-1", "r2").await.unwrap());
     store

@@ -19,7 +19,7 @@ use weft_store::{FeedEntry, Store};
 
 use crate::mesh_ca::MeshCas;
 use crate::metrics::ZoneMetrics;
-use crate::views::{AgentParts, AgentView, MeshSnapshot, ServiceSet, HISTORY};
+use crate::views::{AgentParts, AgentView, MeshSnapshot, ServiceSet, VersionPrefix, HISTORY};
 
 /// How often every view is recomputed even without a store change.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -93,6 +93,9 @@ struct Built {
     /// The snapshot the set was built from: what a new stream's first view
     /// compiles its workloads' policies from (dropped at the next build).
     snapshot: Arc<MeshSnapshot>,
+    /// The inputs of the agents' own parts in that snapshot (see
+    /// `AgentView::parts_from`).
+    parts_from: u64,
 }
 
 /// The streams of this replica and the task that feeds them.
@@ -102,6 +105,9 @@ pub struct Hub {
     cas: Arc<MeshCas>,
     streams: Mutex<HashMap<u64, Entry>>,
     next_id: AtomicU64,
+    /// The next number for a new set of inputs of agents' own parts (1
+    /// on: a view made outside a refresh has 0, matching none).
+    next_inputs: AtomicU64,
     /// Meshes to recompute at the next wake-up, beyond what the feed says.
     dirty: Mutex<BTreeSet<String>>,
     wake: Notify,
@@ -125,6 +131,7 @@ impl Hub {
             cas,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            next_inputs: AtomicU64::new(1),
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
             built: Mutex::new(HashMap::new()),
@@ -419,23 +426,35 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(mesh)
-            .map(|b| b.snapshot.clone());
-        let loaded = MeshSnapshot::load(&self.store, &self.zone, mesh, previous.as_deref()).await?;
-        // Shared listings are freed once the new snapshot replaces it.
-        drop(previous);
+            .map(|b| (b.snapshot.clone(), b.parts_from));
+        let loaded = MeshSnapshot::load(
+            &self.store,
+            &self.zone,
+            mesh,
+            previous.as_ref().map(|(p, _)| &**p),
+        )
+        .await?;
         let Some(snapshot) = loaded else {
             tracing::debug!(%mesh, "mesh gone; agents keep their last view");
             return Ok(());
         };
+        // Views whose parts were computed from the same inputs keep them.
+        let parts_from = match &previous {
+            Some((p, from)) if snapshot.same_agent_inputs(p) => *from,
+            _ => self.next_inputs.fetch_add(1, Ordering::Relaxed),
+        };
+        // Shared listings are freed once the new snapshot replaces it.
+        drop(previous);
         let snapshot = Arc::new(snapshot);
         let loaded_in = started.elapsed();
         let bundle: Arc<str> = self.cas.get(&snapshot.mesh).await?.bundle_pem.into();
-        let services = self.services_of(mesh, &snapshot, &bundle);
+        let services = self.services_of(mesh, &snapshot, &bundle, parts_from);
         let services_in = started.elapsed() - loaded_in;
         let inbound = snapshot.inbound_by_agent();
         let by_agent = snapshot.workloads_by_agent();
         let placed = snapshot.placed_by_agent();
         let peers = snapshot.peers(&self.zone);
+        let prefix = VersionPrefix::new(&services, &bundle);
         let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
             .values()
@@ -443,22 +462,27 @@ impl Hub {
             .map(|e| (e.agent.clone(), e.view.clone()))
             .collect();
         for (agent, sender) in targets {
-            let rules = inbound.get(agent.as_str()).cloned().unwrap_or_default();
-            let own = by_agent
-                .get(agent.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let parts = AgentParts {
-                inbound: rules,
-                policy_json: snapshot.policy_json(own, &peers),
-                // One stream per agent, but a replaced one may linger.
-                placed: placed.get(agent.as_str()).cloned().unwrap_or_default(),
-                external_services: snapshot.external_services.clone(),
+            let current = sender.borrow().clone();
+            let parts = match current.as_deref() {
+                Some(view) if view.parts_from == parts_from => view.parts(),
+                _ => {
+                    let own = by_agent
+                        .get(agent.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    AgentParts {
+                        inbound: inbound.get(agent.as_str()).cloned().unwrap_or_default(),
+                        policy_json: snapshot.policy_json(own, &peers),
+                        // One stream per agent, but a replaced one may linger.
+                        placed: placed.get(agent.as_str()).cloned().unwrap_or_default(),
+                        external_services: snapshot.external_services.clone(),
+                    }
+                }
             };
             // Most rounds (the periodic recheck, a change in another part of
             // the mesh) leave most views as they were: checked by identity
             // and equality before hashing a new view per agent.
-            let unchanged = sender.borrow().as_ref().is_some_and(|current| {
+            let unchanged = current.as_ref().is_some_and(|current| {
                 Arc::ptr_eq(&current.services, &services)
                     && *current.trust_bundle_pem == *bundle
                     && parts.same_as(current)
@@ -466,13 +490,15 @@ impl Hub {
             if unchanged {
                 continue;
             }
-            let view = AgentView::new(
+            let mut view = AgentView::with_prefix(
+                &prefix,
                 services.clone(),
                 parts,
                 snapshot.mesh.metadata.name.clone(),
                 self.zone.clone(),
                 bundle.clone(),
             );
+            view.parts_from = parts_from;
             sender.send_if_modified(|current| {
                 let same = current.as_ref().is_some_and(|c| c.version == view.version);
                 if !same {
@@ -498,6 +524,7 @@ impl Hub {
         mesh: &str,
         snapshot: &Arc<MeshSnapshot>,
         bundle: &Arc<str>,
+        parts_from: u64,
     ) -> Arc<ServiceSet> {
         let (previous, mut history) = self
             .built
@@ -526,6 +553,7 @@ impl Hub {
                 allow: snapshot.allow_all(),
                 bundle: bundle.clone(),
                 snapshot: snapshot.clone(),
+                parts_from,
             },
         );
         set

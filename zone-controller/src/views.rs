@@ -18,6 +18,7 @@
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use weft_api::policy::compiled::WorkloadPolicy;
@@ -68,7 +69,9 @@ pub struct MeshSnapshot {
     /// mesh gets them (sorted by namespace and name).
     pub external_services: Arc<[pb::ExternalServiceView]>,
     /// The zone's agents in this mesh, by name.
-    pub agents: HashMap<String, AgentPresence>,
+    pub agents: Arc<HashMap<String, AgentPresence>>,
+    /// When `agents` was read.
+    agents_read: Instant,
     /// The marks of the listings above: a later load with equal marks
     /// shares them instead of reading them again.
     marks: ListingMarks,
@@ -93,6 +96,13 @@ async fn list_of<T>(
         .filter_map(|stored| pick(stored.resource))
         .collect())
 }
+
+/// How long a load may keep the agents' presence it read: far inside the
+/// online window even with a heartbeat just missed (every 5 s at most),
+/// so that no agent looks offline for want of a re-read; short enough
+/// that a refresh after a change (and the Service the leader derives from
+/// it a moment later) reads the agents once, not twice.
+const PRESENCE_KEPT: Duration = Duration::from_secs(1);
 
 /// How many changed Workloads a load re-reads one by one; past that it
 /// lists them all again.
@@ -249,13 +259,28 @@ impl MeshSnapshot {
             .await?
             .into(),
         };
-        // Read every time: liveness moves with heartbeats, not with the feed.
-        let agents = store
-            .list_presence(zone, name)
-            .await?
-            .into_iter()
-            .map(|a| (a.name.clone(), a))
-            .collect();
+        // Heartbeats are not in the feed: a presence is kept only while it
+        // is fresh (PRESENCE_KEPT) and no agent came, went or left since.
+        let fresh = previous.filter(|p| p.agents_read.elapsed() < PRESENCE_KEPT);
+        let kept = match fresh {
+            Some(p) if !store.agents_changed_since(p.feed_seq, zone, name).await? => {
+                Some(p.agents.clone())
+            }
+            _ => None,
+        };
+        let (agents, agents_read) = match kept {
+            Some(agents) => (agents, fresh.map_or_else(Instant::now, |p| p.agents_read)),
+            None => {
+                let read = Instant::now();
+                let agents = store
+                    .list_presence(zone, name)
+                    .await?
+                    .into_iter()
+                    .map(|a| (a.name.clone(), a))
+                    .collect();
+                (Arc::new(agents), read)
+            }
+        };
         Ok(Some(MeshSnapshot {
             mesh,
             services,
@@ -263,10 +288,21 @@ impl MeshSnapshot {
             policies,
             external_services,
             agents,
+            agents_read,
             marks,
             feed_seq,
             now_ms: now_ms(),
         }))
+    }
+
+    /// Whether agents' own parts made from `other` hold for this snapshot:
+    /// they are made from the Mesh, its Workloads, policies and
+    /// ExternalServices, and those listings are shared when unchanged.
+    pub fn same_agent_inputs(&self, other: &MeshSnapshot) -> bool {
+        Arc::ptr_eq(&self.workloads, &other.workloads)
+            && Arc::ptr_eq(&self.policies, &other.policies)
+            && Arc::ptr_eq(&self.external_services, &other.external_services)
+            && self.mesh == other.mesh
     }
 
     /// The identity of a workload of this mesh, as text ("" if invalid).
@@ -816,6 +852,31 @@ fn share_unchanged(services: &mut [SharedService], previous: &ServiceSet) {
     }
 }
 
+/// The start of the version of every view of one service set and trust
+/// bundle: the SHA-256 state after the label, the services' digest and
+/// the head's first field (the bundle: the version field is empty while
+/// hashing), so each of a mesh's agents hashes only its own small parts,
+/// not the bundle again. Fields are encoded in tag order, so the result is
+/// the hash of the whole head.
+#[derive(Clone)]
+pub struct VersionPrefix(sha2::Sha256);
+
+impl VersionPrefix {
+    /// The prefix of views of `services` with `trust_bundle_pem`.
+    pub fn new(services: &ServiceSet, trust_bundle_pem: &str) -> Self {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"weft view v2\0");
+        hasher.update(services.digest);
+        let bundle = pb::ConfigUpdate {
+            trust_bundle_pem: trust_bundle_pem.to_owned(),
+            ..Default::default()
+        };
+        hasher.update(bundle.encode_to_vec());
+        VersionPrefix(hasher)
+    }
+}
+
 /// What a stream keeps of the view it last sent: enough to build the next
 /// delta, without keeping that view's services alive.
 #[derive(Debug, Clone)]
@@ -876,6 +937,11 @@ pub struct AgentView {
     pub zone: String,
     /// Every CA the agent must trust.
     pub trust_bundle_pem: Arc<str>,
+    /// Which inputs (Workloads, policies, ExternalServices, the Mesh) the
+    /// own parts were computed from, numbered by the hub (0: none known):
+    /// a refresh on the same inputs reuses the parts instead of compiling
+    /// each agent's policies again.
+    pub parts_from: u64,
 }
 
 impl AgentView {
@@ -889,7 +955,21 @@ impl AgentView {
         zone: String,
         trust_bundle_pem: Arc<str>,
     ) -> Self {
-        use sha2::{Digest, Sha256};
+        let prefix = VersionPrefix::new(&services, &trust_bundle_pem);
+        Self::with_prefix(&prefix, services, own, mesh, zone, trust_bundle_pem)
+    }
+
+    /// [`AgentView::new`] with the part of the hash every view of the same
+    /// services and bundle shares already done (`prefix` must be of them).
+    pub fn with_prefix(
+        prefix: &VersionPrefix,
+        services: Arc<ServiceSet>,
+        own: AgentParts,
+        mesh: String,
+        zone: String,
+        trust_bundle_pem: Arc<str>,
+    ) -> Self {
+        use sha2::Digest;
         let mut view = AgentView {
             version: String::new(),
             services,
@@ -900,14 +980,23 @@ impl AgentView {
             mesh,
             zone,
             trust_bundle_pem,
+            parts_from: 0,
         };
-        let mut hasher = Sha256::new();
-        hasher.update(b"weft view v2\0");
-        hasher.update(view.services.digest);
-        // Always with the bundle: the version is that of the whole view.
-        hasher.update(view.head("", true).encode_to_vec());
+        let mut hasher = prefix.0.clone();
+        // The head's fields after the bundle (see VersionPrefix).
+        hasher.update(view.head("", false).encode_to_vec());
         view.version = hex(&hasher.finalize());
         view
+    }
+
+    /// Its own parts, to make a view of other services from.
+    pub fn parts(&self) -> AgentParts {
+        AgentParts {
+            inbound: self.inbound.clone(),
+            policy_json: self.policy_json.clone(),
+            placed: self.placed.clone(),
+            external_services: self.external_services.clone(),
+        }
     }
 
     /// What a stream keeps once it sent this view.
@@ -1279,6 +1368,39 @@ mod tests {
         let delta = none.messages(Some(&placed.sent()), true).next().unwrap();
         assert_eq!(delta.base_version, placed.version);
         assert!(delta.placed.is_empty());
+    }
+
+    #[test]
+    fn a_version_is_the_hash_of_the_whole_head_whatever_is_shared() {
+        use sha2::{Digest, Sha256};
+        let view = view_with_bundle(vec![service("a", 3)], None, "BUNDLE PEM");
+        let mut whole = Sha256::new();
+        whole.update(b"weft view v2\0");
+        whole.update(view.services.digest);
+        // As the version was hashed before: over the whole head, its own
+        // (version) field still empty.
+        let mut head = view.head("", true);
+        head.version.clear();
+        whole.update(head.encode_to_vec());
+        assert_eq!(view.version, hex(&whole.finalize()));
+        // Views sharing one prefix differ by their own parts only.
+        let prefix = VersionPrefix::new(&view.services, &view.trust_bundle_pem);
+        let again = AgentView::with_prefix(
+            &prefix,
+            view.services.clone(),
+            parts("[]", Vec::new()),
+            view.mesh.clone(),
+            view.zone.clone(),
+            view.trust_bundle_pem.clone(),
+        );
+        let direct = AgentView::new(
+            view.services.clone(),
+            parts("[]", Vec::new()),
+            view.mesh.clone(),
+            view.zone.clone(),
+            view.trust_bundle_pem.clone(),
+        );
+        assert_eq!(again.version, direct.version);
     }
 
     #[test]
