@@ -76,6 +76,9 @@ impl Leader {
     async fn lead(&self, mut guard: LeaderGuard, stop: &mut watch::Receiver<bool>) -> bool {
         let mut watch = self.store.watch();
         let mut recheck = tokio::time::interval(RETRY);
+        // A round slower than the period (a busy store) is followed by the
+        // next tick, not by a burst of the ticks it missed.
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The listings the Services and addresses were last derived from.
         let mut derived: Option<ListingMarks> = None;
         // The Workloads as last read.
