@@ -60,6 +60,10 @@ pub struct EndpointHealth {
     /// was routed by: the next view must see it, and its close must count
     /// down the same number.
     connections: AtomicU32,
+    /// HTTP requests in flight to the endpoint, which `LeastRequest`
+    /// compares at L7: here for the same reason, so that a config update
+    /// does not start the counts from zero under requests still running.
+    requests: AtomicU32,
 }
 
 impl EndpointHealth {
@@ -84,10 +88,34 @@ impl EndpointHealth {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// HTTP requests in flight to the endpoint (see [`InFlight`]).
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts an HTTP request in flight to the endpoint until the guard
+    /// drops.
+    pub fn start_request(&self) -> InFlight<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.requests)
+    }
+
     /// Counts a TCP connection to the endpoint until the guard drops.
     pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
         self.connections.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self.clone())
+    }
+}
+
+/// One HTTP request in flight to an endpoint, counted in its
+/// [`EndpointHealth`] while it runs (borrowed from the view the request
+/// holds, so no reference count moves per request).
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -75,8 +75,6 @@ pub struct Service {
     /// no tunnel).
     pub external: Option<crate::external::External>,
     next: AtomicUsize,
-    /// Requests in flight per endpoint (same order), for least-request.
-    load: Vec<std::sync::atomic::AtomicU32>,
     /// CircuitBreaker counts, shared with the other views of the service.
     destination: Arc<crate::resilience::Destination>,
     /// Ejection and health check state per endpoint (same order), shared
@@ -174,9 +172,9 @@ impl Service {
         let index = match algorithm {
             Algorithm::RoundRobin => return self.pick_near(tiers),
             Algorithm::Random => self.random_index(tiers),
-            Algorithm::LeastRequest => self.least_loaded(tiers, |i| {
-                self.load.get(i).map_or(0, |l| l.load(Ordering::Relaxed))
-            }),
+            Algorithm::LeastRequest => {
+                self.least_loaded(tiers, |i| self.health.get(i).map_or(0, |h| h.requests()))
+            }
             Algorithm::ConsistentHash { hash_on } => match hash_key(hash_on, req, client) {
                 Some(key) => self.rendezvous(key, tiers),
                 None => self.random_index(tiers),
@@ -295,23 +293,14 @@ impl Service {
         })
     }
 
-    /// Counts a request in flight to `endpoint` until the guard drops.
-    pub fn track(&self, endpoint: &Endpoint) -> Option<InFlight<'_>> {
+    /// Counts a request in flight to `endpoint` until the guard drops, in
+    /// the endpoint's state shared with the service's other views.
+    pub fn track(&self, endpoint: &Endpoint) -> Option<crate::resilience::InFlight<'_>> {
         let i = self
             .endpoints
             .iter()
             .position(|e| e.endpoint.address == endpoint.address)?;
-        self.load[i].fetch_add(1, Ordering::Relaxed);
-        Some(InFlight(&self.load[i]))
-    }
-}
-
-/// A request in flight to one endpoint (see [`Service::track`]).
-pub struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        Some(self.health.get(i)?.start_request())
     }
 }
 
@@ -639,7 +628,6 @@ impl MeshView {
                     ports: vec![l.target.port()],
                     http_ports: vec![l.target.port()],
                     detect_ports: Vec::new(),
-                    load: endpoints.iter().map(|_| Default::default()).collect(),
                     endpoints,
                     external: None,
                     next: AtomicUsize::new(0),
@@ -1133,7 +1121,6 @@ fn service(
         ports,
         http_ports,
         detect_ports,
-        load: endpoints.iter().map(|_| Default::default()).collect(),
         endpoints,
         external: None,
         next: AtomicUsize::new(0),
@@ -1185,7 +1172,6 @@ fn external_service(field: &str, e: &ExternalServiceView) -> Result<Service, Vie
         // An ExternalService's protocol is declared (the zone refuses
         // `detect` there).
         detect_ports: Vec::new(),
-        load: Vec::new(),
         endpoints: Vec::new(),
         external: Some(external),
         next: AtomicUsize::new(0),
@@ -1724,6 +1710,39 @@ mod tests {
             picked.into_iter().collect::<Vec<_>>(),
             ["10.0.0.1", "10.0.0.3"]
         );
+    }
+
+    #[test]
+    fn http_least_request_counts_requests_still_running_under_a_new_view() {
+        let old = split_service("least-requests", true);
+        let client: IpAddr = "10.0.9.9".parse().unwrap();
+        let least = Algorithm::LeastRequest;
+        let busy = old
+            .pick_with(&least, None, &request(), client)
+            .expect("an endpoint")
+            .address;
+        let endpoint = old
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.address == busy)
+            .map(|e| e.endpoint.clone())
+            .expect("picked from the service");
+        let running = old.track(&endpoint).expect("a tracked endpoint");
+        // A config update made a new view of the same service: it sees the
+        // request still running on the old one.
+        let new = split_service("least-requests", true);
+        for _ in 0..30 {
+            let picked = new
+                .pick_with(&least, None, &request(), client)
+                .map(|e| e.address);
+            assert_ne!(picked, Some(busy));
+        }
+        drop(running);
+        let picked = addresses((0..60).filter_map(|_| {
+            new.pick_with(&least, None, &request(), client)
+                .map(|e| e.address)
+        }));
+        assert!(picked.contains(&busy.to_string()), "{picked:?}");
     }
 
     #[test]
