@@ -464,7 +464,7 @@ impl Hub {
         for (agent, sender) in targets {
             let current = sender.borrow().clone();
             let parts = match current.as_deref() {
-                Some(view) if view.parts_from == parts_from => view.parts(),
+                Some(view) if view.parts_from.load(Ordering::Relaxed) == parts_from => view.parts(),
                 _ => {
                     let own = by_agent
                         .get(agent.as_str())
@@ -487,7 +487,9 @@ impl Hub {
                     && *current.trust_bundle_pem == *bundle
                     && parts.same_as(current)
             });
-            if unchanged {
+            if let Some(current) = current.as_ref().filter(|_| unchanged) {
+                // Its parts hold for these inputs too.
+                current.parts_from.store(parts_from, Ordering::Relaxed);
                 continue;
             }
             let mut view = AgentView::with_prefix(
@@ -498,13 +500,17 @@ impl Hub {
                 self.zone.clone(),
                 bundle.clone(),
             );
-            view.parts_from = parts_from;
-            sender.send_if_modified(|current| {
-                let same = current.as_ref().is_some_and(|c| c.version == view.version);
-                if !same {
-                    *current = Some(Arc::new(view));
+            view.parts_from = AtomicU64::new(parts_from);
+            sender.send_if_modified(|current| match current {
+                // The same content: nothing to push, but its parts hold.
+                Some(c) if c.version == view.version => {
+                    c.parts_from.store(parts_from, Ordering::Relaxed);
+                    false
                 }
-                !same
+                _ => {
+                    *current = Some(Arc::new(view));
+                    true
+                }
             });
         }
         tracing::debug!(

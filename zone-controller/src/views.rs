@@ -17,6 +17,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -940,8 +941,9 @@ pub struct AgentView {
     /// Which inputs (Workloads, policies, ExternalServices, the Mesh) the
     /// own parts were computed from, numbered by the hub (0: none known):
     /// a refresh on the same inputs reuses the parts instead of compiling
-    /// each agent's policies again.
-    pub parts_from: u64,
+    /// each agent's policies again. Updated in place when a refresh finds
+    /// the parts equal, so the next one reuses them too.
+    pub parts_from: AtomicU64,
 }
 
 impl AgentView {
@@ -980,7 +982,7 @@ impl AgentView {
             mesh,
             zone,
             trust_bundle_pem,
-            parts_from: 0,
+            parts_from: AtomicU64::new(0),
         };
         let mut hasher = prefix.0.clone();
         // The head's fields after the bundle (see VersionPrefix).
