@@ -2,7 +2,7 @@
 //! that say when to read it again.
 
 use tokio::sync::broadcast;
-use weft_api::Kind;
+use weft_api::{Kind, Resource};
 
 use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
 use crate::backend::{on_pool, Store};
@@ -184,6 +184,27 @@ impl Store {
                 FeedEntry::Agent { .. } | FeedEntry::MeshCa { .. } => None,
             })
             .collect())
+    }
+
+    /// [`Store::changed_keys_since`] with each resource as it is now
+    /// (`None`: deleted since): what a reader that kept a listing applies
+    /// to bring it up to date.
+    pub async fn changed_since(
+        &self,
+        seq: u64,
+        kind: Kind,
+        mesh: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<(ResourceKey, Option<Resource>)>>, StoreError> {
+        let Some(keys) = self.changed_keys_since(seq, kind, mesh, limit).await? else {
+            return Ok(None);
+        };
+        let mut changed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let now = self.get(&key).await?.map(|stored| stored.resource);
+            changed.push((key, now));
+        }
+        Ok(Some(changed))
     }
 
     /// The keys of the resources of `kind` (in `mesh`, or in any) put or deleted after

@@ -22,6 +22,7 @@ use weft_store::{
 
 use crate::ca_rotation;
 use crate::mesh_ca::MeshCas;
+use crate::views::REREAD_MOST;
 
 /// The label on Services the leader created (and so may delete).
 pub const MANAGED_LABEL: &str = "weft.io/managed-by";
@@ -154,18 +155,16 @@ impl Leader {
     /// they are all listed. A change to one Workload of 10,000 then costs
     /// the leader a few reads, not a listing of the zone.
     async fn workloads(&self, last: Option<Workloads>) -> Result<Workloads, StoreError> {
-        /// Past this many changes, one listing is cheaper.
-        const REREAD_MOST: usize = 64;
         // Before the reads: a write in between is read again, not missed.
         let feed_seq = self.store.current_seq().await?;
         if let Some(mut last) = last {
             let changed = self
                 .store
-                .changed_keys_since(last.feed_seq, Kind::Workload, None, REREAD_MOST)
+                .changed_since(last.feed_seq, Kind::Workload, None, REREAD_MOST)
                 .await?;
-            if let Some(keys) = changed {
-                for key in keys {
-                    match self.store.get(&key).await?.map(|s| s.resource) {
+            if let Some(changed) = changed {
+                for (key, now) in changed {
+                    match now {
                         Some(Resource::Workload(w)) => {
                             last.asked.insert(key, Asked::of(&w));
                         }

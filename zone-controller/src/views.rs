@@ -105,9 +105,9 @@ async fn list_of<T>(
 /// it a moment later) reads the agents once, not twice.
 const PRESENCE_KEPT: Duration = Duration::from_secs(1);
 
-/// How many changed Workloads a load re-reads one by one; past that it
-/// lists them all again.
-const REREAD_MOST: usize = 64;
+/// How many changed Workloads a reader of a kept listing (a snapshot, the
+/// leader's) re-reads one by one; past that it lists them all again.
+pub const REREAD_MOST: usize = 64;
 
 /// Workloads in snapshot order: by namespace, then name.
 fn workload_order(w: &Workload) -> (&str, &str) {
@@ -126,20 +126,20 @@ async fn updated_workloads(
     mesh: &str,
     previous: &MeshSnapshot,
 ) -> Result<Option<Vec<Workload>>, StoreError> {
-    let Some(keys) = store
-        .changed_keys_since(previous.feed_seq, Kind::Workload, Some(mesh), REREAD_MOST)
+    let Some(changed) = store
+        .changed_since(previous.feed_seq, Kind::Workload, Some(mesh), REREAD_MOST)
         .await?
     else {
         return Ok(None);
     };
     let mut workloads = (*previous.workloads).clone();
-    for key in keys {
+    for (key, now) in changed {
         let wanted = (
             key.namespace.as_deref().unwrap_or_default(),
             key.name.as_str(),
         );
         let at = workloads.binary_search_by(|w| workload_order(w).cmp(&wanted));
-        match (store.get(&key).await?.map(|s| s.resource), at) {
+        match (now, at) {
             (Some(Resource::Workload(w)), Ok(i)) => workloads[i] = w,
             (Some(Resource::Workload(w)), Err(i)) => workloads.insert(i, w),
             (_, Ok(i)) => {
@@ -263,13 +263,13 @@ impl MeshSnapshot {
         // Heartbeats are not in the feed: a presence is kept only while it
         // is fresh (PRESENCE_KEPT) and no agent came, went or left since.
         let fresh = previous.filter(|p| p.agents_read.elapsed() < PRESENCE_KEPT);
-        let kept = match fresh {
+        let kept_agents = match fresh {
             Some(p) if !store.agents_changed_since(p.feed_seq, zone, name).await? => {
                 Some(p.agents.clone())
             }
             _ => None,
         };
-        let (agents, agents_read) = match kept {
+        let (agents, agents_read) = match kept_agents {
             Some(agents) => (agents, fresh.map_or_else(Instant::now, |p| p.agents_read)),
             None => {
                 let read = Instant::now();
