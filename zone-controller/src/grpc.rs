@@ -27,6 +27,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_QUEUE: usize = 128;
 /// The largest message accepted from an agent.
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Each agent connection's HTTP/2 buffers (third_party/h2/WEFT-PATCH.md).
+/// A config stream mostly reads acks and writes small deltas, yet h2's own
+/// 28 KiB per connection were a third of a 10,000-agent zone's memory. Each
+/// grows when a larger frame needs it; data frames of a few hundred bytes
+/// and more are written from their own buffer, not copied into this one.
+const CONNECTION_BUFFERS: h2::CodecBuffers = h2::CodecBuffers {
+    read: 1024,
+    write: 2048,
+    hpack_scratch: 0,
+};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -154,6 +164,7 @@ pub async fn serve(
     api: AgentApi,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    h2::set_codec_buffers(CONNECTION_BUFFERS);
     let (queue, incoming) = mpsc::channel(ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let accepting = tokio::spawn(accept(listener, acceptor, zone_ca, queue, stop.clone()));
