@@ -63,14 +63,6 @@ const ANSWER_WAIT: Duration = Duration::from_secs(1);
 const SENT_KEPT: usize = 8;
 
 /// The fingerprints of the CAs in a trust bundle (PEM), in order.
-fn bundle_cas(pem: &str) -> Vec<String> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .filter_map(Result::ok)
-        .map(|der| crate::mesh_ca::fingerprint(&der))
-        .collect()
-}
-
 /// The heartbeat period for an agent grace: at most [`HEARTBEAT`], and at
 /// least three heartbeats per grace, so that a live agent is never taken
 /// for a vanished one.
@@ -1108,7 +1100,7 @@ impl AgentApi {
         // The CAs in the bundle of each recently sent version, so that an
         // ack records what the agent trusts now (bounded: acks follow
         // pushes closely).
-        let mut sent: VecDeque<(String, Vec<String>)> = VecDeque::with_capacity(SENT_KEPT);
+        let mut sent: VecDeque<(String, Arc<[String]>)> = VecDeque::with_capacity(SENT_KEPT);
         // Whether the version the agent said it had was recorded as acked.
         let mut hello_recorded = false;
         // Until when the answer to the last push is awaited before the next
@@ -1183,7 +1175,7 @@ impl AgentApi {
                         // reconnection): record what it trusts once.
                         if !hello_recorded {
                             hello_recorded = true;
-                            self.hub.record_ack(agent, &view.version, bundle_cas(&view.trust_bundle_pem));
+                            self.hub.record_ack(agent, &view.version, view.trusted_cas.clone());
                             base = Some(view.sent());
                         }
                         continue;
@@ -1210,27 +1202,32 @@ impl AgentApi {
         stream: &Stream<'_>,
         view: &crate::views::AgentView,
         base: Option<&crate::views::Sent>,
-        sent: &mut VecDeque<(String, Vec<String>)>,
+        sent: &mut VecDeque<(String, Arc<[String]>)>,
         outbound: &Outbound,
     ) -> bool {
         if sent.len() == SENT_KEPT {
             sent.pop_front();
         }
-        sent.push_back((view.version.clone(), bundle_cas(&view.trust_bundle_pem)));
+        sent.push_back((view.version.clone(), view.trusted_cas.clone()));
         let agent = stream.agent;
         let mut chunks = 0;
         let mut delta = false;
-        for update in view.messages(base, stream.patches) {
+        let mut updates = view.messages(base, stream.patches);
+        loop {
+            // A chunk is built only once the queue has room for it: while
+            // every stream takes a push at once, each holds one chunk
+            // queued, not one more waiting for the queue.
+            let Ok(slot) = outbound.reserve().await else {
+                return false;
+            };
+            let Some(update) = updates.next() else { break };
             chunks += 1;
             // The first chunk says what was sent: a base no longer kept
             // makes it whole.
             delta |= chunks == 1 && !update.base_version.is_empty();
-            let message = pb::ZoneMessage {
+            slot.send(Box::new(Ok(pb::ZoneMessage {
                 message: Some(pb::zone_message::Message::Config(update)),
-            };
-            if outbound.send(Box::new(Ok(message))).await.is_err() {
-                return false;
-            }
+            })));
         }
         self.metrics.pushed(delta);
         tracing::debug!(%agent, version = %view.version, delta, chunks, "config pushed");
@@ -1241,7 +1238,7 @@ impl AgentApi {
         &self,
         stream: &Stream<'_>,
         message: pb::AgentMessage,
-        sent: &VecDeque<(String, Vec<String>)>,
+        sent: &VecDeque<(String, Arc<[String]>)>,
     ) -> Result<(), Status> {
         let agent = stream.agent;
         match message.message {

@@ -98,6 +98,10 @@ struct Built {
     parts_from: u64,
 }
 
+/// An ack not yet written: the version acked and the CAs its bundle held
+/// (shared by every view of that bundle).
+type Ack = (String, Arc<[String]>);
+
 /// The streams of this replica and the task that feeds them.
 pub struct Hub {
     store: Store,
@@ -115,9 +119,9 @@ pub struct Hub {
     /// delta (reused whole when nothing in it changed), and what a new
     /// stream's first view is made of without waiting for a refresh.
     built: Mutex<HashMap<String, Built>>,
-    /// Acks not yet written, the newest per agent (version, trusted CAs):
-    /// written together, so N agents acking one push cost one commit.
-    acks: Mutex<HashMap<String, (String, Vec<String>)>>,
+    /// Acks not yet written, the newest per agent: written together, so N
+    /// agents acking one push cost one commit.
+    acks: Mutex<HashMap<String, Ack>>,
     acked: Notify,
     metrics: Arc<ZoneMetrics>,
 }
@@ -295,7 +299,7 @@ impl Hub {
     }
 
     /// Queues the record of an ack (see [`Hub::write_acks`]).
-    pub fn record_ack(&self, agent: &str, version: &str, trusted_cas: Vec<String>) {
+    pub fn record_ack(&self, agent: &str, version: &str, trusted_cas: Arc<[String]>) {
         self.acks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -315,7 +319,7 @@ impl Hub {
             let batch: Vec<(String, String, Vec<String>)> =
                 std::mem::take(&mut *self.acks.lock().unwrap_or_else(|p| p.into_inner()))
                     .into_iter()
-                    .map(|(agent, (version, cas))| (agent, version, cas))
+                    .map(|(agent, (version, cas))| (agent, version, cas.to_vec()))
                     .collect();
             if batch.is_empty() {
                 if stopping {

@@ -858,9 +858,13 @@ fn share_unchanged(services: &mut [SharedService], previous: &ServiceSet) {
 /// the head's first field (the bundle: the version field is empty while
 /// hashing), so each of a mesh's agents hashes only its own small parts,
 /// not the bundle again. Fields are encoded in tag order, so the result is
-/// the hash of the whole head.
+/// the hash of the whole head. It also carries the bundle's CAs, found once
+/// for all the views that share it.
 #[derive(Clone)]
-pub struct VersionPrefix(sha2::Sha256);
+pub struct VersionPrefix {
+    hasher: sha2::Sha256,
+    trusted_cas: Arc<[String]>,
+}
 
 impl VersionPrefix {
     /// The prefix of views of `services` with `trust_bundle_pem`.
@@ -874,8 +878,22 @@ impl VersionPrefix {
             ..Default::default()
         };
         hasher.update(bundle.encode_to_vec());
-        VersionPrefix(hasher)
+        VersionPrefix {
+            hasher,
+            trusted_cas: bundle_cas(trust_bundle_pem),
+        }
     }
+}
+
+/// The fingerprints of the CAs in a PEM bundle: what an agent that acked a
+/// view with this bundle trusts (unparsable blocks are skipped: the agent
+/// would skip them too).
+fn bundle_cas(pem: &str) -> Arc<[String]> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| crate::mesh_ca::fingerprint(&der))
+        .collect()
 }
 
 /// What a stream keeps of the view it last sent: enough to build the next
@@ -938,6 +956,9 @@ pub struct AgentView {
     pub zone: String,
     /// Every CA the agent must trust.
     pub trust_bundle_pem: Arc<str>,
+    /// The fingerprints of the CAs in `trust_bundle_pem` (shared by the
+    /// views of one bundle): what the agent trusts once it acks.
+    pub trusted_cas: Arc<[String]>,
     /// Which inputs (Workloads, policies, ExternalServices, the Mesh) the
     /// own parts were computed from, numbered by the hub (0: none known):
     /// a refresh on the same inputs reuses the parts instead of compiling
@@ -982,9 +1003,10 @@ impl AgentView {
             mesh,
             zone,
             trust_bundle_pem,
+            trusted_cas: prefix.trusted_cas.clone(),
             parts_from: AtomicU64::new(0),
         };
-        let mut hasher = prefix.0.clone();
+        let mut hasher = prefix.hasher.clone();
         // The head's fields after the bundle (see VersionPrefix).
         hasher.update(view.head("", false).encode_to_vec());
         view.version = hex(&hasher.finalize());
