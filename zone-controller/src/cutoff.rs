@@ -294,3 +294,65 @@ impl Cutoff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use weft_store::{AgentEnrollment, TokenSpec, WorkloadScope};
+
+    use super::*;
+    use crate::feed::tests::store;
+
+    /// An agent of zone z1 enrolled with a fresh token.
+    async fn enrolled(store: &Store, name: &str) {
+        let (token_id, _) = store
+            .issue_token(&TokenSpec {
+                mesh: "default".to_owned(),
+                zone: "z1".to_owned(),
+                workloads: WorkloadScope::Prefix(String::new()),
+                expires_at: SystemTime::now() + Duration::from_secs(3600),
+                max_uses: 1,
+            })
+            .await
+            .unwrap();
+        store
+            .enroll_agent(&AgentEnrollment {
+                name: name.to_owned(),
+                zone: "z1".to_owned(),
+                mesh: "default".to_owned(),
+                hbone_address: "10.0.0.1:15008".to_owned(),
+                host_facts: serde_json::json!({}),
+                token_id,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// After falling below the feed's floor, the streams are checked as
+    /// the pruned entries would have: an agent no longer allowed, and one
+    /// whose Workload the operator deleted, are cut; the others go on.
+    #[tokio::test]
+    async fn a_resync_cuts_what_the_pruned_entries_would_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let cutoff = Cutoff::new(store.clone(), "z1".to_owned());
+        enrolled(&store, "kept").await;
+        enrolled(&store, "withdrawn").await;
+        let (_, kept) = cutoff.register("kept");
+        let (_, gone) = cutoff.register("gone");
+        let (id, withdrawn) = cutoff.register("withdrawn");
+        let key = "default/ns/a".to_owned();
+        cutoff.set_workloads(id, [key.clone()].into());
+        assert!(store
+            .withdraw_workload("z1", "withdrawn", &key)
+            .await
+            .unwrap());
+        cutoff.recheck_streams().await;
+        assert!(kept.borrow().is_none());
+        let reason = gone.borrow().clone().expect("cut").reason;
+        assert!(reason.contains("not enrolled"), "{reason}");
+        let reason = withdrawn.borrow().clone().expect("cut").reason;
+        assert!(reason.contains("default/ns/a was deleted"), "{reason}");
+    }
+}
