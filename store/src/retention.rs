@@ -74,11 +74,17 @@ impl Store {
         let max_age_ms = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
         let before_ms = now_ms.saturating_sub(max_age_ms);
         let batch = retention.batch.max(1);
+        // Once for all batches: entries written meanwhile only push the
+        // kept ones further from the end, so they stay kept.
+        let Some(highest) = self.highest_prunable(retention.keep_newest).await? else {
+            return Ok(FeedPruned {
+                rows: 0,
+                floor: self.feed_floor().await?,
+            });
+        };
         let mut rows = 0;
         loop {
-            let (deleted, floor) = self
-                .prune_batch(before_ms, retention.keep_newest, batch)
-                .await?;
+            let (deleted, floor) = self.prune_batch(before_ms, highest, batch).await?;
             rows += deleted;
             if deleted < batch {
                 return Ok(FeedPruned { rows, floor });
@@ -88,13 +94,30 @@ impl Store {
         }
     }
 
+    /// The highest sequence that leaves the `keep` newest entries in the
+    /// feed; `None` when there are no more than `keep`.
+    async fn highest_prunable(&self, keep: u64) -> Result<Option<i64>, StoreError> {
+        let Some(offset) = keep.checked_sub(1) else {
+            return Ok(Some(i64::MAX));
+        };
+        let kept: Option<i64> = on_pool!(self, pool => {
+            // The keep-th newest entry (the primary key's index, backwards).
+            sqlx::query_scalar("SELECT seq FROM changes ORDER BY seq DESC LIMIT 1 OFFSET $1")
+                .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+                .fetch_optional(pool)
+                .await
+                .map_err(StoreError::db("find the newest change feed entries to keep"))?
+        });
+        Ok(kept.map(|seq| seq - 1))
+    }
+
     /// Deletes at most `batch` of the oldest entries written before
-    /// `before_ms` and older than the `keep` newest, in one transaction;
-    /// returns how many went and the floor after.
+    /// `before_ms` up to `highest`, in one transaction; returns how many
+    /// went and the floor after.
     async fn prune_batch(
         &self,
         before_ms: i64,
-        keep: u64,
+        highest: i64,
         batch: u64,
     ) -> Result<(u64, u64), StoreError> {
         let op = "prune the change feed";
@@ -109,23 +132,6 @@ impl Store {
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(StoreError::db(op))?;
-            let highest = match keep.checked_sub(1) {
-                None => i64::MAX,
-                Some(offset) => {
-                    // The keep-th newest entry; none: fewer than `keep` in all.
-                    let kept: Option<i64> = sqlx::query_scalar(
-                        "SELECT seq FROM changes ORDER BY seq DESC LIMIT 1 OFFSET $1",
-                    )
-                    .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(op))?;
-                    match kept {
-                        Some(seq) => seq - 1,
-                        None => return Ok::<_, StoreError>((0, floor)),
-                    }
-                }
-            };
             // Uncommitted writers hold later sequences than any committed
             // entry (they commit in sequence order), so none is passed over.
             let oldest: Vec<(i64, i64)> = sqlx::query_as(
@@ -142,7 +148,7 @@ impl Store {
                 .map(|(seq, _)| *seq)
                 .last()
             else {
-                return Ok((0, floor));
+                return Ok::<_, StoreError>((0, floor));
             };
             let deleted = sqlx::query("DELETE FROM changes WHERE seq <= $1")
                 .bind(upper)
