@@ -60,6 +60,7 @@ pub(crate) mod tests {
     use weft_api::{parse_yaml, Resource};
     use weft_store::{now_ms, AgentEnrollment, Expect, FeedRetention, Store};
 
+    use super::Next;
     use crate::views::MeshSnapshot;
 
     /// A store on a SQLite file in `dir`.
@@ -104,6 +105,33 @@ spec:
         };
         let pruned = store.prune_feed(everything, now_ms() + 1).await.unwrap();
         assert!(pruned.rows > 0, "nothing pruned");
+    }
+
+    /// A follower reads on from its position while the feed has every
+    /// entry after it, and is told where to resynchronise from (the
+    /// sequence now) once entries it had not read were pruned.
+    #[tokio::test]
+    async fn a_follower_below_the_floor_resynchronises() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        store.put(&mesh("default"), Expect::Absent).await.unwrap();
+        let behind = store.current_seq().await.unwrap();
+        store.put(&mesh("a"), Expect::Absent).await.unwrap();
+        store.put(&mesh("b"), Expect::Absent).await.unwrap();
+        let now = store.current_seq().await.unwrap();
+        let Next::Entries(entries) = super::next(&store, behind).await.unwrap() else {
+            panic!("nothing was pruned yet");
+        };
+        assert_eq!(entries.len(), 2);
+        prune_all_but_newest(&store).await;
+        match super::next(&store, behind).await.unwrap() {
+            Next::Resync(from) => assert_eq!(from, now),
+            Next::Entries(entries) => panic!("a silent gap: only {entries:?}"),
+        }
+        let Next::Entries(entries) = super::next(&store, now).await.unwrap() else {
+            panic!("at the sequence now, nothing is missing");
+        };
+        assert!(entries.is_empty());
     }
 
     fn addresses(snapshot: &MeshSnapshot) -> Vec<String> {
