@@ -122,6 +122,11 @@ fn sqlite_migrations() -> Vec<Migration> {
             "initial_traffic_permissions",
             include_str!("../migrations/sqlite/0005_initial_traffic_permissions.sql"),
         ),
+        migration(
+            6,
+            "feed_retention",
+            include_str!("../migrations/sqlite/0006_feed_retention.sql"),
+        ),
     ]
 }
 
@@ -151,6 +156,11 @@ fn postgres_migrations() -> Vec<Migration> {
             5,
             "initial_traffic_permissions",
             include_str!("../migrations/postgres/0005_initial_traffic_permissions.sql"),
+        ),
+        migration(
+            6,
+            "feed_retention",
+            include_str!("../migrations/postgres/0006_feed_retention.sql"),
         ),
     ]
 }

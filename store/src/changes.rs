@@ -16,10 +16,11 @@ use crate::resources::ResourceKey;
 pub(crate) const NEXT_SEQ: &str =
     "UPDATE change_sequence SET value = value + 1 WHERE id = 1 RETURNING value";
 
-/// Appends one entry to the feed.
+/// Appends one entry to the feed, with when it was written (what
+/// [`Store::prune_feed`] ages it by).
 pub(crate) const INSERT_CHANGE: &str =
-    "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    "INSERT INTO changes (seq, kind, mesh, namespace, name, version, deleted, at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Takes the next change sequence inside the transaction `$tx`
 /// (serialising it with every other writer) and returns it; `$op` names
@@ -47,6 +48,7 @@ macro_rules! append_change {
             .bind($name)
             .bind($version)
             .bind($deleted)
+            .bind($crate::clock::now_ms())
             .execute(&mut *$tx)
             .await
             .map_err($crate::error::StoreError::db($op))?;
@@ -173,17 +175,21 @@ impl Store {
     }
 
     /// Every resource change after `seq`, oldest first (inventory and CA
-    /// entries are skipped: see [`Store::feed_since`]).
-    pub async fn changes_since(&self, seq: u64) -> Result<Vec<Change>, StoreError> {
-        Ok(self
-            .feed_since(seq)
-            .await?
-            .into_iter()
-            .filter_map(|entry| match entry {
-                FeedEntry::Resource(change) => Some(change),
-                FeedEntry::Agent { .. } | FeedEntry::MeshCa { .. } => None,
-            })
-            .collect())
+    /// entries are skipped: see [`Store::feed_since`]); `None` when `seq`
+    /// is below the feed's floor (some were pruned: read everything again).
+    pub async fn changes_since(&self, seq: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        let Some(entries) = self.feed_since(seq).await? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            entries
+                .into_iter()
+                .filter_map(|entry| match entry {
+                    FeedEntry::Resource(change) => Some(change),
+                    FeedEntry::Agent { .. } | FeedEntry::MeshCa { .. } => None,
+                })
+                .collect(),
+        ))
     }
 
     /// [`Store::changed_keys_since`] with each resource as it is now
@@ -209,8 +215,10 @@ impl Store {
 
     /// The keys of the resources of `kind` (in `mesh`, or in any) put or deleted after
     /// `seq`, each once, oldest change first; `None` when more than
-    /// `limit` changed (re-reading the whole listing is cheaper then).
-    /// What lets a reader that kept a listing bring it up to date.
+    /// `limit` changed (re-reading the whole listing is cheaper then) or
+    /// when `seq` is below the feed's floor (changes after it may have been
+    /// pruned: the listing must be read again). What lets a reader that
+    /// kept a listing bring it up to date.
     pub async fn changed_keys_since(
         &self,
         seq: u64,
@@ -235,7 +243,8 @@ impl Store {
             .await
             .map_err(StoreError::db(&op))?
         });
-        if rows.len() > limit {
+        // The floor after the rows: see [`Store::feed_floor`].
+        if rows.len() > limit || self.behind_floor(seq).await? {
             return Ok(None);
         }
         let mut keys: Vec<ResourceKey> = Vec::with_capacity(rows.len());
@@ -250,7 +259,9 @@ impl Store {
 
     /// Whether an agent of `mesh` in `zone` was enrolled, connected,
     /// disconnected, left or cut off after `seq` (the inventory entries of
-    /// the feed; heartbeats are not in it).
+    /// the feed; heartbeats are not in it). Also true when `seq` is below the
+    /// feed's floor: entries after it may have been pruned, so whether one
+    /// changed is unknown and the caller must assume so.
     pub async fn agents_changed_since(
         &self,
         seq: u64,
@@ -273,12 +284,25 @@ impl Store {
             .await
             .map_err(StoreError::db(&op))?
         });
-        Ok(found.is_some())
+        // The floor after the rows: see [`Store::feed_floor`].
+        Ok(found.is_some() || self.behind_floor(seq).await?)
     }
 
     /// Every entry of the feed after `seq`, resources, agents and CAs, oldest
-    /// first.
-    pub async fn feed_since(&self, seq: u64) -> Result<Vec<FeedEntry>, StoreError> {
+    /// first; `None` when `seq` is below the feed's floor (entries after it
+    /// may have been pruned): the follower must resynchronise from a full
+    /// read, as it does when it starts.
+    pub async fn feed_since(&self, seq: u64) -> Result<Option<Vec<FeedEntry>>, StoreError> {
+        let entries = self.feed_rows_since(seq).await?;
+        // The floor after the rows: see [`Store::feed_floor`].
+        if self.behind_floor(seq).await? {
+            return Ok(None);
+        }
+        Ok(Some(entries))
+    }
+
+    /// The rows of [`Store::feed_since`], decoded, whatever the floor.
+    async fn feed_rows_since(&self, seq: u64) -> Result<Vec<FeedEntry>, StoreError> {
         let after = i64::try_from(seq).unwrap_or(i64::MAX);
         let op = format!("read changes since {seq}");
         on_pool!(self, pool => {

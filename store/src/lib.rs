@@ -11,7 +11,9 @@
 //!
 //! Watching: [`Store::watch`] only says *that* something changed; readers
 //! then call [`Store::changes_since`] with the last sequence they applied,
-//! so a lost or coalesced notification never loses a change.
+//! so a lost or coalesced notification never loses a change. The feed is
+//! bounded ([`Store::prune_feed`]): a reader left below its floor is told
+//! so (`None`) and reads everything again.
 
 mod agents;
 mod backend;
@@ -24,6 +26,7 @@ mod error;
 mod leader;
 mod mesh_cas;
 mod resources;
+mod retention;
 mod tokens;
 mod vips;
 
@@ -38,5 +41,6 @@ pub use error::StoreError;
 pub use leader::LeaderGuard;
 pub use mesh_cas::{CaRole, CaSource, MeshCaRecord, NewMeshCa};
 pub use resources::{Expect, ListingMark, ListingMarks, ResourceKey, StoredResource};
+pub use retention::{FeedPruned, FeedRetention};
 pub use tokens::{TokenError, TokenGrant, TokenInfo, TokenSpec, WorkloadScope};
 pub use vips::VipRange;

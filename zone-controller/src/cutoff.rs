@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use weft_api::Kind;
 use weft_store::{ChangeEvent, FeedEntry, ResourceKey, Store, StoreError};
 
+use crate::feed::Next;
+
 /// Why a stream is cut; `None` while it may go on.
 pub type CutReceiver = watch::Receiver<Option<Cut>>;
 
@@ -207,18 +209,57 @@ impl Cutoff {
                 changed = watch.changed() => if changed.is_err() { return },
                 _ = stop.changed() => return,
             }
-            match self.store.feed_since(seq).await {
-                Ok(entries) => {
+            match crate::feed::next(&self.store, seq).await {
+                Ok(Next::Entries(entries)) => {
                     for entry in entries {
                         seq = seq.max(entry.seq());
                         self.on_entry(entry).await;
                     }
+                }
+                Ok(Next::Resync(now)) => {
+                    seq = now;
+                    self.recheck_streams().await;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the change feed to cut agents off; retrying at the next change")
                 }
             }
         }
+    }
+
+    /// Checks every local stream as the feed entries that were pruned
+    /// unread would have: a revocation or a deletion among them still cuts.
+    async fn recheck_streams(&self) {
+        let streams: Vec<(String, BTreeSet<String>)> = self
+            .lock()
+            .values()
+            .map(|e| (e.agent.clone(), e.workloads.clone()))
+            .collect();
+        for (agent, workloads) in streams {
+            if let Err(error) = self.recheck(&agent, &workloads).await {
+                tracing::warn!(%agent, %error, "cannot check whether the agent is still allowed");
+            }
+        }
+    }
+
+    /// Cuts `agent` if it may not hold a stream any more, or the streams
+    /// that registered one of its Workloads the operator deleted (the
+    /// inventory records them as withdrawn).
+    async fn recheck(&self, agent: &str, workloads: &BTreeSet<String>) -> Result<(), StoreError> {
+        if let Some(reason) = Self::refusal(&self.store, &self.zone, agent).await? {
+            tracing::warn!(%agent, %reason, "agent cut off: its config stream ends");
+            self.cut_agent(agent, &reason);
+            return Ok(());
+        }
+        let Some(record) = self.store.get_agent(&self.zone, agent).await? else {
+            return Ok(());
+        };
+        for key in record.withdrawn.iter().filter(|k| workloads.contains(*k)) {
+            for agent in self.cut_workload(key) {
+                tracing::warn!(%agent, workload = %key, "workload deleted by the operator: agent cut off");
+            }
+        }
+        Ok(())
     }
 
     async fn on_entry(&self, entry: FeedEntry) {
@@ -251,5 +292,67 @@ impl Cutoff {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use weft_store::{AgentEnrollment, TokenSpec, WorkloadScope};
+
+    use super::*;
+    use crate::feed::tests::store;
+
+    /// An agent of zone z1 enrolled with a fresh token.
+    async fn enrolled(store: &Store, name: &str) {
+        let (token_id, _) = store
+            .issue_token(&TokenSpec {
+                mesh: "default".to_owned(),
+                zone: "z1".to_owned(),
+                workloads: WorkloadScope::Prefix(String::new()),
+                expires_at: SystemTime::now() + Duration::from_secs(3600),
+                max_uses: 1,
+            })
+            .await
+            .unwrap();
+        store
+            .enroll_agent(&AgentEnrollment {
+                name: name.to_owned(),
+                zone: "z1".to_owned(),
+                mesh: "default".to_owned(),
+                hbone_address: "10.0.0.1:15008".to_owned(),
+                host_facts: serde_json::json!({}),
+                token_id,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// After falling below the feed's floor, the streams are checked as
+    /// the pruned entries would have: an agent no longer allowed, and one
+    /// whose Workload the operator deleted, are cut; the others go on.
+    #[tokio::test]
+    async fn a_resync_cuts_what_the_pruned_entries_would_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let cutoff = Cutoff::new(store.clone(), "z1".to_owned());
+        enrolled(&store, "kept").await;
+        enrolled(&store, "withdrawn").await;
+        let (_, kept) = cutoff.register("kept");
+        let (_, gone) = cutoff.register("gone");
+        let (id, withdrawn) = cutoff.register("withdrawn");
+        let key = "default/ns/a".to_owned();
+        cutoff.set_workloads(id, [key.clone()].into());
+        assert!(store
+            .withdraw_workload("z1", "withdrawn", &key)
+            .await
+            .unwrap());
+        cutoff.recheck_streams().await;
+        assert!(kept.borrow().is_none());
+        let reason = gone.borrow().clone().expect("cut").reason;
+        assert!(reason.contains("not enrolled"), "{reason}");
+        let reason = withdrawn.borrow().clone().expect("cut").reason;
+        assert!(reason.contains("default/ns/a was deleted"), "{reason}");
     }
 }

@@ -354,8 +354,13 @@ impl Hub {
                     if changed.is_err() {
                         return;
                     }
-                    match self.store.feed_since(seq).await {
-                        Ok(entries) => {
+                    match crate::feed::next(&self.store, seq).await {
+                        // As at a start: every view recomputed from a full read.
+                        Ok(crate::feed::Next::Resync(now)) => {
+                            seq = now;
+                            all = true;
+                        }
+                        Ok(crate::feed::Next::Entries(entries)) => {
                             let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
                             for entry in entries {
                                 seq = seq.max(entry.seq());

@@ -3,7 +3,8 @@
 //! their workloads' and a stable virtual IP; and moving mesh CA rotations
 //! along (promoting pending CAs, dropping expired ones, rotating old ones);
 //! and removing agents that vanished (not seen for the agent grace) from
-//! every endpoint list. One replica leads at a time
+//! every endpoint list; and bounding the change feed (pruning entries older
+//! than the feed retention). One replica leads at a time
 //! (the store's advisory lock); the others retry every couple of seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,11 +18,13 @@ use weft_api::{
     Workload, WorkloadPort,
 };
 use weft_store::{
-    now_ms, Expect, LeaderGuard, ListingMarks, ResourceKey, Store, StoreError, VipRange,
+    now_ms, Expect, FeedRetention, LeaderGuard, ListingMarks, ResourceKey, Store, StoreError,
+    VipRange,
 };
 
 use crate::ca_rotation;
 use crate::mesh_ca::MeshCas;
+use crate::metrics::ZoneMetrics;
 use crate::views::REREAD_MOST;
 
 /// The label on Services the leader created (and so may delete).
@@ -29,6 +32,15 @@ pub const MANAGED_LABEL: &str = "weft.io/managed-by";
 const MANAGED_VALUE: &str = "weft-zone";
 /// How often a follower tries to lead, and a leader re-checks its lock.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the leader prunes the change feed: often enough that a
+/// backlog stays small, rarely enough to cost nothing.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The newest feed entries kept whatever their age, so a quiet zone keeps
+/// some history for replicas that were away.
+const FEED_KEEP_NEWEST: u64 = 10_000;
+/// Feed entries deleted per transaction: a short hold of SQLite's single
+/// writer even over a backlog of millions.
+const FEED_PRUNE_BATCH: u64 = 1_000;
 
 /// What the leader loop needs.
 pub struct Leader {
@@ -44,6 +56,10 @@ pub struct Leader {
     pub cas: Arc<MeshCas>,
     /// How long an agent may go unseen before it is removed.
     pub agent_grace: Duration,
+    /// How long the change feed keeps its entries.
+    pub feed_retention: Duration,
+    /// Where the pruned entries are counted.
+    pub metrics: Arc<ZoneMetrics>,
 }
 
 impl Leader {
@@ -84,6 +100,7 @@ impl Leader {
         let mut derived: Option<ListingMarks> = None;
         // The Workloads as last read.
         let mut workloads: Option<Workloads> = None;
+        let mut pruned_at: Option<std::time::Instant> = None;
         loop {
             if let Err(error) = guard.check().await {
                 tracing::warn!(%error, "leader lock lost");
@@ -93,6 +110,10 @@ impl Leader {
             derived = self.derive(derived.take(), &mut workloads).await;
             self.rotate_cas().await;
             self.remove_vanished().await;
+            if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                self.prune_feed().await;
+                pruned_at = Some(std::time::Instant::now());
+            }
             tracing::debug!(took_ms = started.elapsed().as_millis(), "leader round");
             tokio::select! {
                 changed = watch.changed() => if changed.is_err() { return false },
@@ -348,6 +369,33 @@ impl Leader {
         }
     }
 
+    /// Deletes the change feed's entries older than the retention (beyond
+    /// the newest kept); readers left below the floor re-read everything
+    /// (see [`Store::feed_floor`]).
+    async fn prune_feed(&self) {
+        let retention = FeedRetention {
+            max_age: self.feed_retention,
+            keep_newest: FEED_KEEP_NEWEST,
+            batch: FEED_PRUNE_BATCH,
+        };
+        let started = std::time::Instant::now();
+        match self.store.prune_feed(retention, now_ms()).await {
+            Ok(pruned) => {
+                self.metrics.feed_pruned(pruned.rows);
+                if pruned.rows > 0 {
+                    tracing::info!(
+                        rows = pruned.rows,
+                        floor = pruned.floor,
+                        retention_s = self.feed_retention.as_secs(),
+                        took_ms = started.elapsed().as_millis(),
+                        "change feed pruned"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot prune the change feed; retrying"),
+        }
+    }
+
     /// Writes a Service; a conflict only means the next round redoes it.
     async fn write(&self, resource: Resource, expect: Expect) -> Result<(), StoreError> {
         match self.store.put(&resource, expect).await {
@@ -410,4 +458,49 @@ fn is_managed(service: &Service) -> bool {
         .get(MANAGED_LABEL)
         .map(String::as_str)
         == Some(MANAGED_VALUE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feed::tests::{mesh, prune_all_but_newest, store, workload};
+
+    fn services(workloads: &Workloads) -> Vec<String> {
+        workloads
+            .desired()
+            .keys()
+            .map(|(_, _, s)| s.clone())
+            .collect()
+    }
+
+    /// The leader's Workloads as last read, once its position fell below
+    /// the feed's floor, are listed again: a Workload whose change was
+    /// pruned unread still gets its Service.
+    #[tokio::test]
+    async fn workloads_behind_the_floor_converge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let leader = Leader {
+            store: store.clone(),
+            zone: "z1".to_owned(),
+            vips: "240.240.0.0/16".parse().unwrap(),
+            leading: Arc::default(),
+            cas: Arc::new(MeshCas::new(store.clone(), Duration::from_secs(3600))),
+            agent_grace: Duration::from_secs(60),
+            feed_retention: Duration::from_secs(3600),
+            metrics: Arc::new(ZoneMetrics::new(Arc::default())),
+        };
+        store.put(&mesh("default"), Expect::Absent).await.unwrap();
+        let a = workload("a", "10.0.0.1", "payments");
+        store.put(&a, Expect::Absent).await.unwrap();
+        let first = leader.workloads(None).await.unwrap();
+        assert_eq!(services(&first), ["payments"]);
+        let b = workload("b", "10.0.0.2", "orders");
+        store.put(&b, Expect::Absent).await.unwrap();
+        // The one entry kept says nothing of the Workloads.
+        store.put(&mesh("other"), Expect::Absent).await.unwrap();
+        prune_all_but_newest(&store).await;
+        let next = leader.workloads(Some(first)).await.unwrap();
+        assert_eq!(services(&next), ["orders", "payments"]);
+    }
 }

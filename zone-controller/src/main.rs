@@ -97,6 +97,11 @@ struct RunArgs {
     /// [default: 60s].
     #[arg(long)]
     agent_grace: Option<String>,
+    /// How long the change feed keeps its entries (e.g. `1h`, at least
+    /// `1m`); the leader prunes older ones (the newest 10,000 always stay).
+    /// A replica left further behind re-reads everything [default: 1h].
+    #[arg(long)]
+    feed_retention: Option<String>,
     /// How log lines are written on stderr: `human` or `json` (one object
     /// per line, for log pipelines) [default: human]. RUST_LOG sets the level.
     #[arg(long)]
@@ -117,6 +122,7 @@ impl RunArgs {
                 replica_id: self.replica_id,
                 mesh_ca_lifetime: self.mesh_ca_lifetime,
                 agent_grace: self.agent_grace,
+                feed_retention: self.feed_retention,
                 log_format: self.log_format,
             },
         )
@@ -167,8 +173,8 @@ fn main() -> anyhow::Result<()> {
     }
     let s = settings;
     println!(
-        "zone {}: store {}, API {}, agents {}, certificate names {:?}, virtual IPs {}, agent grace {:?}, mesh CA lifetime {:?}, logs {:?}",
-        s.zone, s.store, s.listen, s.grpc_listen, s.sans, s.vip_range, s.agent_grace, s.mesh_ca_lifetime, s.log_format
+        "zone {}: store {}, API {}, agents {}, certificate names {:?}, virtual IPs {}, agent grace {:?}, feed retention {:?}, mesh CA lifetime {:?}, logs {:?}",
+        s.zone, s.store, s.listen, s.grpc_listen, s.sans, s.vip_range, s.agent_grace, s.feed_retention, s.mesh_ca_lifetime, s.log_format
     );
     Ok(())
 }
@@ -250,6 +256,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             leading: leading.clone(),
             cas: cas.clone(),
             agent_grace,
+            feed_retention: args.feed_retention,
+            metrics: metrics.clone(),
         }
         .run(stop.clone()),
     );

@@ -46,6 +46,7 @@ pub struct ZoneMetrics {
     refresh_seconds: Histogram,
     leader: Gauge,
     leading: Arc<AtomicBool>,
+    feed_pruned: Counter,
 }
 
 impl ZoneMetrics {
@@ -62,6 +63,7 @@ impl ZoneMetrics {
             refresh_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             leader: Gauge::default(),
             leading,
+            feed_pruned: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -99,6 +101,11 @@ impl ZoneMetrics {
             "1 while this replica leads (derives services, allocates virtual IPs)",
             m.leader.clone(),
         );
+        registry.register(
+            "feed_pruned_entries",
+            "Change feed entries the leader deleted (older than feed_retention, beyond the newest kept)",
+            m.feed_pruned.clone(),
+        );
         ZoneMetrics { registry, ..m }
     }
 
@@ -133,6 +140,11 @@ impl ZoneMetrics {
     /// One mesh's views were recomputed in `took`.
     pub fn refreshed(&self, took: Duration) {
         self.refresh_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The leader deleted `rows` entries of the change feed.
+    pub fn feed_pruned(&self, rows: u64) {
+        self.feed_pruned.inc_by(rows);
     }
 
     /// The text exposition format.
@@ -170,6 +182,7 @@ mod tests {
         metrics.answered(false, None);
         metrics.enrolment(false);
         metrics.refreshed(Duration::from_millis(1));
+        metrics.feed_pruned(7);
         let text = metrics.encode();
         for line in [
             "weft_zone_config_streams 1",
@@ -180,6 +193,7 @@ mod tests {
             "weft_zone_enrolments_total{result=\"refused\"} 1",
             "weft_zone_view_refresh_seconds_count 1",
             "weft_zone_leader 1",
+            "weft_zone_feed_pruned_entries_total 7",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -13,6 +13,11 @@ use weft_store::VipRange;
 /// The shortest agent grace: three heartbeats must fit in it.
 const MIN_AGENT_GRACE: Duration = Duration::from_secs(1);
 
+/// The shortest change feed retention: a replica or view that pauses
+/// longer than this (a slow refresh, a busy store) reads everything again,
+/// so a shorter one would turn pauses into full re-reads.
+const MIN_FEED_RETENTION: Duration = Duration::from_secs(60);
+
 /// The settings file as written: every field optional, unknown ones
 /// refused (a misspelt key must not silently fall back to a default).
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +32,7 @@ pub struct SettingsFile {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Option<String>,
     pub agent_grace: Option<String>,
+    pub feed_retention: Option<String>,
     pub log_format: Option<String>,
 }
 
@@ -63,6 +69,7 @@ pub struct Settings {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Duration,
     pub agent_grace: Duration,
+    pub feed_retention: Duration,
     pub log_format: LogFormat,
 }
 
@@ -154,6 +161,7 @@ pub struct Overrides {
     pub replica_id: Option<String>,
     pub mesh_ca_lifetime: Option<String>,
     pub agent_grace: Option<String>,
+    pub feed_retention: Option<String>,
     pub log_format: Option<String>,
 }
 
@@ -192,6 +200,22 @@ impl Settings {
                 reason: "must be at least 1s (streams heartbeat within a third of it)".into(),
             });
         }
+        let feed_retention: weft_api::Duration = src.pick(
+            "feed_retention",
+            flags.feed_retention,
+            file.feed_retention,
+            "1h",
+        )?;
+        if feed_retention.as_std() < MIN_FEED_RETENTION {
+            return Err(SettingsError::Invalid {
+                field: "feed_retention",
+                value: feed_retention.to_string(),
+                origin: src.key("feed_retention"),
+                reason:
+                    "must be at least 1m (a replica that falls further behind re-reads everything)"
+                        .into(),
+            });
+        }
         let mesh_ca_lifetime: weft_api::Duration = src.pick(
             "mesh_ca_lifetime",
             flags.mesh_ca_lifetime,
@@ -224,6 +248,7 @@ impl Settings {
             replica_id: flags.replica_id.or(file.replica_id),
             mesh_ca_lifetime: mesh_ca_lifetime.as_std(),
             agent_grace: agent_grace.as_std(),
+            feed_retention: feed_retention.as_std(),
             log_format: src.pick("log_format", flags.log_format, file.log_format, "human")?,
         })
     }
@@ -246,7 +271,10 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:5681".parse().unwrap());
         assert_eq!(s.grpc_listen, "0.0.0.0:5678".parse().unwrap());
         assert_eq!(s.agent_grace, Duration::from_secs(60));
+        assert_eq!(s.feed_retention, Duration::from_secs(3600));
         assert_eq!(s.log_format, LogFormat::Human);
+        let s = file("feed_retention: 15m\n").expect("valid");
+        assert_eq!(s.feed_retention, Duration::from_secs(900));
         let s = file("log_format: json\n").expect("valid");
         assert_eq!(s.log_format, LogFormat::Json);
     }
@@ -292,6 +320,12 @@ mod tests {
         assert!(err.contains("invalid zone \"East_1\""), "{err}");
         let err = file("agent_grace: 10ms\n").unwrap_err().to_string();
         assert!(err.contains("must be at least 1s"), "{err}");
+        let err = file("feed_retention: 10s\n").unwrap_err().to_string();
+        assert!(
+            err.contains("invalid feed_retention \"10s\" (`feed_retention` in ")
+                && err.contains("must be at least 1m"),
+            "{err}"
+        );
         let err = Settings::load(
             None,
             Overrides {
