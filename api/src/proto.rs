@@ -13,6 +13,14 @@ pub mod agent {
     /// the bundle a delta leaves out (see `Hello.features`).
     pub const ENDPOINT_PATCHES: &str = "endpoint-patches";
 
+    /// The Hello feature of agents that join a service sent in parts:
+    /// consecutive entries of one update's `services` with the same
+    /// namespace and name are one service, with the first entry's other
+    /// fields and every entry's endpoints in order. The zone sends a
+    /// service larger than its message bound that way, so that no message
+    /// grows with the size of a service.
+    pub const SERVICE_PARTS: &str = "service-parts";
+
     /// The order of a service's endpoints on both sides of the config
     /// stream: by address, agent, SPIFFE ID, readiness, then location
     /// (zone, region, zone, subzone: ties only between equal addresses,

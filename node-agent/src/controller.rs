@@ -906,7 +906,10 @@ impl Controller {
                 workloads: self.locals.registrations(),
                 host: Some(host_facts()),
                 hbone_address: hbone_of(&self.config),
-                features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
+                features: vec![
+                    weft_api::proto::agent::ENDPOINT_PATCHES.to_owned(),
+                    weft_api::proto::agent::SERVICE_PARTS.to_owned(),
+                ],
             })),
         }
     }

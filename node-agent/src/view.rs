@@ -418,11 +418,30 @@ impl Chunks {
             return Ok(None);
         }
         self.count = 0;
+        let mut whole = merged;
+        join_service_parts(&mut whole.services);
         Ok(Some(ConfigUpdate {
             more: false,
-            ..merged
+            ..whole
         }))
     }
+}
+
+/// Joins a service sent in parts (`SERVICE_PARTS`): consecutive entries
+/// with the same namespace and name become one, with the first entry's
+/// other fields and every entry's endpoints in order. A zone that does not
+/// split services never sends one twice, so this changes nothing then.
+pub fn join_service_parts(services: &mut Vec<ServiceView>) {
+    let mut joined: Vec<ServiceView> = Vec::with_capacity(services.len());
+    for service in services.drain(..) {
+        match joined.last_mut() {
+            Some(last) if last.namespace == service.namespace && last.name == service.name => {
+                last.endpoints.extend(service.endpoints);
+            }
+            _ => joined.push(service),
+        }
+    }
+    *services = joined;
 }
 
 /// The whole view an update leads to: itself if whole, else the delta
@@ -1596,6 +1615,35 @@ mod tests {
         let whole = chunks.push(last).unwrap().expect("the last chunk");
         assert_eq!(whole.patched_services.len(), 2);
         assert_eq!(whole.base_version, "7");
+    }
+
+    #[test]
+    fn chunks_join_a_service_sent_in_parts() {
+        let mut api = api_now(vec![endpoint("10.0.0.1", true), endpoint("10.0.0.2", true)]);
+        let mut head = api.clone();
+        head.endpoints.truncate(1);
+        let mut rest = api.clone();
+        rest.endpoints.remove(0);
+        // Another service after the parts stays apart.
+        let mut other = api_now(vec![endpoint("10.0.0.3", true)]);
+        other.name = "other".into();
+        let mut chunks = Chunks::default();
+        let first = ConfigUpdate {
+            version: "9".into(),
+            services: vec![head],
+            more: true,
+            ..Default::default()
+        };
+        assert_eq!(chunks.push(first).unwrap(), None);
+        let last = ConfigUpdate {
+            version: "9".into(),
+            services: vec![rest, other.clone()],
+            ..Default::default()
+        };
+        let whole = chunks.push(last).unwrap().expect("the last chunk");
+        api.endpoints
+            .sort_by(weft_api::proto::agent::endpoint_order);
+        assert_eq!(whole.services, vec![api, other]);
     }
 
     #[test]

@@ -40,6 +40,9 @@ type Queued = Box<Result<pb::ZoneMessage, Status>>;
 /// The sending half of a config stream.
 type Outbound = mpsc::Sender<Queued>;
 
+/// The receiving half of a config stream, boxed (see `stream`).
+type Inbound = Box<Streaming<pb::AgentMessage>>;
+
 /// The response half of a config stream, as tonic polls it.
 pub struct Outgoing(mpsc::Receiver<Queued>);
 
@@ -685,6 +688,8 @@ struct Stream<'a> {
     cut_id: u64,
     /// Whether the agent applies endpoint patches (Hello.features).
     patches: bool,
+    /// Whether the agent joins a service sent in parts (Hello.features).
+    parts: bool,
 }
 
 fn issue_status(field: &str, error: IssueError) -> Status {
@@ -832,7 +837,9 @@ impl AgentService for AgentApi {
         let agent = Self::authenticated(&request)?;
         let remote = request.extensions().get::<PeerInfo>().map(|p| p.remote);
         tracing::debug!(%agent, ?remote, "config stream opened");
-        let inbound = request.into_inner();
+        // Boxed once here: passed by value down the stream's nested async
+        // functions, it would take its room in each of their states.
+        let inbound = Box::new(request.into_inner());
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let api = self.clone();
         // Registered before the answer goes out (and before the checks, so
@@ -860,7 +867,7 @@ impl AgentApi {
         &self,
         agent: &str,
         (cut_id, cut): (u64, CutReceiver),
-        inbound: Streaming<pb::AgentMessage>,
+        inbound: Inbound,
         outbound: &Outbound,
     ) -> Result<(), Status> {
         let outcome = self
@@ -973,7 +980,7 @@ impl AgentApi {
         agent: &str,
         cut_id: u64,
         cut: CutReceiver,
-        mut inbound: Streaming<pb::AgentMessage>,
+        mut inbound: Inbound,
         outbound: &Outbound,
     ) -> Result<(), Status> {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -1007,16 +1014,17 @@ impl AgentApi {
                 .features
                 .iter()
                 .any(|f| f == weft_api::proto::agent::ENDPOINT_PATCHES),
+            parts: hello
+                .features
+                .iter()
+                .any(|f| f == weft_api::proto::agent::SERVICE_PARTS),
         };
+        // Moved out of a temporary, so that the rest of the Hello is
+        // dropped here rather than kept in the task's state for the
+        // stream's life.
+        let applied = { hello }.applied_version;
         let outcome = self
-            .follow(
-                &stream,
-                hello.applied_version,
-                inbound,
-                outbound,
-                views,
-                cut,
-            )
+            .follow(&stream, applied, inbound, outbound, views, cut)
             .await;
         self.hub.unregister(id);
         if self.cutoff.newer_stream(agent, cut_id) {
@@ -1081,7 +1089,7 @@ impl AgentApi {
         &self,
         stream: &Stream<'_>,
         applied: String,
-        mut inbound: Streaming<pb::AgentMessage>,
+        mut inbound: Inbound,
         outbound: &Outbound,
         mut views: crate::hub::ViewReceiver,
         mut cut: CutReceiver,
@@ -1212,7 +1220,7 @@ impl AgentApi {
         let agent = stream.agent;
         let mut chunks = 0;
         let mut delta = false;
-        let mut updates = view.messages(base, stream.patches);
+        let mut updates = view.messages(base, stream.patches).in_parts(stream.parts);
         loop {
             // A chunk is built only once the queue has room for it: while
             // every stream takes a push at once, each holds one chunk

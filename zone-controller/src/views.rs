@@ -609,7 +609,9 @@ impl PeerResolver for SnapshotPeers<'_> {
 /// because each stream's encoder keeps a buffer as large as the largest
 /// message it sent: with 10,000 streams, 1 MiB messages would pin
 /// gigabytes, and 16 KiB ones 25 KiB per stream (see docs/benchmarks.md).
-/// A whole view of 10,000 endpoints is then about 200 messages.
+/// A whole view of 10,000 endpoints is then about 200 messages. A service
+/// larger than the bound goes in parts to agents that join them
+/// ([`weft_api::proto::agent::SERVICE_PARTS`]), alone to older ones.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// One service's view, with its key and content hash.
@@ -1090,8 +1092,10 @@ impl AgentView {
             delta,
             removed: 0,
             changed: 0,
+            endpoints_sent: 0,
             patched: 0,
             first: true,
+            parts: false,
         }
     }
 }
@@ -1104,16 +1108,108 @@ pub struct Messages<'a> {
     delta: Arc<ServiceDelta>,
     removed: usize,
     changed: usize,
+    /// The endpoints of `delta.changed[changed]` already sent in parts.
+    endpoints_sent: usize,
     patched: usize,
     first: bool,
+    /// Whether the agent joins a service sent in parts.
+    parts: bool,
 }
 
 impl Messages<'_> {
+    /// Sends a service larger than [`MAX_MESSAGE_BYTES`] in parts, for an
+    /// agent that joins them (`SERVICE_PARTS` in its Hello).
+    pub fn in_parts(mut self, parts: bool) -> Self {
+        self.parts = parts;
+        self
+    }
+
+    /// Pushes the changed services from `self.changed` on, like [`fill`],
+    /// except that with `parts` a service that does not fit alone goes as
+    /// consecutive parts of one message each: the service's other fields
+    /// with as many of its endpoints as fit (at least one). True when every
+    /// service is in.
+    fn fill_services(
+        &mut self,
+        message: &mut pb::ConfigUpdate,
+        size: &mut usize,
+        count: &mut usize,
+    ) -> bool {
+        let delta = Arc::clone(&self.delta);
+        while let Some(service) = delta.changed.get(self.changed) {
+            if self.endpoints_sent == 0 {
+                let entry = entry_len(service.encoded_len());
+                let fits = *size + entry <= MAX_MESSAGE_BYTES;
+                if fits || (*count == 0 && !self.parts) {
+                    *size += entry;
+                    *count += 1;
+                    message.services.push((**service).clone());
+                    self.changed += 1;
+                    continue;
+                }
+                if *count > 0 {
+                    return false;
+                }
+            }
+            let from = self.endpoints_sent;
+            let mut part = without_endpoints(service);
+            let mut part_len = part.encoded_len();
+            let mut to = from;
+            while let Some(endpoint) = service.endpoints.get(to) {
+                let more = entry_len(endpoint.encoded_len());
+                if to > from && *size + entry_len(part_len + more) > MAX_MESSAGE_BYTES {
+                    break;
+                }
+                part_len += more;
+                to += 1;
+            }
+            part.endpoints
+                .extend_from_slice(&service.endpoints[from..to]);
+            *size += entry_len(part_len);
+            *count += 1;
+            message.services.push(part);
+            if to < service.endpoints.len() {
+                self.endpoints_sent = to;
+                return false;
+            }
+            self.endpoints_sent = 0;
+            self.changed += 1;
+        }
+        true
+    }
+
     /// Whether items of the delta are still to be sent.
     fn left(&self) -> bool {
         self.removed < self.delta.removed.len()
             || self.changed < self.delta.changed.len()
             || self.patched < self.delta.patched.len()
+    }
+}
+
+/// The size of a repeated field's entry of `len` bytes: tag, length, then
+/// the item itself.
+fn entry_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// A service's fields but its endpoints: the head of each of its parts.
+/// Spelled out, so that a field added to `ServiceView` must be added here.
+fn without_endpoints(service: &pb::ServiceView) -> pb::ServiceView {
+    let pb::ServiceView {
+        name,
+        namespace,
+        zone,
+        virtual_ip,
+        ports,
+        endpoints: _,
+    } = service;
+    pb::ServiceView {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        zone: zone.clone(),
+        virtual_ip: virtual_ip.clone(),
+        ports: ports.clone(),
+        endpoints: Vec::new(),
     }
 }
 
@@ -1130,9 +1226,7 @@ fn fill<T>(
     mut push: impl FnMut(&T),
 ) -> bool {
     while let Some(item) = items.get(*next) {
-        // A repeated field's entry: tag, length, then the item itself.
-        let item_len = len(item);
-        let entry = 1 + prost::length_delimiter_len(item_len) + item_len;
+        let entry = entry_len(len(item));
         if *size + entry > MAX_MESSAGE_BYTES && *count > 0 {
             return false;
         }
@@ -1163,9 +1257,9 @@ impl Iterator for Messages<'_> {
         // Room for `more` (tag and value), set once the chunk is full.
         let mut size = message.encoded_len() + 2;
         let mut count = 0;
-        let delta = &*self.delta;
-        // Removed keys, then whole services, then patches: each kind
-        // starts only once the one before is all in.
+        let delta = Arc::clone(&self.delta);
+        // Removed keys, then services, then patches: each kind starts only
+        // once the one before is all in.
         let done = fill(
             &delta.removed,
             &mut self.removed,
@@ -1173,21 +1267,15 @@ impl Iterator for Messages<'_> {
             &mut count,
             String::len,
             |key| message.removed_services.push(key.clone()),
-        ) && fill(
-            &delta.changed,
-            &mut self.changed,
-            &mut size,
-            &mut count,
-            |service| service.encoded_len(),
-            |service| message.services.push((**service).clone()),
-        ) && fill(
-            &delta.patched,
-            &mut self.patched,
-            &mut size,
-            &mut count,
-            |patch| patch.encoded_len(),
-            |patch| message.patched_services.push((**patch).clone()),
-        );
+        ) && self.fill_services(&mut message, &mut size, &mut count)
+            && fill(
+                &delta.patched,
+                &mut self.patched,
+                &mut size,
+                &mut count,
+                |patch| patch.encoded_len(),
+                |patch| message.patched_services.push((**patch).clone()),
+            );
         message.more = !done;
         Some(message)
     }
@@ -1694,6 +1782,50 @@ mod tests {
         assert!(alone.encoded_len() > MAX_MESSAGE_BYTES);
         let total: usize = messages.iter().map(|m| m.services.len()).sum();
         assert_eq!(total, 3);
+    }
+
+    /// The services of `messages` as an agent that joins parts holds them.
+    fn joined(messages: &[pb::ConfigUpdate]) -> Vec<pb::ServiceView> {
+        let mut services: Vec<_> = messages.iter().flat_map(|m| m.services.clone()).collect();
+        weft_agent::view::join_service_parts(&mut services);
+        services
+    }
+
+    #[test]
+    fn a_service_over_the_bound_goes_in_parts_to_agents_that_join_them() {
+        let big = view(
+            vec![service("a", 1), service("b", 200), service("c", 1)],
+            None,
+        );
+        let whole: Vec<_> = big.messages(None, true).collect();
+        let parts: Vec<_> = big.messages(None, true).in_parts(true).collect();
+        assert_chunked(&parts, &big.version);
+        let b_parts = parts
+            .iter()
+            .flat_map(|m| &m.services)
+            .filter(|s| s.name == "b")
+            .count();
+        assert!(b_parts > 1, "b in {b_parts} part(s)");
+        assert_eq!(joined(&parts), joined(&whole));
+        assert_eq!(joined(&parts).len(), 3);
+    }
+
+    #[test]
+    fn a_changed_service_over_the_bound_goes_in_parts_in_a_delta() {
+        let v1 = view(vec![service("a", 1), service("b", 150)], None);
+        let v2 = view(vec![service("a", 1), service("b", 200)], Some(&v1.services));
+        // An agent without patches gets b whole, in parts.
+        let parts: Vec<_> = v2
+            .messages(Some(&v1.sent()), false)
+            .in_parts(true)
+            .collect();
+        assert_chunked(&parts, &v2.version);
+        assert_eq!(parts[0].base_version, v1.version);
+        let services = joined(&parts);
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].name, "b");
+        assert_eq!(services[0].endpoints.len(), 200);
+        assert_eq!(services[0], *v2.services.services[1].view);
     }
 
     #[test]

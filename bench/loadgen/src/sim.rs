@@ -175,7 +175,10 @@ async fn hello(
             workloads: vec![agent.workload],
             host: None,
             hbone_address: String::new(),
-            features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
+            features: vec![
+                weft_api::proto::agent::ENDPOINT_PATCHES.to_owned(),
+                weft_api::proto::agent::SERVICE_PARTS.to_owned(),
+            ],
         })),
     })
     .await

@@ -198,7 +198,10 @@ pub fn hello(agent: &str, workloads: Vec<pb::Workload>) -> pb::Hello {
         workloads,
         host: None,
         hbone_address: HBONE.to_owned(),
-        features: vec![weft_api::proto::agent::ENDPOINT_PATCHES.to_owned()],
+        features: vec![
+            weft_api::proto::agent::ENDPOINT_PATCHES.to_owned(),
+            weft_api::proto::agent::SERVICE_PARTS.to_owned(),
+        ],
     }
 }
 
@@ -290,6 +293,7 @@ impl ConfigStream {
         }
         let mut update = whole.expect("at least one chunk");
         update.more = false;
+        weft_agent::view::join_service_parts(&mut update.services);
         // The agent's own code applies it (a delta must be on the view
         // last received).
         let update = weft_agent::view::resolve(self.current.as_ref(), update)
