@@ -12,16 +12,28 @@ use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::ProstCodec;
 
-/// Initial capacity of a stream's encode and decode buffers: an ack or a
-/// small delta fits; a 16 KiB chunk reserves exactly what it needs.
-const BUFFER_BYTES: usize = 1024;
+/// Initial capacity of a stream's decode buffer: an ack or a small update
+/// fits; a larger message reserves exactly what it needs.
+const DECODE_BUFFER_BYTES: usize = 1024;
+
+/// Initial capacity of a stream's encode buffer: the zone's largest config
+/// message (2 KiB, `MAX_MESSAGE_BYTES` in the zone's views) with its gRPC
+/// and protobuf framing. The buffer keeps its largest size for the
+/// stream's life; one that starts large enough is reused as it is instead
+/// of growing by doubling (to twice the largest message) the first time a
+/// larger one comes.
+pub const ENCODE_BUFFER_BYTES: usize = 2 * 1024 + 64;
 
 /// Hand each message to HTTP/2 as soon as it is encoded instead of
 /// batching: a stream then holds at most one message in its buffer.
 const YIELD_AFTER_BYTES: usize = 1;
 
-fn settings() -> BufferSettings {
-    BufferSettings::new(BUFFER_BYTES, YIELD_AFTER_BYTES)
+fn decode_settings() -> BufferSettings {
+    BufferSettings::new(DECODE_BUFFER_BYTES, YIELD_AFTER_BYTES)
+}
+
+fn encode_settings() -> BufferSettings {
+    BufferSettings::new(ENCODE_BUFFER_BYTES, YIELD_AFTER_BYTES)
 }
 
 /// `application/grpc+proto` through prost, with small per-stream buffers
@@ -51,7 +63,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        ProstCodec::<T, U>::raw_decoder(decode_settings())
     }
 }
 
@@ -71,6 +83,6 @@ impl<T: Message> Encoder for ExactEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        encode_settings()
     }
 }

@@ -34,7 +34,7 @@ const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 /// and more are written from their own buffer, not copied into this one.
 const CONNECTION_BUFFERS: h2::CodecBuffers = h2::CodecBuffers {
     read: 1024,
-    write: 2048,
+    write: 1024,
     hpack_scratch: 0,
 };
 

@@ -609,10 +609,16 @@ impl PeerResolver for SnapshotPeers<'_> {
 /// because each stream's encoder keeps a buffer as large as the largest
 /// message it sent: with 10,000 streams, 1 MiB messages would pin
 /// gigabytes, and 16 KiB ones 25 KiB per stream (see docs/benchmarks.md).
-/// A whole view of 10,000 endpoints is then about 200 messages. A service
+/// A whole view of 10,000 endpoints is then about 500 messages. A service
 /// larger than the bound goes in parts to agents that join them
-/// ([`weft_api::proto::agent::SERVICE_PARTS`]), alone to older ones.
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024;
+/// ([`weft_api::proto::agent::SERVICE_PARTS`]), alone to older ones. The
+/// codec's encode buffer holds the largest message
+/// (`weft_api::codec::ENCODE_BUFFER_BYTES`), so that it never grows.
+pub const MAX_MESSAGE_BYTES: usize = 2 * 1024;
+
+// The largest chunk, in its ZoneMessage (a tag and a length) and gRPC's
+// 5-byte prefix, fits the encode buffer as it starts.
+const _: () = assert!(weft_api::codec::ENCODE_BUFFER_BYTES >= MAX_MESSAGE_BYTES + 16);
 
 /// One service's view, with its key and content hash.
 #[derive(Debug)]
