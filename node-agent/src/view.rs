@@ -432,16 +432,13 @@ impl Chunks {
 /// other fields and every entry's endpoints in order. A zone that does not
 /// split services never sends one twice, so this changes nothing then.
 pub fn join_service_parts(services: &mut Vec<ServiceView>) {
-    let mut joined: Vec<ServiceView> = Vec::with_capacity(services.len());
-    for service in services.drain(..) {
-        match joined.last_mut() {
-            Some(last) if last.namespace == service.namespace && last.name == service.name => {
-                last.endpoints.extend(service.endpoints);
-            }
-            _ => joined.push(service),
+    services.dedup_by(|part, first| {
+        let same = part.namespace == first.namespace && part.name == first.name;
+        if same {
+            first.endpoints.append(&mut part.endpoints);
         }
-    }
-    *services = joined;
+        same
+    });
 }
 
 /// The whole view an update leads to: itself if whole, else the delta
