@@ -11,7 +11,7 @@ use sqlx::Row;
 
 use weft_api::Kind;
 
-use crate::backend::{on_pool, Db, Store};
+use crate::backend::{on_pool, on_writer, Db, Store};
 use crate::changes::{append_change, take_seq};
 use crate::clock::now_ms;
 use crate::columns::Columns;
@@ -179,7 +179,7 @@ impl Store {
         let op = format!("enroll agent {}", agent.name);
         let facts = agent.host_facts.to_string();
         let now = now_ms();
-        on_pool!(self, pool => async {
+        on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             feed_agent!(tx, &op, &agent.zone, &agent.mesh, &agent.name);
             sqlx::query(
@@ -223,7 +223,7 @@ impl Store {
         let op = format!("connect agent {name}");
         let facts = host_facts.to_string();
         let now = now_ms();
-        let mesh: Option<String> = on_pool!(self, pool => async {
+        let mesh: Option<String> = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let mesh: Option<String> = sqlx::query_scalar(
                 "UPDATE agents SET connected_replica = $3, last_seen = $4, \
@@ -264,7 +264,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let op = format!("host facts of agent {name}");
         let facts = host_facts.to_string();
-        let affected = on_pool!(self, pool => {
+        let affected = on_writer!(self, pool => {
             sqlx::query("UPDATE agents SET host_facts = $3 WHERE zone = $1 AND name = $2")
                 .bind(zone)
                 .bind(name)
@@ -286,7 +286,7 @@ impl Store {
         replica: &str,
     ) -> Result<bool, StoreError> {
         let op = format!("heartbeat of agent {name}");
-        let affected = on_pool!(self, pool => {
+        let affected = on_writer!(self, pool => {
             sqlx::query(
                 "UPDATE agents SET last_seen = $4 \
                  WHERE zone = $1 AND name = $2 AND connected_replica = $3",
@@ -330,7 +330,7 @@ impl Store {
                  WHERE zone = $1 AND connected_replica = $2 AND name IN ({placeholders}) \
                  RETURNING name"
             );
-            let rows = on_pool!(self, pool => {
+            let rows = on_writer!(self, pool => {
                 let mut query = sqlx::query(&sql).bind(zone).bind(replica).bind(now);
                 for name in batch {
                     query = query.bind(name);
@@ -358,7 +358,7 @@ impl Store {
         replica: &str,
     ) -> Result<bool, StoreError> {
         let op = format!("disconnect agent {name}");
-        let done = on_pool!(self, pool => async {
+        let done = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let mesh: Option<String> = sqlx::query_scalar(
                 "UPDATE agents SET connected_replica = NULL \
@@ -396,7 +396,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let op = format!("record the goodbye of agent {name}");
         let now = now_ms();
-        let done = on_pool!(self, pool => async {
+        let done = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             // The sequence first, as every writer does (commit order).
             let seq = take_seq!(tx, &op);
@@ -438,7 +438,7 @@ impl Store {
     ) -> Result<Vec<VanishedAgent>, StoreError> {
         let op = format!("remove the agents of zone {zone} not seen since {seen_before_ms}");
         let now = now_ms();
-        let removed = on_pool!(self, pool => async {
+        let removed = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let mut first = Some(take_seq!(tx, &op));
             let rows: Vec<(String, String, i64)> = sqlx::query_as(
@@ -486,7 +486,7 @@ impl Store {
         key: &str,
     ) -> Result<bool, StoreError> {
         let op = format!("withdraw workload {key} of agent {name}");
-        let done = on_pool!(self, pool => async {
+        let done = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             // The sequence first: it also makes this read-then-write one
             // writer's turn.
@@ -535,7 +535,7 @@ impl Store {
         trusted_cas: &[String],
     ) -> Result<(), StoreError> {
         let op = format!("record the ack of agent {name}");
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(
                 "UPDATE agents SET applied_version = $3, last_seen = $4, applied_cas = $5 \
                  WHERE zone = $1 AND name = $2",
@@ -562,7 +562,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let op = format!("record {} acks", acks.len());
         let now = now_ms();
-        on_pool!(self, pool => async {
+        on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             for (name, version, trusted_cas) in acks {
                 sqlx::query(
@@ -594,7 +594,7 @@ impl Store {
     ) -> Result<Vec<ResourceKey>, StoreError> {
         let op = format!("list the workloads of agent {agent}");
         let rows: Vec<(String, String, String)> = match &self.inner.db {
-            Db::Sqlite(pool) => sqlx::query_as(
+            Db::Sqlite { readers: pool, .. } => sqlx::query_as(
                 "SELECT mesh, namespace, name FROM resources \
                  WHERE kind = $1 AND json_extract(body, $2) = $3",
             )
@@ -632,7 +632,7 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         let op = format!("record the nack of agent {name}");
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(
                 "UPDATE agents SET nack_version = $3, nack_reason = $4, last_seen = $5 \
                  WHERE zone = $1 AND name = $2",

@@ -22,8 +22,19 @@ use crate::error::StoreError;
 /// the trigger in the PostgreSQL migration).
 pub(crate) const CHANGE_CHANNEL: &str = "weft_changes";
 
-/// How long a SQLite writer waits for another writer's lock.
+/// How long a SQLite connection waits for a lock held by another process
+/// (another tool on the same file) or by a checkpoint. This process's own
+/// writers never meet here: they queue for the one writer connection.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a write waits in the queue for SQLite's writer connection. The
+/// queue is served in order, so a wait this long means the store is far
+/// behind, not that one writer was unlucky.
+const SQLITE_WRITE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reading connections to a SQLite file (WAL lets them read while the
+/// writer writes).
+const SQLITE_READERS: u32 = 8;
 
 /// A handle on the store; cheap to clone (all clones share the connection
 /// pool and the change notifications).
@@ -54,24 +65,46 @@ impl Drop for Inner {
     }
 }
 
-/// The connection pool of one backend.
+/// The connection pools of one backend.
 pub(crate) enum Db {
-    Sqlite(SqlitePool),
+    /// SQLite takes one writer at a time. Left to its busy handler, eight
+    /// connections racing for that lock are served in no order, and under
+    /// load one writer can time out while others keep taking it. So writes
+    /// get a pool of one connection, which hands it out first come, first
+    /// served, and reads get query-only connections of their own (a write
+    /// sent to them by mistake fails at once rather than racing).
+    Sqlite {
+        readers: SqlitePool,
+        writer: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
-/// Runs `$body` with `$pool` bound to whichever pool the store has; the body
-/// is compiled once per backend, so the SQL in it must be portable (`$n`
-/// placeholders work on both).
+/// Runs `$body`, which only reads, with `$pool` bound to the store's pool
+/// for reads; the body is compiled once per backend, so the SQL in it must
+/// be portable (`$n` placeholders work on both).
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.inner.db {
-            $crate::backend::Db::Sqlite($pool) => $body,
+            $crate::backend::Db::Sqlite { readers: $pool, .. } => $body,
             $crate::backend::Db::Postgres($pool) => $body,
         }
     };
 }
 pub(crate) use on_pool;
+
+/// Runs `$body`, which writes, with `$pool` bound to the store's pool for
+/// writes (on SQLite, its queue for the one writer connection); otherwise
+/// as [`on_pool`].
+macro_rules! on_writer {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.inner.db {
+            $crate::backend::Db::Sqlite { writer: $pool, .. } => $body,
+            $crate::backend::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_writer;
 
 fn migration(version: i64, description: &'static str, sql: &'static str) -> Migration {
     Migration::new(
@@ -184,8 +217,8 @@ pub(crate) fn redact_url(url: &str) -> String {
 impl Store {
     /// Opens (creating if needed) the store at `url` and brings its schema
     /// up to date: `sqlite:///path/file.db` (the file is created if missing;
-    /// WAL journal, foreign keys on, a busy timeout for concurrent writers)
-    /// or `postgres://user:password@host:port/database`.
+    /// WAL journal, foreign keys on, one writer connection that writes queue
+    /// for in order, and query-only connections for reads) or `postgres://user:password@host:port/database`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         let shown = redact_url(url);
         let open_error = |reason: String| StoreError::Open {
@@ -194,7 +227,7 @@ impl Store {
         };
         let (changed, _) = broadcast::channel(64);
         let (db, listener) = if url.starts_with("sqlite:") {
-            (Db::Sqlite(open_sqlite(url, &shown).await?), None)
+            (open_sqlite(url, &shown).await?, None)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = open_postgres(url, &shown).await?;
             // LISTEN before returning, so that no change committed after
@@ -240,7 +273,10 @@ impl Store {
     /// cannot be used afterwards.
     pub async fn close(&self) {
         match &self.inner.db {
-            Db::Sqlite(pool) => pool.close().await,
+            Db::Sqlite { readers, writer } => {
+                readers.close().await;
+                writer.close().await;
+            }
             Db::Postgres(pool) => pool.close().await,
         }
     }
@@ -252,7 +288,7 @@ impl Store {
     }
 }
 
-async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
+async fn open_sqlite(url: &str, shown: &str) -> Result<Db, StoreError> {
     let open_error = |reason: String| StoreError::Open {
         url: shown.to_owned(),
         reason,
@@ -279,16 +315,25 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(SQLITE_BUSY_TIMEOUT);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
+    let cannot_open = |e: sqlx::Error| open_error(format!("cannot open {}: {e}", path.display()));
+    // sqlx's pool is fair by default: waiting writers get the connection
+    // in the order they asked for it.
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(SQLITE_WRITE_QUEUE_TIMEOUT)
+        .connect_with(options.clone())
         .await
-        .map_err(|e| open_error(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(cannot_open)?;
     migrator(sqlite_migrations())
-        .run(&pool)
+        .run(&writer)
         .await
         .map_err(migrate_error(shown))?;
-    Ok(pool)
+    let readers = SqlitePoolOptions::new()
+        .max_connections(SQLITE_READERS)
+        .connect_with(options.pragma("query_only", "ON"))
+        .await
+        .map_err(cannot_open)?;
+    Ok(Db::Sqlite { readers, writer })
 }
 
 /// Names the store (password hidden) in a failed migration.

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::clock::unix_seconds;
 use crate::error::StoreError;
 
@@ -99,7 +99,7 @@ impl Store {
              VALUES ($1, $2, $3, $4) {on_conflict}"
         );
         let now = unix_seconds(SystemTime::now());
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(&sql)
                 .bind(name)
                 .bind(&ca.cert_pem)

@@ -70,7 +70,7 @@ impl Store {
                     },
                 }))
             }
-            Db::Sqlite(_) => {
+            Db::Sqlite { .. } => {
                 let leases = &self.inner.local_leases;
                 let mut held = leases.lock().unwrap_or_else(|p| p.into_inner());
                 if !held.insert(name.to_owned()) {

@@ -13,7 +13,7 @@ use std::fmt;
 
 use sqlx::Row;
 
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::changes::{append_change, take_seq};
 use crate::columns::Columns;
 use crate::error::StoreError;
@@ -274,7 +274,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<MeshCaRecord>, StoreError> {
         let op = format!("create the first CA of mesh {mesh}");
-        let inserted = on_pool!(self, pool => async {
+        let inserted = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let existing = cas_in_tx!(tx, &op, mesh);
@@ -304,7 +304,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<MeshCaRecord>, StoreError> {
         let op = format!("add a pending CA to mesh {mesh}");
-        on_pool!(self, pool => async {
+        on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let existing = cas_in_tx!(tx, &op, mesh);
@@ -346,7 +346,7 @@ impl Store {
         workload_lifetime_secs: i64,
     ) -> Result<Vec<MeshCaRecord>, StoreError> {
         let op = format!("promote CA {fingerprint} of mesh {mesh}");
-        on_pool!(self, pool => async {
+        on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let existing = cas_in_tx!(tx, &op, mesh);
@@ -394,7 +394,7 @@ impl Store {
         fingerprint: &str,
     ) -> Result<bool, StoreError> {
         let op = format!("cancel pending CA {fingerprint} of mesh {mesh}");
-        let done = on_pool!(self, pool => async {
+        let done = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let gone = sqlx::query(
@@ -427,7 +427,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<MeshCaRecord>, StoreError> {
         let op = format!("drop the expired CAs of mesh {mesh}");
-        let dropped = on_pool!(self, pool => async {
+        let dropped = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let expired: Vec<MeshCaRecord> = cas_in_tx!(tx, &op, mesh)

@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::Row;
 use weft_api::{Kind, Resource};
 
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::changes::{append_change, take_seq};
 use crate::columns::Columns;
 use crate::error::{to_u64, StoreError};
@@ -327,7 +327,7 @@ impl Store {
             [(key, _, _)] => format!("put {key}"),
             _ => format!("put {} resources", prepared.len()),
         };
-        let versions = on_pool!(self, pool => async {
+        let versions = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let mut versions = Vec::with_capacity(prepared.len());
             for (key, body, expect) in &prepared {
@@ -463,7 +463,7 @@ impl Store {
         let (kind, mesh, namespace, name) = key.columns();
         let op = format!("delete {key}");
         let vip_service = crate::vips::service_name(key);
-        let deleted = on_pool!(self, pool => async {
+        let deleted = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             let seq = take_seq!(tx, &op);
             let found: Option<i64> = sqlx::query_scalar(

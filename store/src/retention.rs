@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::error::{to_u64, StoreError};
 
 /// What [`Store::prune_feed`] may delete: an entry goes only when it is
@@ -122,7 +122,7 @@ impl Store {
     ) -> Result<(u64, u64), StoreError> {
         let op = "prune the change feed";
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-        let (deleted, floor): (u64, i64) = on_pool!(self, pool => async {
+        let (deleted, floor): (u64, i64) = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(op))?;
             // A write first: it takes SQLite's write lock up front (a read
             // upgraded later could fail under another writer) and on

@@ -10,7 +10,7 @@ use sqlx::Row;
 use subtle::ConstantTimeEq;
 
 use crate::agents::{AGENT_CUT_VERSION, AGENT_KIND};
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::changes::{append_change, take_seq};
 use crate::clock::now_ms;
 use crate::clock::{from_unix_seconds, unix_seconds};
@@ -202,7 +202,7 @@ impl Store {
                 reason: e.to_string(),
             })?;
         let op = format!("issue token {id}");
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query(
                 "INSERT INTO bootstrap_tokens (id, secret_sha256, mesh, zone, workloads, \
                  expires_at, max_uses, uses, revoked, created_at) \
@@ -293,7 +293,7 @@ impl Store {
         let id = info.id.as_str();
         let now = unix_seconds(SystemTime::now());
         let op = format!("consume token {id}");
-        let uses: Option<i64> = on_pool!(self, pool => {
+        let uses: Option<i64> = on_writer!(self, pool => {
             sqlx::query_scalar(
                 "UPDATE bootstrap_tokens SET uses = uses + 1 \
                  WHERE id = $1 AND revoked = $2 AND expires_at > $3 AND uses < max_uses \
@@ -342,7 +342,7 @@ impl Store {
         const AGENT_CUT: i64 = AGENT_CUT_VERSION as i64;
         let op = format!("revoke token {id}");
         let now = now_ms();
-        let found = on_pool!(self, pool => async {
+        let found = on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
             // The sequence first, as every writer does (commit order).
             let mut first = Some(take_seq!(tx, &op));

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use weft_api::Kind;
 
-use crate::backend::{on_pool, Store};
+use crate::backend::{on_pool, on_writer, Store};
 use crate::error::StoreError;
 use crate::resources::ResourceKey;
 
@@ -135,7 +135,7 @@ impl Store {
                     range: range.to_string(),
                     service: service.to_string(),
                 })?;
-            let inserted = on_pool!(self, pool => {
+            let inserted = on_writer!(self, pool => {
                 sqlx::query(
                     "INSERT INTO virtual_ips (service, ip) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 )
@@ -164,7 +164,7 @@ impl Store {
             return Ok(false);
         };
         let op = format!("release the virtual IP of {service}");
-        let affected = on_pool!(self, pool => {
+        let affected = on_writer!(self, pool => {
             sqlx::query("DELETE FROM virtual_ips WHERE service = $1")
                 .bind(&name)
                 .execute(pool)
