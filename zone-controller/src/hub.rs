@@ -210,11 +210,11 @@ impl Hub {
             AgentParts {
                 inbound,
                 policy_json,
-                placed,
+                placed: placed.into(),
                 external_services: snapshot.external_services.clone(),
             },
-            mesh.to_owned(),
-            self.zone.clone(),
+            mesh.into(),
+            self.zone.as_str().into(),
             base.bundle.clone(),
         ))
     }
@@ -464,6 +464,8 @@ impl Hub {
         let placed = snapshot.placed_by_agent();
         let peers = snapshot.peers(&self.zone);
         let prefix = VersionPrefix::new(&services, &bundle);
+        let mesh_name: Arc<str> = snapshot.mesh.metadata.name.as_str().into();
+        let zone: Arc<str> = self.zone.as_str().into();
         let targets: Vec<(String, watch::Sender<Option<Arc<AgentView>>>)> = self
             .lock_streams()
             .values()
@@ -479,12 +481,20 @@ impl Hub {
                         .get(agent.as_str())
                         .map(Vec::as_slice)
                         .unwrap_or_default();
-                    AgentParts {
-                        inbound: inbound.get(agent.as_str()).cloned().unwrap_or_default(),
+                    let parts = AgentParts {
+                        inbound: inbound
+                            .get(agent.as_str())
+                            .map_or_else(|| Arc::from([]), |rules| Arc::from(rules.as_slice())),
                         policy_json: snapshot.policy_json(own, &peers),
                         // One stream per agent, but a replaced one may linger.
-                        placed: placed.get(agent.as_str()).cloned().unwrap_or_default(),
+                        placed: placed
+                            .get(agent.as_str())
+                            .map_or_else(|| Arc::from([]), |placed| Arc::from(placed.as_slice())),
                         external_services: snapshot.external_services.clone(),
+                    };
+                    match current.as_deref() {
+                        Some(view) => parts.shared_with(view),
+                        None => parts,
                     }
                 }
             };
@@ -505,8 +515,8 @@ impl Hub {
                 &prefix,
                 services.clone(),
                 parts,
-                snapshot.mesh.metadata.name.clone(),
-                self.zone.clone(),
+                mesh_name.clone(),
+                zone.clone(),
                 bundle.clone(),
             );
             view.parts_from = AtomicU64::new(parts_from);

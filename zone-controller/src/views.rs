@@ -917,15 +917,18 @@ pub struct Sent {
 }
 
 /// The parts of a view computed for one agent alone, from its workloads
-/// (registered or placed on it).
+/// (registered or placed on it). Shared, not copied, from one view of the
+/// agent to the next: a change to the mesh's services makes a new view for
+/// every agent, and each would otherwise carry a copy of parts that did
+/// not change while its stream still holds the old view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentParts {
     /// Callers allowed into each of the agent's workloads.
-    pub inbound: Vec<pb::InboundRule>,
+    pub inbound: Arc<[pb::InboundRule]>,
     /// The policies of the agent's workloads.
     pub policy_json: Arc<str>,
     /// The workloads placed on the agent.
-    pub placed: Vec<pb::PlacedWorkload>,
+    pub placed: Arc<[pb::PlacedWorkload]>,
     /// The mesh's ExternalServices (shared by its agents).
     pub external_services: Arc<[pb::ExternalServiceView]>,
 }
@@ -937,6 +940,24 @@ impl AgentParts {
             && view.policy_json == self.policy_json
             && view.placed == self.placed
             && view.external_services == self.external_services
+    }
+
+    /// These parts, holding `view`'s copy of each part equal to it: parts
+    /// computed again from new inputs often come out the same.
+    pub fn shared_with(self, view: &AgentView) -> Self {
+        fn keep<T: ?Sized + PartialEq>(new: Arc<T>, old: &Arc<T>) -> Arc<T> {
+            if *new == **old {
+                old.clone()
+            } else {
+                new
+            }
+        }
+        AgentParts {
+            inbound: keep(self.inbound, &view.inbound),
+            policy_json: keep(self.policy_json, &view.policy_json),
+            placed: keep(self.placed, &view.placed),
+            external_services: keep(self.external_services, &view.external_services),
+        }
     }
 }
 
@@ -950,18 +971,18 @@ pub struct AgentView {
     pub services: Arc<ServiceSet>,
     /// Callers allowed into each of the agent's workloads (for agents that
     /// predate policies).
-    pub inbound: Vec<pb::InboundRule>,
+    pub inbound: Arc<[pb::InboundRule]>,
     /// The policies of the agent's workloads, as `ConfigUpdate.policy_json`.
     pub policy_json: Arc<str>,
     /// Node mode: the workloads placed on the agent, as
     /// `ConfigUpdate.placed`.
-    pub placed: Vec<pb::PlacedWorkload>,
+    pub placed: Arc<[pb::PlacedWorkload]>,
     /// The mesh's ExternalServices, as `ConfigUpdate.external_services`.
     pub external_services: Arc<[pb::ExternalServiceView]>,
-    /// The mesh's name.
-    pub mesh: String,
-    /// The zone's name.
-    pub zone: String,
+    /// The mesh's name (shared by the mesh's views).
+    pub mesh: Arc<str>,
+    /// The zone's name (shared by the zone's views).
+    pub zone: Arc<str>,
     /// Every CA the agent must trust.
     pub trust_bundle_pem: Arc<str>,
     /// The fingerprints of the CAs in `trust_bundle_pem` (shared by the
@@ -982,8 +1003,8 @@ impl AgentView {
     pub fn new(
         services: Arc<ServiceSet>,
         own: AgentParts,
-        mesh: String,
-        zone: String,
+        mesh: Arc<str>,
+        zone: Arc<str>,
         trust_bundle_pem: Arc<str>,
     ) -> Self {
         let prefix = VersionPrefix::new(&services, &trust_bundle_pem);
@@ -996,8 +1017,8 @@ impl AgentView {
         prefix: &VersionPrefix,
         services: Arc<ServiceSet>,
         own: AgentParts,
-        mesh: String,
-        zone: String,
+        mesh: Arc<str>,
+        zone: Arc<str>,
         trust_bundle_pem: Arc<str>,
     ) -> Self {
         use sha2::Digest;
@@ -1052,15 +1073,15 @@ impl AgentView {
                 String::new()
             },
             services: Vec::new(),
-            inbound: self.inbound.clone(),
-            mesh: self.mesh.clone(),
-            zone: self.zone.clone(),
+            inbound: self.inbound.to_vec(),
+            mesh: self.mesh.to_string(),
+            zone: self.zone.to_string(),
             base_version: base_version.to_owned(),
             removed_services: Vec::new(),
             more: false,
             patched_services: Vec::new(),
             policy_json: self.policy_json.to_string(),
-            placed: self.placed.clone(),
+            placed: self.placed.to_vec(),
             external_services: self.external_services.to_vec(),
         }
     }
@@ -1397,9 +1418,9 @@ mod tests {
 
     fn parts(policy_json: &str, placed: Vec<pb::PlacedWorkload>) -> AgentParts {
         AgentParts {
-            inbound: Vec::new(),
+            inbound: Arc::from([]),
             policy_json: Arc::from(policy_json),
-            placed,
+            placed: placed.into(),
             external_services: Arc::from([]),
         }
     }
@@ -1519,6 +1540,24 @@ mod tests {
             view.trust_bundle_pem.clone(),
         );
         assert_eq!(again.version, direct.version);
+    }
+
+    #[test]
+    fn parts_computed_again_share_what_did_not_change() {
+        let set = Arc::new(ServiceSet::new(vec![service("a", 2)], None));
+        let view = AgentView::new(
+            set,
+            parts(r#"[{"workload":"web-1"}]"#, Vec::new()),
+            "default".into(),
+            "z".into(),
+            Arc::from("bundle"),
+        );
+        let again = parts(r#"[{"workload":"web-1"}]"#, Vec::new()).shared_with(&view);
+        assert!(Arc::ptr_eq(&again.policy_json, &view.policy_json));
+        assert!(Arc::ptr_eq(&again.inbound, &view.inbound));
+        let changed = parts(r#"[{"workload":"web-2"}]"#, Vec::new()).shared_with(&view);
+        assert_eq!(&*changed.policy_json, r#"[{"workload":"web-2"}]"#);
+        assert!(Arc::ptr_eq(&changed.inbound, &view.inbound));
     }
 
     #[test]
