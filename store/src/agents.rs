@@ -7,6 +7,8 @@
 //! [`crate::FeedEntry`]); heartbeats and acks are not, so that a quiet mesh
 //! does not churn the feed.
 
+use std::collections::HashSet;
+
 use sqlx::Row;
 
 use weft_api::Kind;
@@ -304,11 +306,12 @@ impl Store {
     }
 
     /// Marks the agents `names` seen now, those whose stream `replica`
-    /// still holds; not in the change feed. One statement per batch of
-    /// names, so that a replica's thousands of streams cost a handful of
-    /// writes per heartbeat period, not one each. Returns the names it
-    /// marked: the others are no longer this replica's (taken over
-    /// elsewhere, or removed after the agent grace).
+    /// still holds; not in the change feed. One transaction, with one
+    /// statement per batch of names, so that a replica's thousands of
+    /// streams cost one commit per heartbeat period, not one each, and take
+    /// one turn at SQLite's writer. Returns the names it could not mark:
+    /// they are no longer this replica's (taken over elsewhere, or removed
+    /// after the agent grace).
     pub async fn heartbeat_agents(
         &self,
         zone: &str,
@@ -318,34 +321,59 @@ impl Store {
         /// Names per statement: far under SQLite's bound on parameters.
         const BATCH: usize = 500;
         let now = now_ms();
-        let mut seen = Vec::with_capacity(names.len());
-        for batch in names.chunks(BATCH) {
-            let op = format!("heartbeat of {} agents", batch.len());
-            let placeholders = (0..batch.len())
-                .map(|i| format!("${}", i + 4))
+        let op = format!("heartbeat of {} agents", names.len());
+        let in_list = |n: usize| {
+            (0..n)
+                .map(|i| format!("${}", i + 3))
                 .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "UPDATE agents SET last_seen = $3 \
-                 WHERE zone = $1 AND connected_replica = $2 AND name IN ({placeholders}) \
-                 RETURNING name"
-            );
-            let rows = on_writer!(self, pool => {
-                let mut query = sqlx::query(&sql).bind(zone).bind(replica).bind(now);
+                .join(", ")
+        };
+        on_writer!(self, pool => async {
+            let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
+            let mut lost = Vec::new();
+            for batch in names.chunks(BATCH) {
+                // No RETURNING: rows handed back one by one would hold the
+                // writer while a busy runtime gets round to reading them.
+                let sql = format!(
+                    "UPDATE agents SET last_seen = ${} \
+                     WHERE zone = $1 AND connected_replica = $2 AND name IN ({})",
+                    batch.len() + 3,
+                    in_list(batch.len())
+                );
+                let mut query = sqlx::query(&sql).bind(zone).bind(replica);
                 for name in batch {
                     query = query.bind(name);
                 }
-                query
-                    .fetch_all(pool)
+                let marked = query
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::db(&op))?
+                    .rows_affected();
+                if marked == batch.len() as u64 {
+                    continue;
+                }
+                // Rare: some stream moved or its agent went. Which ones?
+                let sql = format!(
+                    "SELECT name FROM agents \
+                     WHERE zone = $1 AND connected_replica = $2 AND name IN ({})",
+                    in_list(batch.len())
+                );
+                let mut query = sqlx::query_scalar::<_, String>(&sql).bind(zone).bind(replica);
+                for name in batch {
+                    query = query.bind(name);
+                }
+                let held: HashSet<String> = query
+                    .fetch_all(&mut *tx)
                     .await
                     .map_err(StoreError::db(&op))?
                     .into_iter()
-                    .map(|row| row.try_get::<String, _>("name").map_err(StoreError::db(&op)))
-                    .collect::<Result<Vec<_>, _>>()?
-            });
-            seen.extend(rows);
-        }
-        Ok(seen)
+                    .collect();
+                lost.extend(batch.iter().filter(|n| !held.contains(*n)).cloned());
+            }
+            tx.commit().await.map_err(StoreError::db(&op))?;
+            Ok::<_, StoreError>(lost)
+        }.await)
     }
 
     /// Marks an agent disconnected if `replica` still holds its stream (a

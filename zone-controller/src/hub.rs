@@ -271,22 +271,21 @@ impl Hub {
             if agents.is_empty() {
                 continue;
             }
-            let listed: Vec<String> = agents.iter().cloned().collect();
+            let listed: Vec<String> = agents.into_iter().collect();
             match self
                 .store
                 .heartbeat_agents(&self.zone, &replica, &listed)
                 .await
             {
-                Ok(seen) => {
+                Ok(gone) => {
                     tracing::debug!(
                         agents = listed.len(),
-                        seen = seen.len(),
+                        lost = gone.len(),
                         "heartbeat recorded"
                     );
-                    let seen: BTreeSet<String> = seen.into_iter().collect();
                     // A stream registered after the list was taken is not
-                    // judged by it: only agents listed and not seen.
-                    for agent in agents.difference(&seen) {
+                    // judged by it: only agents listed and not marked.
+                    for agent in &gone {
                         tracing::info!(%agent, "this replica no longer holds the agent's stream");
                         lost(agent);
                     }
