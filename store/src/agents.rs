@@ -582,29 +582,37 @@ impl Store {
 
     /// Records many acks (agent name, version, trusted CA fingerprints) in
     /// one transaction: one commit for a whole push to thousands of agents,
-    /// instead of one each.
+    /// instead of one each, and one statement per few hundred acks, so
+    /// that the transaction holds SQLite's writer briefly.
     pub async fn record_acks(
         &self,
         zone: &str,
         acks: &[(String, String, Vec<String>)],
     ) -> Result<(), StoreError> {
+        /// Acks per statement (three parameters each): far under both
+        /// backends' bounds on parameters.
+        const BATCH: usize = 300;
         let op = format!("record {} acks", acks.len());
         let now = now_ms();
         on_writer!(self, pool => async {
             let mut tx = pool.begin().await.map_err(StoreError::db(&op))?;
-            for (name, version, trusted_cas) in acks {
-                sqlx::query(
-                    "UPDATE agents SET applied_version = $3, last_seen = $4, applied_cas = $5 \
-                     WHERE zone = $1 AND name = $2",
-                )
-                .bind(zone)
-                .bind(name)
-                .bind(version)
-                .bind(now)
-                .bind(trusted_cas.join(" "))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(&op))?;
+            for batch in acks.chunks(BATCH) {
+                let rows = (0..batch.len())
+                    .map(|i| format!("(${}, ${}, ${})", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                // VALUES names its columns column1.. on both backends.
+                let sql = format!(
+                    "UPDATE agents SET applied_version = acked.column2, last_seen = $2, \
+                     applied_cas = acked.column3 \
+                     FROM (VALUES {rows}) AS acked \
+                     WHERE agents.zone = $1 AND agents.name = acked.column1"
+                );
+                let mut query = sqlx::query(&sql).bind(zone).bind(now);
+                for (name, version, trusted_cas) in batch {
+                    query = query.bind(name).bind(version).bind(trusted_cas.join(" "));
+                }
+                query.execute(&mut *tx).await.map_err(StoreError::db(&op))?;
             }
             tx.commit().await.map_err(StoreError::db(&op))
         }.await)?;
