@@ -32,6 +32,9 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// behind, not that one writer was unlucky.
 const SQLITE_WRITE_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A wait in that queue worth a warning (sqlx logs it).
+const SQLITE_WRITE_QUEUE_SLOW: Duration = Duration::from_secs(5);
+
 /// Reading connections to a SQLite file (WAL lets them read while the
 /// writer writes).
 const SQLITE_READERS: u32 = 8;
@@ -321,6 +324,9 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<Db, StoreError> {
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .acquire_timeout(SQLITE_WRITE_QUEUE_TIMEOUT)
+        // A burst (thousands of agents connecting) queues writes for a
+        // second or two; a warning per write at sqlx's 2 s would flood.
+        .acquire_slow_threshold(SQLITE_WRITE_QUEUE_SLOW)
         .connect_with(options.clone())
         .await
         .map_err(cannot_open)?;
