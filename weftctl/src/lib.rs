@@ -107,6 +107,13 @@ pub enum Command {
         #[command(subcommand)]
         action: MeshCommand,
     },
+    /// Shows the zone controller's log filter, or replaces it while the
+    /// controller runs (no restart, so no agent's stream ends).
+    LogLevel {
+        /// The new filter: a level (`debug`) or directives
+        /// (`info,weft_zone::hub=debug`).
+        filter: Option<String>,
+    },
     /// Brings up a whole zone on this machine (a controller on the embedded
     /// store, two agents, a demo service) and shows live calls between them
     /// over mTLS until Ctrl-C. Needs no root and no set-up.
@@ -347,7 +354,32 @@ pub async fn run(cli: Cli, stdin: &mut dyn Read, out: &mut dyn Write) -> Result<
         )),
         Command::Token { action } => tokens::run(&client, action, out).await,
         Command::Mesh { action } => mesh::run(&client, action, out).await,
+        Command::LogLevel { filter } => log_level(&client, filter, out).await,
     }
+}
+
+async fn log_level(
+    client: &Client,
+    filter: Option<String>,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let body = filter.map(|filter| {
+        let json = serde_json::json!({ "filter": filter });
+        ("application/json", Bytes::from(json.to_string()))
+    });
+    let method = if body.is_some() {
+        Method::PUT
+    } else {
+        Method::GET
+    };
+    let answer = client.request(method, "/v1/logging", body).await?;
+    #[derive(Deserialize)]
+    struct Shown {
+        filter: String,
+    }
+    let shown: Shown = decode(&expect_ok(answer)?)?;
+    writeln!(out, "{}", shown.filter)?;
+    Ok(())
 }
 
 async fn apply(

@@ -2,9 +2,10 @@
 //! bootstrap tokens under `/v1/tokens` (see [`crate::tokens`]), the zone's
 //! identity and CA pin at `/v1/zone`, each mesh's CAs at
 //! `/v1/meshes/{mesh}/ca` (and `POST .../ca/rotate`), the inventory under
-//! `/v1/inspect/{agents,services,workloads}` (see [`crate::inspect`]), and
-//! `/healthz` and `/ready` for supervisors. JSON in and out (YAML accepted
-//! for apply); errors are `{"error": "..."}`, or for refused input
+//! `/v1/inspect/{agents,services,workloads}` (see [`crate::inspect`]), the
+//! log filter at `/v1/logging`, and `/healthz` and `/ready` for
+//! supervisors. JSON in and out (YAML accepted for apply); errors are
+//! `{"error": "..."}`, or for refused input
 //! `{"errors": [{"document", "path", "reason", "line", ...}]}` with 422.
 
 use std::convert::Infallible;
@@ -29,6 +30,7 @@ use weft_store::{Expect, ResourceKey, Store, StoreError, StoredResource};
 
 use crate::apply::{self, ApplyError};
 use crate::ca_rotation::RotateError;
+use crate::logging::LogFilter;
 use crate::mesh_ca::{MeshCaError, MeshCas};
 use crate::metrics::ZoneMetrics;
 use crate::tokens::{self, IssueRefusal, Issued, TokenView};
@@ -58,6 +60,8 @@ pub struct AppState {
     apply_lock: Mutex<()>,
     /// What `GET /metrics` shows (none: 404).
     metrics: Option<Arc<ZoneMetrics>>,
+    /// The log filter `/v1/logging` shows and replaces (none: 404).
+    log_filter: Option<LogFilter>,
 }
 
 impl AppState {
@@ -81,6 +85,7 @@ impl AppState {
             cas,
             apply_lock: Mutex::new(()),
             metrics: None,
+            log_filter: None,
         }
     }
 
@@ -88,6 +93,14 @@ impl AppState {
     pub fn with_metrics(self, metrics: Arc<ZoneMetrics>) -> Self {
         AppState {
             metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    /// Shows and replaces `filter` on `/v1/logging`.
+    pub fn with_log_filter(self, filter: LogFilter) -> Self {
+        AppState {
+            log_filter: Some(filter),
             ..self
         }
     }
@@ -342,6 +355,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         }
         (["v1", "meshes", mesh, "ca"], &Method::GET) => mesh_ca(state, mesh).await,
         (["v1", "meshes", mesh, "ca", "rotate"], &Method::POST) => rotate_ca(state, mesh).await,
+        (["v1", "logging"], &Method::GET | &Method::PUT) => log_filter(state, request).await,
         (["v1", "tokens"], &Method::POST) => issue_token(state, request).await,
         (["v1", "tokens"], &Method::GET) => list_tokens(state).await,
         (["v1", "tokens", id], &Method::DELETE) => revoke_token(state, id).await,
@@ -351,6 +365,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         | (["v1", "inspect", "workloads", _, _, _, "policies"], _)
         | (["v1", "meshes", _, "ca"], _)
         | (["v1", "meshes", _, "ca", "rotate"], _)
+        | (["v1", "logging"], _)
         | (["v1", "tokens"], _)
         | (["v1", "tokens", _], _)
         | (["v1", "resources"], _)
@@ -361,7 +376,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Answer {
         )
         .into(),
         _ => ApiError::not_found(format!(
-            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/meshes/{{mesh}}/ca[/rotate], /v1/inspect/{{agents,services,workloads}} and /v1/inspect/workloads/{{mesh}}/{{namespace}}/{{name}}/policies"
+            "no such endpoint {path}; see /v1/resources/{{kind}}[/{{name}}], /v1/tokens[/{{id}}], /v1/zone, /v1/logging, /v1/meshes/{{mesh}}/ca[/rotate], /v1/inspect/{{agents,services,workloads}} and /v1/inspect/workloads/{{mesh}}/{{namespace}}/{{name}}/policies"
         ))
         .into(),
     }
@@ -496,6 +511,30 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
             "cannot read the body: {error}"
         ))),
     }
+}
+
+/// `GET /v1/logging`: the log filter in force; `PUT` with
+/// `{"filter": "..."}` replaces it (422 naming the field if it is not a
+/// filter, and the old one stays).
+async fn log_filter(state: &AppState, request: Request<Incoming>) -> Answer {
+    let Some(filter) = &state.log_filter else {
+        return ApiError::not_found("no log filter here").into();
+    };
+    if request.method() == Method::PUT {
+        let body = match read_body(request).await {
+            Ok(body) => body,
+            Err(error) => return error.into(),
+        };
+        let before = filter.current();
+        match filter.set_from(&body) {
+            Ok(after) => tracing::info!(%before, %after, "log filter replaced"),
+            Err(errors) => return Answer::Invalid(errors),
+        }
+    }
+    to_json(
+        StatusCode::OK,
+        &serde_json::json!({ "filter": filter.current() }),
+    )
 }
 
 /// `POST /v1/tokens`: issues a token for this zone; 201 with its secret.

@@ -14,6 +14,7 @@ mod grpc;
 mod hub;
 mod inspect;
 mod leader;
+mod logging;
 mod mesh_ca;
 mod metrics;
 mod settings;
@@ -30,7 +31,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use settings::Settings;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 use weft_store::Store;
 
 /// Weft zone controller.
@@ -163,13 +163,13 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => (args.settings()?, false),
         Command::Check(args) => (args.settings()?, true),
     };
-    init_logging(settings.log_format);
+    let log_filter = logging::init(settings.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     if !check {
-        return runtime.block_on(run(settings));
+        return runtime.block_on(run(settings, log_filter));
     }
     let s = settings;
     println!(
@@ -179,21 +179,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Log lines on stderr at RUST_LOG's level (default info), as text or JSON.
-fn init_logging(format: settings::LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        settings::LogFormat::Json => builder.json().init(),
-        settings::LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
-}
-
-async fn run(args: Settings) -> anyhow::Result<()> {
+async fn run(args: Settings, log_filter: logging::LogFilter) -> anyhow::Result<()> {
     let agent_grace = args.agent_grace;
     let replica = args.replica_id.clone().unwrap_or_else(default_replica_id);
     let store = Store::open(&args.store)
@@ -298,7 +284,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             replica,
             cas,
         )
-        .with_metrics(metrics),
+        .with_metrics(metrics)
+        .with_log_filter(log_filter),
     );
     let http_task = tokio::spawn(api_server::serve(
         listener,

@@ -50,6 +50,24 @@ impl Zone {
 
     /// Starts the binary on the store at `url` with extra arguments.
     pub async fn start_with(url: &str, extra: &[&str]) -> Zone {
+        Zone::launch(url, extra, Stdio::inherit()).await
+    }
+
+    /// Starts the binary on `db` at log filter `rust_log`, with its log
+    /// lines (stderr) sent to the receiver.
+    pub async fn start_logged(db: &Path, rust_log: &str) -> (Zone, mpsc::Receiver<String>) {
+        let url = format!("sqlite://{}", db.display());
+        let mut zone = Zone::launch_with_env(&url, &[], Stdio::piped(), rust_log).await;
+        let stderr = zone.child.stderr.take().expect("stderr is piped");
+        (zone, lines(stderr))
+    }
+
+    async fn launch(url: &str, extra: &[&str], stderr: Stdio) -> Zone {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        Zone::launch_with_env(url, extra, stderr, &rust_log).await
+    }
+
+    async fn launch_with_env(url: &str, extra: &[&str], stderr: Stdio, rust_log: &str) -> Zone {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weft-zone"))
             .args([
                 "run",
@@ -61,24 +79,13 @@ impl Zone {
                 url,
             ])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn weft-zone");
         let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines(stdout);
         // Own the child before anything can fail, so that Drop kills it.
         let mut zone = Zone {
             child,
@@ -185,6 +192,20 @@ impl Drop for Zone {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The lines `from` gives, read on a thread of their own.
+fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
