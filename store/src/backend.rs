@@ -221,7 +221,8 @@ impl Store {
     /// Opens (creating if needed) the store at `url` and brings its schema
     /// up to date: `sqlite:///path/file.db` (the file is created if missing;
     /// WAL journal, foreign keys on, one writer connection that writes queue
-    /// for in order, and query-only connections for reads) or `postgres://user:password@host:port/database`.
+    /// for in order, and query-only connections for reads) or
+    /// `postgres://user:password@host:port/database`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         let shown = redact_url(url);
         let open_error = |reason: String| StoreError::Open {
