@@ -134,13 +134,17 @@ async fn rotation_waits_for_the_agents_then_signs_and_retires() {
 async fn the_leader_rotates_a_builtin_ca_near_the_end_of_its_life() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let url = format!("sqlite://{}", dir.path().join("zone.db").display());
-    let zone = Zone::start_with(&url, &["--mesh-ca-lifetime", "10s"]).await;
+    // Long enough that the old CA's last seconds of trust (from the
+    // rotation, at 80% of its life and up to a 2 s leader round later,
+    // until it expires) are seen even on a busy machine: with 10 s they
+    // were at most 2 s, and a poll could miss them.
+    let zone = Zone::start_with(&url, &["--mesh-ca-lifetime", "30s"]).await;
     zone.ctl(&["apply", "-f", "-"], &mesh())
         .await
         .expect("apply the mesh");
     let first = ca_view(&zone).await;
     let (old, _) = roles(&first)[0].clone();
-    // 80% of 10 s, then (no agent to wait for) it signs at once.
+    // 80% of 30 s, then (no agent to wait for) it signs at once.
     let rotated = eventually_within("an automatic rotation", LONG, || async {
         let listed = roles(&ca_view(&zone).await);
         listed
