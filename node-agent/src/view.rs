@@ -135,27 +135,43 @@ impl Service {
     }
 
     /// Counts an attempt on `endpoint` for outlier detection; logs an
-    /// ejection.
+    /// ejection. Found by address: the attempt may have been picked from
+    /// an older view.
     pub fn record(
         &self,
         endpoint: &Endpoint,
         attempt: crate::resilience::Attempt,
         outlier: &crate::resilience::Outlier,
     ) {
-        let Some(i) = self
-            .endpoints
-            .iter()
-            .position(|e| e.endpoint.address == endpoint.address)
-        else {
+        if let Some(i) = self.index_of(endpoint) {
+            self.record_at(i, attempt, outlier);
+        }
+    }
+
+    /// [`Service::record`] for the endpoint at `index` of this view (what
+    /// [`Service::pick_index`] gave), without looking it up.
+    pub fn record_at(
+        &self,
+        index: usize,
+        attempt: crate::resilience::Attempt,
+        outlier: &crate::resilience::Outlier,
+    ) {
+        let Some(e) = self.endpoints.get(index) else {
             return;
         };
-        if crate::resilience::record(&self.health, i, attempt, outlier) {
+        if crate::resilience::record(&self.health, index, attempt, outlier) {
             tracing::info!(
                 destination = self.key.as_str(),
-                endpoint = %endpoint.address,
+                endpoint = %e.endpoint.address,
                 "endpoint ejected by outlier detection"
             );
         }
+    }
+
+    fn index_of(&self, endpoint: &Endpoint) -> Option<usize> {
+        self.endpoints
+            .iter()
+            .position(|e| e.endpoint.address == endpoint.address)
     }
 
     /// Picks an endpoint for one HTTP request by the LoadBalancing
@@ -169,8 +185,22 @@ impl Service {
         req: &http::request::Parts,
         client: IpAddr,
     ) -> Option<&Endpoint> {
-        let index = match algorithm {
-            Algorithm::RoundRobin => return self.pick_near(tiers),
+        let index = self.pick_index(algorithm, tiers, req, client)?;
+        self.endpoint_at(index)
+    }
+
+    /// [`Service::pick_with`]'s pick as its index in this view, so that
+    /// the request's counts ([`Service::track_at`], [`Service::record_at`])
+    /// need no search.
+    pub fn pick_index(
+        &self,
+        algorithm: &Algorithm,
+        tiers: Option<&Tiers>,
+        req: &http::request::Parts,
+        client: IpAddr,
+    ) -> Option<usize> {
+        match algorithm {
+            Algorithm::RoundRobin => self.round_robin_index(tiers),
             Algorithm::Random => self.random_index(tiers),
             Algorithm::LeastRequest => {
                 self.least_loaded(tiers, |i| self.health.get(i).map_or(0, |h| h.requests()))
@@ -179,7 +209,11 @@ impl Service {
                 Some(key) => self.rendezvous(key, tiers),
                 None => self.random_index(tiers),
             },
-        }?;
+        }
+    }
+
+    /// The endpoint at `index` of this view.
+    pub fn endpoint_at(&self, index: usize) -> Option<&Endpoint> {
         self.endpoints.get(index).map(|e| &e.endpoint)
     }
 
@@ -296,11 +330,12 @@ impl Service {
     /// Counts a request in flight to `endpoint` until the guard drops, in
     /// the endpoint's state shared with the service's other views.
     pub fn track(&self, endpoint: &Endpoint) -> Option<crate::resilience::InFlight<'_>> {
-        let i = self
-            .endpoints
-            .iter()
-            .position(|e| e.endpoint.address == endpoint.address)?;
-        Some(self.health.get(i)?.start_request())
+        self.track_at(self.index_of(endpoint)?)
+    }
+
+    /// [`Service::track`] for the endpoint at `index` of this view.
+    pub fn track_at(&self, index: usize) -> Option<crate::resilience::InFlight<'_>> {
+        Some(self.health.get(index)?.start_request())
     }
 }
 

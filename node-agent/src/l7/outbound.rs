@@ -572,8 +572,8 @@ async fn attempts(
         .is_some_and(|n| n <= MAX_RETRY_BODY);
     // Retried only when the body can be sent again.
     let Some(retry) = retry.filter(|_| fits) else {
-        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
-        let _load = to.endpoint().and_then(|e| service.track(e));
+        let (to, at) = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let _load = at.and_then(|i| service.track_at(i));
         let req = Request::from_parts(parts, Either::Left(body));
         let result = send_to(
             o,
@@ -584,17 +584,17 @@ async fn attempts(
             out.connect_timeout,
         )
         .await;
-        record(service, out, to, &result);
+        record(service, out, at, &result);
         return result;
     };
     let body = body.collect().await.map_err(Failure::Body)?.to_bytes();
     let mut attempt = 0;
     loop {
-        let to = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
-        let _load = to.endpoint().and_then(|e| service.track(e));
+        let (to, at) = pick(service, out, o, &parts, d).ok_or(Failure::NoEndpoints)?;
+        let _load = at.and_then(|i| service.track_at(i));
         let req = Request::from_parts(parts.clone(), Either::Right(Full::new(body.clone())));
         let result = send_to(o, to, port, req, retry.per_try_timeout, out.connect_timeout).await;
-        record(service, out, to, &result);
+        record(service, out, at, &result);
         let retryable = match &result {
             Ok((response, _)) => retry_on_response(retry, response),
             Err(Failure::Send(SendError::Connect(_))) => {
@@ -616,16 +616,16 @@ async fn attempts(
     }
 }
 
-/// Feeds an attempt's result to the destination's outlier detection, if
-/// on.
+/// Feeds an attempt's result on the endpoint at index `at` of `service`
+/// (none: an ExternalService's host) to its outlier detection, if on.
 fn record(
     service: &Service,
     out: &Policy,
-    to: To<'_>,
+    at: Option<usize>,
     result: &Result<(Response<PooledBody>, SocketAddr), Failure>,
 ) {
     use crate::resilience::Attempt;
-    let (Some(outlier), Some(endpoint)) = (&out.breaker.outlier, to.endpoint()) else {
+    let (Some(outlier), Some(at)) = (&out.breaker.outlier, at) else {
         return;
     };
     let attempt = match result {
@@ -635,7 +635,7 @@ fn record(
         // Not the endpoint's doing.
         Err(Failure::NoEndpoints) | Err(Failure::Body(_)) => return,
     };
-    service.record(endpoint, attempt, outlier);
+    service.record_at(at, attempt, outlier);
 }
 
 /// One active HTTP health check: `GET path` to `endpoint` through the
@@ -708,32 +708,22 @@ enum To<'s> {
     External(&'s External, IpAddr),
 }
 
-impl<'s> To<'s> {
-    fn endpoint(self) -> Option<&'s Endpoint> {
-        match self {
-            To::Endpoint(endpoint) => Some(endpoint),
-            To::External(..) => None,
-        }
-    }
-}
-
 /// Where one attempt goes: an ExternalService's host, or an endpoint by
 /// the algorithm, within the nearest locality tier of the caller when the
-/// policy is locality-aware.
+/// policy is locality-aware; with the endpoint's index in `service`.
 fn pick<'s>(
     service: &'s Service,
     out: &Policy,
     o: &Outbound,
     parts: &Parts,
     d: &Dialled,
-) -> Option<To<'s>> {
+) -> Option<(To<'s>, Option<usize>)> {
     if let Some(external) = &service.external {
-        return Some(To::External(external, service.virtual_ip));
+        return Some((To::External(external, service.virtual_ip), None));
     }
     let tiers = out.locality_aware.then(|| service.tiers(&o.locality));
-    service
-        .pick_with(&out.algorithm, tiers.as_deref(), parts, d.client.ip())
-        .map(To::Endpoint)
+    let at = service.pick_index(&out.algorithm, tiers.as_deref(), parts, d.client.ip())?;
+    Some((To::Endpoint(service.endpoint_at(at)?), Some(at)))
 }
 
 /// One attempt, wherever it goes.
@@ -1007,8 +997,8 @@ fn mirror(o: &Arc<Outbound>, view: &MeshView, key: &str, port: u16, parts: &Part
     };
     let out = o.policy(view).outbound(key);
     let to = match pick(service, out, o, parts, d) {
-        Some(To::Endpoint(endpoint)) => Mirrored::Endpoint(endpoint.clone()),
-        Some(To::External(external, vip)) => Mirrored::External(external.clone(), vip),
+        Some((To::Endpoint(endpoint), _)) => Mirrored::Endpoint(endpoint.clone()),
+        Some((To::External(external, vip), _)) => Mirrored::External(external.clone(), vip),
         None => return,
     };
     let mut copy = parts.clone();
