@@ -204,13 +204,13 @@ impl Hub {
                 allow: vec![base.allow.clone()],
             })
             .collect();
-        let placed = snapshot.placed_by_agent().remove(agent).unwrap_or_default();
+        let placed = snapshot.placed_by_agent().remove(agent);
         Some(AgentView::new(
             base.services.clone(),
             AgentParts {
                 inbound,
                 policy_json,
-                placed: placed.into(),
+                placed: placed.unwrap_or_else(|| Arc::from([])),
                 external_services: snapshot.external_services.clone(),
             },
             mesh.into(),
@@ -483,12 +483,14 @@ impl Hub {
                     let parts = AgentParts {
                         inbound: inbound
                             .get(agent.as_str())
-                            .map_or_else(|| Arc::from([]), |rules| Arc::from(rules.as_slice())),
+                            .cloned()
+                            .unwrap_or_else(|| Arc::from([])),
                         policy_json: snapshot.policy_json(own, &peers),
                         // One stream per agent, but a replaced one may linger.
                         placed: placed
                             .get(agent.as_str())
-                            .map_or_else(|| Arc::from([]), |placed| Arc::from(placed.as_slice())),
+                            .cloned()
+                            .unwrap_or_else(|| Arc::from([])),
                         external_services: snapshot.external_services.clone(),
                     };
                     match current.as_deref() {

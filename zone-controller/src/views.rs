@@ -492,7 +492,7 @@ impl MeshSnapshot {
     /// workloads the operator placed on it, sorted by namespace and name.
     /// Whether the agent registered them yet does not change what it is
     /// sent, so its registration does not cause a push.
-    pub fn placed_by_agent(&self) -> HashMap<&str, Vec<pb::PlacedWorkload>> {
+    pub fn placed_by_agent(&self) -> HashMap<&str, Arc<[pb::PlacedWorkload]>> {
         let mut placed: HashMap<&str, Vec<(&Workload, &str)>> = HashMap::new();
         for w in self.workloads.iter() {
             if let Some(node) = &w.spec.node {
@@ -515,14 +515,15 @@ impl MeshSnapshot {
                         workload: Some(placed_to_proto(w)),
                         netns: netns.to_owned(),
                     })
-                    .collect();
+                    .collect::<Arc<[_]>>();
                 (agent, list)
             })
             .collect()
     }
 
-    /// Inbound rules per agent name, for every agent of the mesh at once.
-    pub fn inbound_by_agent(&self) -> HashMap<&str, Vec<pb::InboundRule>> {
+    /// Inbound rules per agent name, for every agent of the mesh at once
+    /// (each agent's views then share its list).
+    pub fn inbound_by_agent(&self) -> HashMap<&str, Arc<[pb::InboundRule]>> {
         // Every workload of the mesh may call (TrafficPermission will narrow
         // this in a later issue).
         let allow_all = self.allow_all();
@@ -539,6 +540,9 @@ impl MeshSnapshot {
             }
         }
         rules
+            .into_iter()
+            .map(|(agent, list)| (agent, list.into()))
+            .collect()
     }
 }
 
