@@ -50,24 +50,20 @@ impl Zone {
 
     /// Starts the binary on the store at `url` with extra arguments.
     pub async fn start_with(url: &str, extra: &[&str]) -> Zone {
-        Zone::launch(url, extra, Stdio::inherit()).await
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        Zone::launch(url, extra, Stdio::inherit(), &rust_log).await
     }
 
     /// Starts the binary on `db` at log filter `rust_log`, with its log
     /// lines (stderr) sent to the receiver.
     pub async fn start_logged(db: &Path, rust_log: &str) -> (Zone, mpsc::Receiver<String>) {
         let url = format!("sqlite://{}", db.display());
-        let mut zone = Zone::launch_with_env(&url, &[], Stdio::piped(), rust_log).await;
+        let mut zone = Zone::launch(&url, &[], Stdio::piped(), rust_log).await;
         let stderr = zone.child.stderr.take().expect("stderr is piped");
         (zone, lines(stderr))
     }
 
-    async fn launch(url: &str, extra: &[&str], stderr: Stdio) -> Zone {
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        Zone::launch_with_env(url, extra, stderr, &rust_log).await
-    }
-
-    async fn launch_with_env(url: &str, extra: &[&str], stderr: Stdio, rust_log: &str) -> Zone {
+    async fn launch(url: &str, extra: &[&str], stderr: Stdio, rust_log: &str) -> Zone {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weft-zone"))
             .args([
                 "run",
