@@ -370,3 +370,54 @@ fn http2_and_grpc_trailers_cross_both_agents() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A burst of concurrent requests leaves one pooled connection per request
+/// in the caller's agent, and the next burst of the same size reuses them
+/// all: no tunnel stream is opened twice for the same concurrency.
+#[test]
+fn a_burst_of_concurrent_requests_reuses_its_connections() -> Result<()> {
+    // Above the 32 the pool once kept: the rest were closed and reopened.
+    const BURST: usize = 48;
+    let pair = Pair::new(echo_bin!())?;
+    let _app = pair.start_server_app(&unique_marker("burst"))?;
+    let client_id = spiffe_id("client");
+    let server_policy = json!({"workload": "server", "inbound": {"permissions": [
+        {"policy": "all", "from": [client_id], "action": "Allow"}]}});
+    let (server, _client) = start(&pair, server_policy, json!({"workload": "client"}))?;
+    let opened = || {
+        server.metric(
+            "weft_connections_opened_total",
+            &[("direction", "inbound"), ("source_identity", &client_id)],
+        )
+    };
+    // Each request waits 300 ms at the workload, so the burst's requests
+    // are in flight together and each needs a connection of its own.
+    let burst = || {
+        pair.client.enter(|| {
+            std::thread::scope(|s| {
+                let calls: Vec<_> = (0..BURST)
+                    .map(|i| {
+                        s.spawn(move || {
+                            let r = http::get(HTTP_LISTENER, "/delay/300", T)?;
+                            ensure!(r.status == 200, "request {i}: {} {}", r.status, r.text());
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                calls
+                    .into_iter()
+                    .try_for_each(|c| c.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            })
+        })
+    };
+    let start = opened()?;
+    burst()?;
+    let first = opened()? - start;
+    burst()?;
+    let second = opened()? - start - first;
+    ensure!(
+        first + second <= BURST as f64,
+        "{BURST} concurrent requests twice opened {first} and then {second} more tunnel streams"
+    );
+    Ok(())
+}

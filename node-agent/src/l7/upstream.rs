@@ -28,8 +28,13 @@ use tracing::debug;
 
 use super::Body;
 
-/// Idle HTTP/1.1 connections kept per destination.
-const MAX_IDLE_PER_KEY: usize = 32;
+/// Idle HTTP/1.1 connections kept per destination. Each concurrent request
+/// holds one, so this is the concurrency a destination sees reused rather
+/// than reconnected: a burst above it closes the extra connections as
+/// their requests end, and the next burst opens new ones (a tunnel stream,
+/// or a TCP connection to the workload, each). It matches Envoy's default
+/// connection limit per cluster.
+const MAX_IDLE_PER_KEY: usize = 1024;
 /// An idle HTTP/1.1 connection older than this is not reused: the other
 /// side may be about to close it.
 const IDLE_REUSE: Duration = Duration::from_secs(50);
@@ -119,6 +124,11 @@ impl Upstreams {
         }
         let mut idle = self.lock();
         let list = idle.h1.entry(key).or_default();
+        if list.len() >= MAX_IDLE_PER_KEY {
+            // Closed and expired ones sink to the bottom of a list used
+            // newest first; they make room before a live one is dropped.
+            list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_REUSE);
+        }
         if list.len() < MAX_IDLE_PER_KEY {
             list.push((sender, Instant::now()));
         }
