@@ -3,6 +3,8 @@
 # nginx app on loopback,
 #   direct        wrk -> nginx
 #   haproxy-http  a pair of HAProxy proxies in HTTP mode, mTLS between them
+#   haproxy-tcp   a reference floor: the same pair in TCP mode, plaintext,
+#                 so two proxies that only copy bytes (no TLS, no parsing)
 #   weft-l4       two agents, the port declared tcp (bytes spliced)
 #   weft-l7       two agents, the port declared http, with L7 policies in
 #                 force: an HTTPRoute rule (header filter), a Retry policy
@@ -10,13 +12,16 @@
 #   weft-l7-detect  the same with the port's protocol left undeclared:
 #                 both agents detect HTTP from each connection's first bytes
 # and prints latency percentiles with one connection (closed loop),
-# requests/s with 16 connections, and the proxies' peak RSS and CPU.
+# requests/s with 16 and with $WIDE (256) connections, the proxies' peak RSS
+# and CPU, and each setup's requests/s against the HAProxy HTTP pair's.
 #   bench/http.sh            (DUR=10 by default)
 # Needs: haproxy wrk nginx-light openssl bc.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 DUR=${DUR:-10}
+# The second requests/s phase's connections: a busy service's callers.
+WIDE=${WIDE:-256}
 APP=18180
 
 cargo build --release -p weft-agent --manifest-path "$root/Cargo.toml" >&2
@@ -61,7 +66,9 @@ measure() { # name port pids...
   local lat; lat=$(echo "$one" | awk '/^ +50%/{a=$2} /^ +90%/{b=$2} /^ +99%/{c=$2} END{print a, b, c}')
   local many; many=$(wrk -t2 -c16 -d${DUR}s "http://127.0.0.1:$port/" 2>/dev/null)
   local rps; rps=$(echo "$many" | awk '/Requests\/sec/{printf "%.0f", $2}')
-  local n; n=$( (echo "$one"; echo "$many") | awk '/requests in/{s+=$1} END{print s+0}')
+  local wide; wide=$(wrk -t2 -c$WIDE -d${DUR}s "http://127.0.0.1:$port/" 2>/dev/null)
+  local rps_wide; rps_wide=$(echo "$wide" | awk '/Requests\/sec/{printf "%.0f", $2}')
+  local n; n=$( (echo "$one"; echo "$many"; echo "$wide") | awk '/requests in/{s+=$1} END{print s+0}')
   local c1=0 s1=0 mem=0; for p in $pids; do c1=$(echo "$c1 + $(cpu_s $p)" | bc); s1=$((s1 + $(sys_rw $p))); mem=$((mem + $(hwm_kib $p))); done
   local cpu; cpu=$(echo "$c1 - $c0" | bc)
   local per="-" calls="-"
@@ -69,11 +76,12 @@ measure() { # name port pids...
     per=$(echo "scale=1; $cpu * 1000000 / $n" | bc)
     calls=$(echo "scale=1; ($s1 - $s0) / $n" | bc)
   fi
-  printf '%-13s %10s %10s %10s %10s %9.1f %8.1f %10s %10s\n' "$name" $lat "$rps" "$(echo "scale=1; $mem/1024" | bc)" "$cpu" "$per" "$calls"
+  printf '%-14s %9s %9s %9s %9s %9s %8.1f %7.1f %10s %8s\n' "$name" $lat "$rps" "$rps_wide" "$(echo "scale=1; $mem/1024" | bc)" "$cpu" "$per" "$calls"
+  echo "$name $rps $rps_wide" >> rates
 }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(uname -r), DUR=${DUR}s, 1 KiB body"
-printf '%-13s %10s %10s %10s %10s %9s %8s %10s %10s\n' setup p50 p90 p99 req/s RSS_MiB CPU_s CPU_us/req rw_calls/req
+printf '%-14s %9s %9s %9s %9s %9s %8s %7s %10s %8s\n' setup p50 p90 p99 req/s@16 "req/s@$WIDE" RSS_MiB CPU_s CPU_us/req rw/req
 measure direct $APP ""
 
 # HAProxy pair in HTTP mode: the client side parses HTTP and keeps
@@ -96,6 +104,25 @@ listen s_http
 HP
 haproxy -f hap.cfg -db >/dev/null 2>&1 & echo $! > hap.pid
 measure haproxy-http 19211 "$(cat hap.pid)"
+kill "$(cat hap.pid)"; rm hap.pid
+
+cat > hap-tcp.cfg <<HP
+global
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+listen c_tcp
+  bind 127.0.0.1:19221
+  server s 127.0.0.1:19222
+listen s_tcp
+  bind 127.0.0.1:19222
+  server a 127.0.0.1:$APP
+HP
+haproxy -f hap-tcp.cfg -db >/dev/null 2>&1 & echo $! > hap.pid
+measure haproxy-tcp 19221 "$(cat hap.pid)"
 kill "$(cat hap.pid)"; rm hap.pid
 
 # Two Weft agents on their own loopback addresses: `proto` is the app
@@ -162,3 +189,7 @@ YAML
 [ -n "${ONLY_L7:-}" ] || weft_pair weft-l4 19411 tcp no 41
 weft_pair weft-l7 19421 http yes 42
 [ -n "${ONLY_L7:-}" ] || weft_pair weft-l7-detect 19431 detect yes 43
+
+echo "# requests/s against haproxy-http's (16 and $WIDE connections)"
+awk '$1 == "haproxy-http" { a = $2; b = $3 } { n[NR] = $1; x[NR] = $2; y[NR] = $3 }
+  END { for (i = 1; i <= NR; i++) printf "%-14s %5.2fx %5.2fx\n", n[i], x[i] / a, y[i] / b }' rates
