@@ -279,32 +279,6 @@ impl Store {
         Ok(affected > 0)
     }
 
-    /// Marks an agent seen now, if `replica` still holds its stream; not in
-    /// the change feed. Returns whether it did.
-    pub async fn heartbeat_agent(
-        &self,
-        zone: &str,
-        name: &str,
-        replica: &str,
-    ) -> Result<bool, StoreError> {
-        let op = format!("heartbeat of agent {name}");
-        let affected = on_writer!(self, pool => {
-            sqlx::query(
-                "UPDATE agents SET last_seen = $4 \
-                 WHERE zone = $1 AND name = $2 AND connected_replica = $3",
-            )
-            .bind(zone)
-            .bind(name)
-            .bind(replica)
-            .bind(now_ms())
-            .execute(pool)
-            .await
-            .map_err(StoreError::db(&op))?
-            .rows_affected()
-        });
-        Ok(affected > 0)
-    }
-
     /// Marks the agents `names` seen now, those whose stream `replica`
     /// still holds; not in the change feed. One transaction, with one
     /// statement per batch of names, so that a replica's thousands of
@@ -551,33 +525,6 @@ impl Store {
         }.await)?;
         self.notify_local();
         Ok(done)
-    }
-
-    /// Records that an agent acknowledged (applied) `version`, whose trust
-    /// bundle holds the CAs `trusted_cas` (fingerprints).
-    pub async fn record_ack(
-        &self,
-        zone: &str,
-        name: &str,
-        version: &str,
-        trusted_cas: &[String],
-    ) -> Result<(), StoreError> {
-        let op = format!("record the ack of agent {name}");
-        on_writer!(self, pool => {
-            sqlx::query(
-                "UPDATE agents SET applied_version = $3, last_seen = $4, applied_cas = $5 \
-                 WHERE zone = $1 AND name = $2",
-            )
-            .bind(zone)
-            .bind(name)
-            .bind(version)
-            .bind(now_ms())
-            .bind(trusted_cas.join(" "))
-            .execute(pool)
-            .await
-            .map_err(StoreError::db(&op))?;
-        });
-        Ok(())
     }
 
     /// Records many acks (agent name, version, trusted CA fingerprints) in

@@ -1028,10 +1028,21 @@ async fn agent_inventory(db: TestDb) {
     assert_eq!(presence[0].name, "vm-1");
     assert_eq!(presence[0].hbone_address, "10.0.0.2:15008");
     assert!(presence[0].connected && !presence[0].left);
-    assert!(store.heartbeat_agent("z1", "vm-1", "r1").await.unwrap());
-    assert!(!store.heartbeat_agent("z1", "vm-1", "r2").await.unwrap());
+    // Only the replica that holds the stream marks the agent seen.
+    let lost = store
+        .heartbeat_agents("z1", "r2", &["vm-1".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(lost, vec!["vm-1".to_owned()]);
     store
-        .record_ack("z1", "vm-1", "v1", &["sha256:aa".to_owned()])
+        .record_acks(
+            "z1",
+            &[(
+                "vm-1".to_owned(),
+                "v1".to_owned(),
+                vec!["sha256:aa".to_owned()],
+            )],
+        )
         .await
         .unwrap();
     store.record_nack("z1", "vm-1", "v2", "bad").await.unwrap();
