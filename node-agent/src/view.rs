@@ -174,10 +174,8 @@ impl Service {
             .position(|e| e.endpoint.address == endpoint.address)
     }
 
-    /// Picks an endpoint for one HTTP request by the LoadBalancing
-    /// algorithm, among the ready ones (all of them when none is ready),
-    /// within the nearest tier of `tiers` that has a usable endpoint
-    /// (`None`: every endpoint alike).
+    /// [`Service::pick_index`]'s endpoint itself, for tests.
+    #[cfg(test)]
     pub fn pick_with(
         &self,
         algorithm: &Algorithm,
@@ -189,9 +187,12 @@ impl Service {
         self.endpoint_at(index)
     }
 
-    /// [`Service::pick_with`]'s pick as its index in this view, so that
-    /// the request's counts ([`Service::track_at`], [`Service::record_at`])
-    /// need no search.
+    /// Picks an endpoint for one HTTP request by the LoadBalancing
+    /// algorithm, among the ready ones (all of them when none is ready),
+    /// within the nearest tier of `tiers` that has a usable endpoint
+    /// (`None`: every endpoint alike). It returns the endpoint's index in
+    /// this view, so that the request's counts ([`Service::track_at`],
+    /// [`Service::record_at`]) need no search.
     pub fn pick_index(
         &self,
         algorithm: &Algorithm,
